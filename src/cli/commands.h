@@ -1,0 +1,18 @@
+// The CLI's commands, as library functions (src/cli/main.cpp only wires them to CLI11).
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace microdit::cli {
+
+// Adds --device and --threads to a subcommand; the values land in the returned struct.
+struct RuntimeOptions {
+  std::string device = "auto";
+  int threads = 0;
+};
+void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt);
+
+void register_info(CLI::App& app);
+void register_parity(CLI::App& app);
+void register_convert(CLI::App& app);
+
+}  // namespace microdit::cli

@@ -1,0 +1,64 @@
+#include "model/block.h"
+
+#include <torch/nn/modules/activation.h>
+
+namespace microdit {
+
+static torch::nn::Sequential ada_ln(int64_t cond_dim, int64_t out) {
+  return torch::nn::Sequential(torch::nn::GELU(torch::nn::GELUOptions().approximate("tanh")),
+                               make_linear(cond_dim, out, /*bias=*/true));
+}
+
+DiTBlockImpl::DiTBlockImpl(const BlockSpec& s, int64_t cond_dim, const ModelConfig& cfg)
+    : spec(s) {
+  const double eps = cfg.norm_eps;
+  norm1 = register_module("norm1", LayerNorm(s.dim, eps));
+  attn = register_module("attn", SelfAttention(s.dim, s.attn_dim, s.heads, cfg.use_bias, eps));
+  // Cross-attention width is never compressed: h = d.
+  cross_attn = register_module(
+      "cross_attn", CrossAttention(s.dim, s.dim, s.dim / cfg.head_dim, cfg.use_bias, eps));
+  norm2 = register_module("norm2", LayerNorm(s.dim, eps));
+  norm3 = register_module("norm3", LayerNorm(s.dim, eps));
+  if (s.moe)
+    mlp_moe = register_module("mlp", FeedForwardECMoE(s.dim, s.ffn_hidden, cfg.num_experts,
+                                                      cfg.expert_capacity));
+  else
+    mlp_dense = register_module("mlp", FeedForward(s.dim, s.ffn_hidden, cfg.use_bias));
+  adaLN_modulation = register_module("adaLN_modulation", ada_ln(cond_dim, 6 * s.dim));
+}
+
+Tensor DiTBlockImpl::forward(const Tensor& x_in, const Tensor& caption, const Tensor& c) {
+  auto mod = adaLN_modulation->forward(c).chunk(6, 1);  // 6 x (B, d)
+  auto x = x_in + mod[2].unsqueeze(1) * attn(modulate(norm1(x_in), mod[0], mod[1]));
+  x = x + cross_attn(norm2(x), caption);
+  auto h = modulate(norm3(x), mod[3], mod[4]);
+  return x + mod[5].unsqueeze(1) * (spec.moe ? mlp_moe(h) : mlp_dense(h));
+}
+
+CaptionRefinerImpl::CaptionRefinerImpl(const ModelConfig& cfg) {
+  const int64_t D = cfg.dim;
+  norm1 = register_module("norm1", LayerNorm(D, cfg.norm_eps));
+  attn = register_module("attn",
+                         SelfAttention(D, D, D / cfg.head_dim, cfg.use_bias, cfg.norm_eps));
+  norm2 = register_module("norm2", LayerNorm(D, cfg.norm_eps));
+  mlp = register_module(
+      "mlp", FeedForward(D, swiglu_hidden(static_cast<int>(D), 4.0, cfg.multiple_of), cfg.use_bias));
+}
+
+Tensor CaptionRefinerImpl::forward(const Tensor& y_in) {
+  auto y = y_in + attn(norm1(y_in));
+  return y + mlp(norm2(y));
+}
+
+FinalLayerImpl::FinalLayerImpl(int64_t dim, int64_t out, double eps) {
+  linear = register_module("linear", make_linear(dim, out, true));
+  adaLN_modulation = register_module("adaLN_modulation", ada_ln(dim, 2 * dim));
+  norm_final = register_module("norm_final", LayerNorm(dim, eps));
+}
+
+Tensor FinalLayerImpl::forward(const Tensor& x, const Tensor& c) {
+  auto mod = adaLN_modulation->forward(c).chunk(2, 1);  // shift, scale
+  return linear(modulate(norm_final(x), mod[0], mod[1]));
+}
+
+}  // namespace microdit

@@ -1,0 +1,87 @@
+#include "model/layers.h"
+
+#include <torch/nn/functional/normalization.h>
+#include <torch/nn/modules/activation.h>
+
+#include <cmath>
+
+namespace microdit {
+
+namespace F = torch::nn::functional;
+
+LayerNormImpl::LayerNormImpl(int64_t dim, double eps, bool affine) : dim(dim), eps(eps) {
+  if (affine) weight = register_parameter("weight", torch::ones({dim}));
+}
+
+Tensor LayerNormImpl::forward(const Tensor& x) {
+  return at::layer_norm(x, {dim}, weight, /*bias=*/{}, eps);
+}
+
+torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
+  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+}
+
+static torch::nn::GELU gelu_tanh() {
+  return torch::nn::GELU(torch::nn::GELUOptions().approximate("tanh"));
+}
+
+MlpImpl::MlpImpl(int64_t in, int64_t hidden, int64_t out, double eps) {
+  fc1 = register_module("fc1", make_linear(in, hidden, true));
+  norm = register_module("norm", LayerNorm(hidden, eps));
+  fc2 = register_module("fc2", make_linear(hidden, out, true));
+}
+
+Tensor MlpImpl::forward(const Tensor& x) {
+  return fc2(norm(at::gelu(fc1(x), "tanh")));
+}
+
+PatchEmbedImpl::PatchEmbedImpl(int64_t in_channels, int64_t dim, int64_t patch) {
+  proj = register_module(
+      "proj", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_channels, dim, patch).stride(patch)));
+}
+
+Tensor PatchEmbedImpl::forward(const Tensor& x) {
+  return proj(x).flatten(2).transpose(1, 2);  // (B, D, h, w) -> (B, h*w, D)
+}
+
+TimestepEmbedderImpl::TimestepEmbedderImpl(int64_t dim) {
+  mlp = register_module("mlp", torch::nn::Sequential(make_linear(kFrequencies, dim, true),
+                                                     gelu_tanh(), make_linear(dim, dim, true)));
+}
+
+Tensor TimestepEmbedderImpl::forward(const Tensor& t) {
+  auto w = mlp->ptr(0)->as<torch::nn::LinearImpl>()->weight;
+  return mlp->forward(timestep_features(t).to(w.dtype()));
+}
+
+Tensor timestep_features(const Tensor& t, int64_t dim) {
+  const int64_t half = dim / 2;
+  // Same float32 operations, in the same order, as the reference.
+  auto freqs = torch::exp(-std::log(10000.0) *
+                          torch::arange(0, half, torch::dtype(torch::kFloat32).device(t.device())) /
+                          static_cast<double>(half));
+  auto args = t.unsqueeze(1).to(torch::kFloat32) * freqs.unsqueeze(0);  // (B, half)
+  auto emb = torch::cat({torch::cos(args), torch::sin(args)}, -1);
+  if (dim % 2) emb = torch::cat({emb, torch::zeros_like(emb.narrow(1, 0, 1))}, -1);
+  return emb;
+}
+
+// [sin(pos*w), cos(pos*w)] with w_k = 10000^(-k/(dim/2)), pos (M,) float64 -> (M, dim).
+static Tensor sincos_1d(int64_t dim, const Tensor& pos) {
+  auto omega = torch::arange(dim / 2, torch::kFloat64) / (dim / 2.0);
+  omega = 1.0 / torch::pow(10000.0, omega);
+  auto out = pos.reshape({-1, 1}) * omega.reshape({1, -1});  // (M, dim/2)
+  return torch::cat({torch::sin(out), torch::cos(out)}, 1);
+}
+
+Tensor sincos_pos_embed_2d(int64_t dim, int64_t grid, int64_t base, double interp_scale) {
+  // Coordinates in float32 as the reference computes them, then float64 for the table.
+  auto coord = torch::arange(grid, torch::kFloat32) / (static_cast<double>(grid) / base) /
+               interp_scale;  // (g,)
+  auto rows = coord.reshape({grid, 1}).expand({grid, grid}).reshape(-1).to(torch::kFloat64);
+  auto cols = coord.reshape({1, grid}).expand({grid, grid}).reshape(-1).to(torch::kFloat64);
+  auto table = torch::cat({sincos_1d(dim / 2, cols), sincos_1d(dim / 2, rows)}, 1);
+  return table.to(torch::kFloat32);  // (g*g, dim)
+}
+
+}  // namespace microdit

@@ -1,0 +1,64 @@
+// Small building blocks of MicroDiT (reference: micro_diffusion/models/utils.py).
+// Registered names match the reference's state dict.
+#pragma once
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/linear.h>
+
+namespace microdit {
+
+using torch::Tensor;
+
+// LayerNorm with eps and no bias. affine=true: learnable `weight` ("LN");
+// affine=false: no parameters at all ("LN0", used on q and k).
+struct LayerNormImpl : torch::nn::Module {
+  LayerNormImpl(int64_t dim, double eps, bool affine = true);
+  Tensor forward(const Tensor& x);
+  int64_t dim;
+  double eps;
+  Tensor weight;  // (dim,) or undefined
+};
+TORCH_MODULE(LayerNorm);
+
+torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias);
+
+// timm-style Mlp without dropout: fc1 -> GELU-tanh -> norm -> fc2 (norm after the activation).
+struct MlpImpl : torch::nn::Module {
+  MlpImpl(int64_t in, int64_t hidden, int64_t out, double eps);
+  Tensor forward(const Tensor& x);
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  LayerNorm norm{nullptr};
+};
+TORCH_MODULE(Mlp);
+
+// Conv2d(C, D, p, stride p) -> (B, T, D), tokens row-major over (h, w).
+struct PatchEmbedImpl : torch::nn::Module {
+  PatchEmbedImpl(int64_t in_channels, int64_t dim, int64_t patch);
+  Tensor forward(const Tensor& x);  // (B, C, H, W) -> (B, T, D)
+  torch::nn::Conv2d proj{nullptr};
+};
+TORCH_MODULE(PatchEmbed);
+
+// 512-wide cos/sin features of the scalar noise input, then Linear -> GELU-tanh -> Linear.
+struct TimestepEmbedderImpl : torch::nn::Module {
+  static constexpr int64_t kFrequencies = 512;
+  explicit TimestepEmbedderImpl(int64_t dim);
+  Tensor forward(const Tensor& t);  // (B,) -> (B, D)
+  torch::nn::Sequential mlp{nullptr};
+};
+TORCH_MODULE(TimestepEmbedder);
+
+// [cos(t*freq), sin(t*freq)], freq_j = exp(-ln(10000) j / (dim/2)); t (B,) -> (B, dim), float32.
+Tensor timestep_features(const Tensor& t, int64_t dim = TimestepEmbedderImpl::kFrequencies);
+
+// 2D sin-cos table (grid*grid, dim) in float32: first dim/2 channels encode the column,
+// the last dim/2 the row; coordinates arange(grid) / (grid / base) / interp_scale.
+Tensor sincos_pos_embed_2d(int64_t dim, int64_t grid, int64_t base, double interp_scale);
+
+// x * (1 + scale) + shift with per-sample (B, d) shift/scale broadcast over tokens.
+inline Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+  return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
+}
+
+}  // namespace microdit

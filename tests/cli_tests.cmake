@@ -1,0 +1,26 @@
+# CLI-level tests: the parity command on the shared reference vectors, the published
+# parameter counts, and one-line errors for bad input.
+set(MD_SHARED "${CMAKE_CURRENT_SOURCE_DIR}/../shared/reference")
+set(MD_VECTOR_FILES "${MD_SHARED}/microdit_parity_a.safetensors")
+file(GLOB MD_EXTRA_VECTORS "${CMAKE_CURRENT_SOURCE_DIR}/tests/data/parity_*.safetensors")
+list(APPEND MD_VECTOR_FILES ${MD_EXTRA_VECTORS})
+foreach(vec ${MD_VECTOR_FILES})
+  get_filename_component(name "${vec}" NAME_WE)
+  add_test(NAME parity.${name} COMMAND microdit parity --vectors "${vec}" --device cpu)
+endforeach()
+
+add_test(NAME info.xl_params COMMAND microdit info --preset MicroDiT_XL_2)
+set_tests_properties(info.xl_params PROPERTIES PASS_REGULAR_EXPRESSION "parameters: 1165442320 ")
+add_test(NAME info.tiny_params COMMAND microdit info --preset MicroDiT_Tiny_2)
+set_tests_properties(info.tiny_params PROPERTIES PASS_REGULAR_EXPRESSION "parameters: 200692752 ")
+
+# Bad input: one line naming the problem, non-zero exit, no stack trace.
+function(md_error_test name regex)
+  string(JOIN "|" args ${ARGN})  # '|' survives add_test; the script splits on it again
+  add_test(NAME ${name} COMMAND ${CMAKE_COMMAND} -DBIN=$<TARGET_FILE:microdit>
+           "-DARGS=${args}" "-DREGEX=${regex}" -P ${CMAKE_CURRENT_SOURCE_DIR}/tests/expect_error.cmake)
+endfunction()
+md_error_test(cli.missing_vectors "no such file" parity --vectors /nonexistent.safetensors)
+md_error_test(cli.bad_preset "unknown model preset 'Nope'" info --preset Nope)
+md_error_test(cli.bad_patch "not divisible by patch_size" info --preset MicroDiT_Tiny_2 --latent-size 33)
+md_error_test(cli.bad_device "expected cpu, cuda" info --device tpu)

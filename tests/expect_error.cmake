@@ -1,0 +1,18 @@
+# Runs BIN with ARGS (a |-separated list) and asserts: non-zero exit, exactly one line on stderr that
+# matches REGEX, and no LibTorch stack trace.
+string(REPLACE "|" ";" ARGS "${ARGS}")
+execute_process(COMMAND ${BIN} ${ARGS} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(rc EQUAL 0)
+  message(FATAL_ERROR "expected a non-zero exit, got 0\nstdout: ${out}")
+endif()
+string(STRIP "${err}" err_s)
+string(FIND "${err_s}" "\n" nl)
+if(NOT nl EQUAL -1)
+  message(FATAL_ERROR "expected one line on stderr, got:\n${err}")
+endif()
+if(NOT err_s MATCHES "${REGEX}")
+  message(FATAL_ERROR "stderr does not match '${REGEX}':\n${err}")
+endif()
+if(err_s MATCHES "Exception raised from|frame #")
+  message(FATAL_ERROR "stack trace on stderr:\n${err}")
+endif()
