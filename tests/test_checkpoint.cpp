@@ -105,7 +105,8 @@ TEST(Checkpoint, TruncatedOrCorruptSafetensorsAreRefused) {
   fs::copy_file(dir / "m.safetensors", dir / "cut.safetensors");
   fs::resize_file(dir / "cut.safetensors", size - 100);
   EXPECT_NE(error_of([&] { read_safetensors(dir / "cut.safetensors"); }).find("truncated"), std::string::npos);
-  std::ofstream(dir / "junk.safetensors") << "\x10\0\0\0\0\0\0\0{not json at all";
+  const std::string junk("\x10\0\0\0\0\0\0\0{not json at all", 24);
+  std::ofstream(dir / "junk.safetensors", std::ios::binary) << junk;
   EXPECT_NE(error_of([&] { read_safetensors(dir / "junk.safetensors"); }).find("corrupt"), std::string::npos);
   EXPECT_NE(error_of([&] { read_safetensors(dir / "absent.safetensors"); }).find("no such file"), std::string::npos);
 }

@@ -20,6 +20,7 @@ struct InfoOptions {
 
 void run_info(const InfoOptions& o) {
   set_threads(o.rt.threads);
+  resolve_device(o.rt.device);  // validates --device like every command
   ModelConfig c = o.config.empty() ? preset(o.preset) : config_from_yaml_file(o.config);
   if (o.latent_size) c.input_size = o.latent_size;
   if (o.channels) c.in_channels = o.channels;

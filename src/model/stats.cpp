@@ -56,7 +56,7 @@ ModelStats model_stats(const ModelConfig& c, double mask_ratio, int caption_len)
   const int64_t nr = swiglu_hidden(static_cast<int>(D), 4.0, c.multiple_of);  // caption refiner
   params += 2 * D + 3 * D * D + 3 * D * b + D * D + D * b + 3 * nr * D + 2 * nr * b + D * b;
   macs += double(L) * (4.0 * D * D + 3.0 * nr * D) + 2.0 * L * L * D;
-  params += 2 * D * D + 3 * D + D;               // pooled_y_emb_process
+  params += 2 * D * D + 3 * D;                   // pooled_y_emb_process
   macs += 2.0 * D * D;
   if (Dm != D) {                                 // mixer in/out/caption maps
     params += D + D * Dm + Dm * b + Dm + Dm * D + D * b + D + D * Dm + Dm * b;
