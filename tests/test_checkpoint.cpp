@@ -35,7 +35,8 @@ std::string error_of(const std::function<void()>& f) {
 struct TempDir {
   fs::path path = fs::temp_directory_path() / ("microdit_test_" + std::to_string(::getpid()));
   TempDir() { fs::create_directories(path); }
-  ~TempDir() { fs::remove_all(path); }
+  // Not fs::remove_all: LibTorch exports a broken copy of it that can shadow libstdc++'s.
+  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path.string() + "'").c_str()); }
   std::string operator/(const std::string& f) const { return (path / f).string(); }
 };
 

@@ -14,5 +14,6 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt);
 void register_info(CLI::App& app);
 void register_parity(CLI::App& app);
 void register_convert(CLI::App& app);
+void register_bench(CLI::App& app);
 
 }  // namespace microdit::cli

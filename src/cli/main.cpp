@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   microdit::cli::register_info(app);
   microdit::cli::register_parity(app);
   microdit::cli::register_convert(app);
+  microdit::cli::register_bench(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

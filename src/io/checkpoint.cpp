@@ -3,11 +3,11 @@
 #include <ATen/ATen.h>
 #include <torch/serialize.h>
 
-#include <filesystem>
 #include <fstream>
 #include <set>
 
 #include "core/error.h"
+#include "core/fs.h"
 
 namespace microdit {
 
@@ -62,8 +62,7 @@ static NamedTensors read_torch_zip(const std::string& path) {
 }
 
 NamedTensors read_checkpoint(const std::string& path, const std::string& anchor) {
-  std::error_code ec;
-  MD_CHECK(std::filesystem::is_regular_file(path, ec), "{}: no such file", path);
+  MD_CHECK(is_regular_file(path), "{}: no such file", path);
   char magic[4] = {0, 0, 0, 0};
   {
     std::ifstream f(path, std::ios::binary);

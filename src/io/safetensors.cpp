@@ -5,10 +5,10 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <filesystem>
 #include <fstream>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "io/atomic_file.h"
 
 namespace microdit {
@@ -52,9 +52,8 @@ const Tensor& SafetensorsFile::at(const std::string& name) const {
 }
 
 SafetensorsFile read_safetensors(const std::string& path) {
-  std::error_code ec;
-  MD_CHECK(std::filesystem::is_regular_file(path, ec), "{}: no such file", path);
-  const uint64_t file_size = std::filesystem::file_size(path, ec);
+  MD_CHECK(is_regular_file(path), "{}: no such file", path);
+  const uint64_t file_size = microdit::file_size(path);
   std::ifstream f(path, std::ios::binary);
   MD_CHECK(f.good(), "{}: cannot open for reading", path);
   MD_CHECK(file_size >= 8, "{}: not a safetensors file (only {} bytes)", path, file_size);
