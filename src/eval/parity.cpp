@@ -169,8 +169,11 @@ ParityReport run_parity(const std::string& path, const c10::Device& device) {
       auto loss = edm_loss(*model, x, y, draws, edm);
       loss.backward();
       ours["out.edm_loss_masked"] = loss.detach();
+      // A parameter the loss does not reach (an MoE layer whose experts pick no token) has
+      // a zero gradient.
       for (const auto& p : model->named_parameters())
-        if (p.value().grad().defined()) ours["grad." + p.key()] = p.value().grad();
+        ours["grad." + p.key()] =
+            p.value().grad().defined() ? p.value().grad() : torch::zeros_like(p.value());
     }
   }
 
