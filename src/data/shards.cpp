@@ -1,0 +1,196 @@
+#include "data/shards.h"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "io/atomic_file.h"
+#include "io/safetensors.h"
+
+namespace microdit {
+
+ShardWriter::ShardWriter(std::string dir, std::vector<int64_t> image_shape,
+                         std::vector<int64_t> caption_shape, std::string encoder,
+                         std::string value_range, int64_t per_shard)
+    : dir_(std::move(dir)), per_shard_(per_shard) {
+  MD_CHECK(per_shard_ >= 1, "shard size must be >= 1");
+  MD_CHECK(make_dirs(dir_), "{}: cannot create folder", dir_);
+  index_.image_shape = std::move(image_shape);
+  index_.caption_shape = std::move(caption_shape);
+  index_.encoder = std::move(encoder);
+  index_.value_range = std::move(value_range);
+}
+
+void ShardWriter::add(const std::string& split, const Tensor& image, const Tensor& caption,
+                      const std::string& text) {
+  MD_CHECK(image.sizes().vec() == index_.image_shape, "shard writer: image shape mismatch");
+  MD_CHECK(caption.sizes().vec() == index_.caption_shape, "shard writer: caption shape mismatch");
+  auto& p = pending_[split];
+  p.images.push_back(image.to(at::kCPU, at::kHalf));
+  p.captions.push_back(caption.to(at::kCPU, at::kHalf));
+  p.texts.push_back(text);
+  if (static_cast<int64_t>(p.images.size()) >= per_shard_) flush(split);
+}
+
+void ShardWriter::flush(const std::string& split) {
+  auto& p = pending_[split];
+  if (p.images.empty()) return;
+  auto& list = index_.shards[split];
+  const std::string name = fmt::format("{}-{:05d}.safetensors", split, list.size());
+  const int64_t n = static_cast<int64_t>(p.images.size());
+  write_safetensors(dir_ + "/" + name,
+                    {{"images", at::stack(p.images)}, {"captions", at::stack(p.captions)}},
+                    {{"format", kShardFormat},
+                     {"version", std::to_string(kShardVersion)},
+                     {"count", std::to_string(n)},
+                     {"texts", nlohmann::json(p.texts).dump()}});
+  list.push_back(name);
+  index_.counts[split] += n;
+  p = Pending{};
+}
+
+ShardIndex ShardWriter::finish() {
+  for (auto& [split, p] : pending_) flush(split);
+  nlohmann::json j;
+  j["format"] = kShardFormat;
+  j["version"] = kShardVersion;
+  j["image_shape"] = index_.image_shape;
+  j["caption_shape"] = index_.caption_shape;
+  j["encoder"] = index_.encoder;
+  j["value_range"] = index_.value_range;
+  for (const auto& [split, files] : index_.shards)
+    j["splits"][split] = {{"shards", files}, {"count", index_.counts[split]}};
+  const std::string text = j.dump(2) + "\n";
+  AtomicFile f(dir_ + "/index.json");
+  f.write(text.data(), text.size());
+  f.commit();
+  return index_;
+}
+
+ShardIndex read_shard_index(const std::string& dir) {
+  const std::string path = dir + "/index.json";
+  MD_CHECK(is_regular_file(path), "{}: no such file (run `microdit prepare` first)", path);
+  std::ifstream f(path);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(f);
+  } catch (const std::exception&) {
+    fail("{}: corrupt index (not valid JSON)", path);
+  }
+  ShardIndex idx;
+  try {
+    MD_CHECK(j.at("format") == kShardFormat, "{}: not a {} index", path, kShardFormat);
+    const int version = j.at("version").get<int>();
+    MD_CHECK(version == kShardVersion, "{}: shard format version {} (this build reads {})", path,
+             version, kShardVersion);
+    idx.image_shape = j.at("image_shape").get<std::vector<int64_t>>();
+    idx.caption_shape = j.at("caption_shape").get<std::vector<int64_t>>();
+    idx.encoder = j.value("encoder", "");
+    idx.value_range = j.value("value_range", "");
+    for (auto& [split, v] : j.at("splits").items()) {
+      idx.shards[split] = v.at("shards").get<std::vector<std::string>>();
+      idx.counts[split] = v.at("count").get<int64_t>();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: corrupt index ({})", path, e.what());
+  }
+  return idx;
+}
+
+ShardSet load_split(const std::string& dir, const std::string& split) {
+  const auto idx = read_shard_index(dir);
+  auto it = idx.shards.find(split);
+  MD_CHECK(it != idx.shards.end() && !it->second.empty(), "{}: no '{}' split in the shards", dir,
+           split);
+  std::vector<Tensor> images, captions;
+  ShardSet set;
+  for (const auto& name : it->second) {
+    const std::string path = dir + "/" + name;
+    auto f = read_safetensors(path);
+    const Tensor* im = f.find("images");
+    const Tensor* cap = f.find("captions");
+    MD_CHECK(im && cap, "{}: shard lacks 'images' or 'captions'", path);
+    MD_CHECK(im->dim() == 4 && im->sizes().slice(1).vec() == idx.image_shape,
+             "{}: images have shape [{}], the index says [N, {}]", path,
+             fmt::join(im->sizes(), ", "), fmt::join(idx.image_shape, ", "));
+    MD_CHECK(cap->dim() == 3 && cap->sizes().slice(1).vec() == idx.caption_shape &&
+                 cap->size(0) == im->size(0),
+             "{}: captions have shape [{}], expected [{}, {}]", path,
+             fmt::join(cap->sizes(), ", "), im->size(0), fmt::join(idx.caption_shape, ", "));
+    MD_CHECK(im->size(0) > 0, "{}: empty shard", path);
+    images.push_back(*im);
+    captions.push_back(*cap);
+    auto texts = f.metadata.count("texts") ? nlohmann::json::parse(f.metadata.at("texts"), nullptr, false)
+                                           : nlohmann::json();
+    MD_CHECK(texts.is_array() && static_cast<int64_t>(texts.size()) == im->size(0),
+             "{}: caption texts missing or wrong count", path);
+    for (const auto& t : texts) set.texts.push_back(t.get<std::string>());
+  }
+  set.images = at::cat(images);
+  set.captions = at::cat(captions);
+  return set;
+}
+
+// ---- batches ---------------------------------------------------------------------------
+
+BatchLoader::BatchLoader(const ShardSet& data, int64_t batch_size, uint64_t seed, int64_t epoch,
+                         int64_t position, int prefetch)
+    : data_(data), batch_(batch_size), epoch_(epoch), position_(position), seed_(seed),
+      prefetch_(prefetch) {
+  MD_CHECK(batch_ >= 1 && batch_ <= data_.size(), "batch size {} for a split of {} samples",
+           batch_, data_.size());
+  worker_ = std::thread([this] { run(); });
+}
+
+BatchLoader::~BatchLoader() {
+  stop_ = true;
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+}
+
+Batch BatchLoader::make(int64_t& epoch, int64_t& position) {
+  if (position + batch_ > data_.size()) {  // drop the last partial batch of an epoch
+    ++epoch;
+    position = 0;
+  }
+  if (perm_epoch_ != epoch) {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed_ * 1000003ULL + epoch);
+    perm_ = at::randperm(data_.size(), gen, at::TensorOptions().dtype(at::kLong));
+    perm_epoch_ = epoch;
+  }
+  auto ids = perm_.narrow(0, position, batch_);
+  position += batch_;
+  Batch b;
+  b.images = data_.images.index_select(0, ids).to(at::kFloat);
+  b.captions = data_.captions.index_select(0, ids).to(at::kFloat);
+  b.epoch = epoch;
+  b.position = position;
+  return b;
+}
+
+void BatchLoader::run() {
+  int64_t epoch = epoch_, position = position_;
+  while (!stop_) {
+    Batch b = make(epoch, position);
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return stop_ || static_cast<int>(queue_.size()) < prefetch_; });
+    if (stop_) return;
+    queue_.push_back(std::move(b));
+    cv_.notify_all();
+  }
+}
+
+Batch BatchLoader::next() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return !queue_.empty(); });
+  Batch b = std::move(queue_.front());
+  queue_.pop_front();
+  cv_.notify_all();
+  return b;
+}
+
+}  // namespace microdit

@@ -1,0 +1,104 @@
+// Precomputed training data: sharded safetensors files that the trainer streams, so training
+// never touches pixels or text. Format "microdit-shards" version 1 (docs/data-format.md):
+//
+//   DIR/index.json                 {"format", "version", "splits": {name: {"shards": [...],
+//                                   "count"}}, "image_shape": [C,H,W], "caption_shape": [L,W],
+//                                   "value_range", "encoder"}
+//   DIR/<split>-NNNNN.safetensors  images (N, C, H, W) float16, captions (N, L, W) float16;
+//                                  __metadata__: format, version, count, texts (JSON list)
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace microdit {
+
+using at::Tensor;
+
+constexpr const char* kShardFormat = "microdit-shards";
+constexpr int kShardVersion = 1;
+
+struct ShardIndex {
+  std::vector<int64_t> image_shape;    // C, H, W
+  std::vector<int64_t> caption_shape;  // L, W
+  std::string encoder, value_range;
+  std::map<std::string, std::vector<std::string>> shards;  // split -> file names
+  std::map<std::string, int64_t> counts;                   // split -> samples
+};
+
+// Writes shards of at most `per_shard` samples per split; finish() writes index.json.
+// Every file is written atomically.
+class ShardWriter {
+ public:
+  ShardWriter(std::string dir, std::vector<int64_t> image_shape, std::vector<int64_t> caption_shape,
+              std::string encoder, std::string value_range, int64_t per_shard = 1024);
+  // image (C, H, W), caption (L, W), any float dtype.
+  void add(const std::string& split, const Tensor& image, const Tensor& caption,
+           const std::string& text);
+  ShardIndex finish();
+
+ private:
+  struct Pending {
+    std::vector<Tensor> images, captions;
+    std::vector<std::string> texts;
+  };
+  void flush(const std::string& split);
+  std::string dir_;
+  ShardIndex index_;
+  int64_t per_shard_;
+  std::map<std::string, Pending> pending_;
+};
+
+ShardIndex read_shard_index(const std::string& dir);
+
+// One split held in memory (float16), as the emoji set and its embeddings are small.
+struct ShardSet {
+  Tensor images;    // (N, C, H, W) float16
+  Tensor captions;  // (N, L, W) float16
+  std::vector<std::string> texts;
+  int64_t size() const { return images.defined() ? images.size(0) : 0; }
+};
+ShardSet load_split(const std::string& dir, const std::string& split);
+
+struct Batch {
+  Tensor images, captions;  // float32 (B, C, H, W), (B, L, W)
+  int64_t epoch = 0, position = 0;  // where the loader stands after this batch
+};
+
+// Shuffled batches (a new permutation each epoch from seed + epoch), prepared by a background
+// thread a few batches ahead. (epoch, position) is the data position to save in checkpoints;
+// a loader started from a saved position yields exactly the batches that would have followed.
+class BatchLoader {
+ public:
+  BatchLoader(const ShardSet& data, int64_t batch_size, uint64_t seed, int64_t epoch = 0,
+              int64_t position = 0, int prefetch = 4);
+  ~BatchLoader();
+  BatchLoader(const BatchLoader&) = delete;
+  BatchLoader& operator=(const BatchLoader&) = delete;
+  Batch next();
+
+ private:
+  void run();
+  Batch make(int64_t& epoch, int64_t& position);
+  const ShardSet& data_;
+  int64_t batch_, epoch_, position_;
+  uint64_t seed_;
+  int prefetch_;
+  Tensor perm_;
+  int64_t perm_epoch_ = -1;
+  std::deque<Batch> queue_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> stop_{false};
+  std::thread worker_;
+};
+
+}  // namespace microdit

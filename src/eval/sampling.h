@@ -1,0 +1,14 @@
+// Generating images from caption embeddings with a trained model, and laying them out.
+#pragma once
+#include "diffusion/edm.h"
+
+namespace microdit {
+
+// One image per caption row. Image i starts from unit noise drawn with seed + i, so a
+// result depends on the seed and its index only, never on the batch it was made in.
+// captions (N, L, W) float32 -> images (N, C, H, W) float32 on the CPU.
+Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t seed,
+                       const EDMConfig& edm, const SamplerOptions& opt, int64_t batch = 16,
+                       const std::function<void(int64_t done)>& progress = nullptr);
+
+}  // namespace microdit

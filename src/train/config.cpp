@@ -1,0 +1,186 @@
+#include "train/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <functional>
+#include <map>
+
+#include "core/error.h"
+#include "core/fs.h"
+
+namespace microdit {
+
+namespace {
+
+using Setter = std::function<void(const YAML::Node&, const std::string& key)>;
+
+template <class T>
+T as(const YAML::Node& v, const std::string& key, const char* what) {
+  try {
+    return v.as<T>();
+  } catch (const YAML::Exception&) {
+    fail("train config: '{}' must be {}", key, what);
+  }
+}
+
+template <class T>
+Setter bind(T& field, const char* what) {
+  return [&field, what](const YAML::Node& v, const std::string& key) { field = as<T>(v, key, what); };
+}
+
+Setter bind_list(std::vector<std::string>& f) {
+  return [&f](const YAML::Node& v, const std::string& key) {
+    MD_CHECK(v.IsSequence() || v.IsNull(), "train config: '{}' must be a list of strings", key);
+    f.clear();
+    for (const auto& e : v) f.push_back(as<std::string>(e, key, "a list of strings"));
+  };
+}
+
+Setter bind_list(std::vector<double>& f) {
+  return [&f](const YAML::Node& v, const std::string& key) {
+    MD_CHECK(v.IsSequence(), "train config: '{}' must be a list of numbers", key);
+    f.clear();
+    for (const auto& e : v) f.push_back(as<double>(e, key, "a list of numbers"));
+  };
+}
+
+std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
+  std::map<std::string, std::map<std::string, Setter>> b;
+  b["edm"] = {{"sigma_data", bind(c.edm.sigma_data, "a number")},
+              {"P_mean", bind(c.edm.P_mean, "a number")},
+              {"P_std", bind(c.edm.P_std, "a number")}};
+  b["data"] = {{"shards", bind(c.shards, "a path")},
+               {"train_split", bind(c.train_split, "a string")},
+               {"val_split", bind(c.val_split, "a string")},
+               {"caption_dropout", bind(c.caption_dropout, "a number")},
+               {"text_encoder", bind(c.text_encoder, "an encoder name or path")}};
+  b["train"] = {{"steps", bind(c.steps, "an integer")},
+                {"batch_size", bind(c.batch_size, "an integer")},
+                {"grad_accum", bind(c.grad_accum, "an integer")},
+                {"mask_ratio", bind(c.mask_ratio, "a number")},
+                {"lr", bind(c.lr, "a number")},
+                {"weight_decay", bind(c.weight_decay, "a number")},
+                {"eps", bind(c.eps, "a number")},
+                {"betas", [&c](const YAML::Node& v, const std::string& key) {
+                   MD_CHECK(v.IsSequence() && v.size() == 2, "train config: '{}' must be [b1, b2]", key);
+                   c.betas = {as<double>(v[0], key, "a number"), as<double>(v[1], key, "a number")};
+                 }},
+                {"warmup_steps", bind(c.warmup_steps, "an integer")},
+                {"schedule", bind(c.schedule, "cosine or constant")},
+                {"min_lr_ratio", bind(c.min_lr_ratio, "a number")},
+                {"grad_clip", bind(c.grad_clip, "a number")},
+                {"ema_decay", bind(c.ema_decay, "a number")},
+                {"ema_start", bind(c.ema_start, "an integer")},
+                {"bf16", bind(c.bf16, "true or false")},
+                {"seed", bind(c.seed, "a non-negative integer")}};
+  b["stage"] = {{"init_from", bind(c.init_from, "a path")},
+                {"allow_missing", bind_list(c.init_allow_missing)},
+                {"allow_unexpected", bind_list(c.init_allow_unexpected)}};
+  b["run"] = {{"out", bind(c.out, "a path")},
+              {"log_every", bind(c.log_every, "an integer")},
+              {"checkpoint_every", bind(c.checkpoint_every, "an integer")},
+              {"keep_last", bind(c.keep_last, "an integer")},
+              {"val_every", bind(c.val_every, "an integer")},
+              {"val_batches", bind(c.val_batches, "an integer")},
+              {"val_sigmas", bind_list(c.val_sigmas)},
+              {"sample_every", bind(c.sample_every, "an integer")},
+              {"sample_prompts", bind_list(c.sample_prompts)},
+              {"sample_steps", bind(c.sample_steps, "an integer")},
+              {"sample_cfg", bind(c.sample_cfg, "a number")},
+              {"sample_seed", bind(c.sample_seed, "a non-negative integer")}};
+  return b;
+}
+
+}  // namespace
+
+void TrainConfig::validate() const {
+  model.validate();
+  MD_CHECK(steps >= 1, "train config: train.steps must be >= 1");
+  MD_CHECK(batch_size >= 1 && grad_accum >= 1, "train config: batch_size and grad_accum must be >= 1");
+  MD_CHECK(batch_size % grad_accum == 0, "train config: batch_size {} is not divisible by grad_accum {}",
+           batch_size, grad_accum);
+  MD_CHECK(mask_ratio >= 0 && mask_ratio < 1, "train config: train.mask_ratio must be in [0, 1)");
+  MD_CHECK(lr > 0, "train config: train.lr must be positive");
+  MD_CHECK(schedule == "cosine" || schedule == "constant",
+           "train config: train.schedule must be cosine or constant, got '{}'", schedule);
+  MD_CHECK(caption_dropout >= 0 && caption_dropout <= 1, "train config: data.caption_dropout must be in [0, 1]");
+  MD_CHECK(ema_decay >= 0 && ema_decay < 1, "train config: train.ema_decay must be in [0, 1)");
+  MD_CHECK(edm.sigma_data > 0 && edm.P_std > 0, "train config: edm.sigma_data and edm.P_std must be positive");
+  MD_CHECK(!shards.empty(), "train config: data.shards is not set");
+  MD_CHECK(keep_last >= 1, "train config: run.keep_last must be >= 1");
+  MD_CHECK(sample_steps >= 1, "train config: run.sample_steps must be >= 1");
+}
+
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides) {
+  MD_CHECK(is_regular_file(path), "{}: no such config file", path);
+  YAML::Node root;
+  try {
+    root = YAML::LoadFile(path);
+  } catch (const YAML::Exception& e) {
+    fail("{}: {}", path, e.what());
+  }
+  if (!root.IsMap()) root = YAML::Node(YAML::NodeType::Map);
+  for (const auto& ov : overrides) {  // section.key=value
+    const auto eq = ov.find('='), dot = ov.find('.');
+    MD_CHECK(eq != std::string::npos && dot != std::string::npos && dot < eq,
+             "override '{}': expected section.key=value", ov);
+    const std::string section = ov.substr(0, dot), key = ov.substr(dot + 1, eq - dot - 1);
+    YAML::Node value;
+    try {
+      value = YAML::Load(ov.substr(eq + 1));
+    } catch (const YAML::Exception&) {
+      fail("override '{}': cannot parse the value", ov);
+    }
+    root[section][key] = value;
+  }
+  TrainConfig c;
+  auto table = bindings(c);
+  for (const auto& sec : root) {
+    const std::string section = sec.first.as<std::string>();
+    if (section == "model") {
+      c.model = config_from_yaml(sec.second);
+      continue;
+    }
+    auto it = table.find(section);
+    MD_CHECK(it != table.end(), "train config: unknown section '{}'", section);
+    MD_CHECK(sec.second.IsMap(), "train config: section '{}' must be a mapping", section);
+    for (const auto& kv : sec.second) {
+      const std::string key = kv.first.as<std::string>();
+      auto s = it->second.find(key);
+      MD_CHECK(s != it->second.end(), "train config: unknown key '{}.{}'", section, key);
+      s->second(kv.second, section + "." + key);
+    }
+  }
+  c.validate();
+  return c;
+}
+
+std::string train_config_to_yaml(const TrainConfig& c) {
+  YAML::Emitter e;
+  e << YAML::BeginMap;
+  e << YAML::Key << "model" << YAML::Value << YAML::Load(config_to_yaml(c.model));
+  e << YAML::Key << "edm" << YAML::Value << YAML::BeginMap << YAML::Key << "sigma_data" << YAML::Value
+    << c.edm.sigma_data << YAML::Key << "P_mean" << YAML::Value << c.edm.P_mean << YAML::Key
+    << "P_std" << YAML::Value << c.edm.P_std << YAML::EndMap;
+  e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "shards" << YAML::Value << c.shards << YAML::Key << "train_split" << YAML::Value
+    << c.train_split << YAML::Key << "val_split" << YAML::Value << c.val_split << YAML::Key
+    << "caption_dropout" << YAML::Value << c.caption_dropout << YAML::Key << "text_encoder"
+    << YAML::Value << c.text_encoder << YAML::EndMap;
+  e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
+  e << YAML::Key << "steps" << YAML::Value << c.steps << YAML::Key << "batch_size" << YAML::Value
+    << c.batch_size << YAML::Key << "grad_accum" << YAML::Value << c.grad_accum << YAML::Key
+    << "mask_ratio" << YAML::Value << c.mask_ratio << YAML::Key << "lr" << YAML::Value << c.lr
+    << YAML::Key << "weight_decay" << YAML::Value << c.weight_decay << YAML::Key << "eps"
+    << YAML::Value << c.eps << YAML::Key << "betas" << YAML::Value << YAML::Flow << YAML::BeginSeq
+    << c.betas[0] << c.betas[1] << YAML::EndSeq << YAML::Key << "warmup_steps" << YAML::Value
+    << c.warmup_steps << YAML::Key << "schedule" << YAML::Value << c.schedule << YAML::Key
+    << "min_lr_ratio" << YAML::Value << c.min_lr_ratio << YAML::Key << "grad_clip" << YAML::Value
+    << c.grad_clip << YAML::Key << "ema_decay" << YAML::Value << c.ema_decay << YAML::Key
+    << "ema_start" << YAML::Value << c.ema_start << YAML::Key << "bf16" << YAML::Value << c.bf16
+    << YAML::Key << "seed" << YAML::Value << c.seed << YAML::EndMap;
+  e << YAML::EndMap;
+  return e.c_str();
+}
+
+}  // namespace microdit

@@ -1,0 +1,55 @@
+// Training configuration: YAML file + key=value overrides (dotted paths), every key checked.
+#pragma once
+#include <array>
+#include <string>
+#include <vector>
+
+#include "diffusion/edm.h"
+#include "model/config.h"
+
+namespace microdit {
+
+struct TrainConfig {
+  ModelConfig model;
+  EDMConfig edm;
+  // data
+  std::string shards;                // folder written by `microdit prepare`
+  std::string train_split = "train", val_split = "val";
+  double caption_dropout = 0.1;      // whole caption -> zeros, for classifier-free guidance
+  std::string text_encoder = "minilm";  // encodes sample prompts; must match the shards'
+  // optimisation (paper: AdamW, betas .9/.999, eps 1e-8, wd 0.1)
+  int64_t steps = 1000, batch_size = 64, grad_accum = 1;
+  double mask_ratio = 0.75;
+  double lr = 2.4e-4, weight_decay = 0.1, eps = 1e-8;
+  std::array<double, 2> betas{0.9, 0.999};
+  int64_t warmup_steps = 0;
+  std::string schedule = "cosine";   // cosine | constant
+  double min_lr_ratio = 0.33;        // cosine decays to lr * min_lr_ratio
+  double grad_clip = 0.25;           // global norm; 0 disables
+  double ema_decay = 0.0;            // 0 disables EMA
+  int64_t ema_start = 0;
+  bool bf16 = false;                 // bf16 autocast
+  uint64_t seed = 0;
+  // stage transitions
+  std::string init_from;             // weights of an earlier stage (optimizer reset)
+  std::vector<std::string> init_allow_missing, init_allow_unexpected;
+  // run
+  std::string out = "runs/default";
+  int64_t log_every = 10, checkpoint_every = 500, keep_last = 3;
+  int64_t val_every = 500, val_batches = 4;
+  std::vector<double> val_sigmas{0.2, 0.5, 1.0, 2.0};
+  int64_t sample_every = 0;
+  std::vector<std::string> sample_prompts;
+  int sample_steps = 20;
+  double sample_cfg = 3.0;
+  uint64_t sample_seed = 0;
+
+  void validate() const;
+};
+
+// Reads FILE, applies overrides "section.key=value" (value parsed as YAML), validates.
+// Unknown keys and wrong types are errors naming the key.
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides);
+std::string train_config_to_yaml(const TrainConfig& c);
+
+}  // namespace microdit

@@ -1,0 +1,149 @@
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <fstream>
+
+#include "core/error.h"
+#include "core/fs.h"
+#include "data/shards.h"
+#include "train/trainer.h"
+
+using namespace microdit;
+
+namespace {
+
+struct TempDir {
+  std::string path = "/tmp/microdit_train_test_" + std::to_string(::getpid()) + "_" +
+                     std::to_string(reinterpret_cast<uintptr_t>(this) % 100000);
+  TempDir() { make_dirs(path); }
+  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path + "'").c_str()); }
+};
+
+// 40 random 8x8 RGB samples with 5 x 16 captions; train and val splits.
+void make_shards(const std::string& dir) {
+  torch::manual_seed(7);
+  ShardWriter w(dir, {3, 8, 8}, {5, 16}, "test", "[-1, 1] pixels", 16);
+  for (int i = 0; i < 40; ++i)
+    w.add(i % 8 == 0 ? "val" : "train", torch::rand({3, 8, 8}) * 2 - 1, torch::randn({5, 16}),
+          "caption " + std::to_string(i));
+  w.finish();
+}
+
+std::string write_config(const std::string& dir, const std::string& shards) {
+  const std::string path = dir + "/train.yaml";
+  std::ofstream(path) << "model: {preset: MicroDiT_Pico_2, input_size: 8, in_channels: 3, "
+                         "caption_channels: 16, depth: 2, patch_mixer_depth: 2}\n"
+                      << "data: {shards: " << shards << ", caption_dropout: 0.2}\n"
+                      << "edm: {sigma_data: 0.5, P_mean: -1.2, P_std: 1.2}\n"
+                      << "train: {steps: 6, batch_size: 8, grad_accum: 2, mask_ratio: 0.5, lr: 1.0e-3, "
+                         "warmup_steps: 2, grad_clip: 1.0, ema_decay: 0.9, ema_start: 2}\n"
+                      << "run: {log_every: 1, checkpoint_every: 3, keep_last: 2, val_every: 3, "
+                         "val_batches: 1}\n";
+  return path;
+}
+
+std::vector<double> losses(const std::string& metrics) {
+  std::ifstream in(metrics);
+  std::vector<double> out;
+  std::string line;
+  while (std::getline(in, line)) {
+    auto p = line.find("\"loss\": ");
+    if (p != std::string::npos) out.push_back(std::stod(line.substr(p + 8)));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST(Train, ShardsRoundTripAndBatchesResumeExactly) {
+  TempDir dir;
+  make_shards(dir.path + "/shards");
+  auto train = load_split(dir.path + "/shards", "train");
+  EXPECT_EQ(train.size(), 35);
+  EXPECT_EQ(train.texts[0], "caption 1");
+  BatchLoader a(train, 8, 3);
+  std::vector<Batch> seen;
+  for (int i = 0; i < 6; ++i) seen.push_back(a.next());  // crosses an epoch boundary (35/8)
+  BatchLoader b(train, 8, 3, seen[2].epoch, seen[2].position);
+  for (int i = 3; i < 6; ++i) EXPECT_TRUE(torch::equal(b.next().images, seen[i].images)) << i;
+  EXPECT_EQ(seen[5].epoch, 1);
+}
+
+TEST(Train, CorruptShardIndexIsAClearError) {
+  TempDir dir;
+  make_shards(dir.path + "/shards");
+  std::ofstream(dir.path + "/shards/index.json") << "{\"format\": \"microdit-shards\"";
+  try {
+    load_split(dir.path + "/shards", "train");
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("corrupt index"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(load_split(dir.path + "/nowhere", "train"), Error);
+}
+
+TEST(Train, ScheduleWarmsUpThenDecays) {
+  TrainConfig c;
+  c.lr = 1.0, c.steps = 100, c.warmup_steps = 10, c.min_lr_ratio = 0.25;
+  EXPECT_DOUBLE_EQ(learning_rate(c, 0), 0.1);
+  EXPECT_DOUBLE_EQ(learning_rate(c, 9), 1.0);
+  EXPECT_NEAR(learning_rate(c, 10), 1.0, 1e-12);
+  EXPECT_NEAR(learning_rate(c, 100), 0.25, 1e-12);
+  c.schedule = "constant";
+  EXPECT_DOUBLE_EQ(learning_rate(c, 50), 1.0);
+}
+
+TEST(Train, ConfigOverridesAndUnknownKeys) {
+  TempDir dir;
+  const auto cfg = write_config(dir.path, dir.path + "/shards");
+  auto c = load_train_config(cfg, {"train.steps=12", "run.out=" + dir.path + "/x"});
+  EXPECT_EQ(c.steps, 12);
+  EXPECT_EQ(c.grad_accum, 2);
+  EXPECT_EQ(c.model.dim, 128);
+  try {
+    load_train_config(cfg, {"train.stepz=3"});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown key 'train.stepz'"), std::string::npos);
+  }
+  try {
+    load_train_config(cfg, {"train.steps=many"});
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'train.steps' must be an integer"), std::string::npos);
+  }
+}
+
+TEST(Train, StoppedAndResumedRunRepeatsTheLossCurve) {
+  torch::set_num_threads(1);  // deterministic kernels for an exact comparison
+  TempDir dir;
+  const std::string shards = dir.path + "/shards";
+  make_shards(shards);
+  const auto cfg_path = write_config(dir.path, shards);
+
+  auto straight = load_train_config(cfg_path, {"run.out=" + dir.path + "/a"});
+  {
+    Trainer t(straight, torch::kCPU);
+    t.run();
+  }
+  // Same run stopped after step 3 (a checkpoint step), then resumed in a new trainer.
+  auto first = load_train_config(cfg_path, {"run.out=" + dir.path + "/b"});
+  {
+    Trainer t(first, torch::kCPU);
+    t.run(/*stop_at=*/3);
+  }
+  auto second = load_train_config(cfg_path, {"run.out=" + dir.path + "/b"});
+  {
+    Trainer t(second, torch::kCPU);
+    ASSERT_TRUE(t.resume());
+    EXPECT_EQ(t.state().step, 3);
+    t.run();
+  }
+  auto la = losses(dir.path + "/a/metrics.jsonl"), lb = losses(dir.path + "/b/metrics.jsonl");
+  ASSERT_EQ(la.size(), 6u);
+  ASSERT_EQ(lb.size(), 6u);
+  for (size_t i = 0; i < la.size(); ++i) EXPECT_DOUBLE_EQ(la[i], lb[i]) << "step " << i + 1;
+  // keep_last = 2: only the two newest checkpoints remain.
+  EXPECT_EQ(list_dir(dir.path + "/a/checkpoints").size(), 2u);
+  EXPECT_EQ(latest_checkpoint(dir.path + "/a"), dir.path + "/a/checkpoints/step-0000006.safetensors");
+}
