@@ -6,7 +6,12 @@ file(GLOB MD_EXTRA_VECTORS "${CMAKE_CURRENT_SOURCE_DIR}/tests/data/parity_*.safe
 list(APPEND MD_VECTOR_FILES ${MD_EXTRA_VECTORS})
 foreach(vec ${MD_VECTOR_FILES})
   get_filename_component(name "${vec}" NAME_WE)
-  add_test(NAME parity.${name} COMMAND microdit parity --vectors "${vec}" --device cpu)
+  if(EXISTS "${vec}")
+    add_test(NAME parity.${name} COMMAND microdit parity --vectors "${vec}" --device cpu)
+  else()  # a clone without ../shared beside it: say so, never pass silently
+    add_test(NAME parity.${name} COMMAND ${CMAKE_COMMAND} -E echo "SKIPPED: ${vec} not found")
+    set_tests_properties(parity.${name} PROPERTIES SKIP_REGULAR_EXPRESSION "SKIPPED")
+  endif()
 endforeach()
 
 add_test(NAME info.xl_params COMMAND microdit info --preset MicroDiT_XL_2)
