@@ -9,7 +9,8 @@ NUMPY_VERSION=2.4.6           # test tools only
 SAFETENSORS_VERSION=0.8.0     # test tools only
 APT_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3-venv
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libpng-dev)
+  libgtest-dev libgmock-dev libbenchmark-dev libpng-dev
+  libfreetype-dev libharfbuzz-dev fonts-noto-color-emoji unicode-data fonts-dejavu-core)
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${MICRODIT_BUILD_DIR:-$ROOT/build}"

@@ -29,3 +29,15 @@ md_error_test(cli.missing_vectors "no such file" parity --vectors /nonexistent.s
 md_error_test(cli.bad_preset "unknown model preset 'Nope'" info --preset Nope)
 md_error_test(cli.bad_patch "not divisible by patch_size" info --preset MicroDiT_Tiny_2 --latent-size 33)
 md_error_test(cli.bad_device "expected cpu, cuda" info --device tpu)
+
+# The emoji dataset: a small end-to-end run (skipped when the Debian font or data package is
+# missing) and one-line errors naming the missing package.
+add_test(NAME dataset.emoji_limit COMMAND microdit dataset emoji --limit 24 --size 16
+         --out "${CMAKE_CURRENT_BINARY_DIR}/dataset_emoji_test")
+set_tests_properties(dataset.emoji_limit PROPERTIES PASS_REGULAR_EXPRESSION "rendered 24 of 24 emoji at 16x16"
+                     SKIP_REGULAR_EXPRESSION "install the Debian package")
+md_error_test(cli.dataset_missing_font "/nonexistent.ttf: no such file \\(install the Debian package fonts-noto-color-emoji\\)"
+              dataset emoji --out /tmp/md_unused --font /nonexistent.ttf)
+md_error_test(cli.dataset_missing_emoji_test "/nonexistent.txt: no such file \\(install the Debian package unicode-data\\)"
+              dataset emoji --out /tmp/md_unused --emoji-test /nonexistent.txt)
+md_error_test(cli.dataset_bad_size "--size must be in" dataset emoji --out /tmp/md_unused --size 2)
