@@ -15,6 +15,9 @@ void register_info(CLI::App& app);
 void register_parity(CLI::App& app);
 void register_convert(CLI::App& app);
 void register_bench(CLI::App& app);
+void register_prepare(CLI::App& app);
+void register_train(CLI::App& app);
+void register_sample(CLI::App& app);
 void register_dataset(CLI::App& app);
 
 }  // namespace microdit::cli

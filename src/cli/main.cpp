@@ -15,6 +15,9 @@ int main(int argc, char** argv) {
   microdit::cli::register_parity(app);
   microdit::cli::register_convert(app);
   microdit::cli::register_bench(app);
+  microdit::cli::register_prepare(app);
+  microdit::cli::register_train(app);
+  microdit::cli::register_sample(app);
   microdit::cli::register_dataset(app);
   try {
     app.parse(argc, argv);

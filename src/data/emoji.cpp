@@ -132,7 +132,22 @@ std::string emoji_caption(const EmojiEntry& e) {
   return caption;
 }
 
+const std::vector<std::string>& colour_probes() {
+  static const std::vector<std::string> probes = {"red heart",    "orange heart", "yellow heart",
+                                                  "green heart",  "blue heart",   "purple heart",
+                                                  "brown heart",  "pink heart",   "light blue heart"};
+  return probes;
+}
+
+bool is_colour_probe(const std::string& name) {
+  for (const auto& p : colour_probes())
+    if (p == name) return true;
+  return false;
+}
+
 std::string emoji_split(const std::string& name) {
+  // The colour probes (docs/dataset.md) are the prompts of the conditioning check: always train.
+  if (is_colour_probe(name)) return "train";
   uint64_t h = 14695981039346656037ull;  // FNV-1a 64
   for (unsigned char c : name) h = (h ^ c) * 1099511628211ull;
   return h % 20 == 0 ? "val" : "train";

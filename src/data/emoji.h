@@ -38,6 +38,9 @@ std::string emoji_caption(const EmojiEntry& e);
 // Deterministic held-out split: "val" for about 1 in 20 names (FNV-1a 64 of the name),
 // "train" otherwise. Depends only on the name, so it is stable across font and file versions.
 std::string emoji_split(const std::string& name);
+// Hearts of a single clear hue: the prompts of the colour-conditioning check. Never held out.
+const std::vector<std::string>& colour_probes();
+bool is_colour_probe(const std::string& name);
 
 struct EmojiRender {
   Image image;          // size x size, on white; empty on failure
