@@ -15,5 +15,6 @@ void register_info(CLI::App& app);
 void register_parity(CLI::App& app);
 void register_convert(CLI::App& app);
 void register_bench(CLI::App& app);
+void register_encode_text(CLI::App& app);
 
 }  // namespace microdit::cli

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   microdit::cli::register_parity(app);
   microdit::cli::register_convert(app);
   microdit::cli::register_bench(app);
+  microdit::cli::register_encode_text(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
