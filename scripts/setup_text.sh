@@ -29,7 +29,7 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 
-ASTAMP="$TEXT_DIR/.complete-$(sha1sum "$ROOT/tools/export_text_assets.py" | cut -c1-12)"
+ASTAMP="$TEXT_DIR/.complete-$(cat "$ROOT/tools/export_text_assets.py" "$ROOT/tests/data/text_captions.json" | sha1sum | cut -c1-12)"
 if [ ! -f "$ASTAMP" ]; then
   log "exporting text-encoder assets to $TEXT_DIR"
   mkdir -p "$TEXT_DIR"

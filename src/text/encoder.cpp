@@ -99,12 +99,9 @@ class ClipEncoder : public TextEncoder {
  public:
   ClipEncoder(ClipTextConfig c, const NamedTensors* weights, const std::string& source,
               const TextEncoderOptions& o)
-      : source_(source), device_(o.device), tok_(clip_bpe_path()), model_(nullptr) {
+      : source_(source), device_(o.device), model_(nullptr) {
     if (o.length) c.context_length = o.length;
     model_ = ClipTextModel(c);
-    MD_CHECK(tok_.vocab_size() <= c.vocab_size,
-             "CLIP tokenizer has {} tokens but the tower's vocabulary is {}", tok_.vocab_size(),
-             c.vocab_size);
     if (weights) {
       auto sd = clip_text_state_dict(*weights);
       MD_CHECK(!sd.empty(), "{}: no CLIP text-tower tensors (token_embedding.weight, "
@@ -116,6 +113,10 @@ class ClipEncoder : public TextEncoder {
       }
       load_state_dict(*model_, sd, {}, source);
     }
+    tok_ = std::make_unique<BpeTokenizer>(clip_bpe_path());
+    MD_CHECK(tok_->vocab_size() <= c.vocab_size,
+             "CLIP tokenizer has {} tokens but the tower's vocabulary is {}", tok_->vocab_size(),
+             c.vocab_size);
     model_->eval();
     model_->to(device_);
   }
@@ -126,7 +127,7 @@ class ClipEncoder : public TextEncoder {
   int64_t width() const override { return model_->config.width; }
   Tensor tokenize(const std::vector<std::string>& texts) const override {
     std::vector<std::vector<int64_t>> rows;
-    for (const auto& t : texts) rows.push_back(tok_.encode_padded(t, length()));
+    for (const auto& t : texts) rows.push_back(tok_->encode_padded(t, length()));
     return ids_tensor(rows, length());
   }
   Tensor encode_ids(const Tensor& ids) override {
@@ -137,8 +138,8 @@ class ClipEncoder : public TextEncoder {
  private:
   std::string source_;
   c10::Device device_;
-  BpeTokenizer tok_;
   ClipTextModel model_;
+  std::unique_ptr<BpeTokenizer> tok_;  // made after the weights load: shape errors come first
 };
 
 std::unique_ptr<TextEncoder> clip_from_file(const std::string& path, const ClipTextConfig* shape,
