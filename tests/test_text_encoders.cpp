@@ -163,6 +163,21 @@ TEST(Clip, HuggingFaceNamesMapToOpenClip) {
   EXPECT_TRUE(torch::allclose(loaded->forward(ids), ref->forward(ids)));
 }
 
+TEST(Clip, SkipLastBlocks) {
+  ClipTextConfig c;
+  c.width = 64, c.heads = 1, c.layers = 3, c.context_length = 8, c.vocab_size = 100;
+  ClipTextModel full(c);
+  c.layers = 2;
+  ClipTextModel two(c);
+  LoadOptions lo;
+  lo.allow_unexpected = {"transformer.resblocks.2.*"};
+  load_state_dict(*two, state_dict(*full), lo);
+  auto ids = torch::randint(0, 100, {2, 8}, torch::kInt64);
+  torch::NoGradGuard ng;
+  EXPECT_TRUE(torch::equal(full->forward(ids, 1), two->forward(ids)));
+  EXPECT_FALSE(error_of([&] { full->forward(ids, 3); }).empty());
+}
+
 TEST(Clip, VitH14Shape) {
   ClipTextModel m(clip_vit_h_14());
   int64_t n = 0;

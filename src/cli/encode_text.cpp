@@ -22,7 +22,7 @@ struct EncodeTextOptions {
   RuntimeOptions rt;
   std::string encoder = "minilm", captions, out;
   std::vector<std::string> texts;
-  int64_t length = 0, batch_size = 32;
+  int64_t length = 0, batch_size = 32, clip_skip = 0;
   bool ids = false;
 };
 
@@ -58,7 +58,8 @@ void run(const EncodeTextOptions& o) {
     auto more = read_captions(o.captions);
     texts.insert(texts.end(), more.begin(), more.end());
   }
-  auto enc = text::make_text_encoder(o.encoder, {.length = o.length, .device = resolve_device(o.rt.device)});
+  auto enc = text::make_text_encoder(o.encoder, {.length = o.length, .device = resolve_device(o.rt.device), .clip_skip = o.clip_skip});
+  const auto t0 = std::chrono::steady_clock::now();  // rates include tokenizing
   auto ids = enc->tokenize(texts);  // (N, L)
   if (o.ids) {
     for (int64_t i = 0; i < ids.size(0); ++i) {
@@ -71,7 +72,6 @@ void run(const EncodeTextOptions& o) {
   const int64_t N = ids.size(0), L = enc->length(), W = enc->width();
   fmt::print(stderr, "encoder: {}\n", enc->describe());
   auto emb = torch::empty({N, L, W}, torch::kFloat32);
-  const auto t0 = std::chrono::steady_clock::now();
   const bool bar = !o.captions.empty();
   for (int64_t s = 0; s < N; s += o.batch_size) {
     const int64_t e = std::min(N, s + o.batch_size);
@@ -109,6 +109,8 @@ void register_encode_text(CLI::App& app) {
   cmd->add_option("--out", o->out, "write embeddings (N, L, W) and input_ids to this .safetensors");
   cmd->add_flag("--ids", o->ids, "print the token ids, one line per text");
   cmd->add_option("--length", o->length, "tokens per text L (default 77)");
+  cmd->add_option("--clip-skip", o->clip_skip,
+                  "CLIP: leave out the last N blocks before the final LayerNorm (SD 2.x: 1)");
   cmd->add_option("--batch-size", o->batch_size, "texts per forward pass")->capture_default_str();
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });

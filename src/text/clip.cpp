@@ -75,12 +75,15 @@ ClipTextModelImpl::ClipTextModelImpl(const ClipTextConfig& c) : config(c) {
   ln_final = register_module("ln_final", nn::LayerNorm(nn::LayerNormOptions({c.width}).eps(c.eps)));
 }
 
-Tensor ClipTextModelImpl::forward(const Tensor& ids) {
+Tensor ClipTextModelImpl::forward(const Tensor& ids, int64_t skip_last) {
   const int64_t L = ids.size(1);
   MD_CHECK(L <= config.context_length, "text length {} exceeds the CLIP context length {}", L,
            config.context_length);
+  MD_CHECK(skip_last >= 0 && skip_last < config.layers, "cannot skip {} of {} CLIP blocks",
+           skip_last, config.layers);
   auto x = token_embedding(ids) + positional_embedding.slice(0, 0, L);
-  for (const auto& b : *resblocks) x = b->as<ResidualAttentionBlock>()->forward(x);
+  for (int64_t i = 0; i < config.layers - skip_last; ++i)
+    x = resblocks[size_t(i)]->as<ResidualAttentionBlock>()->forward(x);
   return ln_final(x);
 }
 

@@ -55,7 +55,9 @@ TORCH_MODULE(ResidualAttentionBlock);
 
 struct ClipTextModelImpl : torch::nn::Module {
   explicit ClipTextModelImpl(const ClipTextConfig& c);
-  Tensor forward(const Tensor& ids);  // (B, L <= context_length) int64 -> (B, L, W)
+  // (B, L <= context_length) int64 -> (B, L, W). skip_last > 0 leaves out the last blocks
+  // before ln_final (Stable Diffusion 2.x conditions on the penultimate block: skip_last = 1).
+  Tensor forward(const Tensor& ids, int64_t skip_last = 0);
   ClipTextConfig config;
   torch::nn::Embedding token_embedding{nullptr};
   Tensor positional_embedding;  // (context_length, W)

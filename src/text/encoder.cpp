@@ -99,7 +99,7 @@ class ClipEncoder : public TextEncoder {
  public:
   ClipEncoder(ClipTextConfig c, const NamedTensors* weights, const std::string& source,
               const TextEncoderOptions& o)
-      : source_(source), device_(o.device), model_(nullptr) {
+      : source_(source), device_(o.device), skip_(o.clip_skip), model_(nullptr) {
     if (o.length) c.context_length = o.length;
     model_ = ClipTextModel(c);
     if (weights) {
@@ -117,11 +117,14 @@ class ClipEncoder : public TextEncoder {
     MD_CHECK(tok_->vocab_size() <= c.vocab_size,
              "CLIP tokenizer has {} tokens but the tower's vocabulary is {}", tok_->vocab_size(),
              c.vocab_size);
+    MD_CHECK(skip_ >= 0 && skip_ < c.layers, "--clip-skip {} out of range for {} blocks", skip_,
+             c.layers);
     model_->eval();
     model_->to(device_);
   }
   std::string describe() const override {
-    return fmt::format("OpenCLIP text tower: {} ({})", model_->config.summary(), source_);
+    return fmt::format("OpenCLIP text tower: {}{} ({})", model_->config.summary(),
+                       skip_ ? fmt::format(", last {} blocks skipped", skip_) : "", source_);
   }
   int64_t length() const override { return model_->config.context_length; }
   int64_t width() const override { return model_->config.width; }
@@ -132,12 +135,13 @@ class ClipEncoder : public TextEncoder {
   }
   Tensor encode_ids(const Tensor& ids) override {
     torch::NoGradGuard ng;
-    return model_->forward(ids.to(device_)).to(torch::kCPU, torch::kFloat32);
+    return model_->forward(ids.to(device_), skip_).to(torch::kCPU, torch::kFloat32);
   }
 
  private:
   std::string source_;
   c10::Device device_;
+  int64_t skip_;
   ClipTextModel model_;
   std::unique_ptr<BpeTokenizer> tok_;  // made after the weights load: shape errors come first
 };

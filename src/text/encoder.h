@@ -35,6 +35,7 @@ class TextEncoder {
 struct TextEncoderOptions {
   int64_t length = 0;          // tokens per text; 0: 77 (the paper's caption length)
   c10::Device device = c10::kCPU;
+  int64_t clip_skip = 0;       // CLIP: leave out this many final blocks before ln_final
 };
 
 std::unique_ptr<TextEncoder> make_text_encoder(const std::string& spec,
