@@ -9,7 +9,7 @@ NUMPY_VERSION=2.4.6           # test tools only
 SAFETENSORS_VERSION=0.8.0     # test tools only
 APT_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3-venv
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libpng-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libpng-dev libicu-dev zlib1g-dev
   libfreetype-dev libharfbuzz-dev fonts-noto-color-emoji unicode-data fonts-dejavu-core)
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -44,6 +44,8 @@ if [ ! -f "$STAMP" ]; then
   touch "$STAMP"
 fi
 ln -sfn "$VENV" "$ROOT/.venv"
+# Text encoders: Python test tools and the MiniLM / CLIP BPE assets (a failure only skips tests).
+"$ROOT/scripts/setup_text.sh" "$VENV" || log "text-encoder assets not installed; their tests will skip"
 TORCH_CMAKE="$("$VENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "share", "cmake"))')"
 
 # 3. Configure (once) and build.

@@ -19,5 +19,6 @@ void register_prepare(CLI::App& app);
 void register_train(CLI::App& app);
 void register_sample(CLI::App& app);
 void register_dataset(CLI::App& app);
+void register_encode_text(CLI::App& app);
 
 }  // namespace microdit::cli

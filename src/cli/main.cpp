@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   microdit::cli::register_train(app);
   microdit::cli::register_sample(app);
   microdit::cli::register_dataset(app);
+  microdit::cli::register_encode_text(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
