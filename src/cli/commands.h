@@ -20,5 +20,6 @@ void register_train(CLI::App& app);
 void register_sample(CLI::App& app);
 void register_dataset(CLI::App& app);
 void register_encode_text(CLI::App& app);
+void register_eval_colour(CLI::App& app);
 
 }  // namespace microdit::cli

@@ -1,6 +1,4 @@
 // microdit sample --ckpt FILE --prompt "..." [--prompts FILE] --steps N --cfg W --seed S --out F.png
-#include <yaml-cpp/yaml.h>
-
 #include <fstream>
 
 #include "cli/commands.h"
@@ -20,17 +18,11 @@ struct SampleOptions {
   RuntimeOptions rt;
   std::string ckpt, prompts_file, out = "samples.png", solver = "heun", encoder;
   std::vector<std::string> prompts;
-  int steps = 30, per_prompt = 4, batch = 16;
+  int steps = 30, per_prompt = 4, batch = 16, scale = 4;
   double cfg = 4.0;
   uint64_t seed = 0;
   bool no_ema = false;
 };
-
-std::string meta(const SafetensorsFile& f, const std::string& key, const std::string& path) {
-  auto it = f.metadata.find(key);
-  MD_CHECK(it != f.metadata.end(), "{}: not a microdit training checkpoint (no '{}')", path, key);
-  return it->second;
-}
 
 void run(const SampleOptions& o) {
   set_threads(o.rt.threads);
@@ -47,29 +39,15 @@ void run(const SampleOptions& o) {
   MD_CHECK(!prompts.empty(), "give at least one --prompt or a --prompts file");
   MD_CHECK(o.per_prompt >= 1 && o.steps >= 1, "--n and --steps must be >= 1");
 
-  auto f = read_safetensors(o.ckpt);
-  ModelConfig cfg = config_from_yaml(YAML::Load(meta(f, "microdit_config", o.ckpt)));
+  auto sm = load_sampling_model(o.ckpt, device, o.no_ema);
+  const auto& cfg = sm.model->config();
   MD_CHECK(cfg.in_channels == 3,
            "{}: a {}-channel latent model needs a VAE decoder to make pictures (not available yet)",
            o.ckpt, cfg.in_channels);
-  const int64_t L = std::stoll(meta(f, "caption_len", o.ckpt));
-  const std::string enc_name = o.encoder.empty() ? meta(f, "text_encoder", o.ckpt) : o.encoder;
-  EDMConfig edm;
-  edm.sigma_data = std::stod(meta(f, "sigma_data", o.ckpt));
-
-  bool has_ema = false;
-  for (const auto& [k, t] : f.tensors) has_ema |= k.rfind("ema.", 0) == 0;
-  const std::string prefix = (has_ema && !o.no_ema) ? "ema." : "model.";
-  NamedTensors weights;
-  for (const auto& [k, t] : f.tensors)
-    if (k.rfind(prefix, 0) == 0) weights.emplace_back(k.substr(prefix.size()), t);
-  MicroDiT model(cfg);
-  LoadOptions lo;
-  if (prefix == "ema.") lo.allow_missing = {"pos_embed", "mask_token"};  // buffers live in model.*
-  load_state_dict(*model, weights, lo, o.ckpt);
-  model->to(device);
-  model->eval();
-
+  const std::string enc_name = o.encoder.empty() ? sm.text_encoder : o.encoder;
+  auto& model = sm.model;
+  const auto& edm = sm.edm;
+  const int64_t L = sm.caption_len;
   auto enc = text::make_text_encoder(enc_name, {L, c10::kCPU});
   std::vector<std::string> rows;
   for (const auto& p : prompts)
@@ -83,13 +61,16 @@ void run(const SampleOptions& o) {
   so.solver = parse_solver(o.solver);
   fmt::print("{}\nsampling {} image(s): {} steps ({}), guidance {}, seed {}, {} weights\n",
              runtime_summary(device), rows.size(), o.steps, o.solver, o.cfg, o.seed,
-             prefix == "ema." ? "EMA" : "raw");
+             sm.ema ? "EMA" : "raw");
   ProgressBar bar("sample", static_cast<int64_t>(rows.size()), "img");
   auto images = generate_images(*model, emb, o.seed, edm, so, o.batch,
                                 [&](int64_t done) { bar.update(done); });
   bar.finish();
   std::vector<Image> cells;
-  for (int64_t i = 0; i < images.size(0); ++i) cells.push_back(tensor_to_image(images[i]));
+  for (int64_t i = 0; i < images.size(0); ++i) {
+    Image im = tensor_to_image(images[i]);
+    cells.push_back(o.scale > 1 ? resize(im, im.width * o.scale, im.height * o.scale) : im);
+  }
   write_png(o.out, make_grid(cells, o.per_prompt));
   std::string txt;
   for (const auto& p : prompts) txt += p + "\n";
@@ -114,6 +95,7 @@ void register_sample(CLI::App& app) {
   cmd->add_option("--encoder", o->encoder, "override the checkpoint's text encoder");
   cmd->add_flag("--no-ema", o->no_ema, "use the raw weights instead of the EMA");
   cmd->add_option("--out", o->out, "output grid PNG")->capture_default_str();
+  cmd->add_option("--scale", o->scale, "enlarge each image this many times in the grid")->capture_default_str();
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

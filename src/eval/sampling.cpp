@@ -1,6 +1,10 @@
 #include "eval/sampling.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <yaml-cpp/yaml.h>
+
+#include "core/error.h"
+#include "io/checkpoint.h"
 
 namespace microdit {
 
@@ -24,6 +28,41 @@ Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t see
     if (progress) progress(s + n);
   }
   return at::cat(out);
+}
+
+SamplingModel load_sampling_model(const std::string& ckpt, c10::Device device, bool raw) {
+  auto f = read_safetensors(ckpt);
+  auto meta = [&](const std::string& key) {
+    auto it = f.metadata.find(key);
+    MD_CHECK(it != f.metadata.end(), "{}: not a microdit training checkpoint (no '{}')", ckpt, key);
+    return it->second;
+  };
+  SamplingModel s;
+  ModelConfig cfg;
+  try {
+    cfg = config_from_yaml(YAML::Load(meta("microdit_config")));
+    s.caption_len = std::stoll(meta("caption_len"));
+    s.edm.sigma_data = std::stod(meta("sigma_data"));
+  } catch (const YAML::Exception&) {
+    fail("{}: corrupt model configuration in the checkpoint", ckpt);
+  } catch (const std::logic_error&) {  // stoll / stod
+    fail("{}: corrupt metadata in the checkpoint", ckpt);
+  }
+  s.text_encoder = meta("text_encoder");
+  bool has_ema = false;
+  for (const auto& [k, t] : f.tensors) has_ema |= k.rfind("ema.", 0) == 0;
+  s.ema = has_ema && !raw;
+  const std::string prefix = s.ema ? "ema." : "model.";
+  NamedTensors weights;
+  for (const auto& [k, t] : f.tensors)
+    if (k.rfind(prefix, 0) == 0) weights.emplace_back(k.substr(prefix.size()), t);
+  s.model = MicroDiT(cfg);
+  LoadOptions lo;
+  if (s.ema) lo.allow_missing = {"pos_embed", "mask_token"};  // buffers are saved under model.*
+  load_state_dict(*s.model, weights, lo, ckpt);
+  s.model->to(device);
+  s.model->eval();
+  return s;
 }
 
 }  // namespace microdit

@@ -11,4 +11,15 @@ Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t see
                        const EDMConfig& edm, const SamplerOptions& opt, int64_t batch = 16,
                        const std::function<void(int64_t done)>& progress = nullptr);
 
+// A training checkpoint made ready for sampling: the model (EMA weights unless `raw`), and
+// what encoding prompts needs (the text encoder's name and the caption length).
+struct SamplingModel {
+  MicroDiT model{nullptr};
+  EDMConfig edm;
+  int64_t caption_len = 0;
+  std::string text_encoder;
+  bool ema = false;
+};
+SamplingModel load_sampling_model(const std::string& ckpt, c10::Device device, bool raw = false);
+
 }  // namespace microdit
