@@ -34,6 +34,8 @@ class BpeTokenizer {
   std::vector<std::string> id_to_token_;
   std::unordered_map<std::string, int64_t> ranks_;  // "first second" -> merge rank
   std::string byte_encoder_[256];                   // byte -> UTF-8 of its stand-in character
+  // Word -> ids memo (as open_clip's cache): encode() is therefore not safe to call from
+  // several threads on one tokenizer at once.
   mutable std::unordered_map<std::string, std::vector<int64_t>> cache_;
 };
 
