@@ -20,7 +20,7 @@ struct TrainOptions {
   RuntimeOptions rt;
   std::string config;
   std::vector<std::string> overrides;
-  bool resume = false;
+  bool resume = false, print_final = false;
 };
 
 // loss.png from metrics.jsonl: training loss (smoothed) and validation loss against step.
@@ -56,6 +56,10 @@ void run(const TrainOptions& o) {
   set_threads(o.rt.threads);
   const auto device = resolve_device(o.rt.device);
   auto cfg = load_train_config(o.config, o.overrides);
+  if (o.print_final) {  // for scripts: where the finished run's checkpoint is (or will be)
+    fmt::print("{}\n", final_checkpoint_path(cfg));
+    return;
+  }
   Trainer trainer(cfg, device);
   fmt::print("{}\n", runtime_summary(device));
   if (o.resume) {
@@ -111,6 +115,7 @@ void register_train(CLI::App& app) {
   cmd->add_option("--config", o->config, "training YAML (see configs/)")->required();
   cmd->add_option("overrides", o->overrides, "section.key=value overrides, e.g. train.steps=100");
   cmd->add_flag("--resume", o->resume, "continue from the newest checkpoint in run.out");
+  cmd->add_flag("--print-final-checkpoint", o->print_final, "print the finished run's checkpoint path and exit");
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

@@ -84,6 +84,10 @@ std::string latest_checkpoint(const std::string& out) {
   return files.empty() ? "" : files.back();
 }
 
+std::string final_checkpoint_path(const TrainConfig& cfg) {
+  return fmt::format("{}/checkpoints/step-{:07d}.safetensors", cfg.out, cfg.steps);
+}
+
 // ---- trainer ---------------------------------------------------------------------------
 
 Trainer::Trainer(TrainConfig cfg, c10::Device device)

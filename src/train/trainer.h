@@ -41,6 +41,7 @@ class EMA {
 
 // Checkpoint files: <out>/checkpoints/step-NNNNNNN.safetensors, written atomically.
 std::string latest_checkpoint(const std::string& out_dir);  // "" when none
+std::string final_checkpoint_path(const TrainConfig& cfg);    // the one written at train.steps
 
 class Trainer {
  public:
