@@ -10,7 +10,10 @@
 #include "io/safetensors.h"
 #include "model/microdit.h"
 
+#include "test_util.h"
+
 using namespace microdit;
+using microdit::test_util::error_of;
 namespace fs = std::filesystem;
 
 namespace {
@@ -21,15 +24,6 @@ ModelConfig tiny() {
   c.caption_channels = 16;
   c.depth = 2;
   return c;
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 struct TempDir {

@@ -7,18 +7,12 @@
 #include "model/microdit.h"
 #include "model/stats.h"
 
+#include "test_util.h"
+
 using namespace microdit;
+using microdit::test_util::error_of;
 
-static std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
-TEST(Config, PublishedParameterCounts) {
+static TEST(Config, PublishedParameterCounts) {
   EXPECT_EQ(model_stats(preset("MicroDiT_XL_2"), 0.75, 77).params, 1165442320);
   EXPECT_EQ(model_stats(preset("MicroDiT_Tiny_2"), 0.75, 77).params, 200692752);
 }

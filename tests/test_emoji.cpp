@@ -6,18 +6,12 @@
 #include "core/fs.h"
 #include "data/emoji.h"
 
+#include "test_util.h"
+
 using namespace microdit;
+using microdit::test_util::error_of;
 
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 constexpr const char* kSample = R"(# emoji-test.txt
 # Version: 15.0

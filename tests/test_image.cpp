@@ -9,18 +9,12 @@
 #include "core/fs.h"
 #include "data/image.h"
 
+#include "test_util.h"
+
 using namespace microdit;
+using microdit::test_util::error_of;
 
 namespace {
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
 
 struct TempDir {
   std::string path = "/tmp/microdit_image_test_" + std::to_string(::getpid());

@@ -19,7 +19,10 @@
 #include "text/clip.h"
 #include "text/encoder.h"
 
+#include "test_util.h"
+
 using namespace microdit;
+using microdit::test_util::error_of;
 using namespace microdit::text;
 
 namespace {
@@ -39,15 +42,6 @@ std::vector<std::string> captions(size_t n) {
 double rel_error(const torch::Tensor& a, const torch::Tensor& b) {
   return ((a.to(torch::kFloat64) - b.to(torch::kFloat64)).norm() / b.to(torch::kFloat64).norm())
       .item<double>();
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 // A temporary folder holding only config.json (POSIX calls: see core/fs.h).

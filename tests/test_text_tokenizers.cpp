@@ -15,7 +15,10 @@
 #include "text/unicode.h"
 #include "text/wordpiece.h"
 
+#include "test_util.h"
+
 using namespace microdit;
+using microdit::test_util::error_of;
 using namespace microdit::text;
 
 namespace {
@@ -24,15 +27,6 @@ nlohmann::json load_json(const std::string& name) {
   std::ifstream f(std::string(MICRODIT_SOURCE_DIR) + "/tests/data/" + name);
   EXPECT_TRUE(f) << name;
   return nlohmann::json::parse(f);
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 std::string show(const std::vector<int64_t>& v) {
