@@ -12,7 +12,7 @@
 using namespace microdit;
 using microdit::test_util::error_of;
 
-static TEST(Config, PublishedParameterCounts) {
+TEST(Config, PublishedParameterCounts) {
   EXPECT_EQ(model_stats(preset("MicroDiT_XL_2"), 0.75, 77).params, 1165442320);
   EXPECT_EQ(model_stats(preset("MicroDiT_Tiny_2"), 0.75, 77).params, 200692752);
 }
