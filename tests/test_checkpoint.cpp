@@ -18,13 +18,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-ModelConfig tiny() {
-  auto c = preset("MicroDiT_Pico_2");
-  c.input_size = 8;
-  c.caption_channels = 16;
-  c.depth = 2;
-  return c;
-}
+ModelConfig tiny() { return test_util::tiny_config(); }
 
 struct TempDir {
   fs::path path = fs::temp_directory_path() / ("microdit_test_" + std::to_string(::getpid()));

@@ -3,16 +3,12 @@
 
 #include "diffusion/edm.h"
 
+#include "test_util.h"
+
 using namespace microdit;
 
 namespace {
-ModelConfig tiny() {
-  auto c = preset("MicroDiT_Pico_2");
-  c.input_size = 8;
-  c.caption_channels = 16;
-  c.depth = 2;
-  return c;
-}
+ModelConfig tiny() { return test_util::tiny_config(); }
 }  // namespace
 
 TEST(EDM, SigmaScheduleEndpoints) {

@@ -1,12 +1,12 @@
 // microdit bench: training-step throughput of a preset on random data (EDM loss with
 // deferred masking, backward, AdamW), for measuring, not for training.
-#include <ATen/autocast_mode.h>
 #include <torch/cuda.h>
 #include <torch/optim/adamw.h>
 
 #include <chrono>
 
 #include "cli/commands.h"
+#include "core/autocast.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "diffusion/edm.h"
@@ -49,11 +49,8 @@ void run(const BenchOptions& o) {
     auto draws = draw_loss_randomness(x, o.mask_ratio, c.patch_size);
     torch::Tensor loss;
     {
-      at::autocast::set_autocast_enabled(device.type(), o.bf16);
-      if (o.bf16) at::autocast::set_autocast_dtype(device.type(), at::kBFloat16);
+      AutocastGuard autocast(device.type(), o.bf16);
       loss = edm_loss(*model, x, y, draws, edm);
-      at::autocast::set_autocast_enabled(device.type(), false);
-      at::autocast::clear_cache();
     }
     loss.backward();
     opt.step();

@@ -1,7 +1,6 @@
 #include "train/trainer.h"
 
 #include <ATen/CPUGeneratorImpl.h>
-#include <ATen/autocast_mode.h>
 #include <torch/cuda.h>
 #include <torch/nn/utils/clip_grad.h>
 
@@ -10,6 +9,7 @@
 #include <cstdio>
 #include <fstream>
 
+#include "core/autocast.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "io/atomic_file.h"
@@ -226,7 +226,7 @@ void Trainer::log_metrics(const std::string& line) {
 }
 
 double Trainer::train_step(const Batch& b) {
-  const int64_t B = b.images.size(0), micro = B / cfg_.grad_accum, p = cfg_.model.patch_size;
+  const int64_t B = b.images.size(0), micro = B / cfg_.grad_accum;
   const int64_t T = cfg_.model.num_tokens();
   opt_->zero_grad();
   double total = 0;
@@ -245,15 +245,14 @@ double Trainer::train_step(const Batch& b) {
     y = y * keep.view({micro, 1, 1, 1});
     d.rnd_normal = d.rnd_normal.to(device_);
     d.noise = d.noise.to(device_);
-    at::autocast::set_autocast_enabled(device_.type(), cfg_.bf16);
-    if (cfg_.bf16) at::autocast::set_autocast_dtype(device_.type(), at::kBFloat16);
-    auto loss = edm_loss(*model_, x.to(device_), y.to(device_), d, cfg_.edm);
-    at::autocast::set_autocast_enabled(device_.type(), false);
-    at::autocast::clear_cache();
+    Tensor loss;
+    {
+      AutocastGuard autocast(device_.type(), cfg_.bf16);
+      loss = edm_loss(*model_, x.to(device_), y.to(device_), d, cfg_.edm);
+    }
     (loss / static_cast<double>(cfg_.grad_accum)).backward();
     total += loss.item<double>() / cfg_.grad_accum;
   }
-  (void)p;
   return total;
 }
 
