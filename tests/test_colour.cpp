@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include "core/fs.h"
+#include "data/colour_words.h"
 #include "data/emoji.h"
 #include "eval/colour.h"
 
@@ -31,7 +32,39 @@ TEST(Colour, RenderedProbeHeartsClassifyAsThemselves) {
     auto out = r.render(seqs[i], 32);
     ASSERT_TRUE(out.ok()) << out.failure;
     auto hue = dominant_hue(out.image);
-    ASSERT_TRUE(hue.has_value()) << probes[i].prompt;
-    EXPECT_EQ(nearest_probe(hue, probes), static_cast<int>(i)) << probes[i].prompt << " hue " << *hue;
+    ASSERT_TRUE(hue.has_value()) << probes[i].name;
+    EXPECT_EQ(nearest_probe(hue, probes), static_cast<int>(i)) << probes[i].name << " hue " << *hue;
+    // The check's prompt is the heart's training caption, colour word included.
+    EXPECT_EQ(dominant_colour_word(out.image), probes[i].colour) << probes[i].name;
   }
+}
+
+TEST(Colour, ProbePromptsAreTheDatasetCaptions) {
+  const auto& p = heart_probes()[1];
+  EXPECT_EQ(p.prompt(), "yellow heart, smileys & emotion, heart, mostly yellow");
+  EXPECT_EQ(p.prompt(false), "yellow heart, smileys & emotion, heart");
+}
+
+TEST(ColourWords, NamesFlatColoursAndIgnoresTheWhiteBackground) {
+  auto word = [](Rgb c) {
+    Image im(8, 8);  // white background with a 4 x 4 square of c
+    for (int y = 2; y < 6; ++y)
+      for (int x = 2; x < 6; ++x) std::copy(c.begin(), c.end(), im.at(x, y));
+    return dominant_colour_word(im);
+  };
+  EXPECT_EQ(word({220, 20, 30}), "red");
+  EXPECT_EQ(word({250, 150, 20}), "orange");
+  EXPECT_EQ(word({250, 210, 40}), "yellow");
+  EXPECT_EQ(word({40, 180, 60}), "green");
+  EXPECT_EQ(word({30, 90, 220}), "blue");
+  EXPECT_EQ(word({140, 60, 200}), "purple");
+  EXPECT_EQ(word({240, 80, 180}), "pink");
+  EXPECT_EQ(word({120, 70, 20}), "brown");
+  EXPECT_EQ(word({20, 20, 20}), "black");
+  EXPECT_EQ(word({128, 128, 128}), "grey");
+  EXPECT_EQ(dominant_colour_word(Image(8, 8)), "white");  // background only
+  const Hsv c = to_hsv(Rgb{0, 0, 255}.data());
+  EXPECT_NEAR(c.h, 240, 1e-9);
+  EXPECT_NEAR(c.s, 1, 1e-9);
+  EXPECT_NEAR(c.v, 1, 1e-9);
 }

@@ -100,6 +100,7 @@ TEST(EmojiTest, CaptionsAndSplit) {
   EXPECT_EQ(emoji_caption(e[0]), "red heart, smileys & emotion, emotion");
   EXPECT_EQ(emoji_caption(e[1]), "grinning face, smileys & emotion, face smiling");
   EXPECT_EQ(emoji_caption(e[5]), "flag: Germany, flags, country flag");
+  EXPECT_EQ(emoji_caption(e[0], "red"), "red heart, smileys & emotion, emotion, mostly red");
   EXPECT_EQ(emoji_split("red heart"), emoji_split("red heart"));
   int val = 0;
   for (int i = 0; i < 4000; ++i) val += emoji_split("emoji " + std::to_string(i)) == "val";

@@ -1,5 +1,5 @@
 // microdit dataset emoji: render every fully-qualified emoji into DIR/images/NNNNN.png with
-// DIR/captions.jsonl (file, caption, name, group, subgroup, split), DIR/dataset.json (size
+// DIR/captions.jsonl (file, caption, name, group, subgroup, colour, split), DIR/dataset.json (size
 // and counts) and DIR/preview.png (the first 256 images). See docs/dataset.md.
 #include <fmt/format.h>
 #include <sys/stat.h>
@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "core/error.h"
 #include "core/progress.h"
+#include "data/colour_words.h"
 #include "data/emoji.h"
 #include "data/image.h"
 #include "io/atomic_file.h"
@@ -22,6 +23,7 @@ namespace {
 struct EmojiDatasetOptions {
   std::string out, emoji_test = kEmojiTestPath, font = kEmojiFontPath;
   int size = 32, limit = 0;
+  bool plain_captions = false;  // no ", mostly <colour>" after the caption
 };
 
 void make_dirs(const std::string& path) {
@@ -66,10 +68,15 @@ void run_emoji_dataset(const EmojiDatasetOptions& o) {
       write_png(out + "/" + file, r.image);
       const std::string split = emoji_split(e.name);
       (split == "val" ? val : train)++;
-      const nlohmann::ordered_json j = {{"file", file},         {"caption", emoji_caption(e)},
-                                {"name", e.name},       {"group", e.group},
-                                {"subgroup", e.subgroup}, {"split", split},
-                                {"codepoints", e.codepoints_hex()}};
+      const std::string colour = dominant_colour_word(r.image);
+      const nlohmann::ordered_json j = {{"file", file},
+                                        {"caption", emoji_caption(e, o.plain_captions ? "" : colour)},
+                                        {"name", e.name},
+                                        {"group", e.group},
+                                        {"subgroup", e.subgroup},
+                                        {"colour", colour},
+                                        {"split", split},
+                                        {"codepoints", e.codepoints_hex()}};
       jsonl += j.dump() + "\n";
       if (preview.size() < 256) preview.push_back(r.image);
     } else {
@@ -84,7 +91,8 @@ void run_emoji_dataset(const EmojiDatasetOptions& o) {
   write_text(out + "/captions.jsonl", jsonl);
   write_png(out + "/preview.png", make_grid(preview, 16, 2));
   const nlohmann::ordered_json meta = {{"dataset", "emoji"},
-                               {"version", 1},
+                               {"version", 2},
+                               {"colour_words", !o.plain_captions},
                                {"size", o.size},
                                {"images", rendered},
                                {"train", train},
@@ -121,6 +129,8 @@ void register_dataset(CLI::App& app) {
       ->capture_default_str();
   emoji->add_option("--font", o->font, "colour emoji font (Debian fonts-noto-color-emoji)")
       ->capture_default_str();
+  emoji->add_flag("--plain-captions", o->plain_captions,
+                  "captions without the dominant colour word (\", mostly red\")");
   emoji->callback([o] { run_emoji_dataset(*o); });
 }
 

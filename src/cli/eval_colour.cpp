@@ -23,6 +23,7 @@ struct EvalOptions {
   int n = 8, steps = 20;
   double cfg = 3.0, min_accuracy = 0.8, max_val_ratio = 0.8;
   uint64_t seed = 1000;
+  bool plain_captions = false;
 };
 
 void check_validation(const std::string& path, double max_ratio) {
@@ -51,7 +52,7 @@ void run(const EvalOptions& o) {
   const auto& probes = heart_probes();
   std::vector<std::string> rows;
   for (const auto& p : probes)
-    for (int i = 0; i < o.n; ++i) rows.push_back(p.prompt);
+    for (int i = 0; i < o.n; ++i) rows.push_back(p.prompt(!o.plain_captions));
   auto enc = text::make_text_encoder(sm.text_encoder, {sm.caption_len, c10::kCPU});
   auto emb = enc->encode(rows);
   SamplerOptions so;
@@ -77,8 +78,7 @@ void run(const EvalOptions& o) {
       seen += hue ? fmt::format(" {:.0f}", *hue) : " -";
       cells.push_back(resize(im, im.width * 3, im.height * 3));
     }
-    const std::string colour = probes[p].prompt.substr(0, probes[p].prompt.find(' '));
-    fmt::print("  {:<8} {}/{} (reference hue {:.0f}; sample hues{})\n", colour, ok, o.n, probes[p].hue, seen);
+    fmt::print("  {:<8} {}/{} (reference hue {:.0f}; sample hues{})\n", probes[p].colour, ok, o.n, probes[p].hue, seen);
     correct += ok;
     total += o.n;
   }
@@ -109,6 +109,8 @@ void register_eval_colour(CLI::App& app) {
   cmd->add_option("--max-val-ratio", o->max_val_ratio, "final / first validation loss must be <= this")
       ->capture_default_str();
   cmd->add_option("--out", o->out, "write the samples as a grid PNG");
+  cmd->add_flag("--plain-captions", o->plain_captions,
+                "prompts without the colour word suffix (for data made with dataset emoji --plain-captions)");
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

@@ -122,13 +122,14 @@ std::vector<EmojiEntry> load_emoji_test(const std::string& path) {
   return parse_emoji_test(in, path);
 }
 
-std::string emoji_caption(const EmojiEntry& e) {
+std::string emoji_caption(const EmojiEntry& e, const std::string& colour) {
   std::string group = e.group, subgroup = e.subgroup;
   for (char& c : group) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
   std::replace(subgroup.begin(), subgroup.end(), '-', ' ');
   std::string caption = e.name;
   if (!group.empty()) caption += ", " + group;
   if (!subgroup.empty()) caption += ", " + subgroup;
+  if (!colour.empty()) caption += ", mostly " + colour;
   return caption;
 }
 

@@ -31,9 +31,9 @@ std::vector<EmojiEntry> parse_emoji_test(std::istream& in, const std::string& so
 // Reads the file; a missing file is an Error naming it and the Debian package unicode-data.
 std::vector<EmojiEntry> load_emoji_test(const std::string& path = kEmojiTestPath);
 
-// "red heart, smileys & emotion, emotion": the name, the group in lower case and the
-// subgroup with hyphens as spaces.
-std::string emoji_caption(const EmojiEntry& e);
+// "red heart, smileys & emotion, heart": the name, the group in lower case and the subgroup
+// with hyphens as spaces; with a colour word (data/colour_words.h), ", mostly <colour>" after.
+std::string emoji_caption(const EmojiEntry& e, const std::string& colour = "");
 
 // Deterministic held-out split: "val" for about 1 in 20 names (FNV-1a 64 of the name),
 // "train" otherwise. Depends only on the name, so it is stable across font and file versions.

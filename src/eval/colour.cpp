@@ -1,5 +1,8 @@
 #include "eval/colour.h"
 
+#include "data/colour_words.h"
+#include "data/emoji.h"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -11,12 +14,20 @@ const std::vector<ColourProbe>& heart_probes() {
   // (tests/test_colour.cpp checks them). Orange (35) and pink (335) sit within 30 degrees of
   // yellow and red, too close to tell apart in a blurry 32 px sample, so they are left out.
   static const std::vector<ColourProbe> probes = {
-      {"red heart, smileys & emotion, heart", 5},
-      {"yellow heart, smileys & emotion, heart", 45},
-      {"green heart, smileys & emotion, heart", 86},
-      {"blue heart, smileys & emotion, heart", 207},
-      {"purple heart, smileys & emotion, heart", 293}};
+      {"red heart", "red", 5},
+      {"yellow heart", "yellow", 45},
+      {"green heart", "green", 86},
+      {"blue heart", "blue", 207},
+      {"purple heart", "purple", 293}};
   return probes;
+}
+
+std::string ColourProbe::prompt(bool colour_words) const {
+  EmojiEntry e;
+  e.name = name;
+  e.group = "Smileys & Emotion";
+  e.subgroup = "heart";
+  return emoji_caption(e, colour_words ? colour : "");
 }
 
 std::optional<double> dominant_hue(const Image& image) {
@@ -25,16 +36,9 @@ std::optional<double> dominant_hue(const Image& image) {
   double weight = 0;
   for (int y = 0; y < image.height; ++y)
     for (int x = 0; x < image.width; ++x) {
-      const uint8_t* p = image.at(x, y);
-      const double r = p[0] / 255.0, g = p[1] / 255.0, b = p[2] / 255.0;
-      const double mx = std::max({r, g, b}), mn = std::min({r, g, b}), d = mx - mn;
-      const double sat = mx > 0 ? d / mx : 0;
-      if (sat < 0.25 || mx < 0.15) continue;  // white background, greys, near-black
-      double h = 0;
-      if (mx == r) h = std::fmod((g - b) / d, 6.0);
-      else if (mx == g) h = (b - r) / d + 2;
-      else h = (r - g) / d + 4;
-      h = std::fmod(h * 60 + 360, 360);
+      const Hsv c = to_hsv(image.at(x, y));
+      if (c.s < 0.25 || c.v < 0.15) continue;  // white background, greys, near-black
+      const double sat = c.s, h = c.h;
       hist[static_cast<int>(h / (360.0 / kBins)) % kBins] += sat;
       weight += sat;
     }

@@ -11,8 +11,12 @@
 namespace microdit {
 
 struct ColourProbe {
-  std::string prompt;  // e.g. "red heart"
+  std::string name;    // the emoji's name, "red heart"
+  std::string colour;  // its colour word (data/colour_words.h), "red"
   double hue;          // degrees in [0, 360): the colour's hue in the rendered emoji
+  // The probe's caption as `dataset emoji` writes it (with or without the colour word):
+  // "red heart, smileys & emotion, heart, mostly red".
+  std::string prompt(bool colour_words = true) const;
 };
 
 // Hearts whose hues are far apart: red, yellow, green, blue, purple.
