@@ -31,18 +31,23 @@ if [ -f "$final" ]; then echo "finished run found ($final), skipped"; else
 
 say "4/5 samples from text (EMA weights, Heun 30 steps, guidance 3)"
 "$BIN" sample --ckpt "$final" --n 6 --steps 30 --cfg 3 --seed 0 --out "$RUN/samples.png" \
-  --prompt "red heart, smileys & emotion, heart" --prompt "blue heart, smileys & emotion, heart" \
-  --prompt "grinning face, smileys & emotion, face smiling" --prompt "cat face, animals & nature, animal mammal" \
-  --prompt "red apple, food & drink, food fruit" --prompt "sun, travel & places, sky & weather" \
-  --prompt "flag: Japan, flags, country flag" --prompt "rocket, travel & places, transport air"
+  --prompt "red heart, smileys & emotion, heart, mostly red" \
+  --prompt "blue heart, smileys & emotion, heart, mostly blue" \
+  --prompt "grinning face, smileys & emotion, face smiling, mostly yellow" \
+  --prompt "frog, animals & nature, animal amphibian, mostly green" \
+  --prompt "red apple, food & drink, food fruit, mostly red" \
+  --prompt "sun, travel & places, sky & weather, mostly yellow" \
+  --prompt "flag: Japan, flags, country flag, mostly red" \
+  --prompt "rocket, travel & places, transport air, mostly red"
 
 say "5/5 does the text steer the picture? (colour check on hearts + validation loss)"
-if ! "$BIN" eval-colour --ckpt "$final" --metrics "$RUN/metrics.jsonl" --out "$RUN/colour-check.png"; then
-  echo "colour check: FAILED (the default recipe does not yet learn colour words reliably; docs/training.md)"
-fi
+check=0
+"$BIN" eval-colour --ckpt "$final" --metrics "$RUN/metrics.jsonl" --out "$RUN/colour-check.png" || check=$?
 
 say "done in $(( ($(date +%s) - start) / 60 )) min. Pictures:"
 echo "  $RUN/samples.png        samples for 8 prompts (prompts in $RUN/samples.png.txt)"
 echo "  $RUN/colour-check.png   the colour check's samples, one row per colour"
 echo "  $RUN/loss.png           training and validation loss"
 echo "  $RUN/samples/           the fixed prompts during training"
+if [ "$check" -ne 0 ]; then echo "colour check: FAILED (see above and docs/training.md)"; exit "$check"; fi
+echo "colour check: passed"

@@ -41,3 +41,10 @@ md_error_test(cli.dataset_missing_font "/nonexistent.ttf: no such file \\(instal
 md_error_test(cli.dataset_missing_emoji_test "/nonexistent.txt: no such file \\(install the Debian package unicode-data\\)"
               dataset emoji --out /tmp/md_unused --emoji-test /nonexistent.txt)
 md_error_test(cli.dataset_bad_size "--size must be in" dataset emoji --out /tmp/md_unused --size 2)
+
+# The main job end to end, with the colour-conditioning check (tests/e2e_main_job.sh).
+add_test(NAME e2e.main_job_colour_check
+         COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/tests/e2e_main_job.sh $<TARGET_FILE:microdit>
+                 ${CMAKE_CURRENT_SOURCE_DIR} ${CMAKE_CURRENT_BINARY_DIR}/e2e)
+set_tests_properties(e2e.main_job_colour_check PROPERTIES TIMEOUT 3600 SKIP_REGULAR_EXPRESSION "SKIPPED:"
+                     LABELS e2e)

@@ -6,9 +6,11 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "data/shards.h"
+#include "test_util.h"
 #include "train/trainer.h"
 
 using namespace microdit;
+using microdit::test_util::error_of;
 
 namespace {
 
@@ -35,8 +37,8 @@ std::string write_config(const std::string& dir, const std::string& shards) {
                          "caption_channels: 16, depth: 2, patch_mixer_depth: 2}\n"
                       << "data: {shards: " << shards << ", caption_dropout: 0.2}\n"
                       << "edm: {sigma_data: 0.5, P_mean: -1.2, P_std: 1.2}\n"
-                      << "train: {steps: 6, batch_size: 8, grad_accum: 2, mask_ratio: 0.5, lr: 1.0e-3, "
-                         "warmup_steps: 2, grad_clip: 1.0, ema_decay: 0.9, ema_start: 2}\n"
+                      << "train: {steps: 6, batch_size: 8, grad_accum: 2, mask_ratio: 0.5, unmasked_steps: 2, "
+                         "lr: 1.0e-3, warmup_steps: 2, grad_clip: 1.0, ema_decay: 0.9, ema_start: 2}\n"
                       << "run: {log_every: 1, checkpoint_every: 3, keep_last: 2, val_every: 3, "
                          "val_batches: 1}\n";
   return path;
@@ -112,6 +114,9 @@ TEST(Train, ConfigOverridesAndUnknownKeys) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("'train.steps' must be an integer"), std::string::npos);
   }
+  EXPECT_NE(error_of([&] { load_train_config(cfg, {"train.unmasked_steps=7"}); })
+                .find("train.unmasked_steps must be in [0, train.steps]"),
+            std::string::npos);
 }
 
 TEST(Train, StoppedAndResumedRunRepeatsTheLossCurve) {
@@ -126,7 +131,8 @@ TEST(Train, StoppedAndResumedRunRepeatsTheLossCurve) {
     Trainer t(straight, torch::kCPU);
     t.run();
   }
-  // Same run stopped after step 3 (a checkpoint step), then resumed in a new trainer.
+  // Same run stopped after step 3 (a checkpoint step), then resumed in a new trainer; steps 5
+  // and 6 are the unmasked tail (train.unmasked_steps = 2).
   auto first = load_train_config(cfg_path, {"run.out=" + dir.path + "/b"});
   {
     Trainer t(first, torch::kCPU);

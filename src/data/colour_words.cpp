@@ -29,10 +29,14 @@ bool is_background(const Hsv& c) { return c.v > 0.9 && c.s < 0.12; }
 // Index into kWords.
 int colour_index(const Hsv& c) {
   if (c.s < 0.25 || c.v < 0.15) return c.v < 0.3 ? 8 : c.v < 0.85 ? 9 : 10;  // black, grey, white
-  // Hue sectors in degrees; dark oranges and yellows read as brown (7).
-  if (c.h < 15 || c.h >= 345) return 0;
-  if (c.h < 40) return c.v < 0.6 ? 7 : 1;
-  if (c.h < 70) return c.v < 0.6 ? 7 : 2;
+  // Hue sectors in degrees, placed between the hues of Noto's emoji: red heart 0-10 and red
+  // apple 10-20 are red, orange heart 30-40 orange, yellow heart and faces 40-50 yellow,
+  // frog 60-70 and green heart 80-90 green, pink heart 335 pink. Dark oranges and yellows
+  // (hue 10-60, value < 0.75: brown heart, wood, darker skin tones) read as brown.
+  if (c.h >= 10 && c.h < 60 && c.v < 0.75) return 7;
+  if (c.h < 20 || c.h >= 345) return 0;
+  if (c.h < 40) return 1;
+  if (c.h < 60) return 2;
   if (c.h < 165) return 3;
   if (c.h < 255) return 4;
   if (c.h < 300) return 5;

@@ -58,6 +58,7 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                 {"batch_size", bind(c.batch_size, "an integer")},
                 {"grad_accum", bind(c.grad_accum, "an integer")},
                 {"mask_ratio", bind(c.mask_ratio, "a number")},
+                {"unmasked_steps", bind(c.unmasked_steps, "an integer")},
                 {"lr", bind(c.lr, "a number")},
                 {"weight_decay", bind(c.weight_decay, "a number")},
                 {"eps", bind(c.eps, "a number")},
@@ -100,6 +101,8 @@ void TrainConfig::validate() const {
   MD_CHECK(batch_size % grad_accum == 0, "train config: batch_size {} is not divisible by grad_accum {}",
            batch_size, grad_accum);
   MD_CHECK(mask_ratio >= 0 && mask_ratio < 1, "train config: train.mask_ratio must be in [0, 1)");
+  MD_CHECK(unmasked_steps >= 0 && unmasked_steps <= steps,
+           "train config: train.unmasked_steps must be in [0, train.steps]");
   MD_CHECK(lr > 0, "train config: train.lr must be positive");
   MD_CHECK(schedule == "cosine" || schedule == "constant",
            "train config: train.schedule must be cosine or constant, got '{}'", schedule);
@@ -170,7 +173,8 @@ std::string train_config_to_yaml(const TrainConfig& c) {
   e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "steps" << YAML::Value << c.steps << YAML::Key << "batch_size" << YAML::Value
     << c.batch_size << YAML::Key << "grad_accum" << YAML::Value << c.grad_accum << YAML::Key
-    << "mask_ratio" << YAML::Value << c.mask_ratio << YAML::Key << "lr" << YAML::Value << c.lr
+    << "mask_ratio" << YAML::Value << c.mask_ratio << YAML::Key << "unmasked_steps" << YAML::Value
+    << c.unmasked_steps << YAML::Key << "lr" << YAML::Value << c.lr
     << YAML::Key << "weight_decay" << YAML::Value << c.weight_decay << YAML::Key << "eps"
     << YAML::Value << c.eps << YAML::Key << "betas" << YAML::Value << YAML::Flow << YAML::BeginSeq
     << c.betas[0] << c.betas[1] << YAML::EndSeq << YAML::Key << "warmup_steps" << YAML::Value

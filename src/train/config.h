@@ -20,6 +20,7 @@ struct TrainConfig {
   // optimisation (paper: AdamW, betas .9/.999, eps 1e-8, wd 0.1)
   int64_t steps = 1000, batch_size = 64, grad_accum = 1;
   double mask_ratio = 0.75;
+  int64_t unmasked_steps = 0;        // the last N steps train with no mask (unmasked fine-tuning)
   double lr = 2.4e-4, weight_decay = 0.1, eps = 1e-8;
   std::array<double, 2> betas{0.9, 0.999};
   int64_t warmup_steps = 0;

@@ -238,7 +238,10 @@ double Trainer::train_step(const Batch& b) {
     LossDraws d;
     d.rnd_normal = at::randn({micro, 1, 1, 1}, gen_);
     d.noise = at::randn(x.sizes(), gen_);
-    if (cfg_.mask_ratio > 0) {
+    // Deferred masking, except in the last `unmasked_steps` steps (the paper's unmasked
+    // fine-tuning, which closes the gap to sampling, where every patch is seen).
+    const bool masked = cfg_.mask_ratio > 0 && state_.step < cfg_.steps - cfg_.unmasked_steps;
+    if (masked) {
       auto noise = at::rand({micro, T}, gen_).to(device_);
       d.mask = mask_from_noise(noise, cfg_.model.kept_tokens(cfg_.mask_ratio));
     }
