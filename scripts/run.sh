@@ -12,7 +12,7 @@ BIN="${MICRODIT_BUILD_DIR:-$ROOT/build}/microdit"
 CONFIG=configs/emoji_cpu.yaml
 RUN=runs/emoji
 EXTRA=()
-[ -n "${MICRODIT_STEPS:-}" ] && EXTRA+=("train.steps=$MICRODIT_STEPS")
+[ -n "${MICRODIT_STEPS:-}" ] && EXTRA+=("train.steps=$MICRODIT_STEPS" "train.unmasked_steps=$((MICRODIT_STEPS / 8))")
 say() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
 
