@@ -71,6 +71,41 @@ TEST(Train, ShardsRoundTripAndBatchesResumeExactly) {
   EXPECT_EQ(seen[5].epoch, 1);
 }
 
+// Streaming: each epoch yields every sample at most once (one partial batch dropped), the
+// shard order changes between epochs, a resumed loader repeats the batches, and a shard that
+// goes bad on disk is an Error from next(), not a crash of the loader thread.
+TEST(Train, StreamedBatchesCoverTheSplitAndResumeExactly) {
+  TempDir dir;
+  const std::string shards = dir.path + "/shards";
+  make_shards(shards);
+  const auto stream = open_stream(shards, "train", 2);
+  ASSERT_EQ(stream.counts, (std::vector<int64_t>{16, 16, 3}));  // from index.json
+  EXPECT_EQ(stream.size(), 35);
+  const auto all = load_split(shards, "train");
+  auto key = [](const Tensor& im) { return im.flatten(1).select(1, 0); };  // first pixel: unique
+  BatchLoader a(stream, 5, 3);
+  std::vector<Batch> seen;
+  for (int i = 0; i < 14; ++i) seen.push_back(a.next());  // two epochs of 7 batches
+  for (int e = 0; e < 2; ++e) {
+    std::vector<Tensor> ims;
+    for (int i = 0; i < 7; ++i) ims.push_back(seen[e * 7 + i].images);
+    auto got = std::get<0>(key(at::cat(ims)).sort());
+    auto want = std::get<0>(key(all.images.to(at::kFloat)).sort());
+    EXPECT_TRUE(torch::equal(got, want)) << "epoch " << e << " is not a permutation of the split";
+    EXPECT_EQ(seen[e * 7 + 6].epoch, e);
+  }
+  EXPECT_FALSE(torch::equal(seen[0].images, seen[7].images));
+  BatchLoader b(stream, 5, 3, seen[4].epoch, seen[4].position);
+  for (int i = 5; i < 14; ++i) EXPECT_TRUE(torch::equal(b.next().images, seen[i].images)) << i;
+
+  std::ofstream(shards + "/train-00001.safetensors", std::ios::trunc) << "broken";
+  BatchLoader c(stream, 5, 3, 0, 0, 1);
+  EXPECT_NE(error_of([&] {
+              for (int i = 0; i < 14; ++i) c.next();
+            }).find("train-00001.safetensors"),
+            std::string::npos);
+}
+
 TEST(Train, CorruptShardIndexIsAClearError) {
   TempDir dir;
   make_shards(dir.path + "/shards");
@@ -119,26 +154,30 @@ TEST(Train, ConfigOverridesAndUnknownKeys) {
             std::string::npos);
 }
 
-TEST(Train, StoppedAndResumedRunRepeatsTheLossCurve) {
+class StoppedAndResumed : public ::testing::TestWithParam<std::string> {};
+
+// In memory and streamed (data.stream_window=1).
+TEST_P(StoppedAndResumed, RepeatsTheLossCurve) {
   torch::set_num_threads(1);  // deterministic kernels for an exact comparison
   TempDir dir;
   const std::string shards = dir.path + "/shards";
   make_shards(shards);
   const auto cfg_path = write_config(dir.path, shards);
+  const std::string window = "data.stream_window=" + GetParam();
 
-  auto straight = load_train_config(cfg_path, {"run.out=" + dir.path + "/a"});
+  auto straight = load_train_config(cfg_path, {"run.out=" + dir.path + "/a", window});
   {
     Trainer t(straight, torch::kCPU);
     t.run();
   }
   // Same run stopped after step 3 (a checkpoint step), then resumed in a new trainer; steps 5
   // and 6 are the unmasked tail (train.unmasked_steps = 2).
-  auto first = load_train_config(cfg_path, {"run.out=" + dir.path + "/b"});
+  auto first = load_train_config(cfg_path, {"run.out=" + dir.path + "/b", window});
   {
     Trainer t(first, torch::kCPU);
     t.run(/*stop_at=*/3);
   }
-  auto second = load_train_config(cfg_path, {"run.out=" + dir.path + "/b"});
+  auto second = load_train_config(cfg_path, {"run.out=" + dir.path + "/b", window});
   {
     Trainer t(second, torch::kCPU);
     ASSERT_TRUE(t.resume());
@@ -153,3 +192,5 @@ TEST(Train, StoppedAndResumedRunRepeatsTheLossCurve) {
   EXPECT_EQ(list_dir(dir.path + "/a/checkpoints").size(), 2u);
   EXPECT_EQ(latest_checkpoint(dir.path + "/a"), dir.path + "/a/checkpoints/step-0000006.safetensors");
 }
+INSTANTIATE_TEST_SUITE_P(Train, StoppedAndResumed, ::testing::Values("0", "1"),
+                         [](const auto& info) { return info.param == "0" ? std::string("InMemory") : std::string("Streamed"); });

@@ -2,8 +2,8 @@
 // never touches pixels or text. Format "microdit-shards" version 1 (docs/data-format.md):
 //
 //   DIR/index.json                 {"format", "version", "splits": {name: {"shards": [...],
-//                                   "count"}}, "image_shape": [C,H,W], "caption_shape": [L,W],
-//                                   "value_range", "encoder"}
+//                                   "count", "shard_counts": [...]}}, "image_shape": [C,H,W],
+//                                   "caption_shape": [L,W], "value_range", "encoder"}
 //   DIR/<split>-NNNNN.safetensors  images (N, C, H, W) float16, captions (N, L, W) float16;
 //                                  __metadata__: format, version, count, texts (JSON list)
 #pragma once
@@ -12,6 +12,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <deque>
+#include <exception>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -32,6 +33,8 @@ struct ShardIndex {
   std::string encoder, value_range;
   std::map<std::string, std::vector<std::string>> shards;  // split -> file names
   std::map<std::string, int64_t> counts;                   // split -> samples
+  // split -> samples in each shard; empty for an index written before it was recorded
+  std::map<std::string, std::vector<int64_t>> shard_counts;
 };
 
 // Writes shards of at most `per_shard` samples per split; finish() writes index.json.
@@ -67,18 +70,38 @@ struct ShardSet {
   int64_t size() const { return images.defined() ? images.size(0) : 0; }
 };
 ShardSet load_split(const std::string& dir, const std::string& split);
+// One shard file of `dir`, checked against the index's shapes.
+ShardSet load_shard(const std::string& dir, const ShardIndex& index, const std::string& file);
+
+// A split read from disk a window of shards at a time, for data larger than memory.
+struct ShardStream {
+  std::string dir;
+  ShardIndex index;
+  std::vector<std::string> files;  // the split's shards
+  std::vector<int64_t> counts;     // samples per shard
+  int window = 1;                  // shards in memory (and shuffled together) at a time
+  int64_t size() const;
+};
+// Reads the index (shard sizes from it, or from each shard for an older index).
+ShardStream open_stream(const std::string& dir, const std::string& split, int window);
 
 struct Batch {
   Tensor images, captions;  // float32 (B, C, H, W), (B, L, W)
   int64_t epoch = 0, position = 0;  // where the loader stands after this batch
 };
 
-// Shuffled batches (a new permutation each epoch from seed + epoch), prepared by a background
-// thread a few batches ahead. (epoch, position) is the data position to save in checkpoints;
-// a loader started from a saved position yields exactly the batches that would have followed.
+// Shuffled batches prepared by a background thread a few batches ahead. In memory (ShardSet):
+// a new permutation of the whole split each epoch. Streamed (ShardStream): each epoch shuffles
+// the order of the shards, cuts it into windows of `window` shards, and shuffles the samples
+// within each window; the thread reads a window's shards when the batches reach it, so disk
+// reads overlap training. (epoch, position) is the data position to save in checkpoints; a
+// loader started from a saved position yields exactly the batches that would have followed.
+// An error in the thread (a corrupt shard) is rethrown by next().
 class BatchLoader {
  public:
   BatchLoader(const ShardSet& data, int64_t batch_size, uint64_t seed, int64_t epoch = 0,
+              int64_t position = 0, int prefetch = 4);
+  BatchLoader(const ShardStream& stream, int64_t batch_size, uint64_t seed, int64_t epoch = 0,
               int64_t position = 0, int prefetch = 4);
   ~BatchLoader();
   BatchLoader(const BatchLoader&) = delete;
@@ -88,7 +111,18 @@ class BatchLoader {
  private:
   void run();
   Batch make(int64_t& epoch, int64_t& position);
-  const ShardSet& data_;
+  int64_t size() const;
+  // Streamed: rows [begin, begin + n) of the epoch's order, loading windows as needed.
+  void gather_stream(int64_t epoch, int64_t begin, int64_t n, std::vector<Tensor>& images,
+                     std::vector<Tensor>& captions);
+  const ShardSet* data_ = nullptr;
+  const ShardStream* stream_ = nullptr;
+  // streamed epoch plan: window w covers epoch rows [window_start_[w], window_start_[w + 1])
+  int64_t plan_epoch_ = -1, loaded_window_ = -1;
+  std::vector<std::vector<size_t>> window_files_;
+  std::vector<int64_t> window_start_;
+  ShardSet window_data_;
+  std::exception_ptr error_;
   int64_t batch_, epoch_, position_;
   uint64_t seed_;
   int prefetch_;

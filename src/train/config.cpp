@@ -53,6 +53,7 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                {"train_split", bind(c.train_split, "a string")},
                {"val_split", bind(c.val_split, "a string")},
                {"caption_dropout", bind(c.caption_dropout, "a number")},
+               {"stream_window", bind(c.stream_window, "an integer")},
                {"text_encoder", bind(c.text_encoder, "an encoder name or path")}};
   b["train"] = {{"steps", bind(c.steps, "an integer")},
                 {"batch_size", bind(c.batch_size, "an integer")},
@@ -110,6 +111,7 @@ void TrainConfig::validate() const {
   MD_CHECK(ema_decay >= 0 && ema_decay < 1, "train config: train.ema_decay must be in [0, 1)");
   MD_CHECK(edm.sigma_data > 0 && edm.P_std > 0, "train config: edm.sigma_data and edm.P_std must be positive");
   MD_CHECK(!shards.empty(), "train config: data.shards is not set");
+  MD_CHECK(stream_window >= 0, "train config: data.stream_window must be >= 0");
   MD_CHECK(keep_last >= 1, "train config: run.keep_last must be >= 1");
   MD_CHECK(sample_steps >= 1, "train config: run.sample_steps must be >= 1");
 }
@@ -168,7 +170,8 @@ std::string train_config_to_yaml(const TrainConfig& c) {
   e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "shards" << YAML::Value << c.shards << YAML::Key << "train_split" << YAML::Value
     << c.train_split << YAML::Key << "val_split" << YAML::Value << c.val_split << YAML::Key
-    << "caption_dropout" << YAML::Value << c.caption_dropout << YAML::Key << "text_encoder"
+    << "caption_dropout" << YAML::Value << c.caption_dropout << YAML::Key << "stream_window"
+    << YAML::Value << c.stream_window << YAML::Key << "text_encoder"
     << YAML::Value << c.text_encoder << YAML::EndMap;
   e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "steps" << YAML::Value << c.steps << YAML::Key << "batch_size" << YAML::Value

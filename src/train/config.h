@@ -16,6 +16,8 @@ struct TrainConfig {
   std::string shards;                // folder written by `microdit prepare`
   std::string train_split = "train", val_split = "val";
   double caption_dropout = 0.1;      // whole caption -> zeros, for classifier-free guidance
+  int stream_window = 0;             // 0: hold the training split in memory; N: stream it from
+                                     // disk N shards at a time (shuffled within each window)
   std::string text_encoder = "minilm";  // encodes sample prompts; must match the shards'
   // optimisation (paper: AdamW, betas .9/.999, eps 1e-8, wd 0.1)
   int64_t steps = 1000, batch_size = 64, grad_accum = 1;

@@ -105,10 +105,12 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device)
            idx.caption_shape.size() == 2 ? idx.caption_shape[1] : -1, cfg_.model.caption_channels);
   caption_len_ = idx.caption_shape[0];
   encoder_ = idx.encoder;
-  train_ = load_split(cfg_.shards, cfg_.train_split);
+  if (cfg_.stream_window > 0) train_stream_ = open_stream(cfg_.shards, cfg_.train_split, cfg_.stream_window);
+  else train_ = load_split(cfg_.shards, cfg_.train_split);
   if (idx.shards.count(cfg_.val_split)) val_ = load_split(cfg_.shards, cfg_.val_split);
-  MD_CHECK(cfg_.batch_size <= train_.size(), "batch_size {} exceeds the {} training samples",
-           cfg_.batch_size, train_.size());
+  const int64_t n_train = cfg_.stream_window > 0 ? train_stream_.size() : train_.size();
+  MD_CHECK(cfg_.batch_size <= n_train, "batch_size {} exceeds the {} training samples",
+           cfg_.batch_size, n_train);
 
   torch::manual_seed(cfg_.seed);  // model initialisation
   model_ = MicroDiT(cfg_.model);
@@ -287,7 +289,11 @@ double Trainer::validation_loss() {
 
 void Trainer::run(int64_t stop_at) {
   const int64_t end = stop_at > 0 ? std::min(stop_at, cfg_.steps) : cfg_.steps;
-  BatchLoader loader(train_, cfg_.batch_size, cfg_.seed, state_.epoch, state_.position);
+  auto loader = cfg_.stream_window > 0
+                    ? std::make_unique<BatchLoader>(train_stream_, cfg_.batch_size, cfg_.seed, state_.epoch,
+                                                    state_.position)
+                    : std::make_unique<BatchLoader>(train_, cfg_.batch_size, cfg_.seed, state_.epoch,
+                                                    state_.position);
   const int64_t start = state_.step;
   auto t0 = std::chrono::steady_clock::now();
   const bool tty = ::isatty(::fileno(stdout));
@@ -299,7 +305,7 @@ void Trainer::run(int64_t stop_at) {
   while (state_.step < end) {
     const double lr = learning_rate(cfg_, state_.step);
     for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
-    Batch b = loader.next();
+    Batch b = loader->next();
     const double loss = train_step(b);
     double gnorm = NAN;
     if (cfg_.grad_clip > 0) gnorm = torch::nn::utils::clip_grad_norm_(model_->parameters(), cfg_.grad_clip);

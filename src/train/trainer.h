@@ -71,7 +71,8 @@ class Trainer {
   MicroDiT model_{nullptr};
   std::unique_ptr<torch::optim::AdamW> opt_;
   std::unique_ptr<EMA> ema_;
-  ShardSet train_, val_;
+  ShardSet train_, val_;  // train_ stays empty when it is streamed (data.stream_window > 0)
+  ShardStream train_stream_;
   at::Generator gen_;  // all training randomness: dropout, sigma, noise, masks
   TrainState state_;
   int64_t caption_len_ = 0;  // from the shards, saved so sampling encodes prompts alike
