@@ -17,12 +17,25 @@ say() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
 
 say "1/5 dataset: every fully-qualified emoji at 32x32 (data/emoji)"
-if [ -f data/emoji/dataset.json ]; then echo "exists, skipped"; else
-  "$BIN" dataset emoji --out data/emoji --size 32; fi
+# Version 2 captions carry the colour word; an older render is redone, and so are its shards.
+if [ -f data/emoji/dataset.json ] && grep -q '"version": 2' data/emoji/dataset.json; then
+  echo "exists, skipped"
+else
+  [ -d data/emoji ] && echo "data/emoji is from an older version: rendering again"
+  rm -rf data/emoji data/emoji-shards
+  "$BIN" dataset emoji --out data/emoji --size 32
+fi
 
 say "2/5 shards: pixels + all-MiniLM-L6-v2 caption embeddings (data/emoji-shards)"
-if [ -f data/emoji-shards/index.json ]; then echo "exists, skipped"; else
-  "$BIN" prepare --dataset data/emoji --out data/emoji-shards; fi
+if [ -f data/emoji-shards/index.json ] && [ data/emoji-shards/index.json -nt data/emoji/captions.jsonl ]; then
+  echo "exists, skipped"
+else
+  rm -rf data/emoji-shards
+  "$BIN" prepare --dataset data/emoji --out data/emoji-shards
+  if [ -d "$RUN" ]; then  # trained on other shards: keep it, out of the way
+    old="$RUN-previous-$(date +%Y%m%d-%H%M%S)"; mv "$RUN" "$old"; echo "moved the older run to $old"
+  fi
+fi
 
 say "3/5 training ($CONFIG -> $RUN)"
 final=$("$BIN" train --config "$CONFIG" "${EXTRA[@]}" --print-final-checkpoint)
