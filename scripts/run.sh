@@ -42,8 +42,8 @@ final=$("$BIN" train --config "$CONFIG" "${EXTRA[@]}" --print-final-checkpoint)
 if [ -f "$final" ]; then echo "finished run found ($final), skipped"; else
   "$BIN" train --config "$CONFIG" "${EXTRA[@]}" --resume; fi
 
-say "4/5 samples from text (EMA weights, Heun 30 steps, guidance 3)"
-"$BIN" sample --ckpt "$final" --n 6 --steps 30 --cfg 3 --seed 0 --out "$RUN/samples.png" \
+say "4/5 samples from text (EMA weights, Heun 30 steps, guidance 4)"
+"$BIN" sample --ckpt "$final" --n 6 --steps 30 --cfg 4 --seed 0 --out "$RUN/samples.png" \
   --prompt "red heart, smileys & emotion, heart, mostly red" \
   --prompt "blue heart, smileys & emotion, heart, mostly blue" \
   --prompt "grinning face, smileys & emotion, face smiling, mostly yellow" \

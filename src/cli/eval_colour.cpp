@@ -21,7 +21,8 @@ struct EvalOptions {
   RuntimeOptions rt;
   std::string ckpt, metrics, out;
   int n = 8, steps = 20;
-  double cfg = 3.0, min_accuracy = 0.8, max_val_ratio = 0.8;
+  // Guidance: the sampler's default (microdit sample --cfg 4).
+  double cfg = 4.0, min_accuracy = 0.8, max_val_ratio = 0.8;
   uint64_t seed = 1000;
   bool plain_captions = false;
 };
