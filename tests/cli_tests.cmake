@@ -48,3 +48,5 @@ add_test(NAME e2e.main_job_colour_check
                  ${CMAKE_CURRENT_SOURCE_DIR} ${CMAKE_CURRENT_BINARY_DIR}/e2e)
 set_tests_properties(e2e.main_job_colour_check PROPERTIES TIMEOUT 3600 SKIP_REGULAR_EXPRESSION "SKIPPED:"
                      LABELS e2e)
+md_error_test(cli.sample_bad_scale "--n, --steps and --scale must be >= 1"
+              sample --ckpt /nonexistent.safetensors --prompt "red heart" --scale 0)

@@ -131,6 +131,17 @@ TEST(Image, TensorConversionsUseMinusOneToOne) {
   EXPECT_NE(error_of([] { tensor_to_image(torch::zeros({2, 2})); }).find("(3, H, W)"), std::string::npos);
 }
 
+TEST(Image, BatchesConvertAndEnlargeForGrids) {
+  const auto t = image_to_tensor(gradient(5, 3));
+  const auto ims = tensor_to_images(torch::stack({t, t}), 3);
+  ASSERT_EQ(ims.size(), 2u);
+  EXPECT_EQ(ims[1].width, 15);
+  EXPECT_EQ(ims[1].height, 9);
+  EXPECT_EQ(tensor_to_images(t.unsqueeze(0))[0].pixels, gradient(5, 3).pixels);  // scale 1: as is
+  EXPECT_NE(error_of([&] { tensor_to_images(t); }).find("(B, 3, H, W)"), std::string::npos);
+  EXPECT_NE(error_of([&] { tensor_to_images(t.unsqueeze(0), 0); }).find("scale must be >= 1"), std::string::npos);
+}
+
 TEST(Image, PlotDrawsLines) {
   PlotSeries s{{0, 1, 2, 3, 4}, {1.0, 0.5, 0.3, 0.2, 0.15}, Rgb{255, 0, 0}, "train"};
   PlotOptions o;

@@ -37,7 +37,7 @@ void run(const SampleOptions& o) {
     MD_CHECK(!prompts.empty() || !o.prompts.empty(), "{}: the prompt file is empty", o.prompts_file);
   }
   MD_CHECK(!prompts.empty(), "give at least one --prompt or a --prompts file");
-  MD_CHECK(o.per_prompt >= 1 && o.steps >= 1, "--n and --steps must be >= 1");
+  MD_CHECK(o.per_prompt >= 1 && o.steps >= 1 && o.scale >= 1, "--n, --steps and --scale must be >= 1");
 
   auto sm = load_sampling_model(o.ckpt, device, o.no_ema);
   const auto& cfg = sm.model->config();
@@ -66,12 +66,7 @@ void run(const SampleOptions& o) {
   auto images = generate_images(*model, emb, o.seed, edm, so, o.batch,
                                 [&](int64_t done) { bar.update(done); });
   bar.finish();
-  std::vector<Image> cells;
-  for (int64_t i = 0; i < images.size(0); ++i) {
-    Image im = tensor_to_image(images[i]);
-    cells.push_back(o.scale > 1 ? resize(im, im.width * o.scale, im.height * o.scale) : im);
-  }
-  write_png(o.out, make_grid(cells, o.per_prompt));
+  write_png(o.out, make_grid(tensor_to_images(images, o.scale), o.per_prompt));
   std::string txt;
   for (const auto& p : prompts) txt += p + "\n";
   std::ofstream(o.out + ".txt") << txt;

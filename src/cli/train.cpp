@@ -88,11 +88,7 @@ void run(const TrainOptions& o) {
     so.steps = cfg.sample_steps;
     so.cfg = cfg.sample_cfg;
     auto images = generate_images(model, prompt_emb, cfg.sample_seed, cfg.edm, so);
-    std::vector<Image> cells;
-    for (int64_t i = 0; i < images.size(0); ++i) {
-      Image im = tensor_to_image(images[i]);
-      cells.push_back(resize(im, im.width * 3, im.height * 3));
-    }
+    const auto cells = tensor_to_images(images, 3);
     const std::string base = fmt::format("{}/samples/step-{:07d}", cfg.out, step);
     write_png(base + ".png", make_grid(cells, std::min<int>(8, cells.size())));
     std::string txt;

@@ -28,7 +28,7 @@ bool is_background(const Hsv& c) { return c.v > 0.9 && c.s < 0.12; }
 
 // Index into kWords.
 int colour_index(const Hsv& c) {
-  if (c.s < 0.25 || c.v < 0.15) return c.v < 0.3 ? 8 : c.v < 0.85 ? 9 : 10;  // black, grey, white
+  if (!is_chromatic(c)) return c.v < 0.3 ? 8 : c.v < 0.85 ? 9 : 10;  // black, grey, white
   // Hue sectors in degrees, placed between the hues of Noto's emoji: red heart 0-10 and red
   // apple 10-20 are red, orange heart 30-40 orange, yellow heart and faces 40-50 yellow,
   // frog 60-70 and green heart 80-90 green, pink heart 335 pink. Dark oranges and yellows
@@ -43,8 +43,6 @@ int colour_index(const Hsv& c) {
   return 6;
 }
 }  // namespace
-
-const char* colour_word(const Hsv& c) { return kWords[colour_index(c)]; }
 
 std::string dominant_colour_word(const Image& image) {
   std::array<int, kWords.size()> count{};

@@ -18,12 +18,13 @@ struct Hsv {
 };
 Hsv to_hsv(const uint8_t* rgb);
 
-// The colour word of one pixel: red, orange, yellow, green, blue, purple, pink, brown,
-// black, grey or white.
-const char* colour_word(const Hsv& c);
+// Saturated and bright enough to have a hue worth naming (else black, grey or white). The
+// colour check's dominant_hue() uses the same test.
+inline bool is_chromatic(const Hsv& c) { return c.s >= 0.25 && c.v >= 0.15; }
 
-// The most frequent colour word over the pixels that are not background (near-white and
-// unsaturated); "white" when every pixel is background.
+// The most frequent colour word (red, orange, yellow, green, blue, purple, pink, brown, black,
+// grey, white) over the pixels that are not background (near-white and unsaturated); "white"
+// when every pixel is background.
 std::string dominant_colour_word(const Image& image);
 
 }  // namespace microdit

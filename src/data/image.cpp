@@ -461,4 +461,15 @@ Image tensor_to_image(const at::Tensor& chw) {
   return out;
 }
 
+std::vector<Image> tensor_to_images(const at::Tensor& bchw, int scale) {
+  MD_CHECK(bchw.dim() == 4, "expected a batch of images (B, 3, H, W), got {}", c10::str(bchw.sizes()));
+  MD_CHECK(scale >= 1, "image scale must be >= 1, got {}", scale);
+  std::vector<Image> out;
+  for (int64_t i = 0; i < bchw.size(0); ++i) {
+    Image im = tensor_to_image(bchw[i]);
+    out.push_back(scale > 1 ? resize(im, im.width * scale, im.height * scale) : std::move(im));
+  }
+  return out;
+}
+
 }  // namespace microdit

@@ -80,5 +80,7 @@ Image plot_lines(const std::vector<PlotSeries>& series, const PlotOptions& optio
 // (3, H, W) float32 in [-1, 1]: v / 127.5 - 1. The inverse clamps and rounds.
 at::Tensor image_to_tensor(const Image& image);
 Image tensor_to_image(const at::Tensor& chw);
+// (B, 3, H, W) -> B images, each enlarged `scale` times (for sample grids).
+std::vector<Image> tensor_to_images(const at::Tensor& bchw, int scale = 1);
 
 }  // namespace microdit

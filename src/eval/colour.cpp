@@ -37,10 +37,9 @@ std::optional<double> dominant_hue(const Image& image) {
   for (int y = 0; y < image.height; ++y)
     for (int x = 0; x < image.width; ++x) {
       const Hsv c = to_hsv(image.at(x, y));
-      if (c.s < 0.25 || c.v < 0.15) continue;  // white background, greys, near-black
-      const double sat = c.s, h = c.h;
-      hist[static_cast<int>(h / (360.0 / kBins)) % kBins] += sat;
-      weight += sat;
+      if (!is_chromatic(c)) continue;  // white background, greys, near-black
+      hist[static_cast<int>(c.h / (360.0 / kBins)) % kBins] += c.s;
+      weight += c.s;
     }
   if (weight < 3) return std::nullopt;  // fewer than a few coloured pixels
   // Peak of the histogram smoothed over neighbouring bins, refined by a weighted mean.
