@@ -10,7 +10,8 @@ SAFETENSORS_VERSION=0.8.0     # test tools only
 APT_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3-venv
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev libpng-dev libicu-dev zlib1g-dev
-  libfreetype-dev libharfbuzz-dev fonts-noto-color-emoji unicode-data fonts-dejavu-core)
+  libfreetype-dev libharfbuzz-dev fonts-noto-color-emoji unicode-data fonts-dejavu-core
+  libturbojpeg0-dev libjpeg62-turbo-dev libwebp-dev libzstd-dev libarchive-dev libgloo-dev)
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${MICRODIT_BUILD_DIR:-$ROOT/build}"
@@ -46,6 +47,9 @@ fi
 ln -sfn "$VENV" "$ROOT/.venv"
 # Text encoders: Python test tools and the MiniLM / CLIP BPE assets (a failure only skips tests).
 "$ROOT/scripts/setup_text.sh" "$VENV" || log "text-encoder assets not installed; their tests will skip"
+# Data path: diffusers + Pillow (VAE and preprocessing parity) in the same venv, and
+# mosaicml-streaming in a venv of its own (a failure only skips tests).
+"$ROOT/scripts/setup_data.sh" "$VENV" || log "data-path test tools not installed; their tests will skip"
 TORCH_CMAKE="$("$VENV/bin/python" -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "share", "cmake"))')"
 
 # 3. Configure (once) and build.
