@@ -1,4 +1,7 @@
 // microdit sample --ckpt FILE --prompt "..." [--prompts FILE] --steps N --cfg W --seed S --out F.png
+#include <torch/csrc/autograd/grad_mode.h>
+
+#include <cmath>
 #include <fstream>
 
 #include "cli/commands.h"
@@ -9,6 +12,7 @@
 #include "eval/sampling.h"
 #include "io/checkpoint.h"
 #include "text/encoder.h"
+#include "vae/autoencoder_kl.h"
 
 namespace microdit::cli {
 
@@ -22,6 +26,8 @@ struct SampleOptions {
   double cfg = 4.0;
   uint64_t seed = 0;
   bool no_ema = false;
+  std::string vae;
+  bool scale_given = false;  // latent models default to --scale 1 (their pictures are large)
 };
 
 void run(const SampleOptions& o) {
@@ -41,9 +47,22 @@ void run(const SampleOptions& o) {
 
   auto sm = load_sampling_model(o.ckpt, device, o.no_ema);
   const auto& cfg = sm.model->config();
-  MD_CHECK(cfg.in_channels == 3,
-           "{}: a {}-channel latent model needs a VAE decoder to make pictures (not available yet)",
-           o.ckpt, cfg.in_channels);
+  MD_CHECK(!sm.is_latent() || !o.vae.empty(),
+           "{}: a latent model ({} channels, VAE latents x {}) needs --vae W to make pictures{}", o.ckpt,
+           cfg.in_channels, sm.latent_scale, sm.vae_hint.empty() ? "" : " (it was trained with " + sm.vae_hint + ")");
+  MD_CHECK(sm.is_latent() || cfg.in_channels == 3,
+           "{}: a {}-channel model without latent metadata cannot be turned into pictures", o.ckpt,
+           cfg.in_channels);
+  AutoencoderKL vae{nullptr};
+  if (sm.is_latent()) {
+    vae = load_vae(o.vae, device, device.is_cuda() ? at::kBFloat16 : at::kFloat);
+    MD_CHECK(vae->config().latent_channels == cfg.in_channels,
+             "{}: the VAE has {} latent channels, the model {}", o.vae, vae->config().latent_channels,
+             cfg.in_channels);
+    if (std::abs(vae->config().scaling_factor - sm.latent_scale) > 1e-9)
+      fmt::print("note: the VAE's scaling factor {} differs from the training latents' {}; using {}\n",
+                 vae->config().scaling_factor, sm.latent_scale, sm.latent_scale);
+  }
   const std::string enc_name = o.encoder.empty() ? sm.text_encoder : o.encoder;
   auto& model = sm.model;
   const auto& edm = sm.edm;
@@ -66,7 +85,22 @@ void run(const SampleOptions& o) {
   auto images = generate_images(*model, emb, o.seed, edm, so, o.batch,
                                 [&](int64_t done) { bar.update(done); });
   bar.finish();
-  write_png(o.out, make_grid(tensor_to_images(images, o.scale), o.per_prompt));
+  std::vector<Image> pictures;
+  if (sm.is_latent()) {  // as the reference's generate: z / scale -> decode -> clamp -> uint8
+    torch::NoGradGuard ng;
+    ProgressBar dbar("decode", images.size(0), "img");
+    for (int64_t s = 0; s < images.size(0); s += o.batch) {
+      const int64_t n = std::min<int64_t>(o.batch, images.size(0) - s);
+      auto z = images.narrow(0, s, n).to(device) / sm.latent_scale;  // (n, C, h, w) unscaled
+      auto px = vae->decode(z).to(at::kCPU, at::kFloat);               // (n, 3, 8h, 8w)
+      for (auto& im : vae_output_to_images(px)) pictures.push_back(o.scale_given && o.scale > 1 ? resize(im, im.width * o.scale, im.height * o.scale) : im);
+      dbar.update(s + n);
+    }
+    dbar.finish();
+  } else {
+    pictures = tensor_to_images(images, o.scale);
+  }
+  write_png(o.out, make_grid(pictures, o.per_prompt));
   std::string txt;
   for (const auto& p : prompts) txt += p + "\n";
   std::ofstream(o.out + ".txt") << txt;
@@ -89,10 +123,15 @@ void register_sample(CLI::App& app) {
   cmd->add_option("--batch", o->batch, "images per network batch")->capture_default_str();
   cmd->add_option("--encoder", o->encoder, "override the checkpoint's text encoder");
   cmd->add_flag("--no-ema", o->no_ema, "use the raw weights instead of the EMA");
+  cmd->add_option("--vae", o->vae,
+                  "latent models: VAE (diffusers folder or .safetensors) that decodes the samples");
   cmd->add_option("--out", o->out, "output grid PNG")->capture_default_str();
   cmd->add_option("--scale", o->scale, "enlarge each image this many times in the grid")->capture_default_str();
   add_runtime_options(*cmd, o->rt);
-  cmd->callback([o] { run(*o); });
+  cmd->callback([o, cmd] {
+    o->scale_given = cmd->get_option("--scale")->count() > 0;
+    run(*o);
+  });
 }
 
 }  // namespace microdit::cli

@@ -1,6 +1,7 @@
 #include "eval/sampling.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <nlohmann/json.hpp>
 #include <yaml-cpp/yaml.h>
 
 #include "core/error.h"
@@ -49,6 +50,18 @@ SamplingModel load_sampling_model(const std::string& ckpt, c10::Device device, b
     fail("{}: corrupt metadata in the checkpoint", ckpt);
   }
   s.text_encoder = meta("text_encoder");
+  if (auto it = f.metadata.find("latent"); it != f.metadata.end()) {
+    auto j = nlohmann::json::parse(it->second, nullptr, false);
+    MD_CHECK(!j.is_discarded() && j.is_object() && j.contains("space"),
+             "{}: corrupt 'latent' metadata in the checkpoint", ckpt);
+    if (j["space"] == "vae") {
+      MD_CHECK(j.contains("scaling_factor") && j["scaling_factor"].is_number() &&
+                   j["scaling_factor"].get<double>() > 0,
+               "{}: the checkpoint's latent space has no valid scaling_factor", ckpt);
+      s.latent_scale = j["scaling_factor"].get<double>();
+      s.vae_hint = j.value("vae", std::string());
+    }
+  }
   bool has_ema = false;
   for (const auto& [k, t] : f.tensors) has_ema |= k.rfind("ema.", 0) == 0;
   s.ema = has_ema && !raw;

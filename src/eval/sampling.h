@@ -19,6 +19,11 @@ struct SamplingModel {
   int64_t caption_len = 0;
   std::string text_encoder;
   bool ema = false;
+  // The space the model works in: pixels (latent_scale 0), or a VAE's latents multiplied by
+  // latent_scale (the checkpoint's `latent` metadata; checkpoints without it are pixel models).
+  double latent_scale = 0;
+  std::string vae_hint;  // the VAE the run named (informational)
+  bool is_latent() const { return latent_scale > 0; }
 };
 SamplingModel load_sampling_model(const std::string& ckpt, c10::Device device, bool raw = false);
 
