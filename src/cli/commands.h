@@ -21,5 +21,6 @@ void register_sample(CLI::App& app);
 void register_dataset(CLI::App& app);
 void register_encode_text(CLI::App& app);
 void register_eval_colour(CLI::App& app);
+void register_vae(CLI::App& app);
 
 }  // namespace microdit::cli
