@@ -141,7 +141,7 @@ struct MDSReadOptions {
   // $TMPDIR (or /tmp) removed when the dataset is destroyed.
   std::string decompress_dir;
   int max_open_files = 256;  // shard files kept open (least recently used ones closed)
-  bool verify_hashes = false;  // check raw_data hashes (supported algorithms) on first open
+  bool verify_hashes = false;  // check raw_data hashes (supported algorithms) when a shard is opened
 };
 
 // One or more MDS folders read as one dataset: global index = folders in the order given,
