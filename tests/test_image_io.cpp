@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <regex>
 
 #include "core/error.h"
@@ -141,6 +142,22 @@ TEST(ImageIo, RefusesBadFilesWithOneLine) {
   }
   EXPECT_NE(error_of([&] { decode_image_file(kData + "no_such_image.jpg"); }).find("no such file"),
             std::string::npos);
+  // Damaged files: decoded or refused, never a crash.
+  std::mt19937 rng(3);
+  for (const char* name : {"img_420.jpg", "img_progressive.jpg", "img_cmyk.jpg", "img_rgb.png",
+                           "img_palette.png", "img_lossy.webp", "img_lossless.webp", "img_anim.webp"}) {
+    std::ifstream f(kData + name, std::ios::binary);
+    const std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    for (int trial = 0; trial < 40; ++trial) {
+      std::string b = bytes;
+      for (int k = 0; k < 1 + trial % 3; ++k) b[rng() % b.size()] = static_cast<char>(rng());
+      try {
+        decode_image_bytes(b, name);
+      } catch (const Error& e) {
+        EXPECT_EQ(std::string(e.what()).rfind(name, 0), 0u) << e.what();
+      }
+    }
+  }
   // Every prefix of a JPEG and a PNG: decoded or refused, never a crash.
   for (const char* name : {"img_420.jpg", "img_rgb.png", "img_lossy.webp", "img_interlaced.png"}) {
     std::ifstream f(kData + name, std::ios::binary);

@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -191,6 +192,7 @@ TEST(MdsReader, LatentSchema) {
     const auto raw = ds.get_raw(i);
     for (size_t c = 0; c < 4; ++c) expect_payload(raw[c], d["payloads"][i][c], ds.columns()[c].name);
     EXPECT_EQ(ds.get(i, "caption"), d["values"][i]["caption"].get<std::string>());
+    EXPECT_EQ(ds.get_columns(i, {2, 0}), (std::vector<std::string>{raw[2], raw[0]}));
     const auto cap = mds::caption_latent_tensor(ds.get(i, "caption_latents"), 4, "caption_latents");
     EXPECT_EQ(cap.sizes().vec(), (std::vector<int64_t>{1, 77, 4}));
     EXPECT_EQ(cap.scalar_type(), torch::kHalf);
@@ -401,6 +403,30 @@ TEST(MdsReader, CorruptFilesGiveOneLine) {
   d = edited("format", "\"format\": \"mds\"", "\"format\": \"json\"");
   EXPECT_NE(err(d).find("shard format 'json' (only MDS shards are read)"), std::string::npos) << err(d);
   for (const std::string& e : {err(fresh("ok"), 50), err(d)}) EXPECT_EQ(e.find('\n'), std::string::npos);
+}
+
+TEST(MdsReader, RandomDamageNeverCrashes) {
+  TempDir tmp;
+  const std::string good = slurp(kData + "mds_encodings/shard.00000.mds");
+  const std::string index = slurp(kData + "mds_encodings/index.json");
+  std::mt19937 rng(7);
+  int refused = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    std::string s = good;
+    for (int k = 0; k < 1 + trial % 4; ++k) s[rng() % s.size()] = static_cast<char>(rng());
+    if (trial % 5 == 0) s.resize(rng() % s.size());
+    const std::string d = tmp / std::to_string(trial);
+    make_dirs(d);
+    spit(d + "/index.json", index);
+    spit(d + "/shard.00000.mds", s);
+    const std::string e = error_of([&] {
+      MDSDataset ds({d});
+      for (int64_t i = 0; i < ds.size(); ++i) ds.get_raw(i);
+    });
+    refused += !e.empty();
+    if (!e.empty()) EXPECT_NE(e.find("shard.00000.mds"), std::string::npos) << e;
+  }
+  EXPECT_GT(refused, 50);
 }
 
 // ---- writer -------------------------------------------------------------------------------

@@ -952,7 +952,7 @@ void pread_all(int fd, char* buf, size_t n, uint64_t off, const std::string& pat
 
 }  // namespace
 
-std::vector<std::string> MDSDataset::get_raw(int64_t i) const {
+std::vector<std::string> MDSDataset::read(int64_t i, const std::vector<int>& wanted) const {
   MD_CHECK(i >= 0 && i < total_, "MDS sample {} is out of range (the dataset has {})", i, total_);
   const auto it = std::upper_bound(shards_.begin(), shards_.end(), i,
                                    [](int64_t v, const Shard& s) { return v < s.begin; });
@@ -1052,23 +1052,43 @@ std::vector<std::string> MDSDataset::get_raw(int64_t i) const {
   const uint64_t header_end = 4 + 4 * static_cast<uint64_t>(sh.samples + 1);
   MD_CHECK(begin >= header_end && begin <= end && end <= f->size,
            "corrupt MDS shard {}: sample {} has offsets {}..{} (file of {} bytes)", path, local, begin, end, f->size);
-  std::string data(end - begin, '\0');
-  if (!data.empty()) pread_all(f->fd, data.data(), data.size(), begin, path);
-
-  std::vector<std::string> out(columns_.size());
+  // The size header of the variable columns, then every column's place in the sample.
   size_t nvar = 0;
   for (const auto& c : columns_) nvar += !c.size;
-  MD_CHECK(data.size() >= 4 * nvar, "corrupt MDS shard {}: sample {} too short for its size header", path, local);
-  size_t pos = 4 * nvar, k = 0;
-  for (size_t c = 0; c < columns_.size(); ++c) {
-    const uint64_t n = columns_[c].size ? static_cast<uint64_t>(*columns_[c].size) : mds::get_u32(&data[4 * k++]);
-    MD_CHECK(pos + n <= data.size(), "corrupt MDS shard {}: sample {} column '{}' overruns the sample", path,
-             local, columns_[c].name);
-    out[c] = data.substr(pos, n);
-    pos += n;
+  const uint64_t len = end - begin;
+  MD_CHECK(len >= 4 * nvar, "corrupt MDS shard {}: sample {} too short for its size header", path, local);
+  std::string head(4 * nvar, '\0');
+  if (nvar) pread_all(f->fd, head.data(), head.size(), begin, path);
+  std::vector<uint64_t> pos(columns_.size() + 1);
+  pos[0] = 4 * nvar;
+  for (size_t c = 0, k = 0; c < columns_.size(); ++c) {
+    const uint64_t n = columns_[c].size ? static_cast<uint64_t>(*columns_[c].size) : mds::get_u32(&head[4 * k++]);
+    pos[c + 1] = pos[c] + n;
+    MD_CHECK(pos[c + 1] <= len, "corrupt MDS shard {}: sample {} column '{}' overruns the sample", path, local,
+             columns_[c].name);
   }
-  MD_CHECK(pos == data.size(), "corrupt MDS shard {}: sample {} has {} stray bytes", path, local, data.size() - pos);
+  MD_CHECK(pos.back() == len, "corrupt MDS shard {}: sample {} has {} stray bytes", path, local, len - pos.back());
+  std::vector<std::string> out;
+  if (wanted.empty()) {  // everything: one read
+    std::string data(len - pos[0], '\0');
+    if (!data.empty()) pread_all(f->fd, data.data(), data.size(), begin + pos[0], path);
+    for (size_t c = 0; c < columns_.size(); ++c) out.push_back(data.substr(pos[c] - pos[0], pos[c + 1] - pos[c]));
+    return out;
+  }
+  for (int c : wanted) {
+    MD_CHECK(c >= 0 && c < static_cast<int>(columns_.size()), "no MDS column {}", c);
+    std::string v(pos[c + 1] - pos[c], '\0');
+    if (!v.empty()) pread_all(f->fd, v.data(), v.size(), begin + pos[c], path);
+    out.push_back(std::move(v));
+  }
   return out;
+}
+
+std::vector<std::string> MDSDataset::get_raw(int64_t i) const { return read(i, {}); }
+
+std::vector<std::string> MDSDataset::get_columns(int64_t i, const std::vector<int>& columns) const {
+  MD_CHECK(!columns.empty(), "no MDS columns asked for");
+  return read(i, columns);
 }
 
 std::string MDSDataset::get(int64_t i, const std::string& column) const {
@@ -1078,7 +1098,7 @@ std::string MDSDataset::get(int64_t i, const std::string& column) const {
     for (const auto& col : columns_) n.push_back(col.name);
     return fmt::format("{}", fmt::join(n, ", "));
   }());
-  return get_raw(i)[c];
+  return read(i, {c})[0];
 }
 
 }  // namespace microdit

@@ -164,8 +164,10 @@ class MDSDataset {
 
   // All payloads of sample i (0 <= i < size()), in columns() order.
   std::vector<std::string> get_raw(int64_t i) const;
-  // One column's payload.
+  // One column's payload / some columns' payloads (indices into columns(), in the order
+  // asked): only their bytes are read (plus the sample's offsets and size header).
   std::string get(int64_t i, const std::string& column) const;
+  std::vector<std::string> get_columns(int64_t i, const std::vector<int>& columns) const;
 
   struct Shard {
     std::string path;            // file read (raw, or the decompressed copy once made)
@@ -179,6 +181,7 @@ class MDSDataset {
 
  private:
   struct Impl;
+  std::vector<std::string> read(int64_t i, const std::vector<int>& wanted) const;  // empty: all
   std::vector<std::string> dirs_;
   std::vector<MDSColumn> columns_;
   std::vector<Shard> shards_;          // non-empty shards only, in global order
