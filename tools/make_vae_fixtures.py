@@ -9,7 +9,7 @@ small: the parity model of DATA_PATH.md section 6, AutoencoderKL(block_out_chann
 layers_per_block=2, norm_num_groups=8, latent_channels=4), every tensor N(0, 0.2), saved with
 save_pretrained to tests/data/vae_small/, and tests/data/vae_small_vectors.safetensors holding
 x (2,3,48,40), mean, logvar (clamped), eps, sample = mean + exp(logvar/2) eps, z (2,4,6,5) and
-decoded = decode(z). Also tests/data/vae_names/: a second, smaller random model (3 levels of
+decoded = decode(z); vae_image.png and vae_latents_8ch.safetensors for the CLI tests. Also tests/data/vae_names/: a second, smaller random model (3 levels of
 distinct widths) written under every naming the loader accepts (diffusers, old attention names,
 LDM/SGM with and without `first_stage_model.` and foreign keys, fp16 and bf16 copies), all of
 the same tensors, so the C++ loader must produce identical weights from each.
@@ -140,6 +140,12 @@ def make_small(gen):
     save_file({to_old_attention(k): t for k, t in sd.items()}, os.path.join(out, "old_attention.safetensors"))
     save_file({k: t.half() for k, t in sd.items()}, os.path.join(out, "fp16.safetensors"))
     save_file({k: t.bfloat16() for k, t in sd.items()}, os.path.join(out, "bf16.safetensors"))
+    # For the CLI tests: a small non-square picture and latents with the wrong channel count.
+    from PIL import Image
+    yy, xx = torch.meshgrid(torch.arange(44.0), torch.arange(60.0), indexing="ij")
+    rgb = torch.stack([xx / 59 * 255, yy / 43 * 255, 128 + 100 * torch.sin((xx + yy) / 6)], -1)
+    Image.fromarray(rgb.round().clamp(0, 255).to(torch.uint8).numpy()).save(os.path.join(DATA, "vae_image.png"))
+    save_file({"latents": torch.randn((1, 8, 4, 4), generator=gen)}, os.path.join(DATA, "vae_latents_8ch.safetensors"))
     print(f"vae_names: {len(sd)} tensors, {sum(t.numel() for t in sd.values())} parameters, 6 namings/dtypes")
 
 
