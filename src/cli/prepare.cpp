@@ -146,7 +146,7 @@ void register_prepare(CLI::App& app) {
   cmd->add_option("--vae", o->vae, "latent mode: VAE (diffusers folder or .safetensors file)");
   cmd->add_option("--sizes", o->sizes, "latent mode: image sizes, one latents_<S> column each")
       ->delimiter(',')->capture_default_str();
-  cmd->add_option("--workers", o->workers, "latent mode: image decoding threads (0: all cores, at most 8)")
+  cmd->add_option("--workers", o->workers, "latent mode: image decoding threads (0: up to 8 with CUDA; on the CPU the cores --threads leaves, at least 1)")
       ->capture_default_str();
   cmd->add_option("--min-size", o->min_size,
                   "latent mode: skip images whose shorter side is smaller (0: keep all, as the reference)")

@@ -1,11 +1,14 @@
 #include "data/prepare_latents.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
 #include <nlohmann/json.hpp>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -315,8 +318,14 @@ class MdsSource : public ImageCaptionSource {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int n) {
-    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { loop(); });
+  // nice > 0 lowers the workers' priority (Linux: per thread), so that on a busy CPU the
+  // encoders' intra-op threads, which wait for each other, are not descheduled by decoding.
+  ThreadPool(int n, int nice) {
+    for (int i = 0; i < n; ++i)
+      threads_.emplace_back([this, nice] {
+        if (nice > 0) ::setpriority(PRIO_PROCESS, static_cast<id_t>(::gettid()), nice);
+        loop();
+      });
   }
   ~ThreadPool() {
     {
@@ -511,7 +520,6 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
                             {"seed", o.seed},         {"min_size", o.min_size},
                             {"caption_len", o.caption_len}, {"size_limit", o.size_limit},
                             {"compression", compression.value_or("")}, {"caption_key", o.caption_key}};
-  MD_CHECK(make_dirs(o.out), "{}: cannot create the folder", o.out);
   const std::string state_path = o.out + "/.prepare-state.json", meta_path = o.out + "/microdit.json",
                     index_path = o.out + "/index.json", report_path = o.out + "/prepare-report.json";
 
@@ -569,6 +577,10 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
       fmt::print("resuming with the interrupted run's --batch {} (same batches, same bytes)\n", batch);
   }
 
+  // The source first (a wrong path fails fast), then the models, then the output folder.
+  ImageCaptionSourceOptions so;
+  so.caption_key = o.caption_key;
+  auto source = open_image_caption_source(o.source, so);
   const auto device = resolve_device(o.device);
   const auto vae_dtype = device.is_cuda() ? at::kBFloat16 : at::kFloat;
   AutoencoderKL vae = load_vae(o.vae, device, vae_dtype);
@@ -579,9 +591,7 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
   auto enc = text::make_text_encoder(o.encoder, {o.caption_len, device});
   const int64_t L = enc->length(), W = enc->width(), C = vcfg.latent_channels;
 
-  ImageCaptionSourceOptions so;
-  so.caption_key = o.caption_key;
-  auto source = open_image_caption_source(o.source, so);
+  MD_CHECK(make_dirs(o.out), "{}: cannot create the folder", o.out);
 
   std::vector<std::pair<std::string, std::string>> columns{{"caption", "str"},
                                                            {"caption_latents", "bytes"}};
@@ -617,9 +627,13 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
     write_json_atomic(state_path, st);
   };
 
-  const int workers = o.workers > 0 ? o.workers
-                                    : static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 8u));
-  ThreadPool pool(workers);
+  // Decode threads: with CUDA the CPU only decodes (up to 8 threads); on the CPU the encoders
+  // use the intra-op threads and decoding takes the cores left (at least one, at low priority).
+  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const int workers = o.workers > 0       ? o.workers
+                      : device.is_cuda() ? std::min(hw, 8)
+                                         : std::clamp(hw - at::get_num_threads(), 1, 8);
+  ThreadPool pool(workers, device.is_cuda() ? 0 : 10);
   std::deque<std::vector<std::future<Decoded>>> pending;
   bool source_done = false;
   int64_t next_index = chunk_start;

@@ -68,7 +68,7 @@ struct PrepareLatentsOptions {
   std::string source, vae, encoder = "minilm", out;
   std::vector<int> sizes{256, 512};
   int batch = 16;         // images per VAE / text-encoder batch
-  int workers = 0;        // decode threads; 0: hardware threads, at most 8
+  int workers = 0;        // decode threads; 0: CUDA min(cores, 8), CPU the cores the encoders leave (>= 1)
   int min_size = 0;       // skip images whose shorter side is below this (0: keep all, as the reference)
   int caption_len = 77;   // text tokens (the reference: 77)
   uint64_t seed = 2024;   // posterior noise seed base (the reference seeds 2024 + process)

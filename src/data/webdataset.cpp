@@ -120,6 +120,7 @@ struct WebDatasetReader::State {
   // A member read ahead that starts the next sample.
   bool has_pending = false;
   std::string pending_key, pending_ext, pending_bytes;
+  std::string pending_error;  // a read failure in the member that starts the next sample
 
   bool kept(const std::string& ext) const {
     return keep.empty() || std::find(keep.begin(), keep.end(), ext) != keep.end();
@@ -136,6 +137,12 @@ WebDatasetReader::~WebDatasetReader() = default;
 
 bool WebDatasetReader::next(WebDatasetSample& out) {
   State& s = *s_;
+  if (!s.pending_error.empty()) {
+    out = {s.tar, s.pending_key, {}, std::move(s.pending_error)};
+    s.pending_error.clear();
+    s.archive.reset();
+    return true;
+  }
   for (;;) {
     if (!s.archive) {
       if (s.next_tar >= s.tars.size()) return false;
@@ -178,8 +185,14 @@ bool WebDatasetReader::next(WebDatasetSample& out) {
       const bool keep = !key.empty() && s.kept(ext);
       const int64_t size = archive_entry_size_is_set(e) ? archive_entry_size(e) : -1;
       if (!read_member(a, size, keep, bytes, err)) {
+        const std::string msg = fmt::format("corrupt or truncated tar at {}: {}", p ? p : "?", err);
+        if (started && !key.empty() && key != out.key) {  // `out` is complete; the next one is not
+          s.pending_key = key;
+          s.pending_error = msg;
+          return true;
+        }
         if (!started) out.key = key;
-        out.error = fmt::format("corrupt or truncated tar at {}: {}", p ? p : "?", err);
+        out.error = msg;
         s.archive.reset();
         return true;
       }
