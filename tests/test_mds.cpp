@@ -453,6 +453,24 @@ TEST(MdsWriter, ByteIdenticalToStreaming) {
   EXPECT_EQ(slurp(tmp / "merged/index.json"), slurp(kData + "mds_merged/index.json"));
 }
 
+TEST(MdsWriter, SpecWorkedExample) {
+  // DATA_PATH.md 3.7: two latent-schema samples make a 349-byte shard.
+  TempDir tmp;
+  MDSWriterOptions o;
+  o.size_limit = 268435456;
+  MDSWriter w(tmp.path, mds::latent_schema(), o);
+  const std::string one = unhex("003c"), zero = unhex("0000");
+  for (int i = 0; i < 2; ++i) w.write({"cap0", one + one + one, zero + one, unhex("010203")});
+  w.finish();
+  const std::string f = slurp(tmp / "shard.00000.mds");
+  ASSERT_EQ(f.size(), 349u);
+  EXPECT_EQ(f.substr(0, 16), unhex("020000001b0100003c0100005d010000"));
+  EXPECT_EQ(f.substr(16, 267), w.config_json());
+  EXPECT_EQ(f.substr(283, 33), unhex("04000000060000000400000003000000") + "cap0" + unhex("003c003c003c0000003c010203"));
+  MDSDataset ds({tmp.path});
+  EXPECT_EQ(ds.get(1, "latents_512"), unhex("010203"));
+}
+
 TEST(MdsWriter, ResumesAfterAnInterruptedRun) {
   const json& d = fixtures()["datasets"]["multi"];
   const auto rows = fixture_payloads("multi", d);
