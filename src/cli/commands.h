@@ -17,6 +17,7 @@ void register_convert(CLI::App& app);
 void register_bench(CLI::App& app);
 void register_prepare(CLI::App& app);
 void register_train(CLI::App& app);
+void register_bench_dist(CLI::App& app);
 void register_sample(CLI::App& app);
 void register_dataset(CLI::App& app);
 void register_encode_text(CLI::App& app);

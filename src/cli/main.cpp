@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   microdit::cli::register_bench(app);
   microdit::cli::register_prepare(app);
   microdit::cli::register_train(app);
+  microdit::cli::register_bench_dist(app);
   microdit::cli::register_sample(app);
   microdit::cli::register_dataset(app);
   microdit::cli::register_encode_text(app);

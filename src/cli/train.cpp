@@ -1,13 +1,20 @@
 // microdit train --config FILE [section.key=value ...] [--resume]
 #include <nlohmann/json.hpp>
 
+#include <c10/util/Exception.h>
+
+#include <cstdio>
 #include <fstream>
+#include <thread>
 
 #include "cli/commands.h"
+#include "vae/autoencoder_kl.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "data/image.h"
+#include "dist/dist.h"
+#include "dist/launch.h"
 #include "eval/sampling.h"
 #include "text/encoder.h"
 #include "train/trainer.h"
@@ -21,6 +28,8 @@ struct TrainOptions {
   std::string config;
   std::vector<std::string> overrides;
   bool resume = false, print_final = false;
+  int nproc = 0;              // > 0: start this many local workers
+  int dist_timeout = 1800;    // seconds a collective may wait for a peer
 };
 
 // loss.png from metrics.jsonl: training loss (smoothed) and validation loss against step.
@@ -52,16 +61,45 @@ void plot_metrics(const std::string& metrics, const std::string& png) {
   write_png(png, plot_lines({train, val}, po));
 }
 
+void run_rank(const TrainOptions& o, const dist::Env& env);
+
 void run(const TrainOptions& o) {
+  if (o.nproc > 0 && !o.print_final) {  // the launcher: workers are this program without --nproc
+    MD_CHECK(std::getenv("RANK") == nullptr, "--nproc cannot be used inside a launched job (RANK is set)");
+    load_train_config(o.config, o.overrides);  // a bad config fails once, here
+    const int cores = static_cast<int>(std::thread::hardware_concurrency());
+    dist::launch_local(o.nproc, dist::own_args_without_nproc(),
+                       o.rt.threads > 0 ? 0 : std::max(1, cores / o.nproc));
+    return;
+  }
+  const auto env = dist::env_from_environment();
+  if (!env.distributed()) return run_rank(o, env);
+  if (env.rank != 0) std::freopen("/dev/null", "w", stdout);  // other ranks report errors only
+  try {
+    run_rank(o, env);
+  } catch (const Error& e) {
+    throw Error(fmt::format("rank {}: {}", env.rank, e.what()));
+  } catch (const c10::Error& e) {  // a peer died or timed out inside a collective
+    const std::string msg = e.what_without_backtrace();
+    throw Error(fmt::format("rank {}: {}", env.rank, msg.substr(0, msg.find('\n'))));
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("rank {}: {}", env.rank, e.what()));
+  }
+}
+
+void run_rank(const TrainOptions& o, const dist::Env& env) {
   set_threads(o.rt.threads);
-  const auto device = resolve_device(o.rt.device);
+  const auto device = dist::rank_device(env, resolve_device(o.rt.device));
   auto cfg = load_train_config(o.config, o.overrides);
   if (o.print_final) {  // for scripts: where the finished run's checkpoint is (or will be)
     fmt::print("{}\n", final_checkpoint_path(cfg));
     return;
   }
-  Trainer trainer(cfg, device);
+  std::unique_ptr<dist::Comm> comm;
+  if (env.distributed()) comm = dist::Comm::connect(env, device, std::chrono::seconds(o.dist_timeout));
+  Trainer trainer(cfg, device, comm.get());
   fmt::print("{}\n", runtime_summary(device));
+  if (comm) fmt::print("{}\n", trainer.parallel_summary());
   if (o.resume) {
     if (trainer.resume())
       fmt::print("resumed from {} at step {}\n", latest_checkpoint(cfg.out), trainer.state().step);
@@ -82,13 +120,23 @@ void run(const TrainOptions& o) {
              prompt_emb.size(2), cfg.model.caption_channels);
     make_dirs(cfg.out + "/samples");
   }
+  AutoencoderKL sample_vae{nullptr};  // loaded on first use
+  if (cfg.model.in_channels != 3 && cfg.vae.empty() && cfg.sample_every > 0 && !cfg.sample_prompts.empty())
+    fmt::print("note: run.vae is not set, so this latent model's sample grids are skipped\n");
   trainer.on_sample = [&](MicroDiTImpl& model, int64_t step) {
     if (!prompt_emb.defined()) return;
     SamplerOptions so;
     so.steps = cfg.sample_steps;
     so.cfg = cfg.sample_cfg;
     auto images = generate_images(model, prompt_emb, cfg.sample_seed, cfg.edm, so);
-    const auto cells = tensor_to_images(images, 3);
+    std::vector<Image> cells;
+    if (model.config().in_channels != 3) {  // a latent model: pictures need the VAE decoder
+      if (cfg.vae.empty()) return;          // (run.vae unset: no sample grids, said at start)
+      if (!sample_vae) sample_vae = load_vae(cfg.vae, device, device.is_cuda() ? at::kBFloat16 : at::kFloat);
+      cells = decode_latents_to_images(sample_vae, images.to(device));
+    } else {
+      cells = tensor_to_images(images, 3);
+    }
     const std::string base = fmt::format("{}/samples/step-{:07d}", cfg.out, step);
     write_png(base + ".png", make_grid(cells, std::min<int>(8, cells.size())));
     std::string txt;
@@ -101,6 +149,7 @@ void run(const TrainOptions& o) {
     if (prompt_emb.defined()) fmt::print("samples: {}/samples/\n", cfg.out);
   };
   trainer.run();
+  if (comm) comm->shutdown();
 }
 
 }  // namespace
@@ -112,6 +161,11 @@ void register_train(CLI::App& app) {
   cmd->add_option("overrides", o->overrides, "section.key=value overrides, e.g. train.steps=100");
   cmd->add_flag("--resume", o->resume, "continue from the newest checkpoint in run.out");
   cmd->add_flag("--print-final-checkpoint", o->print_final, "print the finished run's checkpoint path and exit");
+  cmd->add_option("--nproc", o->nproc,
+                  "start N local data-parallel workers (as torchrun --nproc-per-node N would)");
+  cmd->add_option("--dist-timeout", o->dist_timeout,
+                  "seconds a data-parallel collective waits for a peer before the job fails")
+      ->capture_default_str();
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

@@ -187,18 +187,38 @@ ShardStream open_stream(const std::string& dir, const std::string& split, int wi
 // ---- batches ---------------------------------------------------------------------------
 
 BatchLoader::BatchLoader(const ShardSet& data, int64_t batch_size, uint64_t seed, int64_t epoch,
-                         int64_t position, int prefetch)
+                         int64_t position, int prefetch, int rank, int world)
     : data_(&data), batch_(batch_size), epoch_(epoch), position_(position), seed_(seed),
       prefetch_(prefetch) {
   MD_CHECK(batch_ >= 1 && batch_ <= size(), "batch size {} for a split of {} samples", batch_, size());
+  MD_CHECK(world >= 1 && rank >= 0 && rank < world && batch_ % world == 0,
+           "batch size {} cannot be split across {} ranks", batch_, world);
+  rows_ = batch_ / world;
+  first_row_ = rank * rows_;
+  worker_ = std::thread([this] { run(); });
+}
+
+BatchLoader::BatchLoader(const SampleSource& source, int64_t batch_size, uint64_t seed,
+                         int64_t epoch, int64_t position, int prefetch, int rank, int world)
+    : source_(&source), batch_(batch_size), epoch_(epoch), position_(position), seed_(seed),
+      prefetch_(prefetch) {
+  MD_CHECK(batch_ >= 1 && batch_ <= size(), "batch size {} for a dataset of {} samples", batch_, size());
+  MD_CHECK(world >= 1 && rank >= 0 && rank < world && batch_ % world == 0,
+           "batch size {} cannot be split across {} ranks", batch_, world);
+  rows_ = batch_ / world;
+  first_row_ = rank * rows_;
   worker_ = std::thread([this] { run(); });
 }
 
 BatchLoader::BatchLoader(const ShardStream& stream, int64_t batch_size, uint64_t seed,
-                         int64_t epoch, int64_t position, int prefetch)
+                         int64_t epoch, int64_t position, int prefetch, int rank, int world)
     : stream_(&stream), batch_(batch_size), epoch_(epoch), position_(position), seed_(seed),
       prefetch_(prefetch) {
   MD_CHECK(batch_ >= 1 && batch_ <= size(), "batch size {} for a split of {} samples", batch_, size());
+  MD_CHECK(world >= 1 && rank >= 0 && rank < world && batch_ % world == 0,
+           "batch size {} cannot be split across {} ranks", batch_, world);
+  rows_ = batch_ / world;
+  first_row_ = rank * rows_;
   worker_ = std::thread([this] { run(); });
 }
 
@@ -208,7 +228,9 @@ BatchLoader::~BatchLoader() {
   if (worker_.joinable()) worker_.join();
 }
 
-int64_t BatchLoader::size() const { return data_ ? data_->size() : stream_->size(); }
+int64_t BatchLoader::size() const {
+  return data_ ? data_->size() : source_ ? source_->size() : stream_->size();
+}
 
 void BatchLoader::gather_stream(int64_t epoch, int64_t begin, int64_t n, std::vector<Tensor>& images,
                                 std::vector<Tensor>& captions) {
@@ -261,18 +283,26 @@ Batch BatchLoader::make(int64_t& epoch, int64_t& position) {
     position = 0;
   }
   Batch b;
-  if (data_) {
+  if (data_ || source_) {
     if (perm_epoch_ != epoch) {
       auto gen = at::make_generator<at::CPUGeneratorImpl>(seed_ * 1000003ULL + epoch);
-      perm_ = at::randperm(data_->size(), gen, at::TensorOptions().dtype(at::kLong));
+      perm_ = at::randperm(size(), gen, at::TensorOptions().dtype(at::kLong));
       perm_epoch_ = epoch;
     }
-    auto ids = perm_.narrow(0, position, batch_);
+  }
+  if (source_) {
+    auto ids = perm_.narrow(0, position + first_row_, rows_).contiguous();
+    std::vector<int64_t> v(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
+    source_->gather(v, b.images, b.captions);
+    b.images = b.images.to(at::kFloat);
+    b.captions = b.captions.to(at::kFloat);
+  } else if (data_) {
+    auto ids = perm_.narrow(0, position + first_row_, rows_);
     b.images = data_->images.index_select(0, ids).to(at::kFloat);
     b.captions = data_->captions.index_select(0, ids).to(at::kFloat);
   } else {
     std::vector<Tensor> im, cap;
-    gather_stream(epoch, position, batch_, im, cap);
+    gather_stream(epoch, position + first_row_, rows_, im, cap);
     b.images = at::cat(im).to(at::kFloat);
     b.captions = at::cat(cap).to(at::kFloat);
   }

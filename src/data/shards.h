@@ -85,6 +85,15 @@ struct ShardStream {
 // Reads the index (shard sizes from it, or from each shard for an older index).
 ShardStream open_stream(const std::string& dir, const std::string& split, int window);
 
+// A training set read by sample index (the reference's latent MDS, src/data/latent_source.h).
+// gather() may be called from the loader's thread; it returns float16 or float32 rows in the
+// order of `ids`: images (n, C, H, W), captions (n, L, W).
+struct SampleSource {
+  virtual ~SampleSource() = default;
+  virtual int64_t size() const = 0;
+  virtual void gather(const std::vector<int64_t>& ids, Tensor& images, Tensor& captions) const = 0;
+};
+
 struct Batch {
   Tensor images, captions;  // float32 (B, C, H, W), (B, L, W)
   int64_t epoch = 0, position = 0;  // where the loader stands after this batch
@@ -97,12 +106,18 @@ struct Batch {
 // reads overlap training. (epoch, position) is the data position to save in checkpoints; a
 // loader started from a saved position yields exactly the batches that would have followed.
 // An error in the thread (a corrupt shard) is rethrown by next().
+// Data parallelism: with world > 1, batch_size is the global batch and each next() yields rank
+// `rank`'s rows [rank * batch_size / world, +batch_size / world) of it; every rank walks the
+// same epoch order, so the ranks' parts are disjoint and (epoch, position) are global.
 class BatchLoader {
  public:
   BatchLoader(const ShardSet& data, int64_t batch_size, uint64_t seed, int64_t epoch = 0,
-              int64_t position = 0, int prefetch = 4);
+              int64_t position = 0, int prefetch = 4, int rank = 0, int world = 1);
+  // By index: a new permutation of the whole source each epoch, as for a ShardSet.
+  BatchLoader(const SampleSource& source, int64_t batch_size, uint64_t seed, int64_t epoch = 0,
+              int64_t position = 0, int prefetch = 4, int rank = 0, int world = 1);
   BatchLoader(const ShardStream& stream, int64_t batch_size, uint64_t seed, int64_t epoch = 0,
-              int64_t position = 0, int prefetch = 4);
+              int64_t position = 0, int prefetch = 4, int rank = 0, int world = 1);
   ~BatchLoader();
   BatchLoader(const BatchLoader&) = delete;
   BatchLoader& operator=(const BatchLoader&) = delete;
@@ -117,6 +132,7 @@ class BatchLoader {
                      std::vector<Tensor>& captions);
   const ShardSet* data_ = nullptr;
   const ShardStream* stream_ = nullptr;
+  const SampleSource* source_ = nullptr;
   // streamed epoch plan: window w covers epoch rows [window_start_[w], window_start_[w + 1])
   int64_t plan_epoch_ = -1, loaded_window_ = -1;
   std::vector<std::vector<size_t>> window_files_;
@@ -124,6 +140,7 @@ class BatchLoader {
   ShardSet window_data_;
   std::exception_ptr error_;
   int64_t batch_, epoch_, position_;
+  int64_t rows_ = 0, first_row_ = 0;  // this rank's part of each batch
   uint64_t seed_;
   int prefetch_;
   Tensor perm_;

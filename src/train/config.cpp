@@ -49,7 +49,18 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
   b["edm"] = {{"sigma_data", bind(c.edm.sigma_data, "a number")},
               {"P_mean", bind(c.edm.P_mean, "a number")},
               {"P_std", bind(c.edm.P_std, "a number")}};
-  b["data"] = {{"shards", bind(c.shards, "a path")},
+  b["data"] = {{"shards", [&c](const YAML::Node& v, const std::string& key) {
+                  if (v.IsSequence()) {
+                    bind_list(c.shard_dirs)(v, key);
+                    MD_CHECK(!c.shard_dirs.empty(), "train config: '{}' is an empty list", key);
+                  } else {
+                    c.shard_dirs = {as<std::string>(v, key, "a path or a list of paths")};
+                  }
+                  c.shards = c.shard_dirs.front();
+                }},
+               {"image_size", bind(c.image_size, "an integer")},
+               {"val_shards", bind_list(c.val_shards)},
+               {"latent_scale", bind(c.latent_scale, "a number")},
                {"train_split", bind(c.train_split, "a string")},
                {"val_split", bind(c.val_split, "a string")},
                {"caption_dropout", bind(c.caption_dropout, "a number")},
@@ -74,7 +85,9 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                 {"ema_decay", bind(c.ema_decay, "a number")},
                 {"ema_start", bind(c.ema_start, "an integer")},
                 {"bf16", bind(c.bf16, "true or false")},
-                {"seed", bind(c.seed, "a non-negative integer")}};
+                {"seed", bind(c.seed, "a non-negative integer")},
+                {"shard_optimizer", bind(c.shard_optimizer, "true or false")},
+                {"bucket_mb", bind(c.bucket_mb, "a number")}};
   b["stage"] = {{"init_from", bind(c.init_from, "a path")},
                 {"allow_missing", bind_list(c.init_allow_missing)},
                 {"allow_unexpected", bind_list(c.init_allow_unexpected)}};
@@ -89,7 +102,8 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
               {"sample_prompts", bind_list(c.sample_prompts)},
               {"sample_steps", bind(c.sample_steps, "an integer")},
               {"sample_cfg", bind(c.sample_cfg, "a number")},
-              {"sample_seed", bind(c.sample_seed, "a non-negative integer")}};
+              {"sample_seed", bind(c.sample_seed, "a non-negative integer")},
+              {"vae", bind(c.vae, "a path")}};
   return b;
 }
 
@@ -111,7 +125,10 @@ void TrainConfig::validate() const {
   MD_CHECK(ema_decay >= 0 && ema_decay < 1, "train config: train.ema_decay must be in [0, 1)");
   MD_CHECK(edm.sigma_data > 0 && edm.P_std > 0, "train config: edm.sigma_data and edm.P_std must be positive");
   MD_CHECK(!shards.empty(), "train config: data.shards is not set");
+  MD_CHECK(image_size >= 0 && image_size % 8 == 0, "train config: data.image_size must be a multiple of 8");
+  MD_CHECK(latent_scale >= 0, "train config: data.latent_scale must be positive (0: automatic)");
   MD_CHECK(stream_window >= 0, "train config: data.stream_window must be >= 0");
+  MD_CHECK(bucket_mb > 0, "train config: train.bucket_mb must be positive");
   MD_CHECK(keep_last >= 1, "train config: run.keep_last must be >= 1");
   MD_CHECK(sample_steps >= 1, "train config: run.sample_steps must be >= 1");
 }
@@ -168,7 +185,14 @@ std::string train_config_to_yaml(const TrainConfig& c) {
     << c.edm.sigma_data << YAML::Key << "P_mean" << YAML::Value << c.edm.P_mean << YAML::Key
     << "P_std" << YAML::Value << c.edm.P_std << YAML::EndMap;
   e << YAML::Key << "data" << YAML::Value << YAML::BeginMap;
-  e << YAML::Key << "shards" << YAML::Value << c.shards << YAML::Key << "train_split" << YAML::Value
+  if (c.shard_dirs.size() > 1)
+    e << YAML::Key << "shards" << YAML::Value << YAML::Flow << c.shard_dirs;
+  else
+    e << YAML::Key << "shards" << YAML::Value << c.shards;
+  e << YAML::Key << "image_size" << YAML::Value << c.image_size << YAML::Key << "latent_scale"
+    << YAML::Value << c.latent_scale;
+  if (!c.val_shards.empty()) e << YAML::Key << "val_shards" << YAML::Value << YAML::Flow << c.val_shards;
+  e << YAML::Key << "train_split" << YAML::Value
     << c.train_split << YAML::Key << "val_split" << YAML::Value << c.val_split << YAML::Key
     << "caption_dropout" << YAML::Value << c.caption_dropout << YAML::Key << "stream_window"
     << YAML::Value << c.stream_window << YAML::Key << "text_encoder"
@@ -185,7 +209,8 @@ std::string train_config_to_yaml(const TrainConfig& c) {
     << "min_lr_ratio" << YAML::Value << c.min_lr_ratio << YAML::Key << "grad_clip" << YAML::Value
     << c.grad_clip << YAML::Key << "ema_decay" << YAML::Value << c.ema_decay << YAML::Key
     << "ema_start" << YAML::Value << c.ema_start << YAML::Key << "bf16" << YAML::Value << c.bf16
-    << YAML::Key << "seed" << YAML::Value << c.seed << YAML::EndMap;
+    << YAML::Key << "seed" << YAML::Value << c.seed << YAML::Key << "shard_optimizer" << YAML::Value
+    << c.shard_optimizer << YAML::Key << "bucket_mb" << YAML::Value << c.bucket_mb << YAML::EndMap;
   e << YAML::EndMap;
   return e.c_str();
 }

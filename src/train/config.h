@@ -13,7 +13,13 @@ struct TrainConfig {
   ModelConfig model;
   EDMConfig edm;
   // data
-  std::string shards;                // folder written by `microdit prepare`
+  std::string shards;                // folder written by `microdit prepare` (= shard_dirs[0])
+  std::vector<std::string> shard_dirs;  // data.shards as a list: several latent MDS folders
+                                     // (the reference's precomputed latents) read as one set
+  int image_size = 0;                // latent MDS: column latents_<image_size>; 0: 8 x input_size
+  std::vector<std::string> val_shards;  // latent MDS folders for the validation loss (optional)
+  double latent_scale = 0;           // latent MDS: the VAE scaling factor; 0: from microdit.json,
+                                     // else SDXL's 0.13025
   std::string train_split = "train", val_split = "val";
   double caption_dropout = 0.1;      // whole caption -> zeros, for classifier-free guidance
   int stream_window = 0;             // 0: hold the training split in memory; N: stream it from
@@ -33,6 +39,9 @@ struct TrainConfig {
   int64_t ema_start = 0;
   bool bf16 = false;                 // bf16 autocast
   uint64_t seed = 0;
+  // data parallelism (several ranks; see docs/distributed.md)
+  bool shard_optimizer = false;      // AdamW moments split across ranks (ZeRO-1)
+  double bucket_mb = 25;             // gradient all-reduce bucket size
   // stage transitions
   std::string init_from;             // weights of an earlier stage (optimizer reset)
   std::vector<std::string> init_allow_missing, init_allow_unexpected;
@@ -46,6 +55,7 @@ struct TrainConfig {
   int sample_steps = 20;
   double sample_cfg = 3.0;
   uint64_t sample_seed = 0;
+  std::string vae;                   // latent models: VAE weights that decode the sample grids
 
   void validate() const;
 };

@@ -7,13 +7,17 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 
 #include "core/autocast.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "dist/dist.h"
+#include "dist/grad_sync.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
+#include "data/latent_source.h"
 
 #include <nlohmann/json.hpp>
 #include <unistd.h>
@@ -88,21 +92,82 @@ std::string final_checkpoint_path(const TrainConfig& cfg) {
   return fmt::format("{}/checkpoints/step-{:07d}.safetensors", cfg.out, cfg.steps);
 }
 
-// ---- trainer ---------------------------------------------------------------------------
+// ---- per-sample randomness --------------------------------------------------------------
 
-Trainer::Trainer(TrainConfig cfg, c10::Device device)
-    : cfg_(std::move(cfg)), device_(device),
-      gen_(at::make_generator<at::CPUGeneratorImpl>(cfg_.seed)) {
-  cfg_.validate();
+static uint64_t mix64(uint64_t x) {  // splitmix64's finaliser
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+SampleDraws draw_samples(uint64_t seed, int64_t step, int64_t first, int64_t n,
+                         c10::IntArrayRef sample_shape, int64_t tokens, bool masked,
+                         double caption_dropout) {
+  std::vector<Tensor> keep, rn, noise, mask;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t key = mix64(mix64(mix64(seed) ^ static_cast<uint64_t>(step)) ^ static_cast<uint64_t>(first + i));
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(key);
+    keep.push_back(at::rand({1}, gen));
+    rn.push_back(at::randn({1}, gen));
+    noise.push_back(at::randn(sample_shape, gen));
+    if (masked) mask.push_back(at::rand({tokens}, gen));
+  }
+  SampleDraws d;
+  d.keep = (at::cat(keep) >= caption_dropout).to(at::kFloat);
+  d.rnd_normal = at::cat(rn).view({n, 1, 1, 1});
+  d.noise = at::stack(noise);
+  if (masked) d.mask_noise = at::stack(mask);
+  return d;
+}
+
+// ---- data ------------------------------------------------------------------------------
+
+// The training set: our shards (`microdit prepare` on pixels), or one or more latent MDS
+// folders (the reference's precomputed latents, or `microdit prepare --vae`), told apart by
+// their index.json. Sets the caption length, the text encoder and the latent space recorded
+// in checkpoints.
+void Trainer::open_data() {
+  const std::vector<std::string> dirs = cfg_.shard_dirs.empty() ? std::vector<std::string>{cfg_.shards}
+                                                                : cfg_.shard_dirs;
+  const auto& m = cfg_.model;
+  if (is_mds_dir(dirs.front())) {
+    const int image_size = cfg_.image_size > 0 ? cfg_.image_size : 8 * static_cast<int>(m.input_size);
+    mds_ = std::make_unique<LatentMDSSource>(dirs, image_size, m.caption_channels);
+    const auto& is = mds_->image_shape();
+    MD_CHECK(is[0] == m.in_channels && is[1] == m.input_size && is[2] == m.input_size,
+             "{}: column {} holds latents of shape [{}] but the model takes [{}, {}, {}]", dirs.front(),
+             mds_->column(), fmt::join(is, ", "), m.in_channels, m.input_size, m.input_size);
+    caption_len_ = mds_->caption_shape()[0];
+    const auto& info = mds_->info();
+    encoder_ = info.encoder.empty() ? cfg_.text_encoder : info.encoder;
+    latent_scale_ = cfg_.latent_scale > 0 ? cfg_.latent_scale
+                    : info.scaling_factor > 0 ? info.scaling_factor : 0.13025;
+    latent_image_size_ = image_size;
+    if (!cfg_.val_shards.empty()) {  // validation: the first val_batches x batch_size samples
+      LatentMDSSource val(cfg_.val_shards, image_size, m.caption_channels);
+      MD_CHECK(val.image_shape() == mds_->image_shape() && val.caption_shape() == mds_->caption_shape(),
+               "{}: validation latents/captions differ in shape from the training set", cfg_.val_shards.front());
+      const int64_t n = std::min(val.size(), cfg_.val_batches * cfg_.batch_size);
+      std::vector<int64_t> ids(n);
+      for (int64_t i = 0; i < n; ++i) ids[i] = i;
+      val.gather(ids, val_.images, val_.captions);
+    }
+    MD_CHECK(cfg_.batch_size <= mds_->size(), "batch_size {} exceeds the {} training samples",
+             cfg_.batch_size, mds_->size());
+    return;
+  }
+  MD_CHECK(dirs.size() == 1, "{}: several data.shards folders are only read for latent MDS datasets",
+           dirs.front());
+  MD_CHECK(cfg_.val_shards.empty(), "data.val_shards is for latent MDS datasets; ours hold a val split");
   const auto idx = read_shard_index(cfg_.shards);
-  MD_CHECK(idx.image_shape.size() == 3 && idx.image_shape[0] == cfg_.model.in_channels &&
-               idx.image_shape[1] == cfg_.model.input_size && idx.image_shape[2] == cfg_.model.input_size,
+  MD_CHECK(idx.image_shape.size() == 3 && idx.image_shape[0] == m.in_channels &&
+               idx.image_shape[1] == m.input_size && idx.image_shape[2] == m.input_size,
            "shards hold images of shape [{}] but the model takes [{}, {}, {}]",
-           fmt::join(idx.image_shape, ", "), cfg_.model.in_channels, cfg_.model.input_size,
-           cfg_.model.input_size);
-  MD_CHECK(idx.caption_shape.size() == 2 && idx.caption_shape[1] == cfg_.model.caption_channels,
+           fmt::join(idx.image_shape, ", "), m.in_channels, m.input_size, m.input_size);
+  MD_CHECK(idx.caption_shape.size() == 2 && idx.caption_shape[1] == m.caption_channels,
            "shards hold captions {} wide but the model takes caption_channels {}",
-           idx.caption_shape.size() == 2 ? idx.caption_shape[1] : -1, cfg_.model.caption_channels);
+           idx.caption_shape.size() == 2 ? idx.caption_shape[1] : -1, m.caption_channels);
   caption_len_ = idx.caption_shape[0];
   encoder_ = idx.encoder;
   if (cfg_.stream_window > 0) train_stream_ = open_stream(cfg_.shards, cfg_.train_split, cfg_.stream_window);
@@ -111,6 +176,18 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device)
   const int64_t n_train = cfg_.stream_window > 0 ? train_stream_.size() : train_.size();
   MD_CHECK(cfg_.batch_size <= n_train, "batch_size {} exceeds the {} training samples",
            cfg_.batch_size, n_train);
+}
+
+// ---- trainer ---------------------------------------------------------------------------
+
+Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
+    : cfg_(std::move(cfg)), device_(device), comm_(comm && comm->world() > 1 ? comm : nullptr) {
+  cfg_.validate();
+  if (comm_) rank_ = comm_->rank(), world_ = comm_->world();
+  MD_CHECK(cfg_.batch_size % (world_ * cfg_.grad_accum) == 0,
+           "train.batch_size {} is not divisible by {} ranks x train.grad_accum {}", cfg_.batch_size,
+           world_, cfg_.grad_accum);
+  open_data();
 
   torch::manual_seed(cfg_.seed);  // model initialisation
   model_ = MicroDiT(cfg_.model);
@@ -133,24 +210,70 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device)
   }
   model_->to(device_);
   model_->train();
-  opt_ = std::make_unique<torch::optim::AdamW>(
-      model_->parameters(), torch::optim::AdamWOptions(cfg_.lr)
-                                .betas({cfg_.betas[0], cfg_.betas[1]})
-                                .eps(cfg_.eps)
-                                .weight_decay(cfg_.weight_decay));
-  if (cfg_.ema_decay > 0) ema_ = std::make_unique<EMA>(*model_, cfg_.ema_decay, cfg_.ema_start);
-  MD_CHECK(make_dirs(checkpoint_dir(cfg_.out)), "{}: cannot create the run folder", cfg_.out);
+  const auto adamw = torch::optim::AdamWOptions(cfg_.lr)
+                         .betas({cfg_.betas[0], cfg_.betas[1]})
+                         .eps(cfg_.eps)
+                         .weight_decay(cfg_.weight_decay);
+  if (comm_) {  // parameters move into flat buffers; rank 0's weights win
+    dist::GradSyncOptions so;
+    so.bucket_bytes = static_cast<int64_t>(cfg_.bucket_mb * (1 << 20));
+    so.first_bucket_bytes = std::min<int64_t>(so.bucket_bytes, 1 << 20);
+    so.shard = cfg_.shard_optimizer;
+    so.adamw = adamw;
+    sync_ = std::make_unique<dist::GradSync>(*model_, *comm_, so);
+    sync_->skip_average = std::getenv("MICRODIT_TEST_NO_AVERAGE") != nullptr;  // negative control
+    sync_->broadcast_params();
+  }
+  if (!sync_ || !cfg_.shard_optimizer) opt_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), adamw);
+  // EMA weights are only written by rank 0.
+  if (cfg_.ema_decay > 0 && rank_ == 0) ema_ = std::make_unique<EMA>(*model_, cfg_.ema_decay, cfg_.ema_start);
+  if (rank_ == 0) MD_CHECK(make_dirs(checkpoint_dir(cfg_.out)), "{}: cannot create the run folder", cfg_.out);
 }
 
 Trainer::~Trainer() = default;
 
+std::string Trainer::parallel_summary() const {
+  if (!comm_) return "";
+  std::string s = fmt::format("data parallel: {} ranks ({}), {} samples per rank per step, {} gradient buckets",
+                              world_, comm_->backend_name(), cfg_.batch_size / world_, sync_->buckets());
+  if (cfg_.shard_optimizer)
+    s += fmt::format("; sharded AdamW: moments {:.1f} MB per rank instead of {:.1f} MB (saves {:.1f} MB)",
+                     sync_->moment_bytes() / 1e6, sync_->unsharded_moment_bytes() / 1e6,
+                     (sync_->unsharded_moment_bytes() - sync_->moment_bytes()) / 1e6);
+  return s;
+}
+
+// The space the model was trained in, for sampling: pixels, or a VAE's scaled latents.
+std::string Trainer::latent_json() const {
+  nlohmann::json j;
+  if (latent_scale_ > 0) {
+    j = {{"space", "vae"}, {"scaling_factor", latent_scale_}, {"channels", cfg_.model.in_channels},
+         {"image_size", latent_image_size_}};
+    if (!cfg_.vae.empty()) j["vae"] = cfg_.vae;
+  } else {
+    j = {{"space", "pixels"}};
+  }
+  return j.dump();
+}
+
 void Trainer::save_checkpoint() {
+  std::map<std::string, std::pair<Tensor, Tensor>> sharded;
+  if (!opt_) sharded = sync_->gather_moments();  // a collective: every rank takes part
+  if (rank_ != 0) return;
   NamedTensors t;
   for (const auto& [k, v] : state_dict(*model_)) t.emplace_back("model." + k, v);
   if (ema_)
     for (const auto& [k, v] : ema_->tensors()) t.emplace_back("ema." + k, v);
   int64_t adam_step = 0;
   for (const auto& p : model_->named_parameters()) {
+    if (!opt_) {
+      auto it = sharded.find(p.key());
+      if (it == sharded.end()) continue;
+      t.emplace_back("optim." + p.key() + ".exp_avg", it->second.first);
+      t.emplace_back("optim." + p.key() + ".exp_avg_sq", it->second.second);
+      adam_step = sync_->adam_step();
+      continue;
+    }
     auto it = opt_->state().find(p.value().unsafeGetTensorImpl());
     if (it == opt_->state().end()) continue;
     auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
@@ -158,7 +281,6 @@ void Trainer::save_checkpoint() {
     t.emplace_back("optim." + p.key() + ".exp_avg_sq", s.exp_avg_sq());
     adam_step = s.step();
   }
-  t.emplace_back("rng.train", gen_.get_state());
   const std::string path =
       fmt::format("{}/step-{:07d}.safetensors", checkpoint_dir(cfg_.out), state_.step);
   write_safetensors(path, t,
@@ -170,6 +292,7 @@ void Trainer::save_checkpoint() {
                      {"adam_step", std::to_string(adam_step)},
                      {"caption_len", std::to_string(caption_len_)},
                      {"text_encoder", encoder_},
+                     {"latent", latent_json()},
                      {"sigma_data", fmt::format("{}", cfg_.edm.sigma_data)},
                      {"train_config", train_config_to_yaml(cfg_)},
                      {"microdit_config", config_to_yaml(cfg_.model)}});
@@ -195,7 +318,17 @@ bool Trainer::resume() {
   load_state_dict(*model_, model, {}, path);
   if (ema_) ema_->load(ema);
   const int64_t adam_step = std::stoll(f.metadata.at("adam_step"));
+  if (sync_) sync_->params_changed();
+  if (!opt_) {  // sharded: every rank takes its slices of the full moments
+    std::map<std::string, std::pair<Tensor, Tensor>> moments;
+    for (const auto& p : model_->named_parameters()) {
+      auto a = rest.find("optim." + p.key() + ".exp_avg"), b = rest.find("optim." + p.key() + ".exp_avg_sq");
+      if (a != rest.end() && b != rest.end()) moments[p.key()] = {a->second.to(device_), b->second.to(device_)};
+    }
+    sync_->load_moments(moments, adam_step);
+  }
   for (const auto& p : model_->named_parameters()) {
+    if (!opt_) break;
     auto a = rest.find("optim." + p.key() + ".exp_avg"), b = rest.find("optim." + p.key() + ".exp_avg_sq");
     if (a == rest.end() || b == rest.end()) continue;
     auto s = std::make_unique<torch::optim::AdamWParamState>();
@@ -204,11 +337,13 @@ bool Trainer::resume() {
     s->exp_avg_sq(b->second.to(p.value().device()));
     opt_->state()[p.value().unsafeGetTensorImpl()] = std::move(s);
   }
-  MD_CHECK(rest.count("rng.train"), "{}: checkpoint lacks the random generator state", path);
-  gen_.set_state(rest.at("rng.train"));
+  // Training draws are keyed by (seed, step, sample), so no generator state is needed
+  // (checkpoints of earlier versions hold an unused "rng.train").
   state_.step = std::stoll(f.metadata.at("step"));
   state_.epoch = std::stoll(f.metadata.at("epoch"));
   state_.position = std::stoll(f.metadata.at("position"));
+  if (comm_) comm_->barrier();  // everyone has read the checkpoint before rank 0 writes again
+  if (rank_ != 0) return true;
   // Keep the metrics written up to this checkpoint, drop those of the lost steps.
   const std::string metrics = cfg_.out + "/metrics.jsonl";
   std::ifstream in(metrics);
@@ -224,39 +359,42 @@ bool Trainer::resume() {
 }
 
 void Trainer::log_metrics(const std::string& line) {
+  if (rank_ != 0) return;
   std::ofstream(cfg_.out + "/metrics.jsonl", std::ios::app) << line << "\n";
 }
 
 double Trainer::train_step(const Batch& b) {
-  const int64_t B = b.images.size(0), micro = B / cfg_.grad_accum;
+  const int64_t B = b.images.size(0), micro = B / cfg_.grad_accum;  // this rank's rows
   const int64_t T = cfg_.model.num_tokens();
-  opt_->zero_grad();
+  const int64_t first = rank_ * B;  // global index of this rank's first sample in the batch
+  // Deferred masking, except in the last `unmasked_steps` steps (the paper's unmasked
+  // fine-tuning, which closes the gap to sampling, where every patch is seen).
+  const bool masked = cfg_.mask_ratio > 0 && state_.step < cfg_.steps - cfg_.unmasked_steps;
+  if (sync_) sync_->zero_grad();
+  else opt_->zero_grad();
   double total = 0;
   for (int64_t m = 0; m < cfg_.grad_accum; ++m) {
     auto x = b.images.narrow(0, m * micro, micro);
     auto y = b.captions.narrow(0, m * micro, micro).unsqueeze(1);  // (b, 1, L, W)
-    // Draws on the CPU generator, in a fixed order, so a resumed run repeats them exactly.
-    auto keep = (at::rand({micro}, gen_) >= cfg_.caption_dropout).to(at::kFloat);
+    auto r = draw_samples(cfg_.seed, state_.step, first + m * micro, micro, x.sizes().slice(1), T, masked,
+                          cfg_.caption_dropout);
     LossDraws d;
-    d.rnd_normal = at::randn({micro, 1, 1, 1}, gen_);
-    d.noise = at::randn(x.sizes(), gen_);
-    // Deferred masking, except in the last `unmasked_steps` steps (the paper's unmasked
-    // fine-tuning, which closes the gap to sampling, where every patch is seen).
-    const bool masked = cfg_.mask_ratio > 0 && state_.step < cfg_.steps - cfg_.unmasked_steps;
-    if (masked) {
-      auto noise = at::rand({micro, T}, gen_).to(device_);
-      d.mask = mask_from_noise(noise, cfg_.model.kept_tokens(cfg_.mask_ratio));
-    }
-    y = y * keep.view({micro, 1, 1, 1});
-    d.rnd_normal = d.rnd_normal.to(device_);
-    d.noise = d.noise.to(device_);
+    d.rnd_normal = r.rnd_normal.to(device_);
+    d.noise = r.noise.to(device_);
+    if (masked) d.mask = mask_from_noise(r.mask_noise.to(device_), cfg_.model.kept_tokens(cfg_.mask_ratio));
+    y = y * r.keep.view({micro, 1, 1, 1});
     Tensor loss;
     {
       AutocastGuard autocast(device_.type(), cfg_.bf16);
       loss = edm_loss(*model_, x.to(device_), y.to(device_), d, cfg_.edm);
     }
+    if (sync_) sync_->begin_backward(/*sync=*/m + 1 == cfg_.grad_accum);
     (loss / static_cast<double>(cfg_.grad_accum)).backward();
     total += loss.item<double>() / cfg_.grad_accum;
+  }
+  if (sync_) {
+    sync_->finish();
+    total = comm_->sum(total) / world_;  // every sample's loss has the same weight
   }
   return total;
 }
@@ -289,27 +427,43 @@ double Trainer::validation_loss() {
 
 void Trainer::run(int64_t stop_at) {
   const int64_t end = stop_at > 0 ? std::min(stop_at, cfg_.steps) : cfg_.steps;
-  auto loader = cfg_.stream_window > 0
+  auto loader = mds_ ? std::make_unique<BatchLoader>(*mds_, cfg_.batch_size, cfg_.seed, state_.epoch,
+                                                    state_.position, 4, rank_, world_)
+                : cfg_.stream_window > 0
                     ? std::make_unique<BatchLoader>(train_stream_, cfg_.batch_size, cfg_.seed, state_.epoch,
-                                                    state_.position)
+                                                    state_.position, 4, rank_, world_)
                     : std::make_unique<BatchLoader>(train_, cfg_.batch_size, cfg_.seed, state_.epoch,
-                                                    state_.position);
+                                                    state_.position, 4, rank_, world_);
+  // Test only: this rank dies before the given step (fault handling of data-parallel jobs).
+  const char* crash_rank = std::getenv("MICRODIT_TEST_CRASH_RANK");
+  const char* crash_step = std::getenv("MICRODIT_TEST_CRASH_STEP");
   const int64_t start = state_.step;
   auto t0 = std::chrono::steady_clock::now();
-  const bool tty = ::isatty(::fileno(stdout));
-  if (start == 0) {
+  const bool tty = rank_ == 0 && ::isatty(::fileno(stdout));
+  if (start == 0 && rank_ == 0) {
     const double v = validation_loss();
     if (!std::isnan(v)) log_metrics(fmt::format(R"({{"step": 0, "val_loss": {:.6f}}})", v));
   }
   double ema_loss = NAN;
   while (state_.step < end) {
+    if (crash_rank && crash_step && std::atoi(crash_rank) == rank_ && std::atoll(crash_step) == state_.step) {
+      fmt::print(stderr, "rank {}: MICRODIT_TEST_CRASH_RANK: exiting before step {}\n", rank_, state_.step + 1);
+      std::_Exit(3);
+    }
     const double lr = learning_rate(cfg_, state_.step);
-    for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
+    if (opt_)
+      for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     Batch b = loader->next();
     const double loss = train_step(b);
-    double gnorm = NAN;
-    if (cfg_.grad_clip > 0) gnorm = torch::nn::utils::clip_grad_norm_(model_->parameters(), cfg_.grad_clip);
-    opt_->step();
+    double gnorm = NAN;  // global, before clipping
+    if (opt_) {
+      if (cfg_.grad_clip > 0) gnorm = torch::nn::utils::clip_grad_norm_(model_->parameters(), cfg_.grad_clip);
+      opt_->step();
+    } else {
+      gnorm = sync_->sharded_grad_norm();
+      if (cfg_.grad_clip > 0) sync_->sharded_clip(cfg_.grad_clip, gnorm);
+      sync_->sharded_step(lr);
+    }
     ++state_.step;
     state_.epoch = b.epoch;
     state_.position = b.position;
@@ -320,22 +474,22 @@ void Trainer::run(int64_t stop_at) {
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double ips = (state_.step - start) * cfg_.batch_size / secs;
     const double eta = (cfg_.steps - state_.step) * cfg_.batch_size / std::max(ips, 1e-9);
-    if (state_.step % cfg_.log_every == 0 || state_.step == cfg_.steps) {
-      log_metrics(fmt::format(R"({{"step": {}, "loss": {:.6f}, "lr": {:.4e}, "grad_norm": {:.4f}, "images_per_s": {:.2f}, "epoch": {}}})",
+    if (rank_ == 0 && (state_.step % cfg_.log_every == 0 || state_.step == cfg_.steps)) {
+      log_metrics(fmt::format(R"({{"step": {}, "loss": {:.9g}, "lr": {:.4e}, "grad_norm": {:.9g}, "images_per_s": {:.2f}, "epoch": {}}})",
                               state_.step, loss, lr, gnorm, ips, b.epoch));
       fmt::print("{}step {}/{}  loss {:.4f}  lr {:.2e}  {:.1f} img/s  ETA {:02d}:{:02d}{}", tty ? "\r" : "",
                  state_.step, cfg_.steps, ema_loss, lr, ips, static_cast<int>(eta) / 60,
                  static_cast<int>(eta) % 60, tty ? "   " : "\n");
       std::fflush(stdout);
     }
-    if (cfg_.val_every > 0 && state_.step % cfg_.val_every == 0) {
+    if (rank_ == 0 && cfg_.val_every > 0 && state_.step % cfg_.val_every == 0) {
       const double v = validation_loss();
       if (!std::isnan(v)) {
         log_metrics(fmt::format(R"({{"step": {}, "val_loss": {:.6f}}})", state_.step, v));
         fmt::print("{}step {}  validation loss {:.4f}\n", tty ? "\n" : "", state_.step, v);
       }
     }
-    if (on_sample && cfg_.sample_every > 0 && state_.step % cfg_.sample_every == 0) {
+    if (rank_ == 0 && on_sample && cfg_.sample_every > 0 && state_.step % cfg_.sample_every == 0) {
       if (ema_) ema_->swap_into(*model_);
       model_->eval();
       on_sample(*model_, state_.step);
@@ -345,7 +499,7 @@ void Trainer::run(int64_t stop_at) {
     if (state_.step % cfg_.checkpoint_every == 0 || state_.step == end) save_checkpoint();
   }
   if (tty) fmt::print("\n");
-  if (on_finish && state_.step == cfg_.steps) on_finish(cfg_.out + "/metrics.jsonl");
+  if (rank_ == 0 && on_finish && state_.step == cfg_.steps) on_finish(cfg_.out + "/metrics.jsonl");
 }
 
 }  // namespace microdit

@@ -1,6 +1,8 @@
 // The training loop: EDM loss with deferred masking on precomputed shards, caption dropout,
 // AdamW with warm-up + cosine/constant schedule, global-norm clipping, EMA, gradient
 // accumulation, optional bf16 autocast, atomic checkpoints that resume bit-for-bit.
+// Data parallel with a dist::Comm: each rank takes its part of every global batch, gradients are
+// averaged by dist::GradSync (optionally with a sharded AdamW); rank 0 alone logs and writes.
 #pragma once
 #include <c10/core/Device.h>
 #include <torch/optim/adamw.h>
@@ -8,6 +10,7 @@
 #include <functional>
 #include <memory>
 
+#include "data/latent_source.h"
 #include "data/shards.h"
 #include "io/safetensors.h"
 #include "model/microdit.h"
@@ -43,9 +46,28 @@ class EMA {
 std::string latest_checkpoint(const std::string& out_dir);  // "" when none
 std::string final_checkpoint_path(const TrainConfig& cfg);    // the one written at train.steps
 
+namespace dist {
+class Comm;
+class GradSync;
+}  // namespace dist
+
+// The per-sample randomness of `n` samples of a step: sample g (its index in the step's global
+// batch, first..first+n-1) draws from its own generator seeded by (seed, step, g), so the draws
+// do not depend on how the batch is split across ranks and micro-batches.
+struct SampleDraws {
+  Tensor keep;        // (n) 1 keeps the caption, 0 drops it
+  Tensor rnd_normal;  // (n, 1, 1, 1)
+  Tensor noise;       // (n, C, H, W)
+  Tensor mask_noise;  // (n, T) when masked
+};
+SampleDraws draw_samples(uint64_t seed, int64_t step, int64_t first, int64_t n,
+                         c10::IntArrayRef sample_shape, int64_t tokens, bool masked,
+                         double caption_dropout);
+
 class Trainer {
  public:
-  Trainer(TrainConfig cfg, c10::Device device);
+  // comm: null (or world 1) trains in this process alone.
+  Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm = nullptr);
   ~Trainer();
   // Continue from the newest checkpoint in cfg.out (returns false when there is none).
   bool resume();
@@ -61,7 +83,11 @@ class Trainer {
   std::function<void(const std::string& metrics_path)> on_finish;
 
   double validation_loss();
+  // With a sharded optimizer a collective: every rank calls it, rank 0 writes.
   void save_checkpoint();
+  bool is_main() const { return rank_ == 0; }
+  // One line on the data-parallel setup ("" for a single process).
+  std::string parallel_summary() const;
 
  private:
   double train_step(const Batch& b);
@@ -69,11 +95,18 @@ class Trainer {
   TrainConfig cfg_;
   c10::Device device_;
   MicroDiT model_{nullptr};
-  std::unique_ptr<torch::optim::AdamW> opt_;
+  std::unique_ptr<torch::optim::AdamW> opt_;  // null with a sharded optimizer (in sync_)
+  dist::Comm* comm_ = nullptr;
+  std::unique_ptr<dist::GradSync> sync_;
+  int rank_ = 0, world_ = 1;
   std::unique_ptr<EMA> ema_;
   ShardSet train_, val_;  // train_ stays empty when it is streamed (data.stream_window > 0)
   ShardStream train_stream_;
-  at::Generator gen_;  // all training randomness: dropout, sigma, noise, masks
+  std::unique_ptr<LatentMDSSource> mds_;  // set when training on latent MDS folders
+  double latent_scale_ = 0;               // > 0: a latent model (the VAE scaling factor)
+  int latent_image_size_ = 0;
+  void open_data();
+  std::string latent_json() const;
   TrainState state_;
   int64_t caption_len_ = 0;  // from the shards, saved so sampling encodes prompts alike
   std::string encoder_;
