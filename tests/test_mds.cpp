@@ -11,7 +11,9 @@
 #include <cstdlib>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <atomic>
 #include <random>
+#include <thread>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -403,6 +405,32 @@ TEST(MdsReader, CorruptFilesGiveOneLine) {
   d = edited("format", "\"format\": \"mds\"", "\"format\": \"json\"");
   EXPECT_NE(err(d).find("shard format 'json' (only MDS shards are read)"), std::string::npos) << err(d);
   for (const std::string& e : {err(fresh("ok"), 50), err(d)}) EXPECT_EQ(e.find('\n'), std::string::npos);
+}
+
+TEST(MdsReader, ThreadsAndFewOpenFiles) {
+  // Several threads, shard handles evicted while others use them, zstd shards decompressed
+  // on first use into a private folder.
+  MDSReadOptions opt;
+  opt.max_open_files = 2;
+  MDSDataset multi({kData + "mds_multi"}, opt), zstd({kData + "mds_zstd"}, opt);
+  const MDSDataset plain({kData + "mds_multi"});
+  std::vector<std::vector<std::string>> want;
+  for (int64_t i = 0; i < plain.size(); ++i) want.push_back(plain.get_raw(i));
+  const json& zv = fixtures()["datasets"]["zstd"]["payloads"];
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      for (int k = 0; k < 400; ++k) {
+        const int64_t i = rng() % want.size();
+        if (multi.get_raw(i) != want[i]) ++bad;
+        const int64_t j = rng() % 5;
+        if (zstd.get(j, "text") != unhex(zv[j][2]["hex"])) ++bad;
+      }
+    });
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
 }
 
 TEST(MdsReader, RandomDamageNeverCrashes) {
