@@ -10,7 +10,7 @@ set -euo pipefail
 VENV="${1:?usage: setup_data.sh VENV}"
 log() { printf '[setup-data] %s\n' "$*"; }
 
-PKGS=(diffusers==0.42.1 pillow==13.0.0)
+PKGS=(diffusers==0.42.1 pillow==13.0.0 pytorch-fid==0.3.0 scipy==1.17.1)  # pytorch-fid, scipy: FID parity (tools/make_fid_fixtures.py)
 STAMP="$VENV/.complete-data-$(printf '%s\n' "${PKGS[@]}" | sha1sum | cut -c1-12)"
 if [ ! -f "$STAMP" ]; then
   log "installing Python test tools: ${PKGS[*]}"
