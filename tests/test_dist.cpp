@@ -95,6 +95,24 @@ Run run(const std::string& dir, const std::string& name, const std::string& args
   return r;
 }
 
+// 64 random 8x8 samples (train) + 8 (val), and a 50-step config of a tiny fp32 model.
+void make_data(const std::string& dir) {
+  {
+    torch::manual_seed(7);
+    ShardWriter w(dir + "/shards", {3, 8, 8}, {5, 16}, "test", "[-1, 1] pixels", 16);
+    for (int i = 0; i < 72; ++i)
+      w.add(i % 9 == 0 ? "val" : "train", torch::rand({3, 8, 8}) * 2 - 1, torch::randn({5, 16}), "c" + std::to_string(i));
+    w.finish();
+  }
+  std::ofstream(dir + "/train.yaml")
+      << "model: {preset: MicroDiT_Pico_2, input_size: 8, in_channels: 3, caption_channels: 16, depth: 2, "
+         "patch_mixer_depth: 1}\n"
+      << "data: {shards: " << dir << "/shards, caption_dropout: 0.2}\n"
+      << "train: {steps: 50, batch_size: 8, mask_ratio: 0.5, unmasked_steps: 5, lr: 1.0e-3, warmup_steps: 5, "
+         "grad_clip: 2.0, bucket_mb: 0.25}\n"
+      << "run: {log_every: 1, checkpoint_every: 25, keep_last: 3, val_every: 0}\n";
+}
+
 }  // namespace
 
 TEST(Dist, EnvironmentFromTorchrunAndSlurm) {
@@ -144,20 +162,7 @@ TEST(Dist, EnvironmentFromTorchrunAndSlurm) {
 TEST(Dist, TwoGlooWorkersReproduceOneProcess) {
   if (!std::getenv("MICRODIT_BIN")) GTEST_SKIP() << "MICRODIT_BIN is not set (run through ctest)";
   TempDir dir;
-  {
-    torch::manual_seed(7);
-    ShardWriter w(dir.path + "/shards", {3, 8, 8}, {5, 16}, "test", "[-1, 1] pixels", 16);
-    for (int i = 0; i < 72; ++i)
-      w.add(i % 9 == 0 ? "val" : "train", torch::rand({3, 8, 8}) * 2 - 1, torch::randn({5, 16}), "c" + std::to_string(i));
-    w.finish();
-  }
-  std::ofstream(dir.path + "/train.yaml")
-      << "model: {preset: MicroDiT_Pico_2, input_size: 8, in_channels: 3, caption_channels: 16, depth: 2, "
-         "patch_mixer_depth: 1}\n"
-      << "data: {shards: " << dir.path << "/shards, caption_dropout: 0.2}\n"
-      << "train: {steps: 50, batch_size: 8, mask_ratio: 0.5, unmasked_steps: 5, lr: 1.0e-3, warmup_steps: 5, "
-         "grad_clip: 2.0, bucket_mb: 0.25}\n"
-      << "run: {log_every: 1, checkpoint_every: 25, keep_last: 3, val_every: 0}\n";
+  make_data(dir.path);
   const std::string one = "--threads 1", two = "--nproc 2";
   auto ref = run(dir.path, "w1", one);
   ASSERT_EQ(ref.rc, 0) << ref.output;
@@ -199,4 +204,59 @@ TEST(Dist, TwoGlooWorkersReproduceOneProcess) {
   const auto got = read_metrics(dir.path + "/no_average/metrics.jsonl");
   ASSERT_EQ(got.size(), 2u);
   EXPECT_NEAR(got[0].grad_norm / want[0].grad_norm, 2.0, 1e-3);
+}
+
+// torchrun (the wheel's, --no-python) and srun (simulated: SLURM variables only) start the same
+// job; a rank that hangs ends the job after --dist-timeout with the launcher naming a rank.
+TEST(Dist, TorchrunSlurmAndHangs) {
+  if (!std::getenv("MICRODIT_BIN")) GTEST_SKIP() << "MICRODIT_BIN is not set (run through ctest)";
+  TempDir dir;
+  make_data(dir.path);
+  const std::string steps = " train.steps=4 train.unmasked_steps=1";
+  auto ref = run(dir.path, "w1", "--threads 1" + steps);
+  ASSERT_EQ(ref.rc, 0) << ref.output;
+  const auto want = read_metrics(dir.path + "/w1/metrics.jsonl");
+  ASSERT_EQ(want.size(), 4u);
+
+  const std::string torchrun = std::string(MICRODIT_SOURCE_DIR) + "/.venv/bin/torchrun";
+  if (is_regular_file(torchrun)) {
+    const std::string bin = std::getenv("MICRODIT_BIN");
+    const std::string cmd = "cd " + dir.path + " && OMP_NUM_THREADS=1 '" + torchrun +
+                            "' --standalone --nproc-per-node 2 --no-python '" + bin + "' train --config train.yaml run.out=" +
+                            dir.path + "/tr" + steps + " > tr.log 2>&1";
+    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    const auto got = read_metrics(dir.path + "/tr/metrics.jsonl");
+    ASSERT_EQ(got.size(), 4u);
+    const auto [l, g] = max_rel(want, got, 4);
+    EXPECT_LT(l, 1e-5);
+    EXPECT_LT(g, 1e-5);
+  } else {
+    std::printf("SKIPPED the torchrun part: %s not found (scripts/setup.sh installs it)\n", torchrun.c_str());
+  }
+
+  const std::string bin = std::getenv("MICRODIT_BIN");
+  std::string slurm = "cd " + dir.path + " && (";
+  for (int r = 0; r < 2; ++r)
+    slurm += "env -u RANK -u WORLD_SIZE -u MASTER_ADDR SLURM_PROCID=" + std::to_string(r) +
+             " SLURM_NTASKS=2 SLURM_LOCALID=" + std::to_string(r) + " SLURM_JOB_NODELIST=localhost SLURM_JOB_ID=" +
+             std::to_string(::getpid() % 10000) + " MASTER_PORT=" + std::to_string(20000 + ::getpid() % 20000) +
+             " OMP_NUM_THREADS=1 '" + bin + "' train --config train.yaml run.out=" + dir.path + "/sl" + steps +
+             " > sl" + std::to_string(r) + ".log 2>&1 & ";
+  slurm += "wait)";
+  ASSERT_EQ(std::system(slurm.c_str()), 0);
+  const auto got = read_metrics(dir.path + "/sl/metrics.jsonl");
+  ASSERT_EQ(got.size(), 4u);
+  const auto [l, g] = max_rel(want, got, 4);
+  EXPECT_LT(l, 1e-5);
+  EXPECT_LT(g, 1e-5);
+
+  auto hang = run(dir.path, "hang", "--nproc 2 --dist-timeout 4" + steps,
+                  "MICRODIT_TEST_CRASH_RANK=1 MICRODIT_TEST_CRASH_STEP=2 MICRODIT_TEST_HANG=1");
+  EXPECT_NE(hang.rc, 0);
+  EXPECT_LT(hang.seconds, 40);
+  // Gloo says "Timed out waiting ..." or "Application timeout caused pair closure".
+  EXPECT_TRUE(hang.output.find("Timed out") != std::string::npos || hang.output.find("timeout") != std::string::npos)
+      << hang.output;
+  EXPECT_NE(hang.output.find("error: rank 0 of 2 exited with code 1; the other ranks were stopped"), std::string::npos)
+      << hang.output;
 }

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <thread>
 
 #include "core/autocast.h"
 #include "core/error.h"
@@ -447,6 +448,10 @@ void Trainer::run(int64_t stop_at) {
   double ema_loss = NAN;
   while (state_.step < end) {
     if (crash_rank && crash_step && std::atoi(crash_rank) == rank_ && std::atoll(crash_step) == state_.step) {
+      if (std::getenv("MICRODIT_TEST_HANG")) {  // a rank that hangs instead of dying
+        fmt::print(stderr, "rank {}: MICRODIT_TEST_HANG: hanging before step {}\n", rank_, state_.step + 1);
+        for (;;) std::this_thread::sleep_for(std::chrono::seconds(1));
+      }
       fmt::print(stderr, "rank {}: MICRODIT_TEST_CRASH_RANK: exiting before step {}\n", rank_, state_.step + 1);
       std::_Exit(3);
     }
