@@ -82,6 +82,27 @@ TEST(VaeStructure, NonSquareAndOddSizes) {
   EXPECT_EQ(vae->encode(torch::randn({1, 3, 66, 45})).mean.sizes().vec(), (std::vector<int64_t>{1, 4, 8, 5}));
 }
 
+TEST(VaeStructure, PhaseUpsampleEqualsUpsampleThenConv) {
+  torch::manual_seed(3);
+  vae::Upsample up(6);
+  torch::NoGradGuard no_grad;
+  for (auto cl : {false, true}) {
+    auto x = torch::randn({2, 6, 5, 7});
+    if (cl) {
+      x = x.contiguous(at::MemoryFormat::ChannelsLast);
+      up->conv->weight.set_data(up->conv->weight.contiguous(at::MemoryFormat::ChannelsLast));
+    }
+    const auto fast = up->forward(x), ref = up->forward_reference(x);
+    EXPECT_EQ(fast.sizes().vec(), (std::vector<int64_t>{2, 6, 10, 14}));
+    EXPECT_EQ(fast.is_contiguous(at::MemoryFormat::ChannelsLast), cl);
+    EXPECT_LT((fast - ref).abs().max().item<double>(), 1e-5);
+  }
+  // A weight change after the first call is picked up (the merged taps are cached).
+  const auto x = torch::randn({1, 6, 4, 4});
+  up->conv->weight.mul_(-2);
+  EXPECT_LT((up->forward(x) - up->forward_reference(x)).abs().max().item<double>(), 1e-5);
+}
+
 TEST(VaeConfig, JsonFieldsAndErrors) {
   auto c = VAEConfig::from_json_text(
       R"({"_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "latent_channels": 16,
@@ -270,6 +291,12 @@ TEST(VaeParity, SmallRandomModelMatchesDiffusers) {
   EXPECT_LT(max_err(post.sample_with_noise(v.at("eps")), v.at("sample")), 1e-5);
   const auto dec = vae->decode(v.at("z"));
   EXPECT_LT(max_err(dec, v.at("decoded")), 1e-5);
+  // load_vae's CPU fast path (channels-last, phase upsampling) and diffusers' own order of work.
+  EXPECT_TRUE(vae->channels_last());
+  vae->set_channels_last(false);
+  vae->set_phase_upsample(false);
+  EXPECT_LT(max_err(vae->encode(v.at("x")).mean, v.at("mean")), 1e-5);
+  EXPECT_LT(max_err(vae->decode(v.at("z")), v.at("decoded")), 1e-5);
   // The comparison is not vacuous: the outputs are far from zero and from each other.
   EXPECT_GT(v.at("decoded").abs().max().item<double>(), 1.0);
   EXPECT_GT(max_err(post.mean, post.logvar), 0.1);

@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <chrono>
+#include <functional>
 
 #include "cli/commands.h"
 #include "core/device.h"
@@ -25,6 +26,8 @@ struct VaeOptions {
   bool sample = false;
   int64_t seed = 0;
   double tol = 1e-5;
+  int batch = 1, reps = 2;
+  bool nchw = false, reference_upsample = false;
 };
 
 c10::ScalarType parse_dtype(const std::string& s, const c10::Device& device) {
@@ -145,6 +148,46 @@ void run_parity(const VaeOptions& o) {
   MD_CHECK(ok, "{}: VAE output differs from the vectors by more than {}", o.vectors, o.tol);
 }
 
+
+// Images/s of encode and decode at one size and batch: the best of `reps` timed runs after an
+// untimed warm-up on a 64 px input (the figures in docs/vae.md; tools/bench_vae.py runs it).
+void run_bench(const VaeOptions& o) {
+  MD_CHECK(o.size >= 8 && o.size % 8 == 0, "--size must be a multiple of 8, got {}", o.size);
+  MD_CHECK(o.batch >= 1 && o.reps >= 1, "--batch and --reps must be >= 1");
+  auto l = load(o);
+  if (o.nchw) l.vae->set_channels_last(false);
+  if (o.reference_upsample) l.vae->set_phase_upsample(false);
+  const auto& c = l.vae->config();
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(0);
+  const auto x = (at::rand({o.batch, c.in_channels, o.size, o.size}, gen) * 2 - 1).to(l.device);
+  const int64_t h = o.size / c.downsample_factor();
+  const auto z = at::randn({o.batch, c.latent_channels, h, h}, gen).to(l.device);
+  auto sync = [&] {
+    if (l.device.is_cuda()) torch::cuda::synchronize();
+  };
+  const int64_t w = std::min(o.size, 64);
+  l.vae->decode(l.vae->encode(x.narrow(2, 0, w).narrow(3, 0, w)).mean);  // warm-up
+  sync();
+  auto best = [&](const std::function<void()>& f) {
+    double b = 1e30;
+    for (int r = 0; r < o.reps; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      f();
+      sync();
+      b = std::min(b, seconds_since(t0));
+    }
+    return b;
+  };
+  const double enc = best([&] { l.vae->encode(x); });
+  const double dec = best([&] { l.vae->decode(z); });
+  fmt::print("microdit vae {} px batch {} {} {}{}{} threads {}: encode {:.3f} s ({:.3f} img/s), decode {:.3f} s "
+             "({:.3f} img/s)\n",
+             o.size, o.batch, l.device.str(), c10::toString(l.vae->dtype()),
+             l.vae->channels_last() ? " channels-last" : " NCHW", o.reference_upsample ? " reference-upsample" : "",
+             at::get_num_threads(), enc,
+             o.batch / enc, dec, o.batch / dec);
+}
+
 }  // namespace
 
 void register_vae(CLI::App& app) {
@@ -184,6 +227,16 @@ void register_vae(CLI::App& app) {
       ->required();
   p->add_option("--tol", par->tol, "max |err| / max(1, max |ref|) per tensor")->capture_default_str();
   p->callback([par] { run_parity(*par); });
+
+  auto ben = std::make_shared<VaeOptions>();
+  auto* b = vae->add_subcommand("bench", "encode and decode images/s on random inputs");
+  add_common(b, *ben);
+  b->add_option("--size", ben->size, "image size (square)")->capture_default_str();
+  b->add_option("--batch", ben->batch, "images per call")->capture_default_str();
+  b->add_option("--reps", ben->reps, "timed runs (the best counts)")->capture_default_str();
+  b->add_flag("--nchw", ben->nchw, "keep NCHW memory layout (ablation)");
+  b->add_flag("--reference-upsample", ben->reference_upsample, "upsample, then 3x3 conv, as diffusers (ablation)");
+  b->callback([ben] { run_bench(*ben); });
 }
 
 }  // namespace microdit::cli

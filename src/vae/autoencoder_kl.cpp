@@ -201,13 +201,14 @@ AttentionImpl::AttentionImpl(int64_t channels, int64_t groups) {
 
 Tensor AttentionImpl::forward(const Tensor& x) {
   const auto B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  // (B, C, H, W) -> normalised tokens (B, 1, HW, C), token index y * W + x.
-  auto t = group_norm->forward(x).view({B, C, H * W}).transpose(1, 2);
+  // (B, C, H, W) -> normalised tokens (B, HW, C), token index y * W + x (a view when x is
+  // channels-last).
+  auto t = group_norm->forward(x).permute({0, 2, 3, 1}).reshape({B, H * W, C});
   auto q = to_q->forward(t).unsqueeze(1), k = to_k->forward(t).unsqueeze(1),
        v = to_v->forward(t).unsqueeze(1);
   auto o = at::scaled_dot_product_attention(q, k, v);  // one head, scale 1/sqrt(C)
   o = to_out0->forward(o.squeeze(1));                  // (B, HW, C)
-  o = o.transpose(1, 2).reshape({B, C, H, W});
+  o = o.view({B, H, W, C}).permute({0, 3, 1, 2});      // (B, C, H, W), channels-last strides
   if (at::GradMode::is_enabled()) return o + x;
   return o.add_(x);
 }
@@ -222,9 +223,50 @@ Tensor DownsampleImpl::forward(const Tensor& x) {
 UpsampleImpl::UpsampleImpl(int64_t channels) {
   conv = register_module("conv", vae::conv(channels, channels, 3));
 }
-Tensor UpsampleImpl::forward(const Tensor& x) {
+Tensor UpsampleImpl::forward_reference(const Tensor& x) {
   auto up = at::upsample_nearest2d(x, {x.size(2) * 2, x.size(3) * 2});
   return conv->forward(up);
+}
+
+Tensor UpsampleImpl::forward(const Tensor& x) {
+  if (!phase_conv || at::GradMode::is_enabled()) return forward_reference(x);
+  const Tensor& w = conv->weight;
+  if (!phase_weight_.defined() || phase_src_ != w.data_ptr() || phase_version_ != w._version() ||
+      phase_weight_.device() != w.device()) {
+    // Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows
+    // {i-1, i, i} (a = 0: taps [w0, w1 + w2] on rows i-1, i) or {i, i, i+1} (a = 1: taps
+    // [w0 + w1, w2] on rows i, i+1); the same along columns. Sums in float32.
+    const auto wf = w.to(at::kFloat);
+    auto merge = [](const Tensor& t, int64_t dim, int64_t phase) {  // 3 taps -> 2 along dim
+      auto t0 = t.select(dim, 0), t1 = t.select(dim, 1), t2 = t.select(dim, 2);
+      return phase == 0 ? at::stack({t0, t1 + t2}, dim) : at::stack({t0 + t1, t2}, dim);
+    };
+    std::vector<Tensor> k;
+    for (int64_t a = 0; a < 2; ++a) {
+      auto rows = merge(wf, 2, a);                                  // (C, C, 2, 3)
+      for (int64_t b = 0; b < 2; ++b) k.push_back(merge(rows, 3, b));  // (C, C, 2, 2)
+    }
+    phase_weight_ = at::cat(k, 0).to(w.scalar_type()).contiguous(w.suggest_memory_format());
+    phase_bias_ = conv->bias.repeat({4});
+    phase_src_ = w.data_ptr();
+    phase_version_ = w._version();
+  }
+  const auto B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  // Conv position (i + a, j + b) of the 1-padded input is phase (a, b)'s output (i, j).
+  auto y = at::conv2d(at::constant_pad_nd(x, {1, 1, 1, 1}, 0.0), phase_weight_, phase_bias_)
+               .unflatten(1, {2, 2, C});  // (B, 2, 2, C, H + 1, W + 1)
+  const bool cl = x.is_contiguous(at::MemoryFormat::ChannelsLast) && C > 1;
+  // Interleave the phases into (B, C, 2H, 2W), keeping x's memory format.
+  Tensor out = cl ? at::empty({B, H, 2, W, 2, C}, x.options()) : at::empty({B, C, H, 2, W, 2}, x.options());
+  for (int64_t a = 0; a < 2; ++a)
+    for (int64_t b = 0; b < 2; ++b) {
+      auto p = y.select(1, a).select(1, b).narrow(2, a, H).narrow(3, b, W);  // (B, C, H, W)
+      if (cl)
+        out.select(2, a).select(3, b).copy_(p.permute({0, 2, 3, 1}));
+      else
+        out.select(3, a).select(4, b).copy_(p);
+    }
+  return cl ? out.view({B, 2 * H, 2 * W, C}).permute({0, 3, 1, 2}) : out.view({B, C, 2 * H, 2 * W});
 }
 
 MidBlockImpl::MidBlockImpl(int64_t c, int64_t groups, bool add_attention) {
@@ -330,14 +372,29 @@ AutoencoderKLImpl::AutoencoderKLImpl(VAEConfig cfg) : cfg_(std::move(cfg)) {
 c10::Device AutoencoderKLImpl::device() const { return encoder->conv_in->weight.device(); }
 c10::ScalarType AutoencoderKLImpl::dtype() const { return encoder->conv_in->weight.scalar_type(); }
 
+void AutoencoderKLImpl::set_channels_last(bool on) {
+  torch::NoGradGuard no_grad;
+  const auto fmt = on ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  for (auto& p : parameters())
+    if (p.dim() == 4) p.set_data(p.contiguous(fmt));
+  channels_last_ = on;
+}
+
+void AutoencoderKLImpl::set_phase_upsample(bool on) {
+  for (auto& m : decoder->modules())
+    if (auto* u = m->as<vae::Upsample>()) u->phase_conv = on;
+}
+
 Posterior AutoencoderKLImpl::encode(const at::Tensor& x) {
   MD_CHECK(x.dim() == 4 && x.size(1) == cfg_.in_channels,
            "VAE encode: expected images of shape (B, {}, H, W), got {}", cfg_.in_channels, c10::str(x.sizes()));
   MD_CHECK(x.size(2) >= 2 && x.size(3) >= 2, "VAE encode: image too small: {}", c10::str(x.sizes()));
   torch::NoGradGuard no_grad;
-  auto h = encoder->forward(x.to(device(), dtype()));
+  auto h = x.to(device(), dtype());
+  if (channels_last_) h = h.contiguous(at::MemoryFormat::ChannelsLast);
+  h = encoder->forward(h);
   if (quant_conv) h = quant_conv->forward(h);
-  auto parts = h.chunk(2, 1);  // mean = channels [0, C), logvar = [C, 2C)
+  auto parts = h.contiguous().chunk(2, 1);  // mean = channels [0, C), logvar = [C, 2C)
   return Posterior{parts[0], parts[1].clamp(-30.0, 20.0)};
 }
 
@@ -347,8 +404,9 @@ at::Tensor AutoencoderKLImpl::decode(const at::Tensor& z) {
            c10::str(z.sizes()));
   torch::NoGradGuard no_grad;
   auto h = z.to(device(), dtype());
+  if (channels_last_) h = h.contiguous(at::MemoryFormat::ChannelsLast);
   if (post_quant_conv) h = post_quant_conv->forward(h);
-  return decoder->forward(h);
+  return decoder->forward(h).contiguous();
 }
 
 // ---- checkpoint names -------------------------------------------------------------------
@@ -502,6 +560,8 @@ AutoencoderKL load_vae(const std::string& path, c10::Device device, c10::ScalarT
   load_state_dict(*model, mapped.tensors, {}, weights);
   model->to(device, dtype);
   model->eval();
+  // Channels-last speeds up oneDNN's CPU convolutions (docs/vae.md); CUDA keeps the default.
+  model->set_channels_last(device.is_cpu());
   return model;
 }
 

@@ -79,11 +79,20 @@ struct DownsampleImpl : torch::nn::Module {
 };
 TORCH_MODULE(Downsample);
 
-// Nearest x2, then conv3x3 ("upsamplers.0.conv").
+// Nearest x2, then conv3x3 ("upsamplers.0.conv"). Without autograd it runs as the same
+// function in 2.25x fewer multiply-adds: each of the four output phases (row, column parity)
+// is a 2x2 conv of the small input whose taps are sums of the 3x3 taps (equal up to rounding).
 struct UpsampleImpl : torch::nn::Module {
   explicit UpsampleImpl(int64_t channels);
   Tensor forward(const Tensor& x);
+  Tensor forward_reference(const Tensor& x);  // interpolate, then the 3x3 conv
   torch::nn::Conv2d conv{nullptr};
+  bool phase_conv = true;  // false: always forward_reference
+
+ private:
+  Tensor phase_weight_, phase_bias_;  // (4C, C, 2, 2), (4C): cached, rebuilt when conv changes
+  const void* phase_src_ = nullptr;
+  int64_t phase_version_ = -1;
 };
 TORCH_MODULE(Upsample);
 
@@ -143,6 +152,12 @@ class AutoencoderKLImpl : public torch::nn::Module {
   // The device and dtype of the weights (inputs are moved/cast to them by encode/decode).
   c10::Device device() const;
   c10::ScalarType dtype() const;
+  // Keeps 4-D weights and activations in channels-last (NHWC) memory: oneDNN's convolutions
+  // then need no layout reorders. Same results up to summation order.
+  void set_channels_last(bool on);
+  bool channels_last() const { return channels_last_; }
+  // The decoder's upsamplers as four 2x2 phase convs (default) or as diffusers computes them.
+  void set_phase_upsample(bool on);
 
   vae::Encoder encoder{nullptr};
   vae::Decoder decoder{nullptr};
@@ -150,6 +165,7 @@ class AutoencoderKLImpl : public torch::nn::Module {
 
  private:
   VAEConfig cfg_;
+  bool channels_last_ = false;
 };
 TORCH_MODULE(AutoencoderKL);
 
