@@ -11,7 +11,8 @@ APT_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3-venv
   libyaml-cpp-dev nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev libpng-dev libicu-dev zlib1g-dev
   libfreetype-dev libharfbuzz-dev fonts-noto-color-emoji unicode-data fonts-dejavu-core
-  libturbojpeg0-dev libjpeg62-turbo-dev libwebp-dev libzstd-dev libarchive-dev libgloo-dev libssl-dev)
+  libturbojpeg0-dev libjpeg62-turbo-dev libwebp-dev libzstd-dev libarchive-dev libgloo-dev libssl-dev
+  libcpp-httplib-dev chromium curl)  # microdit serve; its browser and API tests
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${MICRODIT_BUILD_DIR:-$ROOT/build}"

@@ -19,6 +19,7 @@ void register_prepare(CLI::App& app);
 void register_train(CLI::App& app);
 void register_bench_dist(CLI::App& app);
 void register_sample(CLI::App& app);
+void register_serve(CLI::App& app);
 void register_dataset(CLI::App& app);
 void register_encode_text(CLI::App& app);
 void register_eval_colour(CLI::App& app);

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   microdit::cli::register_train(app);
   microdit::cli::register_bench_dist(app);
   microdit::cli::register_sample(app);
+  microdit::cli::register_serve(app);
   microdit::cli::register_dataset(app);
   microdit::cli::register_encode_text(app);
   microdit::cli::register_eval_colour(app);

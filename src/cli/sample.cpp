@@ -10,6 +10,7 @@
 #include "core/progress.h"
 #include "data/image.h"
 #include "eval/sampling.h"
+#include "eval/sampling_limits.h"
 #include "io/checkpoint.h"
 #include "text/encoder.h"
 #include "vae/autoencoder_kl.h"
@@ -44,6 +45,10 @@ void run(const SampleOptions& o) {
   }
   MD_CHECK(!prompts.empty(), "give at least one --prompt or a --prompts file");
   MD_CHECK(o.per_prompt >= 1 && o.steps >= 1 && o.scale >= 1, "--n, --steps and --scale must be >= 1");
+  check_sampling_values(o.per_prompt, o.steps, o.cfg, o.seed);  // eval/sampling_limits.h
+  check_prompts(prompts, o.per_prompt);
+  MD_CHECK(o.scale <= SamplingLimits::kMaxScale && o.batch >= 1, "--scale must be in [1, {}] and --batch >= 1",
+           SamplingLimits::kMaxScale);
 
   auto sm = load_sampling_model(o.ckpt, device, o.no_ema);
   const auto& cfg = sm.model->config();

@@ -94,12 +94,15 @@ SafetensorsFile read_safetensors(const std::string& path) {
       Entry e{key, parse_dtype(v.at("dtype").get<std::string>(), path, key),
               v.at("shape").get<std::vector<int64_t>>(),
               v.at("data_offsets").at(0).get<uint64_t>(), v.at("data_offsets").at(1).get<uint64_t>()};
-      uint64_t numel = 1;
+      uint64_t numel = 1, bytes = 0;
       for (auto s : e.shape) {
         MD_CHECK(s >= 0, "{}: tensor '{}' has a negative dimension", path, key);
-        numel *= static_cast<uint64_t>(s);
+        MD_CHECK(!__builtin_mul_overflow(numel, static_cast<uint64_t>(s), &numel),
+                 "{}: tensor '{}' has shape {} whose element count overflows 64 bits", path, key, e.shape);
       }
-      const uint64_t bytes = numel * c10::elementSize(e.type);
+      MD_CHECK(!__builtin_mul_overflow(numel, c10::elementSize(e.type), &bytes) &&
+                   numel <= static_cast<uint64_t>(INT64_MAX),
+               "{}: tensor '{}' has shape {} whose size in bytes overflows 64 bits", path, key, e.shape);
       MD_CHECK(e.begin <= e.end && e.end - e.begin == bytes,
                "{}: tensor '{}' has {} bytes of data for shape/dtype needing {}", path, key,
                e.end - e.begin, bytes);
