@@ -3,6 +3,7 @@
 // byte-identical output, and mosaicml-streaming reading the result. A tiny random VAE in the
 // SDXL structure (tests/data/vae_small) and MiniLM (skipped visibly without its assets).
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 #include <torch/torch.h>
@@ -54,11 +55,20 @@ std::string fresh_dir(const std::string& name) {
 
 bool have_minilm() { return is_regular_file(text::minilm_dir() + "/vocab.txt"); }
 
+// One intra-op thread for the tiny models: LibTorch's spinning intra-op threads make a run
+// many times slower on a loaded 2-core machine, and one thread is plenty here.
+struct OneThread {
+  int saved = at::get_num_threads();
+  OneThread() { at::set_num_threads(1); }
+  ~OneThread() { at::set_num_threads(saved); }
+};
+
 #define NEED_ASSETS()                                                                       \
   do {                                                                                      \
     if (!have_minilm()) GTEST_SKIP() << "MiniLM assets not found (run scripts/setup.sh)";   \
     if (!is_regular_file(kVae + "/config.json")) GTEST_SKIP() << kVae << " not found";      \
-  } while (0)
+  } while (0);                                                                              \
+  OneThread one_thread_
 
 // Good items: {file name, fixture, caption}; images of assorted formats and sizes.
 struct Good {
@@ -351,7 +361,7 @@ TEST(PrepareLatents, ResumeAfterAKillIsByteIdentical) {
   const std::string d = fresh_dir("resume");
   make_folder(d + "/src", true);
   const std::string args = fmt::format(
-      "{} prepare --images {}/src --vae {} --sizes 16,32 --batch 3 --workers 2 --device cpu "
+      "{} prepare --images {}/src --vae {} --sizes 16,32 --batch 3 --workers 2 --threads 1 --device cpu "
       "--size-limit 130000 --out ",
       bin, d, kVae);
   ASSERT_EQ(run_status(args + d + "/full > " + d + "/full.log 2>&1"), 0) << slurp(d + "/full.log");
@@ -370,11 +380,8 @@ TEST(PrepareLatents, ResumeAfterAKillIsByteIdentical) {
   EXPECT_NE(log2.find("prepared 7 samples"), std::string::npos) << log2;
   expect_same_output(d + "/full", d + "/part");
   EXPECT_EQ(slurp(d + "/full/microdit.json"), slurp(d + "/part/microdit.json"));
-  const json ra = json::parse(slurp(d + "/full/prepare-report.json")),
-             rb = json::parse(slurp(d + "/part/prepare-report.json"));
-  EXPECT_EQ(ra["skipped_items"].size(), 5u);
-  EXPECT_EQ(ra["skipped_items"].dump().size(), rb["skipped_items"].dump().size());
-  EXPECT_EQ(ra["skipped_by_kind"], rb["skipped_by_kind"]);
+  EXPECT_EQ(json::parse(slurp(d + "/full/prepare-report.json"))["skipped_items"].size(), 5u);
+  EXPECT_EQ(slurp(d + "/full/prepare-report.json"), slurp(d + "/part/prepare-report.json"));
   ASSERT_EQ(run_status(args + d + "/part > " + d + "/part3.log 2>&1"), 0);
   EXPECT_NE(slurp(d + "/part3.log").find("nothing to do"), std::string::npos);
 }

@@ -728,7 +728,7 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
     s["kind"] = skip_kind(s["reason"].get<std::string>());
     ++by_kind[s["kind"].get<std::string>()];
   }
-  const json report = {{"source", o.source},  {"out", o.out},         {"items", items},
+  const json report = {{"source", o.source},  {"items", items},
                        {"written", written},  {"skipped", res.skipped}, {"skipped_by_kind", by_kind},
                        {"skipped_items", skipped}};
   write_json_atomic(report_path, report);
