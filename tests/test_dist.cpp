@@ -250,6 +250,16 @@ TEST(Dist, TorchrunSlurmAndHangs) {
   EXPECT_LT(l, 1e-5);
   EXPECT_LT(g, 1e-5);
 
+  // One rank through the data-parallel code path (process group, buckets, sharded AdamW).
+  auto forced = run(dir.path, "forced", "--threads 1 train.shard_optimizer=true" + steps,
+                    "MICRODIT_FORCE_PG=1 RANK=0 WORLD_SIZE=1 MASTER_PORT=" + std::to_string(20000 + (::getpid() + 7) % 20000));
+  ASSERT_EQ(forced.rc, 0) << forced.output;
+  EXPECT_NE(forced.output.find("data parallel: 1 ranks (Gloo)"), std::string::npos) << forced.output;
+  const auto one = read_metrics(dir.path + "/forced/metrics.jsonl");
+  ASSERT_EQ(one.size(), 4u);
+  EXPECT_LT(max_rel(want, one, 4).first, 1e-5);
+  EXPECT_LT(max_rel(want, one, 4).second, 1e-5);
+
   auto hang = run(dir.path, "hang", "--nproc 2 --dist-timeout 4" + steps,
                   "MICRODIT_TEST_CRASH_RANK=1 MICRODIT_TEST_CRASH_STEP=2 MICRODIT_TEST_HANG=1");
   EXPECT_NE(hang.rc, 0);

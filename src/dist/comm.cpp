@@ -73,6 +73,7 @@ Env env_from_environment() {
     e.master_port = env_int("MASTER_PORT", 20000 + env_int("SLURM_JOB_ID", 0) % 10000);
     e.restart = env_str("SLURM_RESTART_COUNT", "0");
   }
+  e.force = env_str("MICRODIT_FORCE_PG") == "1";
   MD_CHECK(e.world >= 1, "WORLD_SIZE {} must be >= 1", e.world);
   MD_CHECK(e.rank >= 0 && e.rank < e.world, "RANK {} is outside [0, WORLD_SIZE {})", e.rank, e.world);
   MD_CHECK(e.local_rank >= 0, "LOCAL_RANK {} must be >= 0", e.local_rank);

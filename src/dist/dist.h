@@ -22,7 +22,9 @@ struct Env {
   bool agent_store = false;   // torchrun: its agent serves the TCPStore, every worker is a client
   std::string restart = "0";  // TORCHELASTIC_RESTART_COUNT: keys of an earlier attempt are ignored
   std::string launcher;       // "env" (RANK/WORLD_SIZE, torchrun or microdit --nproc), "slurm", ""
-  bool distributed() const { return world > 1; }
+  bool force = false;         // MICRODIT_FORCE_PG=1: a process group even for one rank (to time
+                              // the data-parallel code path against the plain trainer)
+  bool distributed() const { return world > 1 || force; }
 };
 
 // RANK/WORLD_SIZE/LOCAL_RANK(/LOCAL_WORLD_SIZE) and MASTER_ADDR/MASTER_PORT; without RANK, SLURM's

@@ -182,7 +182,7 @@ void Trainer::open_data() {
 // ---- trainer ---------------------------------------------------------------------------
 
 Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
-    : cfg_(std::move(cfg)), device_(device), comm_(comm && comm->world() > 1 ? comm : nullptr) {
+    : cfg_(std::move(cfg)), device_(device), comm_(comm) {
   cfg_.validate();
   if (comm_) rank_ = comm_->rank(), world_ = comm_->world();
   MD_CHECK(cfg_.batch_size % (world_ * cfg_.grad_accum) == 0,

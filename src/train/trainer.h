@@ -66,7 +66,8 @@ SampleDraws draw_samples(uint64_t seed, int64_t step, int64_t first, int64_t n,
 
 class Trainer {
  public:
-  // comm: null (or world 1) trains in this process alone.
+  // comm: null trains in this process alone (the CLI passes one only for several ranks, or
+  // with MICRODIT_FORCE_PG=1).
   Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm = nullptr);
   ~Trainer();
   // Continue from the newest checkpoint in cfg.out (returns false when there is none).
