@@ -5,6 +5,9 @@
 #include <zlib.h>
 
 #include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <tuple>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -95,6 +98,27 @@ TEST(ImageIo, PreprocessRangeAndCrop) {
   const Image c303 = reference_resize_crop(t303, 256);
   EXPECT_EQ(std::vector<uint8_t>(t303.at(0, 24), t303.at(0, 24) + 768),
             std::vector<uint8_t>(c303.pixels.begin(), c303.pixels.begin() + 768));
+}
+
+TEST(ImageIo, CropWindowEqualsFullResizeThenCrop) {
+  // reference_resize_crop computes only the crop window of the resize: same pixels.
+  for (auto [w, h, s] : {std::tuple{9, 200, 64}, {200, 9, 64}, {100, 77, 50}, {33, 34, 64}}) {
+    const Image img = noise_image(w, h, 11);
+    const int nw = w <= h ? s : static_cast<int>(static_cast<double>(s) * w / h);
+    const int nh = w <= h ? static_cast<int>(static_cast<double>(s) * h / w) : s;
+    const Image full = pil_resize_bicubic(img, nw, nh);
+    auto half_even = [](int d) { return static_cast<int>(std::nearbyint(d / 2.0)); };  // FE_TONEAREST
+    const int left = half_even(nw - s), top = half_even(nh - s);
+    const Image crop = reference_resize_crop(img, s);
+    for (int y = 0; y < s; ++y)
+      ASSERT_EQ(std::memcmp(crop.at(0, y), full.at(left, top + y), static_cast<size_t>(s) * 3), 0)
+          << w << "x" << h << " row " << y;
+  }
+  // A very elongated image only costs its window: 1 x 30000 -> 512 x 15,360,000, cropped.
+  const Image thin = noise_image(1, 30000, 12);
+  const Image c = reference_resize_crop(thin, 512);
+  EXPECT_EQ(c.width, 512);
+  EXPECT_EQ(c.height, 512);
 }
 
 TEST(ImageIo, BicubicKeepsConstantsAndSize) {

@@ -279,16 +279,19 @@ struct Coeffs {
   std::vector<int32_t> k;    // per output: ksize fixed-point weights
 };
 
-Coeffs precompute_coeffs(int in_size, int out_size) {
+// Coefficients of outputs first .. first + count - 1 of an in_size -> out_size axis (each
+// output's taps depend on its index only, so a window gives the full resize's values).
+Coeffs precompute_coeffs(int in_size, int out_size, int first, int count) {
   const double scale = static_cast<double>(static_cast<float>(in_size)) / out_size;
   double filterscale = scale < 1.0 ? 1.0 : scale;
   const double support = 2.0 * filterscale;
   Coeffs c;
   c.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
-  c.bounds.resize(out_size * 2);
-  c.k.assign(static_cast<size_t>(out_size) * c.ksize, 0);
+  c.bounds.resize(static_cast<size_t>(count) * 2);
+  c.k.assign(static_cast<size_t>(count) * c.ksize, 0);
   std::vector<double> kk(c.ksize);
-  for (int xx = 0; xx < out_size; ++xx) {
+  for (int o = 0; o < count; ++o) {
+    const int xx = first + o;
     const double center = (xx + 0.5) * scale;
     const double ss = 1.0 / filterscale;
     int xmin = static_cast<int>(center - support + 0.5);
@@ -305,12 +308,12 @@ Coeffs precompute_coeffs(int in_size, int out_size) {
     for (int x = 0; x < xmax; ++x) {
       if (ww != 0.0) kk[x] /= ww;
       const double v = kk[x];
-      c.k[static_cast<size_t>(xx) * c.ksize + x] =
+      c.k[static_cast<size_t>(o) * c.ksize + x] =
           v < 0 ? static_cast<int32_t>(-0.5 + v * (1 << kPrecisionBits))
                 : static_cast<int32_t>(0.5 + v * (1 << kPrecisionBits));
     }
-    c.bounds[xx * 2] = xmin;
-    c.bounds[xx * 2 + 1] = xmax;
+    c.bounds[o * 2] = xmin;
+    c.bounds[o * 2 + 1] = xmax;
   }
   return c;
 }
@@ -321,29 +324,38 @@ inline uint8_t clip8(int32_t v) {
   return static_cast<uint8_t>(v >> kPrecisionBits);
 }
 
-}  // namespace
-
-Image pil_resize_bicubic(const Image& image, int width, int height) {
-  MD_CHECK(!image.empty(), "cannot resize an empty image");
-  MD_CHECK(width > 0 && height > 0, "bad resize target {}x{}", width, height);
-  if (width == image.width && height == image.height) return image;
+// The window [x0, x0 + w) x [y0, y0 + h) of Pillow's width x height bicubic resize of `image`,
+// computing only what the window needs: Pillow's horizontal pass over the source rows the
+// window's output rows read, then its vertical pass (each skipped when that axis keeps its size).
+Image resize_window(const Image& image, int width, int height, int x0, int y0, int w, int h) {
   const bool need_h = width != image.width, need_v = height != image.height;
-  const Coeffs ch = precompute_coeffs(image.width, width);
-  Coeffs cv = precompute_coeffs(image.height, height);
-  const int ybox_first = cv.bounds[0];
-  const int ybox_last = cv.bounds[height * 2 - 2] + cv.bounds[height * 2 - 1];
   Image tmp;
   const Image* src = &image;
+  int row0 = y0;  // the source row of the window's first row when there is no vertical pass
+  Coeffs cv;
+  if (need_v) {
+    cv = precompute_coeffs(image.height, height, y0, h);
+    row0 = cv.bounds[0];
+    for (int i = 0; i < h; ++i) row0 = std::min(row0, cv.bounds[i * 2]);
+  }
+  int rows = h;
+  if (need_v) {
+    int last = 0;
+    for (int i = 0; i < h; ++i) last = std::max(last, cv.bounds[i * 2] + cv.bounds[i * 2 + 1]);
+    rows = last - row0;
+    for (int i = 0; i < h; ++i) cv.bounds[i * 2] -= row0;
+  }
+  // Horizontal pass (or a plain copy of the window's columns) into rows x w.
+  tmp.width = w;
+  tmp.height = rows;
+  tmp.pixels.resize(static_cast<size_t>(w) * rows * 3);
   if (need_h) {
-    for (int i = 0; i < height; ++i) cv.bounds[i * 2] -= ybox_first;
-    tmp.width = width;
-    tmp.height = ybox_last - ybox_first;
-    tmp.pixels.resize(static_cast<size_t>(tmp.width) * tmp.height * 3);
-    at::parallel_for(0, tmp.height, 16, [&](int64_t y0, int64_t y1) {
-      for (int64_t yy = y0; yy < y1; ++yy) {
-        const uint8_t* row = image.at(0, static_cast<int>(yy) + ybox_first);
+    const Coeffs ch = precompute_coeffs(image.width, width, x0, w);
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t yy = r0; yy < r1; ++yy) {
+        const uint8_t* row = image.at(0, static_cast<int>(yy) + row0);
         uint8_t* out = tmp.at(0, static_cast<int>(yy));
-        for (int xx = 0; xx < width; ++xx) {
+        for (int xx = 0; xx < w; ++xx) {
           const int xmin = ch.bounds[xx * 2], xn = ch.bounds[xx * 2 + 1];
           const int32_t* k = &ch.k[static_cast<size_t>(xx) * ch.ksize];
           int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
@@ -359,24 +371,27 @@ Image pil_resize_bicubic(const Image& image, int width, int height) {
         }
       }
     });
-    src = &tmp;
+  } else {
+    for (int yy = 0; yy < rows; ++yy)
+      std::memcpy(tmp.at(0, yy), image.at(x0, yy + row0), static_cast<size_t>(w) * 3);
   }
+  src = &tmp;
   if (!need_v) return tmp;
   Image out;
-  out.width = width;
-  out.height = height;
-  out.pixels.resize(static_cast<size_t>(width) * height * 3);
-  const int row_len = width * 3;
-  at::parallel_for(0, height, 16, [&](int64_t y0, int64_t y1) {
+  out.width = w;
+  out.height = h;
+  out.pixels.resize(static_cast<size_t>(w) * h * 3);
+  const int row_len = w * 3;
+  at::parallel_for(0, h, 16, [&](int64_t r0, int64_t r1) {
     std::vector<int32_t> acc(row_len);
-    for (int64_t yy = y0; yy < y1; ++yy) {
+    for (int64_t yy = r0; yy < r1; ++yy) {
       const int ymin = cv.bounds[yy * 2], yn = cv.bounds[yy * 2 + 1];
       const int32_t* k = &cv.k[static_cast<size_t>(yy) * cv.ksize];
       std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
       for (int y = 0; y < yn; ++y) {
         const uint8_t* row = src->at(0, y + ymin);
-        const int32_t w = k[y];
-        for (int i = 0; i < row_len; ++i) acc[i] += row[i] * w;
+        const int32_t wgt = k[y];
+        for (int i = 0; i < row_len; ++i) acc[i] += row[i] * wgt;
       }
       uint8_t* o = out.at(0, static_cast<int>(yy));
       for (int i = 0; i < row_len; ++i) o[i] = clip8(acc[i]);
@@ -385,31 +400,43 @@ Image pil_resize_bicubic(const Image& image, int width, int height) {
   return out;
 }
 
+}  // namespace
+
+Image pil_resize_bicubic(const Image& image, int width, int height) {
+  MD_CHECK(!image.empty(), "cannot resize an empty image");
+  MD_CHECK(width > 0 && height > 0, "bad resize target {}x{}", width, height);
+  if (width == image.width && height == image.height) return image;
+  return resize_window(image, width, height, 0, 0, width, height);
+}
+
 Image reference_resize_crop(const Image& image, int size) {
   MD_CHECK(size > 0, "bad image size {}", size);
   MD_CHECK(!image.empty(), "cannot preprocess an empty image");
   const int w = image.width, h = image.height;
   const int64_t shorter = std::min(w, h), longer = std::max(w, h);
   // torchvision: new_long = int(size * long / short), a float division then truncation.
-  const int new_long = static_cast<int>(static_cast<double>(int64_t{size} * longer) / static_cast<double>(shorter));
+  const double new_long_f = static_cast<double>(int64_t{size} * longer) / static_cast<double>(shorter);
+  MD_CHECK(new_long_f < 2147483647.0, "image of {}x{} is too elongated to resize to {} px", w, h, size);
+  const int new_long = static_cast<int>(new_long_f);
   const int nw = w <= h ? size : new_long, nh = w <= h ? new_long : size;
-  Image resized = (nw == w && nh == h) ? image : pil_resize_bicubic(image, nw, nh);
   // CenterCrop: offsets int(round((dim - size) / 2.0)), Python's round half to even.
   auto offset = [](int diff) {
     const int half = diff / 2;
     if (diff % 2 == 0) return half;
     return half % 2 == 0 ? half : half + 1;
   };
-  MD_CHECK(resized.width >= size && resized.height >= size, "internal: resize gave {}x{} for size {}",
-           resized.width, resized.height, size);
-  const int left = offset(resized.width - size), top = offset(resized.height - size);
-  if (left == 0 && top == 0 && resized.width == size && resized.height == size) return resized;
-  Image out;
-  out.width = out.height = size;
-  out.pixels.resize(static_cast<size_t>(size) * size * 3);
-  for (int y = 0; y < size; ++y)
-    std::memcpy(out.at(0, y), resized.at(left, top + y), static_cast<size_t>(size) * 3);
-  return out;
+  const int left = offset(nw - size), top = offset(nh - size);
+  if (nw == w && nh == h) {  // torchvision skips the resize
+    if (w == size && h == size) return image;
+    Image out;
+    out.width = out.height = size;
+    out.pixels.resize(static_cast<size_t>(size) * size * 3);
+    for (int y = 0; y < size; ++y)
+      std::memcpy(out.at(0, y), image.at(left, top + y), static_cast<size_t>(size) * 3);
+    return out;
+  }
+  // Only the crop window of the resized image is computed: the same pixels, less work.
+  return resize_window(image, nw, nh, left, top, size, size);
 }
 
 at::Tensor reference_to_tensor(const Image& image) {
