@@ -372,7 +372,8 @@ TEST(PrepareLatents, ResumeAfterAKillIsByteIdentical) {
       << slurp(d + "/part1.log");
   EXPECT_FALSE(is_regular_file(d + "/part/index.json"));
   const json st = json::parse(slurp(d + "/part/.prepare-state.json"));
-  EXPECT_EQ(st["shards"].size(), 2u);
+  EXPECT_EQ(st["shards"], 2);
+  EXPECT_EQ(slurp(d + "/part/.prepare-shards.jsonl").find("shard.00001.mds") != std::string::npos, true);
   EXPECT_GT(st["consumed"].get<int>() % 3, 0) << "the kill should fall inside a batch";
   ASSERT_EQ(run_status(args + d + "/part > " + d + "/part2.log 2>&1"), 0) << slurp(d + "/part2.log");
   const std::string log2 = slurp(d + "/part2.log");

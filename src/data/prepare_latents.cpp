@@ -76,6 +76,41 @@ bool read_file(const std::string& path, std::string& out) {
   return !in.bad();
 }
 
+// Append-only JSON-lines logs of the resume state (finished shard entries, skipped items), so a
+// long run does not rewrite a growing state file after every shard. The state file says how
+// many lines count; lines after those (a kill between the append and the state) are dropped.
+void append_json_lines(const std::string& path, const std::vector<json>& items) {
+  if (items.empty()) return;
+  std::string text;
+  for (const auto& j : items) text += j.dump() + "\n";
+  std::FILE* f = std::fopen(path.c_str(), "ab");
+  MD_CHECK(f, "{}: cannot append", path);
+  const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size() && std::fflush(f) == 0 &&
+                  ::fsync(::fileno(f)) == 0;
+  std::fclose(f);
+  MD_CHECK(ok, "{}: write failed (disk full?)", path);
+}
+
+// The first n lines of a log, rewritten to hold exactly those; Error when it has fewer.
+std::vector<json> take_json_lines(const std::string& path, int64_t n) {
+  std::vector<json> out;
+  std::ifstream in(path);
+  std::string line, text;
+  while (static_cast<int64_t>(out.size()) < n && std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (j.is_discarded()) break;
+    out.push_back(std::move(j));
+    text += line + "\n";
+  }
+  MD_CHECK(static_cast<int64_t>(out.size()) == n,
+           "{}: holds {} complete lines, the resume state expects {}; delete the output folder and "
+           "start again", path, out.size(), n);
+  AtomicFile f(path);
+  f.write(text.data(), text.size());
+  f.commit();
+  return out;
+}
+
 void write_json_atomic(const std::string& path, const json& j) {
   const std::string text = j.dump(2) + "\n";
   AtomicFile f(path);
@@ -520,7 +555,9 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
                             {"seed", o.seed},         {"min_size", o.min_size},
                             {"caption_len", o.caption_len}, {"size_limit", o.size_limit},
                             {"compression", compression.value_or("")}, {"caption_key", o.caption_key}};
-  const std::string state_path = o.out + "/.prepare-state.json", meta_path = o.out + "/microdit.json",
+  const std::string state_path = o.out + "/.prepare-state.json",
+                    shards_log = o.out + "/.prepare-shards.jsonl",
+                    skipped_log = o.out + "/.prepare-skipped.jsonl", meta_path = o.out + "/microdit.json",
                     index_path = o.out + "/index.json", report_path = o.out + "/prepare-report.json";
 
   auto read_json = [](const std::string& path) {
@@ -570,8 +607,8 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
              st.contains("prepare") ? differences(st["prepare"]) : "unknown");
     batch = st.at("batch").get<int>();
     consumed = st.at("consumed").get<int64_t>();
-    for (const auto& s : st.at("shards")) finished.push_back(s);
-    for (const auto& s : st.at("skipped")) skipped.push_back(s);
+    finished = take_json_lines(shards_log, st.at("shards").get<int64_t>());
+    skipped = take_json_lines(skipped_log, st.at("skipped").get<int64_t>());
     res.resumed = true;
     if (batch != o.batch)
       fmt::print("resuming with the interrupted run's --batch {} (same batches, same bytes)\n", batch);
@@ -617,13 +654,25 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
   if (const char* e = std::getenv("MICRODIT_PREPARE_ABORT_AFTER_SHARDS")) abort_after = std::atoi(e);
   int shards_this_run = 0;
 
+  if (!has_state) {  // leftovers of a run killed before its first shard
+    std::remove(shards_log.c_str());
+    std::remove(skipped_log.c_str());
+  }
+  size_t logged_shards = finished.size(), logged_skipped = skipped.size();
   auto save_state = [&](int64_t consumed_now) {
-    json sk = json::array();
-    for (const auto& s : skipped)
-      if (s["index"].get<int64_t>() < consumed_now) sk.push_back(s);
-    const json st = {{"prepare", fingerprint}, {"batch", batch},     {"consumed", consumed_now},
-                     {"written", writer.flushed_samples()},       {"shards", writer.shards()},
-                     {"skipped", sk}};
+    std::vector<json> new_shards(writer.shards().begin() + logged_shards, writer.shards().end());
+    std::vector<json> new_skipped;
+    while (logged_skipped < skipped.size() && skipped[logged_skipped]["index"].get<int64_t>() < consumed_now)
+      new_skipped.push_back(skipped[logged_skipped++]);
+    append_json_lines(shards_log, new_shards);
+    append_json_lines(skipped_log, new_skipped);
+    logged_shards = writer.shards().size();
+    const json st = {{"prepare", fingerprint},
+                     {"batch", batch},
+                     {"consumed", consumed_now},
+                     {"written", writer.flushed_samples()},
+                     {"shards", logged_shards},
+                     {"skipped", logged_skipped}};
     write_json_atomic(state_path, st);
   };
 
@@ -762,6 +811,8 @@ PrepareLatentsResult prepare_latents(const PrepareLatentsOptions& o) {
   write_json_atomic(meta_path, meta);
   writer.write_index();
   std::remove(state_path.c_str());
+  std::remove(shards_log.c_str());
+  std::remove(skipped_log.c_str());
 
   std::vector<std::string> parts;
   for (const auto& [k, v] : by_kind) parts.push_back(fmt::format("{} {}", v, round_trip_name(k)));

@@ -13,8 +13,10 @@
 // (batch k = items [k*B, (k+1)*B)). So a resumed run writes the same bytes as an uninterrupted
 // one on the same device, batch size and thread count.
 //
-// Resume: after each finished shard `out`/.prepare-state.json (atomic) records the finished
-// shard entries, the input items consumed and the skipped items; a rerun continues from there.
+// Resume: after each finished shard its index entry and the skipped items so far are appended
+// to `out`/.prepare-shards.jsonl and .prepare-skipped.jsonl, then `out`/.prepare-state.json
+// (atomic) records how many lines of each count and the input items consumed; a rerun
+// continues from there.
 // The end writes prepare-report.json, microdit.json, then index.json (atomic); a rerun of a
 // finished prepare with the same settings does nothing.
 #pragma once
