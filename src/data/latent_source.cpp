@@ -68,12 +68,12 @@ void LatentMDSSource::gather(const std::vector<int64_t>& ids, Tensor& images, Te
   const int ic = data_->column_index(column_), cc = data_->column_index("caption_latents");
   for (int64_t r = 0; r < n; ++r) {
     const int64_t i = ids[r];
-    auto raw = data_->get_raw(i);
-    MD_CHECK(raw[ic].size() == ibytes && raw[cc].size() == cbytes,
+    auto raw = data_->get_columns(i, {ic, cc});  // only these two columns' bytes are read
+    MD_CHECK(raw[0].size() == ibytes && raw[1].size() == cbytes,
              "{}: sample {} has {} bytes of {} and {} of caption_latents; sample 0 has {} and {}",
-             fmt::join(data_->dirs(), ", "), i, raw[ic].size(), column_, raw[cc].size(), ibytes, cbytes);
-    std::memcpy(ip + r * ibytes, raw[ic].data(), ibytes);
-    std::memcpy(cp + r * cbytes, raw[cc].data(), cbytes);
+             fmt::join(data_->dirs(), ", "), i, raw[0].size(), column_, raw[1].size(), ibytes, cbytes);
+    std::memcpy(ip + r * ibytes, raw[0].data(), ibytes);
+    std::memcpy(cp + r * cbytes, raw[1].data(), cbytes);
   }
 }
 
