@@ -39,6 +39,8 @@ def main():
     ap.add_argument("--weights", default="/tmp/md_vae_bench")
     ap.add_argument("--bin", default=os.path.join(HERE, "..", "build", "microdit"))
     ap.add_argument("--only", choices=["both", "cpp", "diffusers"], default="both")
+    ap.add_argument("--ablation", action="store_true",
+                    help="also time microdit with NCHW layout and with diffusers' upsample-then-conv")
     a = ap.parse_args()
 
     import torch
@@ -73,13 +75,16 @@ def main():
                     row["py_dec"] = best(lambda: vae.decode(z).sample)
                 print(f"diffusers {size} px batch {batch}: encode {row['py_enc']:.3f} s, decode {row['py_dec']:.3f} s",
                       flush=True)
-            if a.only != "diffusers":
+            variants = [[]] + ([["--nchw"], ["--reference-upsample"], ["--nchw", "--reference-upsample"]]
+                               if a.ablation else [])
+            for extra in variants if a.only != "diffusers" else []:
                 out = subprocess.run([a.bin, "vae", "bench", "--vae", a.weights, "--size", str(size), "--batch",
                                       str(batch), "--reps", str(a.reps), "--threads", str(a.threads), "--device",
-                                      "cpu"], check=True, capture_output=True, text=True).stdout
+                                      "cpu"] + extra, check=True, capture_output=True, text=True).stdout
                 print(out.strip(), flush=True)
-                m = re.search(r"encode ([\d.]+) s .* decode ([\d.]+) s", out)
-                row["cpp_enc"], row["cpp_dec"] = float(m.group(1)), float(m.group(2))
+                if not extra:
+                    m = re.search(r"encode ([\d.]+) s .* decode ([\d.]+) s", out)
+                    row["cpp_enc"], row["cpp_dec"] = float(m.group(1)), float(m.group(2))
             rows.append(row)
 
     print(f"\n{cpu_name()}, {os.cpu_count()} cores, {a.threads} threads, fp32, torch {torch.__version__}, "
