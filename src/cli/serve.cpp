@@ -22,6 +22,7 @@ struct ServeCliOptions {
 
 void run(const ServeCliOptions& o) {
   set_threads(o.rt.threads);
+  MD_CHECK(o.serve.port >= 0 && o.serve.port <= 65535, "--port must be in [0, 65535], got {}", o.serve.port);
   MD_CHECK(o.scale >= 0 && o.scale <= 32, "--scale must be in [0, 32], got {}", o.scale);
   MD_CHECK(o.serve.limits.queue_size >= 1 && o.serve.limits.queue_size <= 1000, "--queue must be in [1, 1000]");
   MD_CHECK(o.serve.limits.max_images >= 1 && o.serve.limits.max_steps >= 1, "--max-images and --max-steps must be >= 1");

@@ -50,7 +50,7 @@ input[type=range] { width:180px; padding:0; }
 .cell a { color:var(--acc); text-decoration:none; }
 .cell.wait img { visibility:hidden; }
 .cell.wait { display:flex; align-items:center; justify-content:center; min-height:120px; color:var(--muted); font-size:12px; }
-code.cmd { display:block; background:#f0f2f5; border-radius:6px; padding:6px 8px; font-size:12px; overflow-x:auto; white-space:pre; margin-top:6px; }
+code.cmd { display:block; background:#f0f2f5; border-radius:6px; padding:6px 8px; font-size:12px; overflow-x:auto; white-space:pre; margin:0; }
 .stats { display:grid; grid-template-columns:repeat(auto-fill,minmax(140px,1fr)); gap:10px; }
 .stat { background:var(--bg); border-radius:10px; padding:8px 10px; }
 .stat b { display:block; font-size:18px; }
@@ -157,7 +157,11 @@ function jobCard(job) {
     card.className = "card gen"; card.id = "job-" + job.id;
     card.innerHTML = `<h3>${esc(job.prompt)}</h3>
       <div class="muted">${job.n} image(s) &middot; ${job.steps} steps &middot; guidance ${job.cfg} &middot; seeds ${job.seed}&ndash;${job.seed + job.n - 1} &middot; <span class="st"></span></div>
-      <code class="cmd">${esc(job.command)}</code><div class="grid"></div>`;
+      <div class="row" style="align-items:center;gap:8px;flex-wrap:nowrap;margin-top:6px"><code class="cmd" style="flex:1;min-width:0">${esc(job.command)}</code>
+      <button type="button" class="btn ghost small copy" title="copy the command">copy</button></div><div class="grid"></div>`;
+    card.querySelector(".copy").onclick = (ev) => {
+      const ok = () => { ev.target.textContent = "copied"; setTimeout(() => { ev.target.textContent = "copy"; }, 1500); };
+      if (navigator.clipboard) navigator.clipboard.writeText(job.command).then(ok, () => {}); };
     const grid = card.querySelector(".grid");
     for (let i = 0; i < job.n; i++) {
       const c = document.createElement("div");
@@ -293,7 +297,11 @@ async function loadRun(s) {
     const html = items.map(it => `<div style="margin-top:12px"><div class="muted">${esc(it.title)}</div>
       <img src="${esc(it.url)}?v=${s.step}" alt="${esc(it.title)}" loading="lazy">
       ${it.prompts.length ? "<ol>" + it.prompts.map(p => "<li>" + esc(p) + "</li>").join("") + "</ol>" : ""}</div>`).join("");
-    if ($("samples").dataset.html !== html) { $("samples").innerHTML = html || '<p class="muted">no sample grids yet</p>'; $("samples").dataset.html = html; }
+    if ($("samples").dataset.html !== html) {
+      $("samples").innerHTML = html || '<p class="muted">no sample grids yet</p>'; $("samples").dataset.html = html;
+      for (const img of $("samples").querySelectorAll("img"))  // small grids: enlarged, pixels kept sharp
+        img.onload = () => { const k = Math.floor(480 / img.naturalWidth); if (k > 1) img.style.width = img.naturalWidth * k + "px"; };
+    }
   } catch (e) {}
 }
 
@@ -323,7 +331,7 @@ function drawChart(cv, series, expo) {
     g.fillText(expo ? v.toExponential(1) : Number(v.toPrecision(4)).toString(), L - 6, Y(v));
   }
   g.textAlign = "center"; g.textBaseline = "top";
-  const xs = niceStep(x1 - x0, Math.max(2, Math.floor(pw / 90)));
+  const xs = Math.max(1, niceStep(x1 - x0, Math.max(2, Math.floor(pw / 90))));  // steps are integers
   for (let v = Math.ceil(x0 / xs) * xs; v <= x1; v += xs) g.fillText(String(Math.round(v)), X(v), H - B + 5);
   for (const s of series) {
     g.strokeStyle = s.color; g.fillStyle = s.color; g.lineWidth = s.width; g.beginPath();
