@@ -62,5 +62,7 @@ echo "  $RUN/samples.png        samples for 8 prompts (prompts in $RUN/samples.p
 echo "  $RUN/colour-check.png   the colour check's samples, one row per colour"
 echo "  $RUN/loss.png           training and validation loss"
 echo "  $RUN/samples/           the fixed prompts during training"
-if [ "$check" -ne 0 ]; then echo "colour check: FAILED (see above and docs/training.md)"; exit "$check"; fi
-echo "colour check: passed"
+if [ "$check" -ne 0 ]; then echo "colour check: FAILED (see above and docs/training.md)"; else echo "colour check: passed"; fi
+say "look at them, watch the run and generate from your own prompts in a browser (docs/serve.md):"
+echo "  $BIN serve --ckpt $final --runs runs      # then open http://127.0.0.1:8188/"
+exit "$check"
