@@ -204,6 +204,11 @@ TEST(ServeHttp, GenerateQueueRunsAndTraversal) {
     EXPECT_EQ(j["error"].get<std::string>().find('\n'), std::string::npos);
   }
   s.post(std::string(20000, 'x'), 413);
+  {  // a form post (what another web site could make a browser send) is refused
+    auto r = s.client->Post("/api/generate", R"({"prompt":"x"})", "text/plain");
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 415);
+  }
   EXPECT_EQ(s.get("/api/nothing", 404)["error"], "not found");
   s.get("/api/jobs/999", 404);
   s.get("/api/jobs/1?after=x", 404);  // no such job yet

@@ -2,7 +2,9 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <atomic>
 #include <thread>
+#include <utility>
 
 #include "cli/commands.h"
 #include "core/device.h"
@@ -12,6 +14,8 @@
 namespace microdit::cli {
 
 namespace {
+
+std::atomic<bool> stopping_by_us{false};
 
 struct ServeCliOptions {
   RuntimeOptions rt;
@@ -26,32 +30,40 @@ void run(const ServeCliOptions& o) {
   MD_CHECK(o.scale >= 0 && o.scale <= 32, "--scale must be in [0, 32], got {}", o.scale);
   MD_CHECK(o.serve.limits.queue_size >= 1 && o.serve.limits.queue_size <= 1000, "--queue must be in [1, 1000]");
   MD_CHECK(o.serve.limits.max_images >= 1 && o.serve.limits.max_steps >= 1, "--max-images and --max-steps must be >= 1");
-  // Ctrl-C / SIGTERM: blocked in every thread, taken by one thread that stops the server.
+  fmt::print("loading {}\n", o.ckpt);
+  std::fflush(stdout);
+  auto generator = serve::load_checkpoint_generator(o.ckpt, o.vae, o.rt.device, o.scale);
+  // Ctrl-C / SIGTERM: blocked in every thread started from here on, taken by one thread
+  // that stops the server.
   sigset_t sigs;
   sigemptyset(&sigs);
   sigaddset(&sigs, SIGINT);
   sigaddset(&sigs, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  fmt::print("loading {}\n", o.ckpt);
-  serve::Server server(o.serve, serve::load_checkpoint_generator(o.ckpt, o.vae, o.rt.device, o.scale));
+  serve::Server server(o.serve, std::move(generator));
   const int port = server.bind();
+  std::atomic<bool> signalled{false};
   std::thread signals([&] {
     int sig = 0;
     sigwait(&sigs, &sig);
-    if (sig == SIGINT || sig == SIGTERM) {
+    signalled = true;
+    if (!stopping_by_us.exchange(false)) {
       fmt::print("\nstopping (signal {})\n", sig);
       std::fflush(stdout);
-      server.stop();
     }
+    server.stop();
   });
   const std::string host = o.serve.host == "0.0.0.0" ? "localhost" : o.serve.host;
   fmt::print("serving on http://{}:{}/  (runs: {}; Ctrl-C stops)\n", host.find(':') != std::string::npos ? "[" + host + "]" : host,
              port, o.serve.runs);
   std::fflush(stdout);
   server.run();
-  server.stop();
-  pthread_kill(signals.native_handle(), SIGTERM);  // wakes the signal thread if no signal came
+  if (!signalled) {  // stopped otherwise: wake the signal thread with a signal of our own
+    stopping_by_us = true;
+    pthread_kill(signals.native_handle(), SIGTERM);
+  }
   signals.join();
+  server.stop();
   fmt::print("stopped\n");
 }
 

@@ -264,6 +264,11 @@ struct Server::Impl {
     });
 
     http.Post("/api/generate", [this](const httplib::Request& req, httplib::Response& res) {
+      // JSON only: a web page elsewhere cannot send this type to us without a CORS preflight,
+      // which this server never grants.
+      const std::string type = req.get_header_value("Content-Type");
+      if (type.substr(0, type.find(';')) != "application/json")
+        return send_json(res, 415, error_json("send the request as Content-Type: application/json"));
       GenerateRequest r;
       try {
         r = parse_generate_request(req.body, opt.limits);
