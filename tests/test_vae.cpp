@@ -101,6 +101,8 @@ TEST(VaeStructure, PhaseUpsampleEqualsUpsampleThenConv) {
   const auto x = torch::randn({1, 6, 4, 4});
   up->conv->weight.mul_(-2);
   EXPECT_LT((up->forward(x) - up->forward_reference(x)).abs().max().item<double>(), 1e-5);
+  up->conv->bias.add_(1);
+  EXPECT_LT((up->forward(x) - up->forward_reference(x)).abs().max().item<double>(), 1e-5);
 }
 
 TEST(VaeConfig, JsonFieldsAndErrors) {

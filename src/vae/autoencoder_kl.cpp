@@ -228,11 +228,14 @@ Tensor UpsampleImpl::forward_reference(const Tensor& x) {
   return conv->forward(up);
 }
 
-Tensor UpsampleImpl::forward(const Tensor& x) {
-  if (!phase_conv || at::GradMode::is_enabled()) return forward_reference(x);
+void UpsampleImpl::build_phase_weights() {
+  torch::NoGradGuard no_grad;
   const Tensor& w = conv->weight;
-  if (!phase_weight_.defined() || phase_src_ != w.data_ptr() || phase_version_ != w._version() ||
-      phase_weight_.device() != w.device()) {
+  const int64_t version = w._version() + conv->bias._version();
+  if (phase_weight_.defined() && phase_src_ == w.data_ptr() && phase_bias_src_ == conv->bias.data_ptr() &&
+      phase_version_ == version)
+    return;
+  {
     // Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows
     // {i-1, i, i} (a = 0: taps [w0, w1 + w2] on rows i-1, i) or {i, i, i+1} (a = 1: taps
     // [w0 + w1, w2] on rows i, i+1); the same along columns. Sums in float32.
@@ -249,8 +252,14 @@ Tensor UpsampleImpl::forward(const Tensor& x) {
     phase_weight_ = at::cat(k, 0).to(w.scalar_type()).contiguous(w.suggest_memory_format());
     phase_bias_ = conv->bias.repeat({4});
     phase_src_ = w.data_ptr();
-    phase_version_ = w._version();
+    phase_bias_src_ = conv->bias.data_ptr();
+    phase_version_ = version;
   }
+}
+
+Tensor UpsampleImpl::forward(const Tensor& x) {
+  if (!phase_conv || at::GradMode::is_enabled()) return forward_reference(x);
+  build_phase_weights();
   const auto B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   // Conv position (i + a, j + b) of the 1-padded input is phase (a, b)'s output (i, j).
   auto y = at::conv2d(at::constant_pad_nd(x, {1, 1, 1, 1}, 0.0), phase_weight_, phase_bias_)
@@ -382,7 +391,10 @@ void AutoencoderKLImpl::set_channels_last(bool on) {
 
 void AutoencoderKLImpl::set_phase_upsample(bool on) {
   for (auto& m : decoder->modules())
-    if (auto* u = m->as<vae::Upsample>()) u->phase_conv = on;
+    if (auto* u = m->as<vae::Upsample>()) {
+      u->phase_conv = on;
+      if (on) u->build_phase_weights();
+    }
 }
 
 Posterior AutoencoderKLImpl::encode(const at::Tensor& x) {
@@ -562,6 +574,7 @@ AutoencoderKL load_vae(const std::string& path, c10::Device device, c10::ScalarT
   model->eval();
   // Channels-last speeds up oneDNN's CPU convolutions (docs/vae.md); CUDA keeps the default.
   model->set_channels_last(device.is_cpu());
+  model->set_phase_upsample(true);
   return model;
 }
 

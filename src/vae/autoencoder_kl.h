@@ -88,10 +88,11 @@ struct UpsampleImpl : torch::nn::Module {
   Tensor forward_reference(const Tensor& x);  // interpolate, then the 3x3 conv
   torch::nn::Conv2d conv{nullptr};
   bool phase_conv = true;  // false: always forward_reference
+  void build_phase_weights();  // done lazily by forward; load_vae does it up front
 
  private:
   Tensor phase_weight_, phase_bias_;  // (4C, C, 2, 2), (4C): cached, rebuilt when conv changes
-  const void* phase_src_ = nullptr;
+  const void *phase_src_ = nullptr, *phase_bias_src_ = nullptr;
   int64_t phase_version_ = -1;
 };
 TORCH_MODULE(Upsample);
@@ -157,6 +158,8 @@ class AutoencoderKLImpl : public torch::nn::Module {
   void set_channels_last(bool on);
   bool channels_last() const { return channels_last_; }
   // The decoder's upsamplers as four 2x2 phase convs (default) or as diffusers computes them.
+  // Turning it on builds the merged weights now, so that later encode/decode calls only read
+  // the module (load_vae does this: a loaded VAE may serve several threads at once).
   void set_phase_upsample(bool on);
 
   vae::Encoder encoder{nullptr};
