@@ -1,10 +1,10 @@
 // microdit serve --ckpt CKPT [--vae W] [--runs DIR] [--host 127.0.0.1] [--port 8188]
-#include <pthread.h>
 #include <signal.h>
+#include <unistd.h>
 
-#include <atomic>
+#include <cerrno>
+#include <csignal>
 #include <thread>
-#include <utility>
 
 #include "cli/commands.h"
 #include "core/device.h"
@@ -15,7 +15,14 @@ namespace microdit::cli {
 
 namespace {
 
-std::atomic<bool> stopping_by_us{false};
+int g_wake[2] = {-1, -1};            // signal handler -> watcher thread
+volatile std::sig_atomic_t g_serving = 0;
+
+extern "C" void on_signal(int sig) {  // async-signal-safe: _exit and write only
+  if (!g_serving) ::_exit(128 + sig);
+  const char c = static_cast<char>(sig);
+  [[maybe_unused]] auto w = ::write(g_wake[1], &c, 1);
+}
 
 struct ServeCliOptions {
   RuntimeOptions rt;
@@ -30,39 +37,40 @@ void run(const ServeCliOptions& o) {
   MD_CHECK(o.scale >= 0 && o.scale <= 32, "--scale must be in [0, 32], got {}", o.scale);
   MD_CHECK(o.serve.limits.queue_size >= 1 && o.serve.limits.queue_size <= 1000, "--queue must be in [1, 1000]");
   MD_CHECK(o.serve.limits.max_images >= 1 && o.serve.limits.max_steps >= 1, "--max-images and --max-steps must be >= 1");
+  // Ctrl-C / SIGTERM: a handler (installed before LibTorch starts its threads, any of which
+  // may receive the signal) exits at once while the model loads, and once serving, tells a
+  // watcher thread through a pipe to stop the server. Installing it also undoes the SIGINT
+  // "ignore" that shells give background jobs.
+  MD_CHECK(::pipe(g_wake) == 0, "serve: cannot create a pipe");
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  ::sigaction(SIGINT, &sa, nullptr);
+  ::sigaction(SIGTERM, &sa, nullptr);
   fmt::print("loading {}\n", o.ckpt);
   std::fflush(stdout);
-  auto generator = serve::load_checkpoint_generator(o.ckpt, o.vae, o.rt.device, o.scale);
-  // Ctrl-C / SIGTERM: blocked in every thread started from here on, taken by one thread
-  // that stops the server.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  serve::Server server(o.serve, std::move(generator));
+  serve::Server server(o.serve, serve::load_checkpoint_generator(o.ckpt, o.vae, o.rt.device, o.scale));
   const int port = server.bind();
-  std::atomic<bool> signalled{false};
-  std::thread signals([&] {
-    int sig = 0;
-    sigwait(&sigs, &sig);
-    signalled = true;
-    if (!stopping_by_us.exchange(false)) {
-      fmt::print("\nstopping (signal {})\n", sig);
+  std::thread watcher([&] {
+    char sig = 0;
+    while (::read(g_wake[0], &sig, 1) < 0 && errno == EINTR) {
+    }
+    if (sig != 0) {
+      fmt::print("\nstopping (signal {})\n", static_cast<int>(sig));
       std::fflush(stdout);
     }
     server.stop();
   });
+  g_serving = 1;
   const std::string host = o.serve.host == "0.0.0.0" ? "localhost" : o.serve.host;
   fmt::print("serving on http://{}:{}/  (runs: {}; Ctrl-C stops)\n", host.find(':') != std::string::npos ? "[" + host + "]" : host,
              port, o.serve.runs);
   std::fflush(stdout);
   server.run();
-  if (!signalled) {  // stopped otherwise: wake the signal thread with a signal of our own
-    stopping_by_us = true;
-    pthread_kill(signals.native_handle(), SIGTERM);
-  }
-  signals.join();
+  const char none = 0;  // stopped otherwise: wake the watcher (a no-op if a signal did)
+  [[maybe_unused]] auto w = ::write(g_wake[1], &none, 1);
+  watcher.join();
   server.stop();
   fmt::print("stopped\n");
 }
