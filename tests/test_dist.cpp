@@ -18,13 +18,9 @@
 
 using namespace microdit;
 
-namespace {
+using microdit::test_util::TempDir;
 
-struct TempDir {
-  std::string path = "/tmp/microdit_dist_test_" + std::to_string(::getpid());
-  TempDir() { make_dirs(path); }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path + "'").c_str()); }
-};
+namespace {
 
 struct ScopedEnv {  // sets variables for one test, restores them after
   std::vector<std::pair<std::string, std::optional<std::string>>> saved;

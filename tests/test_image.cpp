@@ -13,15 +13,9 @@
 
 using namespace microdit;
 using microdit::test_util::error_of;
+using microdit::test_util::TempDir;
 
 namespace {
-
-struct TempDir {
-  std::string path = "/tmp/microdit_image_test_" + std::to_string(::getpid());
-  TempDir() { [[maybe_unused]] int rc = std::system(("mkdir -p '" + path + "'").c_str()); }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path + "'").c_str()); }
-  std::string operator/(const std::string& f) const { return path + "/" + f; }
-};
 
 Image gradient(int w, int h) {
   Image im(w, h);

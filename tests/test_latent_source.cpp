@@ -15,15 +15,9 @@
 
 using namespace microdit;
 using microdit::test_util::error_of;
+using microdit::test_util::TempDir;
 
 namespace {
-
-struct TempDir {
-  std::string path = "/tmp/microdit_latent_test_" + std::to_string(::getpid()) + "_" +
-                     std::to_string(reinterpret_cast<uintptr_t>(this) % 100000);
-  TempDir() { make_dirs(path); }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path + "'").c_str()); }
-};
 
 std::string f16_bytes(const at::Tensor& t) {
   auto h = t.to(at::kHalf).contiguous();

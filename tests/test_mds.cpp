@@ -23,22 +23,12 @@
 
 using namespace microdit;
 using microdit::test_util::error_of;
+using microdit::test_util::TempDir;
 using nlohmann::json;
 
 namespace {
 
 const std::string kData = std::string(MICRODIT_SOURCE_DIR) + "/tests/data/";
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    static int n = 0;
-    path = "/tmp/microdit_mds_test_" + std::to_string(::getpid()) + "_" + std::to_string(n++);
-    [[maybe_unused]] int rc = std::system(("rm -rf '" + path + "' && mkdir -p '" + path + "'").c_str());
-  }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path + "'").c_str()); }
-  std::string operator/(const std::string& f) const { return path + "/" + f; }
-};
 
 std::string slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);

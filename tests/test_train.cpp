@@ -11,15 +11,9 @@
 
 using namespace microdit;
 using microdit::test_util::error_of;
+using microdit::test_util::TempDir;
 
 namespace {
-
-struct TempDir {
-  std::string path = "/tmp/microdit_train_test_" + std::to_string(::getpid()) + "_" +
-                     std::to_string(reinterpret_cast<uintptr_t>(this) % 100000);
-  TempDir() { make_dirs(path); }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path + "'").c_str()); }
-};
 
 // 40 random 8x8 RGB samples with 5 x 16 captions; train and val splits.
 void make_shards(const std::string& dir) {

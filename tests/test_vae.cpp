@@ -15,6 +15,8 @@
 #include "test_util.h"
 #include "vae/autoencoder_kl.h"
 
+using microdit::test_util::TempDir;
+
 namespace microdit {
 namespace {
 
@@ -205,15 +207,6 @@ TEST(VaeLoad, HalfPrecisionFilesAndDtypes) {
   EXPECT_EQ(post.mean.scalar_type(), at::kBFloat16);
   EXPECT_EQ(bf->decode(post.mean).sizes().vec(), (std::vector<int64_t>{1, 3, 16, 24}));
 }
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    char tmpl[] = "/tmp/md_vae_test_XXXXXX";
-    path = ::mkdtemp(tmpl);
-  }
-  ~TempDir() { std::system(("rm -rf '" + path + "'").c_str()); }
-};
 
 TEST(VaeLoad, FolderVariantsAndErrors) {
   const std::string dir = kData + "vae_names";

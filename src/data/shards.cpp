@@ -190,31 +190,26 @@ BatchLoader::BatchLoader(const ShardSet& data, int64_t batch_size, uint64_t seed
                          int64_t position, int prefetch, int rank, int world)
     : data_(&data), batch_(batch_size), epoch_(epoch), position_(position), seed_(seed),
       prefetch_(prefetch) {
-  MD_CHECK(batch_ >= 1 && batch_ <= size(), "batch size {} for a split of {} samples", batch_, size());
-  MD_CHECK(world >= 1 && rank >= 0 && rank < world && batch_ % world == 0,
-           "batch size {} cannot be split across {} ranks", batch_, world);
-  rows_ = batch_ / world;
-  first_row_ = rank * rows_;
-  worker_ = std::thread([this] { run(); });
+  start(rank, world);
 }
 
 BatchLoader::BatchLoader(const SampleSource& source, int64_t batch_size, uint64_t seed,
                          int64_t epoch, int64_t position, int prefetch, int rank, int world)
     : source_(&source), batch_(batch_size), epoch_(epoch), position_(position), seed_(seed),
       prefetch_(prefetch) {
-  MD_CHECK(batch_ >= 1 && batch_ <= size(), "batch size {} for a dataset of {} samples", batch_, size());
-  MD_CHECK(world >= 1 && rank >= 0 && rank < world && batch_ % world == 0,
-           "batch size {} cannot be split across {} ranks", batch_, world);
-  rows_ = batch_ / world;
-  first_row_ = rank * rows_;
-  worker_ = std::thread([this] { run(); });
+  start(rank, world);
 }
 
 BatchLoader::BatchLoader(const ShardStream& stream, int64_t batch_size, uint64_t seed,
                          int64_t epoch, int64_t position, int prefetch, int rank, int world)
     : stream_(&stream), batch_(batch_size), epoch_(epoch), position_(position), seed_(seed),
       prefetch_(prefetch) {
-  MD_CHECK(batch_ >= 1 && batch_ <= size(), "batch size {} for a split of {} samples", batch_, size());
+  start(rank, world);
+}
+
+// Checks the batch against the data and the ranks, then starts the prefetching thread.
+void BatchLoader::start(int rank, int world) {
+  MD_CHECK(batch_ >= 1 && batch_ <= size(), "batch size {} for a dataset of {} samples", batch_, size());
   MD_CHECK(world >= 1 && rank >= 0 && rank < world && batch_ % world == 0,
            "batch size {} cannot be split across {} ranks", batch_, world);
   rows_ = batch_ / world;

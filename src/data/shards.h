@@ -124,6 +124,7 @@ class BatchLoader {
   Batch next();
 
  private:
+  void start(int rank, int world);
   void run();
   Batch make(int64_t& epoch, int64_t& position);
   int64_t size() const;
