@@ -215,8 +215,9 @@ TEST(ServeHttp, GenerateQueueRunsAndTraversal) {
 
   // One running (held at the gate) + 2 waiting fill the queue; the next one gets 503.
   auto first = s.post(R"({"prompt":"red heart","n":3,"seed":40})", 202);
-  for (int k = 0; k < 500 && s.get("/api/jobs/1", 200)["status"] != "running"; ++k)
+  for (int k = 0; k < 2000 && s.get("/api/jobs/1", 200)["status"] != "running"; ++k)
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_EQ(s.get("/api/jobs/1", 200)["status"], "running");
   auto second = s.post(R"({"prompt":"blue heart","n":1})", 202);
   auto third = s.post(R"({"prompt":"frog","n":1})", 202);
   EXPECT_EQ(third["position"], 2);
