@@ -204,6 +204,14 @@ TEST(ServeHttp, GenerateQueueRunsAndTraversal) {
     EXPECT_EQ(j["error"].get<std::string>().find('\n'), std::string::npos);
   }
   s.post(std::string(20000, 'x'), 413);
+  {  // a request to another host name (DNS rebinding) is refused
+    auto r = s.client->Get("/api/info", {{"Host", "evil.example:8188"}});
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 403);
+    r = s.client->Get("/api/info", {{"Host", "localhost:8188"}});
+    ASSERT_TRUE(r);
+    EXPECT_EQ(r->status, 200);
+  }
   {  // a form post (what another web site could make a browser send) is refused
     auto r = s.client->Post("/api/generate", R"({"prompt":"x"})", "text/plain");
     ASSERT_TRUE(r);

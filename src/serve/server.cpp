@@ -238,6 +238,20 @@ struct Server::Impl {
                                                       : std::string(msg)));
     });
 
+    // Bound to loopback: answer only requests addressed to a loopback name, so that a web page
+    // whose DNS name is rebound to 127.0.0.1 cannot read this server (DNS rebinding).
+    const bool loopback = opt.host == "127.0.0.1" || opt.host == "localhost" || opt.host == "::1";
+    http.set_pre_routing_handler([this, loopback](const httplib::Request& req, httplib::Response& res) {
+      if (!loopback) return httplib::Server::HandlerResponse::Unhandled;
+      std::string host = req.get_header_value("Host");
+      if (const auto colon = host.rfind(':'); colon != std::string::npos && host.find(']', colon) == std::string::npos)
+        host = host.substr(0, colon);
+      if (host.empty() || host == "127.0.0.1" || host == "localhost" || host == "[::1]")
+        return httplib::Server::HandlerResponse::Unhandled;
+      send_json(res, 403, error_json("this server answers only requests to 127.0.0.1 or localhost (see --host)"));
+      return httplib::Server::HandlerResponse::Handled;
+    });
+
     http.Get("/", [](const httplib::Request&, httplib::Response& res) {
       res.set_header("Cache-Control", "no-cache");
       res.set_header("Content-Security-Policy",
