@@ -21,16 +21,10 @@
 
 using namespace microdit;
 using microdit::test_util::error_of;
+using microdit::test_util::TempDir;
 using json = nlohmann::json;
 
 namespace {
-
-struct TempDir {
-  std::string path = "/tmp/microdit_serve_test_" + std::to_string(::getpid()) + "_" +
-                     std::to_string(reinterpret_cast<uintptr_t>(this) % 100000);
-  TempDir() { make_dirs(path); }
-  ~TempDir() { [[maybe_unused]] int rc = std::system(("rm -rf '" + path + "'").c_str()); }
-};
 
 // Solid pictures whose colour encodes the seed; `gate` holds each picture back until set.
 struct FakeGenerator : serve::ImageGenerator {
