@@ -132,12 +132,12 @@ TEST(FidInception, RejectsOtherWeightFiles) {
   EXPECT_NE(err.find("not an FID Inception-v3 weight file"), std::string::npos) << err;
 }
 
-// Random-weight parity with pytorch-fid: weights, PNGs and pytorch-fid's features are made by
+// Random-weight parity with pytorch-fid: weights (zip and legacy torch.save, safetensors), PNGs and pytorch-fid's features are made by
 // tools/make_fid_fixtures.py in the build folder (about 180 MB, kept for reruns).
 TEST(FidInception, FeaturesMatchPytorchFid) {
   const std::string py = std::string(MICRODIT_SOURCE_DIR) + "/.venv/bin/python";
   const std::string dir = "fid_inception_fixture";
-  if (!is_regular_file(dir + "/fid_inception_features.npz")) {
+  if (!is_regular_file(dir + "/fid_inception_random_legacy.pth")) {
     if (!is_regular_file(py) || std::system((py + " -c 'import pytorch_fid' 2>/dev/null").c_str()) != 0)
       GTEST_SKIP() << "pytorch-fid is not installed in " << py << " (scripts/setup_data.sh installs it)";
     const std::string cmd = py + " " + MICRODIT_SOURCE_DIR + "/tools/make_fid_fixtures.py inception " + dir + " >/dev/null 2>&1";
@@ -147,10 +147,20 @@ TEST(FidInception, FeaturesMatchPytorchFid) {
   ASSERT_EQ(want.sizes(), (std::vector<int64_t>{4, 2048}));
   std::vector<std::string> files;
   for (int i = 0; i < 4; ++i) files.push_back(dir + "/img_" + std::to_string(i) + ".png");
-  for (const char* w : {"fid_inception_random.pth", "fid_inception_random.safetensors"}) {
+  for (const char* w : {"fid_inception_random.pth", "fid_inception_random.safetensors",
+                        "fid_inception_random_legacy.pth"}) {
     auto net = load_fid_inception(dir + "/" + w);
     const auto got = inception_features(*net, files, 3, c10::kCPU);
     EXPECT_LT(rel(got, want), 1e-4) << w;
     EXPECT_LT((got - want).abs().max().item<double>(), 1e-4 * want.abs().max().item<double>()) << w;
   }
+  // A cut legacy file: one line naming the problem.
+  std::ifstream in(dir + "/fid_inception_random_legacy.pth", std::ios::binary);
+  std::string head(200000, '\0');
+  in.read(head.data(), long(head.size()));
+  const std::string cut = "/tmp/microdit_fid_cut_" + std::to_string(::getpid()) + ".pth";
+  std::ofstream(cut, std::ios::binary) << head;
+  const auto err = test_util::error_of([&] { load_fid_inception(cut); });
+  ::unlink(cut.c_str());
+  EXPECT_NE(err.find("truncated"), std::string::npos) << err;
 }

@@ -98,6 +98,10 @@ def inception(out):
     tv["fc.weight"] = torch.zeros(1008, 2048)  # present in the released file, unused by FID
     tv["fc.bias"] = torch.zeros(1008)
     save_file(tv, os.path.join(out, "fid_inception_random.safetensors"))
+    # The released pt_inception .pth predates the zip format: the same tensors in legacy torch.save.
+    import collections
+    torch.save(collections.OrderedDict(tv), os.path.join(out, "fid_inception_random_legacy.pth"),
+               _use_new_zipfile_serialization=False)
     rng = np.random.default_rng(5)
     files = []
     for i in range(4):  # 80 wide, 64 high: smooth colour fields plus noise

@@ -5,6 +5,8 @@
 #include <map>
 
 #include "core/error.h"
+#include "core/fs.h"
+#include "eval/torch_legacy.h"
 #include "io/checkpoint.h"
 
 namespace microdit {
@@ -190,7 +192,9 @@ NamedTensors fid_inception_state_dict(const NamedTensors& tensors, const std::st
 }
 
 FIDInceptionV3 load_fid_inception(const std::string& path, c10::Device device) {
-  auto tensors = fid_inception_state_dict(read_checkpoint(path, ""), path);
+  MD_CHECK(is_regular_file(path), "{}: no such file", path);
+  auto tensors = fid_inception_state_dict(
+      is_legacy_torch_file(path) ? read_legacy_torch(path) : read_checkpoint(path, ""), path);
   FIDInceptionV3 net;
   LoadOptions lo;
   lo.allow_missing = {"*num_batches_tracked"};

@@ -55,7 +55,8 @@ inline constexpr int64_t kInceptionSize = 299;
 // one-line Error when `tensors` is not an FID Inception-v3 state dict.
 NamedTensors fid_inception_state_dict(const NamedTensors& tensors, const std::string& source);
 
-// Reads a .pth (torch.save zip) or .safetensors weight file and returns the network in
+// Reads a .pth (torch.save zip, or the legacy pre-1.6 format of the released file) or a
+// .safetensors weight file and returns the network in
 // eval mode on `device` (float32).
 FIDInceptionV3 load_fid_inception(const std::string& path, c10::Device device = c10::kCPU);
 
