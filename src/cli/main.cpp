@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   microdit::cli::register_eval_colour(app);
   microdit::cli::register_eval(app);
   microdit::cli::register_vae(app);
+  microdit::cli::register_vae_init(*app.get_subcommand("vae"));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
