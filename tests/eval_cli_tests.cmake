@@ -21,6 +21,12 @@ add_test(NAME eval.fid_folders COMMAND microdit eval fid --real ${MD_EVAL_DIR}/s
          --inception ${MD_EVAL_W} --save-stats ${MD_EVAL_DIR}/fake_stats.npz)
 set_tests_properties(eval.fid_folders PROPERTIES FIXTURES_REQUIRED eval_fid SKIP_REGULAR_EXPRESSION "${MD_EVAL_SKIP}"
                      PASS_REGULAR_EXPRESSION "wrote .*fake_stats.npz.*\nFID: [0-9]+\\.[0-9][0-9][0-9][0-9]\n")
+# The statistics we wrote, read by NumPy as pytorch-fid reads them.
+add_test(NAME eval.npz_numpy COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/.venv/bin/python -c
+         "import numpy as np; f = np.load('${MD_EVAL_DIR}/fake_stats.npz'); m, s = f['mu'][:], f['sigma'][:]; assert m.shape == (2048,) and s.shape == (2048, 2048) and m.dtype == np.float64 and np.allclose(s, s.T); print('numpy reads mu', m.shape, 'sigma', s.shape)")
+set_tests_properties(eval.npz_numpy PROPERTIES DEPENDS eval.fid_folders FIXTURES_REQUIRED eval_fid
+                     PASS_REGULAR_EXPRESSION "numpy reads mu \\(2048,\\) sigma \\(2048, 2048\\)"
+                     SKIP_REGULAR_EXPRESSION "No such file|ModuleNotFoundError")
 
 md_error_test(eval.fid_empty_folder "eval_cli/empty: no images \\(.png, .jpg, .jpeg, .webp\\) in the folder"
               eval fid --real ${MD_EVAL_DIR}/empty --fake ${MD_EVAL_DIR}/same --inception ${MD_EVAL_W})

@@ -150,6 +150,7 @@ void run_coco(const CocoOptions& o) {
            ref.mu.size(0), kInceptionDims);
   auto net = load_fid_inception(o.inception, device);
   ClipScorer clip(o.clip, device, o.quick_gelu);
+  clip.tokenize({caps[0]});  // the BPE vocabulary is there (before hours of sampling)
   auto sm = load_sampling_model(o.ckpt, device);
   const auto& mc = sm.model->config();
   MD_CHECK(!sm.is_latent() || !o.vae.empty(), "{}: a latent model needs --vae W", o.ckpt);
