@@ -40,11 +40,10 @@ std::string read_bytes(const std::string& path) {
 
 }  // namespace
 
-void write_png(const std::string& path, const Image& image) {
-  MD_CHECK(!image.empty(), "{}: cannot write an empty {}x{} image", path, image.width,
-           image.height);
+std::string encode_png(const Image& image) {
+  MD_CHECK(!image.empty(), "cannot encode an empty {}x{} image as PNG", image.width, image.height);
   MD_CHECK(image.pixels.size() == static_cast<size_t>(image.width) * image.height * 3,
-           "{}: image buffer does not match its size", path);
+           "image buffer does not match its {}x{} size", image.width, image.height);
   png_image png{};
   png.version = PNG_IMAGE_VERSION;
   png.width = static_cast<png_uint_32>(image.width);
@@ -52,12 +51,23 @@ void write_png(const std::string& path, const Image& image) {
   png.format = PNG_FORMAT_RGB;
   png_alloc_size_t size = 0;
   MD_CHECK(png_image_write_to_memory(&png, nullptr, &size, 0, image.pixels.data(), 0, nullptr),
-           "{}: PNG encoding failed ({})", path, png.message);
-  std::vector<char> bytes(size);
+           "PNG encoding failed ({})", png.message);
+  std::string bytes(size, '\0');
   MD_CHECK(png_image_write_to_memory(&png, bytes.data(), &size, 0, image.pixels.data(), 0, nullptr),
-           "{}: PNG encoding failed ({})", path, png.message);
+           "PNG encoding failed ({})", png.message);
+  bytes.resize(size);
+  return bytes;
+}
+
+void write_png(const std::string& path, const Image& image) {
+  std::string bytes;
+  try {
+    bytes = encode_png(image);
+  } catch (const Error& e) {
+    fail("{}: {}", path, e.what());
+  }
   AtomicFile out(path);
-  out.write(bytes.data(), size);
+  out.write(bytes.data(), bytes.size());
   out.commit();
 }
 

@@ -41,6 +41,7 @@ struct RgbaImage {
 // never sees half a file. Reading composites any alpha channel on white; a missing, empty
 // or non-PNG file is a microdit::Error naming the path.
 void write_png(const std::string& path, const Image& image);
+std::string encode_png(const Image& image);  // the PNG file's bytes
 Image read_png(const std::string& path);
 RgbaImage read_png_rgba(const std::string& path);
 

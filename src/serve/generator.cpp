@@ -1,6 +1,5 @@
 // The server's image generator: a training checkpoint loaded once (EMA weights), as
 // `microdit sample` does, making one picture at a time so the page can show each as it comes.
-#include <png.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <cmath>
@@ -14,22 +13,6 @@
 #include "vae/autoencoder_kl.h"
 
 namespace microdit::serve {
-
-std::string encode_png(const Image& image) {
-  png_image png{};
-  png.version = PNG_IMAGE_VERSION;
-  png.width = static_cast<png_uint_32>(image.width);
-  png.height = static_cast<png_uint_32>(image.height);
-  png.format = PNG_FORMAT_RGB;
-  png_alloc_size_t size = 0;
-  MD_CHECK(png_image_write_to_memory(&png, nullptr, &size, 0, image.pixels.data(), 0, nullptr),
-           "PNG encoding failed ({})", png.message);
-  std::string bytes(size, '\0');
-  MD_CHECK(png_image_write_to_memory(&png, bytes.data(), &size, 0, image.pixels.data(), 0, nullptr),
-           "PNG encoding failed ({})", png.message);
-  bytes.resize(size);
-  return bytes;
-}
 
 namespace {
 

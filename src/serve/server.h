@@ -51,7 +51,6 @@ class ImageGenerator {
 std::unique_ptr<ImageGenerator> load_checkpoint_generator(const std::string& ckpt, const std::string& vae,
                                                           const std::string& device, int scale = 0);
 
-std::string encode_png(const Image& image);  // PNG file bytes
 
 struct ServeOptions {
   std::string host = "127.0.0.1";
