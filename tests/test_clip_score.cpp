@@ -60,10 +60,11 @@ TEST(ClipScore, MatchesOpenClipOnRandomWeights) {
   const auto pre = clip_preprocess(decode_image_file(dir + "/clip_img.png"), 56);
   EXPECT_LT((pre - ref.at("preprocessed")).abs().max().item<double>(), 1e-5);
   // Our tokenizer gives open_clip's ids when the BPE vocabulary asset is installed.
-  if (is_regular_file(text::clip_bpe_path()))
+  if (is_regular_file(text::clip_bpe_path())) {
     EXPECT_TRUE(torch::equal(clip.tokenize({"a photo of a red heart", "two cats on a sofa",
                                             "an emoji of a smiling face"}),
                              ref.at("ids").to(at::kLong)));
+  }
 }
 
 TEST(ClipScore, VitH14ImageTowerShape) {

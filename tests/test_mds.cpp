@@ -149,7 +149,9 @@ void expect_same_dataset(const std::string& ours, const std::string& theirs) {
     }
     EXPECT_EQ(sa, sb) << theirs << " shard " << i;
   }
-  if (!compressed) EXPECT_EQ(a, b) << theirs << "/index.json";
+  if (!compressed) {
+    EXPECT_EQ(a, b) << theirs << "/index.json";
+  }
 }
 
 // The streaming venv of scripts/setup_data.sh, or "".
@@ -211,7 +213,9 @@ TEST(MdsReader, EveryEncoding) {
       const std::string what = fmt::format("sample {} column {} ({})", i, col.name, col.encoding);
       SCOPED_TRACE(what);
       expect_payload(raw[c], d["payloads"][i][c], what);
-      if (col.size) EXPECT_EQ(static_cast<int64_t>(raw[c].size()), *col.size);
+      if (col.size) {
+        EXPECT_EQ(static_cast<int64_t>(raw[c].size()), *col.size);
+      }
       const json& values = d["values"][i];
       if (col.encoding.rfind("ndarray", 0) == 0) {
         expect_array(mds::decode_ndarray(col.encoding, raw[c], what), values[col.name], what);
@@ -442,7 +446,9 @@ TEST(MdsReader, RandomDamageNeverCrashes) {
       for (int64_t i = 0; i < ds.size(); ++i) ds.get_raw(i);
     });
     refused += !e.empty();
-    if (!e.empty()) EXPECT_NE(e.find("shard.00000.mds"), std::string::npos) << e;
+    if (!e.empty()) {
+      EXPECT_NE(e.find("shard.00000.mds"), std::string::npos) << e;
+    }
   }
   EXPECT_GT(refused, 50);
 }
