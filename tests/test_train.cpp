@@ -12,6 +12,7 @@
 using namespace microdit;
 using microdit::test_util::error_of;
 using microdit::test_util::TempDir;
+using microdit::test_util::metric_losses;
 
 namespace {
 
@@ -38,16 +39,6 @@ std::string write_config(const std::string& dir, const std::string& shards) {
   return path;
 }
 
-std::vector<double> losses(const std::string& metrics) {
-  std::ifstream in(metrics);
-  std::vector<double> out;
-  std::string line;
-  while (std::getline(in, line)) {
-    auto p = line.find("\"loss\": ");
-    if (p != std::string::npos) out.push_back(std::stod(line.substr(p + 8)));
-  }
-  return out;
-}
 
 }  // namespace
 
@@ -178,7 +169,7 @@ TEST_P(StoppedAndResumed, RepeatsTheLossCurve) {
     EXPECT_EQ(t.state().step, 3);
     t.run();
   }
-  auto la = losses(dir.path + "/a/metrics.jsonl"), lb = losses(dir.path + "/b/metrics.jsonl");
+  auto la = metric_losses(dir.path + "/a/metrics.jsonl"), lb = metric_losses(dir.path + "/b/metrics.jsonl");
   ASSERT_EQ(la.size(), 6u);
   ASSERT_EQ(lb.size(), 6u);
   for (size_t i = 0; i < la.size(); ++i) EXPECT_DOUBLE_EQ(la[i], lb[i]) << "step " << i + 1;

@@ -3,11 +3,15 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
+#include "core/fs.h"
 #include "model/config.h"
 
 namespace microdit::test_util {
@@ -34,6 +38,38 @@ inline std::string error_of(const std::function<void()>& f) {
     f();
   } catch (const Error& e) {
     return e.what();
+  }
+  return "";
+}
+
+// A whole file's bytes ("" when it cannot be read).
+inline std::string read_file_bytes(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+// The "loss" of every training line of a metrics.jsonl, in order.
+inline std::vector<double> metric_losses(const std::string& metrics) {
+  std::ifstream in(metrics);
+  std::vector<double> out;
+  for (std::string line; std::getline(in, line);)
+    if (auto p = line.find("\"loss\": "); p != std::string::npos) out.push_back(std::stod(line.substr(p + 8)));
+  return out;
+}
+
+// Python of the mosaicml-streaming venv made by scripts/setup_data.sh ($MICRODIT_STREAMING_VENV,
+// else the finished one in the per-user cache), or "" when there is none.
+inline std::string streaming_python() {
+  if (const char* v = std::getenv("MICRODIT_STREAMING_VENV"); v && *v)
+    return is_regular_file(std::string(v) + "/bin/python") ? std::string(v) + "/bin/python" : "";
+  const char* cache = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  const std::string root = cache && *cache ? std::string(cache) : std::string(home ? home : "") + "/.cache";
+  for (const auto& name : list_dir(root + "/microdit")) {
+    if (name.rfind("venv-streaming0.13.0-py", 0) != 0) continue;
+    const std::string dir = root + "/microdit/" + name;
+    for (const auto& f : list_dir(dir))
+      if (f.rfind(".complete-", 0) == 0 && is_regular_file(dir + "/bin/python")) return dir + "/bin/python";
   }
   return "";
 }
