@@ -23,6 +23,7 @@ void register_serve(CLI::App& app);
 void register_dataset(CLI::App& app);
 void register_encode_text(CLI::App& app);
 void register_eval_colour(CLI::App& app);
+void register_eval_recall(CLI::App& app);
 void register_eval(CLI::App& app);  // eval fid | clip-score | coco
 void register_vae(CLI::App& app);
 void register_vae_init(CLI::App& vae);  // `vae init`, under the vae command

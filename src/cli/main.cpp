@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   microdit::cli::register_dataset(app);
   microdit::cli::register_encode_text(app);
   microdit::cli::register_eval_colour(app);
+  microdit::cli::register_eval_recall(app);
   microdit::cli::register_eval(app);
   microdit::cli::register_vae(app);
   microdit::cli::register_vae_init(*app.get_subcommand("vae"));
