@@ -50,3 +50,16 @@ set_tests_properties(e2e.main_job_colour_check PROPERTIES TIMEOUT 3600 SKIP_REGU
                      LABELS e2e)
 md_error_test(cli.sample_bad_scale "--n, --steps and --scale must be >= 1"
               sample --ckpt /nonexistent.safetensors --prompt "red heart" --scale 0)
+
+# eval-recall (issue #10) and the skin-tone-free emoji set: one-line errors, and the option works.
+md_error_test(cli.recall_missing_dataset "/nonexistent/captions.jsonl: no such file"
+              eval-recall --ckpt /nonexistent.safetensors --dataset /nonexistent)
+md_error_test(cli.recall_bad_n "--n and --batch must be >= 1"
+              eval-recall --ckpt /nonexistent.safetensors --dataset /nonexistent --n 0)
+md_error_test(cli.dataset_bad_skin_tones "--skin-tones must be all or none, got 'some'"
+              dataset emoji --out /tmp/md_unused --skin-tones some)
+add_test(NAME dataset.emoji_no_skin_tones COMMAND microdit dataset emoji --limit 400 --size 8 --skin-tones none
+         --out "${CMAKE_CURRENT_BINARY_DIR}/dataset_emoji_nst_test")
+set_tests_properties(dataset.emoji_no_skin_tones PROPERTIES
+                     PASS_REGULAR_EXPRESSION "of 400 emoji at 8x8 .*; [1-9][0-9]* skin-tone variants left out"
+                     SKIP_REGULAR_EXPRESSION "install the Debian package")

@@ -24,7 +24,15 @@ struct EmojiDatasetOptions {
   std::string out, emoji_test = kEmojiTestPath, font = kEmojiFontPath;
   int size = 32, limit = 0;
   bool plain_captions = false;  // no ", mostly <colour>" after the caption
+  std::string skin_tones = "all";  // "all", or "none": drop the skin-tone variants
 };
+
+// A skin-tone modifier (U+1F3FB..U+1F3FF, Fitzpatrick types 1-2 to 6) anywhere in the sequence.
+bool has_skin_tone(const EmojiEntry& e) {
+  for (char32_t c : e.codepoints)
+    if (c >= 0x1F3FB && c <= 0x1F3FF) return true;
+  return false;
+}
 
 void make_dirs(const std::string& path) {
   for (size_t pos = 0; pos != std::string::npos;) {
@@ -47,6 +55,8 @@ void run_emoji_dataset(const EmojiDatasetOptions& o) {
   MD_CHECK(!o.out.empty(), "--out is required");
   MD_CHECK(o.size >= 8 && o.size <= 1024, "--size must be in [8, 1024], got {}", o.size);
   MD_CHECK(o.limit >= 0, "--limit must be >= 0, got {}", o.limit);
+  MD_CHECK(o.skin_tones == "all" || o.skin_tones == "none", "--skin-tones must be all or none, got '{}'",
+           o.skin_tones);
   // Inputs first, so a missing package fails before anything is written.
   std::vector<EmojiEntry> entries = load_emoji_test(o.emoji_test);
   const EmojiRenderer renderer(o.font);
@@ -57,10 +67,15 @@ void run_emoji_dataset(const EmojiDatasetOptions& o) {
   std::string jsonl;
   std::vector<Image> preview;
   std::vector<std::pair<std::string, std::string>> failures;  // name, why
-  int train = 0, val = 0;
+  int train = 0, val = 0, skipped = 0;
   ProgressBar bar("rendering", static_cast<int64_t>(entries.size()), "img");
   for (size_t i = 0; i < entries.size(); ++i) {
     const EmojiEntry& e = entries[i];
+    if (o.skin_tones == "none" && has_skin_tone(e)) {
+      ++skipped;
+      bar.update(static_cast<int64_t>(i + 1));
+      continue;
+    }
     const EmojiRender r = renderer.render(e.utf8(), o.size);
     if (r.ok()) {
       // Files are numbered by position in emoji-test.txt, so names stay stable.
@@ -93,6 +108,7 @@ void run_emoji_dataset(const EmojiDatasetOptions& o) {
   const nlohmann::ordered_json meta = {{"dataset", "emoji"},
                                {"version", 2},
                                {"colour_words", !o.plain_captions},
+                               {"skin_tones", o.skin_tones},
                                {"size", o.size},
                                {"images", rendered},
                                {"train", train},
@@ -102,8 +118,9 @@ void run_emoji_dataset(const EmojiDatasetOptions& o) {
                                {"font", o.font}};
   write_text(out + "/dataset.json", meta.dump(2) + "\n");
 
-  fmt::print("rendered {} of {} emoji at {}x{} ({} train, {} held out for validation) in {:.1f} s\n",
-             rendered, entries.size(), o.size, o.size, train, val, bar.elapsed_seconds());
+  fmt::print("rendered {} of {} emoji at {}x{} ({} train, {} held out for validation{}) in {:.1f} s\n",
+             rendered, entries.size(), o.size, o.size, train, val,
+             skipped ? fmt::format("; {} skin-tone variants left out", skipped) : "", bar.elapsed_seconds());
   if (!failures.empty()) {
     fmt::print("failed: {}", failures.size());
     for (size_t i = 0; i < std::min<size_t>(5, failures.size()); ++i)
@@ -131,6 +148,9 @@ void register_dataset(CLI::App& app) {
       ->capture_default_str();
   emoji->add_flag("--plain-captions", o->plain_captions,
                   "captions without the dominant colour word (\", mostly red\")");
+  emoji->add_option("--skin-tones", o->skin_tones,
+                    "all, or none: leave out the 1,785 skin-tone variants (each emoji once, in its default yellow)")
+      ->capture_default_str();
   emoji->callback([o] { run_emoji_dataset(*o); });
 }
 
