@@ -65,10 +65,14 @@ void run(const BenchOptions& o) {
   const auto st = model_stats(c, o.mask_ratio, o.caption_len);
   const double ips = o.batch * o.steps / s;
   fmt::print("{}\n", runtime_summary(device));
-  fmt::print("bench {} latent {} batch {} mask {} {}: {:.1f} ms/step, {:.1f} images/s, "
-             "{:.1f} TFLOP/s (model FLOPs)\n",
+  // Model FLOPs per second with three significant digits: TFLOP/s on a GPU, GFLOP/s on a CPU.
+  const double flops = ips * st.train_flops;
+  const std::string rate = device.is_cuda() ? fmt::format("{:.3g} TFLOP/s", flops / 1e12)
+                                            : fmt::format("{:.3g} GFLOP/s", flops / 1e9);
+  fmt::print("bench {} latent {} batch {} mask {} {}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
+             "peak memory {}\n",
              o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",
-             1e3 * s / o.steps, ips, ips * st.train_flops / 1e12);
+             1e3 * s / o.steps, ips, rate, peak_memory_text(device));
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "core/progress.h"
 #include "eval/colour.h"
 #include "eval/sampling.h"
+#include "eval/summary.h"
 #include "text/encoder.h"
 
 namespace microdit::cli {
@@ -19,7 +20,7 @@ namespace {
 
 struct EvalOptions {
   RuntimeOptions rt;
-  std::string ckpt, metrics, out;
+  std::string ckpt, metrics, out, summary;
   int n = 8, steps = 20;
   // Guidance: the sampler's default (microdit sample --cfg 4).
   double cfg = 4.0, min_accuracy = 0.8, max_val_ratio = 0.8;
@@ -90,6 +91,11 @@ void run(const EvalOptions& o) {
   const double acc = static_cast<double>(correct) / total;
   fmt::print("colour accuracy: {}/{} = {:.0f}% (need {:.0f}%)\n", correct, total, 100 * acc,
              100 * o.min_accuracy);
+  if (!o.summary.empty()) {
+    update_summary(o.summary, "colour", {{"checkpoint", o.ckpt}, {"steps", o.steps}, {"cfg", o.cfg},
+                                         {"correct", correct}, {"total", total}, {"accuracy", acc}});
+    fmt::print("summary: {} (key \"colour\")\n", o.summary);
+  }
   if (!o.metrics.empty()) check_validation(o.metrics, o.max_val_ratio);
   MD_CHECK(acc >= o.min_accuracy, "colour accuracy {:.0f}% is below {:.0f}%: the text does not steer the colour",
            100 * acc, 100 * o.min_accuracy);
@@ -110,6 +116,7 @@ void register_eval_colour(CLI::App& app) {
   cmd->add_option("--max-val-ratio", o->max_val_ratio, "final / first validation loss must be <= this")
       ->capture_default_str();
   cmd->add_option("--out", o->out, "write the samples as a grid PNG");
+  cmd->add_option("--summary", o->summary, "JSON file to record the result in (key \"colour\")");
   cmd->add_flag("--plain-captions", o->plain_captions,
                 "prompts without the colour word suffix (for data made with dataset emoji --plain-captions)");
   add_runtime_options(*cmd, o->rt);

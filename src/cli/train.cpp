@@ -145,7 +145,8 @@ void run_rank(const TrainOptions& o, const dist::Env& env) {
   };
   trainer.on_finish = [&](const std::string& metrics) {
     plot_metrics(metrics, cfg.out + "/loss.png");
-    fmt::print("checkpoint: {}\nloss curve: {}/loss.png\n", latest_checkpoint(cfg.out), cfg.out);
+    fmt::print("checkpoint: {}\nloss curve: {}/loss.png\npeak memory: {}\n", latest_checkpoint(cfg.out),
+               cfg.out, peak_memory_text(device));
     if (prompt_emb.defined()) fmt::print("samples: {}/samples/\n", cfg.out);
   };
   trainer.run();

@@ -1,6 +1,8 @@
 #include "core/device.h"
 
 #include <ATen/Parallel.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <sys/resource.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
 
@@ -34,6 +36,25 @@ c10::Device resolve_device(const std::string& name) {
 void set_threads(int n) {
   MD_CHECK(n >= 0, "--threads {}: must be 0 (LibTorch default) or a positive count", n);
   if (n > 0) at::set_num_threads(n);
+}
+
+int64_t peak_memory_bytes(const c10::Device& device) {
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
+  }
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // Linux reports KiB
+}
+
+void reset_peak_memory(const c10::Device& device) {
+  if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+}
+
+std::string peak_memory_text(const c10::Device& device) {
+  return fmt::format("{:.3g} GiB ({})", peak_memory_bytes(device) / double(1LL << 30),
+                     device.is_cuda() ? "CUDA allocated" : "process peak RSS");
 }
 
 std::string runtime_summary(const c10::Device& device) {

@@ -10,6 +10,12 @@ namespace microdit {
 c10::Device resolve_device(const std::string& name);
 // N > 0 sets LibTorch's intra-op threads; 0 keeps LibTorch's default (all cores).
 void set_threads(int n);
+// Peak memory since the process started (or reset_peak_memory): on CUDA the caching
+// allocator's peak of allocated bytes on that device, on the CPU the process's peak resident
+// set size (which cannot be reset). peak_memory_text: "64.3 GiB (CUDA allocated)".
+int64_t peak_memory_bytes(const c10::Device& device);
+void reset_peak_memory(const c10::Device& device);
+std::string peak_memory_text(const c10::Device& device);
 // One line describing the runtime: LibTorch version, device, threads.
 std::string runtime_summary(const c10::Device& device);
 
