@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "diffusion/edm.h"
 #include "model/stats.h"
+#include "train/fused_adamw.h"
 
 namespace microdit::cli {
 
@@ -22,6 +23,7 @@ struct BenchOptions {
   int batch = 8, steps = 10, warmup = 3, latent_size = 0, caption_len = 77;
   double mask_ratio = 0.75;
   bool bf16 = false;
+  bool plain_adamw = false;  // torch::optim::AdamW::step instead of the fused kernel
 };
 
 void sync(const c10::Device& d) {
@@ -53,7 +55,8 @@ void run(const BenchOptions& o) {
       loss = edm_loss(*model, x, y, draws, edm);
     }
     loss.backward();
-    opt.step();
+    if (o.plain_adamw) opt.step();
+    else fused_adamw_step(opt);
     return loss;
   };
   for (int i = 0; i < o.warmup; ++i) step();
@@ -69,10 +72,10 @@ void run(const BenchOptions& o) {
   const double flops = ips * st.train_flops;
   const std::string rate = device.is_cuda() ? fmt::format("{:.3g} TFLOP/s", flops / 1e12)
                                             : fmt::format("{:.3g} GFLOP/s", flops / 1e9);
-  fmt::print("bench {} latent {} batch {} mask {} {}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
+  fmt::print("bench {} latent {} batch {} mask {} {}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
              "peak memory {}\n",
              o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",
-             1e3 * s / o.steps, ips, rate, peak_memory_text(device));
+             o.plain_adamw ? ", plain AdamW" : "", 1e3 * s / o.steps, ips, rate, peak_memory_text(device));
 }
 
 }  // namespace
@@ -88,6 +91,7 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--caption-len", o->caption_len, "caption tokens")->capture_default_str();
   cmd->add_option("--mask-ratio", o->mask_ratio, "deferred-masking ratio")->capture_default_str();
   cmd->add_flag("--bf16", o->bf16, "bf16 autocast");
+  cmd->add_flag("--plain-adamw", o->plain_adamw, "torch::optim::AdamW's step instead of the fused AdamW kernel");
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

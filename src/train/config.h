@@ -38,6 +38,7 @@ struct TrainConfig {
   double ema_decay = 0.0;            // 0 disables EMA
   int64_t ema_start = 0;
   bool bf16 = false;                 // bf16 autocast
+  bool fused_optimizer = true;       // AdamW as one fused kernel (train/fused_adamw.h)
   uint64_t seed = 0;
   // data parallelism (several ranks; see docs/distributed.md)
   bool shard_optimizer = false;      // AdamW moments split across ranks (ZeRO-1)

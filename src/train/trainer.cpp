@@ -18,6 +18,7 @@
 #include "dist/grad_sync.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
+#include "train/fused_adamw.h"
 #include "data/latent_source.h"
 
 #include <nlohmann/json.hpp>
@@ -45,11 +46,13 @@ EMA::EMA(torch::nn::Module& model, double decay, int64_t start) : decay_(decay),
 void EMA::update(torch::nn::Module& model, int64_t step) {
   torch::NoGradGuard ng;
   auto params = model.named_parameters();
+  std::vector<Tensor> s_list, p_list;
   for (auto& [name, s] : shadow_) {
-    const auto& p = params[name];
-    if (step < start_) s.copy_(p);
-    else s.mul_(decay_).add_(p.detach(), 1.0 - decay_);
+    s_list.push_back(s);
+    p_list.push_back(params[name].detach());
   }
+  if (step < start_) at::_foreach_copy_(s_list, p_list);
+  else at::_foreach_lerp_(s_list, p_list, 1.0 - decay_);  // s = decay s + (1 - decay) p, fused
 }
 
 void EMA::load(const NamedTensors& t) {
@@ -463,7 +466,8 @@ void Trainer::run(int64_t stop_at) {
     double gnorm = NAN;  // global, before clipping
     if (opt_) {
       if (cfg_.grad_clip > 0) gnorm = torch::nn::utils::clip_grad_norm_(model_->parameters(), cfg_.grad_clip);
-      opt_->step();
+      if (cfg_.fused_optimizer) fused_adamw_step(*opt_);
+      else opt_->step();
     } else {
       gnorm = sync_->sharded_grad_norm();
       if (cfg_.grad_clip > 0) sync_->sharded_clip(cfg_.grad_clip, gnorm);

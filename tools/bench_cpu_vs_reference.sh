@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Side-by-side CPU timings of microdit and the reference (SonyResearch/micro_diffusion), run
+# back to back in one go on an otherwise idle machine (docs/performance.md):
+#   training steps: MicroDiT_Nano_2, batch 32, latent 4x32x32, captions 77x1024, mask 0.75,
+#                   fp32 and bf16 autocast (microdit bench vs tools/bench_reference.py train)
+#   sampling:       the emoji model's shape (32x32 RGB, patch 4, MiniLM 384-wide captions),
+#                   Heun 30 steps, guidance 4 (random weights on both sides)
+#   tools/bench_cpu_vs_reference.sh REFERENCE_CHECKOUT [STEPS] [EMOJI_CKPT]
+# EMOJI_CKPT: a checkpoint of configs/emoji_cpu.yaml for the sampling rows (skipped without).
+# REFERENCE_CHECKOUT: a clone of github.com/SonyResearch/micro_diffusion (development only).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REF=${1:?usage: $0 REFERENCE_CHECKOUT [STEPS] [EMOJI_CKPT]}
+STEPS=${2:-10}
+CKPT=${3:-}
+BIN="${MICRODIT_BUILD_DIR:-$ROOT/build}/microdit"
+PY="$ROOT/.venv/bin/python"
+T=$(nproc)
+echo "# $(lscpu | sed -n 's/^Model name: *//p'), $T threads, $(date -u +%F)"
+for prec in fp32 bf16; do
+  flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
+  "$BIN" bench --preset MicroDiT_Nano_2 --batch 32 --mask-ratio 0.75 --steps "$STEPS" --warmup 3 \
+    --threads "$T" --device cpu "${flag[@]}" | tail -n 1
+  "$PY" "$ROOT/tools/bench_reference.py" train --reference "$REF" --preset MicroDiT_Nano_2 --batch 32 \
+    --mask-ratio 0.75 --steps "$STEPS" --warmup 3 --threads "$T" "${flag[@]}" | tail -n 1
+done
+# Sampling: 32 images, 16 per batch, Heun 30 steps, guidance 4 (microdit's time includes
+# loading the checkpoint and encoding the prompts; the reference's is the sampler loop only).
+[ -n "$CKPT" ] || exit 0
+start=$(date +%s.%N)
+"$BIN" sample --ckpt "$CKPT" --prompt "red heart, smileys & emotion, heart, mostly red" --prompt "frog" \
+  --n 16 --batch 16 --steps 30 --cfg 4 --threads "$T" --device cpu --out /tmp/bench_sample.png >/dev/null
+end=$(date +%s.%N)
+echo "microdit sample emoji (Pico, 32x32x3, patch 4) n 32 batch 16 Heun 30 cfg 4 fp32: $(echo "32 / ($end - $start)" | bc -l | cut -c1-5) images/s"
+"$PY" "$ROOT/tools/bench_reference.py" sample --reference "$REF" --preset MicroDiT_Pico_2 --latent-size 32 \
+  --in-channels 3 --patch-size 4 --caption-channels 384 --caption-len 30 --n 32 --batch 16 --steps 30 --cfg 4 \
+  --threads "$T" | tail -n 1
