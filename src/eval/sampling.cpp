@@ -1,6 +1,12 @@
 #include "eval/sampling.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <atomic>
+#include <mutex>
+#include <thread>
 #include <nlohmann/json.hpp>
 #include <yaml-cpp/yaml.h>
 
@@ -21,13 +27,45 @@ Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t see
     noise.push_back(at::randn({c.in_channels, c.input_size, c.input_size}, gen));
   }
   auto z = at::stack(noise);  // (N, C, H, W)
-  std::vector<Tensor> out;
-  for (int64_t s = 0; s < N; s += batch) {
-    const int64_t n = std::min(batch, N - s);
+  // On the CPU, chunks run side by side on single-threaded workers, one per intra-op thread:
+  // the small kernels of a sampling step scale poorly across threads, whole chunks do.
+  const int threads = device.is_cpu() ? at::get_num_threads() : 1;
+  const int64_t chunk = threads > 1 ? std::min(batch, (N + threads - 1) / threads) : batch;
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  std::vector<Tensor> out(chunks);
+  std::mutex mu;
+  int64_t done = 0;
+  auto run_chunk = [&](int64_t k) {
+    const int64_t s = k * chunk, n = std::min(chunk, N - s);
     auto y = captions.narrow(0, s, n).to(device, at::kFloat).unsqueeze(1);  // (n, 1, L, W)
-    out.push_back(edm_sample(model, z.narrow(0, s, n).to(device), y, edm, opt).to(at::kCPU));
-    if (progress) progress(s + n);
+    out[k] = edm_sample(model, z.narrow(0, s, n).to(device), y, edm, opt).to(at::kCPU);
+    std::lock_guard<std::mutex> lock(mu);
+    done += n;
+    if (progress) progress(done);
+  };
+  const int workers = static_cast<int>(std::min<int64_t>(threads, chunks));
+  if (workers <= 1) {
+    for (int64_t k = 0; k < chunks; ++k) run_chunk(k);
+    return at::cat(out);
   }
+  std::atomic<int64_t> next{0};
+  std::vector<std::exception_ptr> errors(workers);
+  std::vector<std::thread> pool;
+  const at::ThreadLocalState caller;  // grad mode, autocast, ... as on the calling thread
+  for (int w = 0; w < workers; ++w)
+    pool.emplace_back([&, w] {
+      try {
+        at::ThreadLocalStateGuard same_state(caller);
+        at::set_num_threads(1);  // this worker's OpenMP / MKL threads
+        for (int64_t k; (k = next++) < chunks;) run_chunk(k);
+      } catch (...) {
+        errors[w] = std::current_exception();
+      }
+    });
+  for (auto& t : pool) t.join();
+  at::set_num_threads(threads);  // the workers changed the process-wide default: restore it
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
   return at::cat(out);
 }
 
