@@ -11,6 +11,7 @@
 #include "core/error.h"
 #include "core/fs.h"
 #include "core/progress.h"
+#include "data/emoji.h"
 #include "data/image.h"
 #include "data/prepare_latents.h"
 #include "data/shards.h"
@@ -55,32 +56,10 @@ void run_latents(const PrepareOptions& o) {
   if (!r.already_done) fmt::print("wrote {}/index.json\n", o.out);
 }
 
-struct Item {
-  std::string file, caption, split;
-};
-
-std::vector<Item> read_captions(const std::string& dir) {
-  const std::string path = dir + "/captions.jsonl";
-  MD_CHECK(is_regular_file(path), "{}: no such file (make a dataset with `microdit dataset emoji`)", path);
-  std::ifstream in(path);
-  std::vector<Item> items;
-  std::string line;
-  for (int n = 1; std::getline(in, line); ++n) {
-    if (line.empty()) continue;
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    MD_CHECK(!j.is_discarded() && j.contains("file") && j.contains("caption"),
-             "{}:{}: expected a JSON object with file and caption", path, n);
-    items.push_back({j["file"].get<std::string>(), j["caption"].get<std::string>(),
-                     j.value("split", std::string("train"))});
-  }
-  MD_CHECK(!items.empty(), "{}: no captions", path);
-  return items;
-}
-
 void run(const PrepareOptions& o) {
   set_threads(o.rt.threads);
   const auto device = resolve_device(o.rt.device);
-  auto items = read_captions(o.dataset);
+  const auto items = read_emoji_rows(o.dataset, /*require_subgroup=*/false);
   std::vector<std::string> texts;
   for (const auto& it : items) texts.push_back(it.caption);
 

@@ -4,6 +4,7 @@
 #include FT_FREETYPE_H
 #include <hb-ft.h>
 #include <hb.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cctype>
@@ -255,6 +256,27 @@ EmojiRender EmojiRenderer::render(const std::string& utf8, int size) const {
   const Image square = pad_to_square(on_white, std::max(on_white.width, on_white.height));
   r.image = resize(square, size, size);
   return r;
+}
+
+std::vector<EmojiRow> read_emoji_rows(const std::string& dir, bool require_subgroup) {
+  const std::string path = dir + "/captions.jsonl";
+  MD_CHECK(is_regular_file(path), "{}: no such file (make a dataset with `microdit dataset emoji`)", path);
+  std::ifstream in(path);
+  std::vector<EmojiRow> rows;
+  std::string line;
+  for (int n = 1; std::getline(in, line); ++n) {
+    if (line.empty()) continue;
+    auto j = nlohmann::json::parse(line, nullptr, false);
+    MD_CHECK(!j.is_discarded() && j.is_object() && j.contains("file") && j.contains("caption") &&
+                 (!require_subgroup || j.contains("subgroup")),
+             "{}:{}: expected a JSON object with file, caption{}", path, n,
+             require_subgroup ? " and subgroup (an emoji dataset)" : "");
+    rows.push_back({j["file"].get<std::string>(), j["caption"].get<std::string>(),
+                    j.value("name", std::string()), j.value("subgroup", std::string()),
+                    j.value("split", std::string("train"))});
+  }
+  MD_CHECK(!rows.empty(), "{}: no captions", path);
+  return rows;
 }
 
 }  // namespace microdit

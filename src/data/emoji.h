@@ -42,6 +42,14 @@ std::string emoji_split(const std::string& name);
 const std::vector<std::string>& colour_probes();
 bool is_colour_probe(const std::string& name);
 
+// One line of a dataset's DIR/captions.jsonl, as `dataset emoji` writes it.
+struct EmojiRow {
+  std::string file, caption, name, subgroup, split;  // split: "train" when absent
+};
+// DIR/captions.jsonl. A missing file, a line without file and caption (and subgroup, when
+// required), or no line at all is an Error naming the file and line.
+std::vector<EmojiRow> read_emoji_rows(const std::string& dir, bool require_subgroup = true);
+
 struct EmojiRender {
   Image image;          // size x size, on white; empty on failure
   std::string failure;  // why it did not render; empty on success

@@ -1,34 +1,9 @@
 #include "eval/recall.h"
 
 #include <ATen/ATen.h>
-#include <nlohmann/json.hpp>
-
-#include <fstream>
-
 #include "core/error.h"
-#include "core/fs.h"
 
 namespace microdit {
-
-std::vector<EmojiRow> read_emoji_rows(const std::string& dir) {
-  const std::string path = dir + "/captions.jsonl";
-  MD_CHECK(is_regular_file(path), "{}: no such file (make a dataset with `microdit dataset emoji`)", path);
-  std::ifstream in(path);
-  std::vector<EmojiRow> rows;
-  std::string line;
-  for (int n = 1; std::getline(in, line); ++n) {
-    if (line.empty()) continue;
-    auto j = nlohmann::json::parse(line, nullptr, false);
-    MD_CHECK(!j.is_discarded() && j.is_object() && j.contains("file") && j.contains("caption") &&
-                 j.contains("subgroup"),
-             "{}:{}: expected a JSON object with file, caption and subgroup (an emoji dataset)", path, n);
-    rows.push_back({j["file"].get<std::string>(), j["caption"].get<std::string>(),
-                    j.value("name", std::string()), j["subgroup"].get<std::string>(),
-                    j.value("split", std::string("train"))});
-  }
-  MD_CHECK(!rows.empty(), "{}: no captions", path);
-  return rows;
-}
 
 std::vector<int> spread_indices(int count, int n) {
   std::vector<int> out;

@@ -8,15 +8,10 @@
 #include <string>
 #include <vector>
 
+#include "data/emoji.h"
 #include "data/image.h"
 
 namespace microdit {
-
-struct EmojiRow {
-  std::string file, caption, name, subgroup, split;  // one line of DIR/captions.jsonl
-};
-// DIR/captions.jsonl; a missing file or a line without file/caption/subgroup is an Error.
-std::vector<EmojiRow> read_emoji_rows(const std::string& dir);
 
 // n indices spread evenly over [0, count) (all of them when n >= count): a fixed choice that
 // covers every part of the file's order (and so every group), independent of any seed.
