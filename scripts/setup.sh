@@ -12,6 +12,7 @@ APT_PACKAGES=(cmake ninja-build ccache g++ pkg-config python3-venv
   libgtest-dev libgmock-dev libbenchmark-dev libpng-dev libicu-dev zlib1g-dev
   libfreetype-dev libharfbuzz-dev fonts-noto-color-emoji unicode-data fonts-dejavu-core
   libturbojpeg0-dev libjpeg62-turbo-dev libwebp-dev libzstd-dev libarchive-dev libgloo-dev libssl-dev
+  libtcmalloc-minimal4  # the allocator microdit links (CMakeLists.txt, docs/performance.md)
   libcpp-httplib-dev chromium curl)  # microdit serve; its browser and API tests
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

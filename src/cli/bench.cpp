@@ -12,6 +12,7 @@
 #include "diffusion/edm.h"
 #include "model/stats.h"
 #include "train/fused_adamw.h"
+#include "train/parallel_backward.h"
 
 namespace microdit::cli {
 
@@ -24,6 +25,7 @@ struct BenchOptions {
   double mask_ratio = 0.75;
   bool bf16 = false;
   bool plain_adamw = false;  // torch::optim::AdamW::step instead of the fused kernel
+  int workers = 0;           // CPU row-slice workers (train/parallel_backward.h); 0: one per thread
 };
 
 void sync(const c10::Device& d) {
@@ -46,18 +48,18 @@ void run(const BenchOptions& o) {
   auto x = torch::randn({o.batch, c.in_channels, c.input_size, c.input_size}, f32);
   auto y = torch::randn({o.batch, 1, o.caption_len, c.caption_channels}, f32);
   EDMConfig edm;
+  const int workers = resolve_cpu_workers(o.workers, device, /*distributed=*/false);
+  const auto params = model->parameters();
   auto step = [&] {
     opt.zero_grad();
-    auto draws = draw_loss_randomness(x, o.mask_ratio, c.patch_size);
-    torch::Tensor loss;
-    {
-      AutocastGuard autocast(device.type(), o.bf16);
-      loss = edm_loss(*model, x, y, draws, edm);
-    }
-    loss.backward();
+    AutocastGuard autocast(device.type(), o.bf16);
+    parallel_backward(params, o.batch, workers, 1.0, [&](int64_t first, int64_t n) {
+      auto xs = x.narrow(0, first, n);
+      return edm_loss(*model, xs, y.narrow(0, first, n), draw_loss_randomness(xs, o.mask_ratio, c.patch_size),
+                      edm);
+    });
     if (o.plain_adamw) opt.step();
     else fused_adamw_step(opt);
-    return loss;
   };
   for (int i = 0; i < o.warmup; ++i) step();
   sync(device);
@@ -72,10 +74,11 @@ void run(const BenchOptions& o) {
   const double flops = ips * st.train_flops;
   const std::string rate = device.is_cuda() ? fmt::format("{:.3g} TFLOP/s", flops / 1e12)
                                             : fmt::format("{:.3g} GFLOP/s", flops / 1e9);
-  fmt::print("bench {} latent {} batch {} mask {} {}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
+  const std::string split = workers > 1 ? fmt::format(", {} CPU workers", workers) : "";
+  fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
              "peak memory {}\n",
              o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",
-             o.plain_adamw ? ", plain AdamW" : "", 1e3 * s / o.steps, ips, rate, peak_memory_text(device));
+             o.plain_adamw ? ", plain AdamW" : "", split, 1e3 * s / o.steps, ips, rate, peak_memory_text(device));
 }
 
 }  // namespace
@@ -91,6 +94,9 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--caption-len", o->caption_len, "caption tokens")->capture_default_str();
   cmd->add_option("--mask-ratio", o->mask_ratio, "deferred-masking ratio")->capture_default_str();
   cmd->add_flag("--bf16", o->bf16, "bf16 autocast");
+  cmd->add_option("--workers", o->workers,
+                  "CPU: row slices of the batch run side by side, one thread each (0: one per thread, 1: off)")
+      ->capture_default_str();
   cmd->add_flag("--plain-adamw", o->plain_adamw, "torch::optim::AdamW's step instead of the fused AdamW kernel");
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });

@@ -99,7 +99,7 @@ void run_rank(const TrainOptions& o, const dist::Env& env) {
   if (env.distributed()) comm = dist::Comm::connect(env, device, std::chrono::seconds(o.dist_timeout));
   Trainer trainer(cfg, device, comm.get());
   fmt::print("{}\n", runtime_summary(device));
-  if (comm) fmt::print("{}\n", trainer.parallel_summary());
+  if (auto s = trainer.parallel_summary(); !s.empty()) fmt::print("{}\n", s);
   if (o.resume) {
     if (trainer.resume())
       fmt::print("resumed from {} at step {}\n", latest_checkpoint(cfg.out), trainer.state().step);

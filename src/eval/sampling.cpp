@@ -2,14 +2,12 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
-#include <atomic>
 #include <mutex>
-#include <thread>
 #include <nlohmann/json.hpp>
 #include <yaml-cpp/yaml.h>
 
+#include "core/cpu_workers.h"
 #include "core/error.h"
 #include "io/checkpoint.h"
 
@@ -43,29 +41,7 @@ Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t see
     done += n;
     if (progress) progress(done);
   };
-  const int workers = static_cast<int>(std::min<int64_t>(threads, chunks));
-  if (workers <= 1) {
-    for (int64_t k = 0; k < chunks; ++k) run_chunk(k);
-    return at::cat(out);
-  }
-  std::atomic<int64_t> next{0};
-  std::vector<std::exception_ptr> errors(workers);
-  std::vector<std::thread> pool;
-  const at::ThreadLocalState caller;  // grad mode, autocast, ... as on the calling thread
-  for (int w = 0; w < workers; ++w)
-    pool.emplace_back([&, w] {
-      try {
-        at::ThreadLocalStateGuard same_state(caller);
-        at::set_num_threads(1);  // this worker's OpenMP / MKL threads
-        for (int64_t k; (k = next++) < chunks;) run_chunk(k);
-      } catch (...) {
-        errors[w] = std::current_exception();
-      }
-    });
-  for (auto& t : pool) t.join();
-  at::set_num_threads(threads);  // the workers changed the process-wide default: restore it
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  run_cpu_workers(threads, chunks, run_chunk);
   return at::cat(out);
 }
 

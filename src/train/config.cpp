@@ -86,6 +86,7 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                 {"ema_start", bind(c.ema_start, "an integer")},
                 {"bf16", bind(c.bf16, "true or false")},
                 {"fused_optimizer", bind(c.fused_optimizer, "true or false")},
+                {"cpu_workers", bind(c.cpu_workers, "an integer >= 0")},
                 {"seed", bind(c.seed, "a non-negative integer")},
                 {"shard_optimizer", bind(c.shard_optimizer, "true or false")},
                 {"bucket_mb", bind(c.bucket_mb, "a number")}};
@@ -211,6 +212,7 @@ std::string train_config_to_yaml(const TrainConfig& c) {
     << c.grad_clip << YAML::Key << "ema_decay" << YAML::Value << c.ema_decay << YAML::Key
     << "ema_start" << YAML::Value << c.ema_start << YAML::Key << "bf16" << YAML::Value << c.bf16
     << YAML::Key << "fused_optimizer" << YAML::Value << c.fused_optimizer
+    << YAML::Key << "cpu_workers" << YAML::Value << c.cpu_workers
     << YAML::Key << "seed" << YAML::Value << c.seed << YAML::Key << "shard_optimizer" << YAML::Value
     << c.shard_optimizer << YAML::Key << "bucket_mb" << YAML::Value << c.bucket_mb << YAML::EndMap;
   e << YAML::EndMap;

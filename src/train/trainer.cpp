@@ -19,6 +19,7 @@
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
 #include "train/fused_adamw.h"
+#include "train/parallel_backward.h"
 #include "data/latent_source.h"
 
 #include <nlohmann/json.hpp>
@@ -228,6 +229,7 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
     sync_->skip_average = std::getenv("MICRODIT_TEST_NO_AVERAGE") != nullptr;  // negative control
     sync_->broadcast_params();
   }
+  workers_ = resolve_cpu_workers(cfg_.cpu_workers, device_, comm_ != nullptr);
   if (!sync_ || !cfg_.shard_optimizer) opt_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), adamw);
   // EMA weights are only written by rank 0.
   if (cfg_.ema_decay > 0 && rank_ == 0) ema_ = std::make_unique<EMA>(*model_, cfg_.ema_decay, cfg_.ema_start);
@@ -237,7 +239,11 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
 Trainer::~Trainer() = default;
 
 std::string Trainer::parallel_summary() const {
-  if (!comm_) return "";
+  if (!comm_)
+    return workers_ > 1 ? fmt::format("data parallel inside the process: {} CPU workers of one thread, {} "
+                                      "samples each per step (train.cpu_workers)",
+                                      workers_, cfg_.batch_size / cfg_.grad_accum / workers_)
+                        : "";
   std::string s = fmt::format("data parallel: {} ranks ({}), {} samples per rank per step, {} gradient buckets",
                               world_, comm_->backend_name(), cfg_.batch_size / world_, sync_->buckets());
   if (cfg_.shard_optimizer)
@@ -377,24 +383,27 @@ double Trainer::train_step(const Batch& b) {
   if (sync_) sync_->zero_grad();
   else opt_->zero_grad();
   double total = 0;
+  const auto params = model_->parameters();
   for (int64_t m = 0; m < cfg_.grad_accum; ++m) {
-    auto x = b.images.narrow(0, m * micro, micro);
-    auto y = b.captions.narrow(0, m * micro, micro).unsqueeze(1);  // (b, 1, L, W)
-    auto r = draw_samples(cfg_.seed, state_.step, first + m * micro, micro, x.sizes().slice(1), T, masked,
-                          cfg_.caption_dropout);
-    LossDraws d;
-    d.rnd_normal = r.rnd_normal.to(device_);
-    d.noise = r.noise.to(device_);
-    if (masked) d.mask = mask_from_noise(r.mask_noise.to(device_), cfg_.model.kept_tokens(cfg_.mask_ratio));
-    y = y * r.keep.view({micro, 1, 1, 1});
-    Tensor loss;
-    {
+    // The mean loss over rows [s, s + n) of micro-batch m. The draws are keyed by each
+    // sample's global index, so they do not depend on how the rows are sliced.
+    auto loss_of_rows = [&](int64_t s, int64_t n) {
+      const int64_t row = m * micro + s;
+      auto x = b.images.narrow(0, row, n);
+      auto y = b.captions.narrow(0, row, n).unsqueeze(1);  // (n, 1, L, W)
+      auto r = draw_samples(cfg_.seed, state_.step, first + row, n, x.sizes().slice(1), T, masked,
+                            cfg_.caption_dropout);
+      LossDraws d;
+      d.rnd_normal = r.rnd_normal.to(device_);
+      d.noise = r.noise.to(device_);
+      if (masked) d.mask = mask_from_noise(r.mask_noise.to(device_), cfg_.model.kept_tokens(cfg_.mask_ratio));
+      y = y * r.keep.view({n, 1, 1, 1});
       AutocastGuard autocast(device_.type(), cfg_.bf16);
-      loss = edm_loss(*model_, x.to(device_), y.to(device_), d, cfg_.edm);
-    }
+      return edm_loss(*model_, x.to(device_), y.to(device_), d, cfg_.edm);
+    };
     if (sync_) sync_->begin_backward(/*sync=*/m + 1 == cfg_.grad_accum);
-    (loss / static_cast<double>(cfg_.grad_accum)).backward();
-    total += loss.item<double>() / cfg_.grad_accum;
+    total += parallel_backward(params, micro, workers_, 1.0 / static_cast<double>(cfg_.grad_accum),
+                               loss_of_rows) / static_cast<double>(cfg_.grad_accum);
   }
   if (sync_) {
     sync_->finish();

@@ -100,6 +100,7 @@ class Trainer {
   dist::Comm* comm_ = nullptr;
   std::unique_ptr<dist::GradSync> sync_;
   int rank_ = 0, world_ = 1;
+  int workers_ = 1;  // CPU batch slices run side by side (train.cpu_workers)
   std::unique_ptr<EMA> ema_;
   ShardSet train_, val_;  // train_ stays empty when it is streamed (data.stream_window > 0)
   ShardStream train_stream_;

@@ -1,0 +1,65 @@
+#include "train/parallel_backward.h"
+
+#include <torch/csrc/autograd/autograd.h>
+
+#include <algorithm>
+
+#include <ATen/Parallel.h>
+
+#include "core/cpu_workers.h"
+#include "core/error.h"
+
+namespace microdit {
+
+int resolve_cpu_workers(int requested, c10::Device device, bool distributed) {
+  MD_CHECK(requested >= 0, "CPU workers must be >= 0 (0: one per thread), got {}", requested);
+  if (!device.is_cpu()) return 1;
+  if (requested == 0) return distributed ? 1 : at::get_num_threads();
+  MD_CHECK(requested == 1 || !distributed,
+           "{} CPU workers per rank cannot be combined with several ranks: start more ranks instead", requested);
+  return requested;
+}
+
+double parallel_backward(const std::vector<at::Tensor>& params, int64_t rows, int workers, double scale,
+                         const std::function<at::Tensor(int64_t, int64_t)>& loss_of_rows) {
+  const int64_t parts = std::clamp<int64_t>(workers, 1, rows);
+  if (parts == 1) {
+    auto loss = loss_of_rows(0, rows);
+    (loss * scale).backward();
+    return loss.item<double>();
+  }
+  // Slice k holds rows [first[k], first[k] + size[k]): sizes differ by at most one.
+  std::vector<int64_t> first(parts), size(parts);
+  for (int64_t k = 0, at_row = 0; k < parts; ++k) {
+    size[k] = rows / parts + (k < rows % parts ? 1 : 0);
+    first[k] = at_row;
+    at_row += size[k];
+  }
+  std::vector<std::vector<at::Tensor>> grads(parts);
+  std::vector<double> losses(parts);
+  run_cpu_workers(static_cast<int>(parts), parts, [&](int64_t k) {
+    auto loss = loss_of_rows(first[k], size[k]);  // mean over this slice's rows
+    const double weight = scale * static_cast<double>(size[k]) / static_cast<double>(rows);
+    grads[k] = torch::autograd::grad({loss * weight}, params, /*grad_outputs=*/{},
+                                     /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
+    losses[k] = loss.item<double>() * static_cast<double>(size[k]);
+  });
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor sum;
+    for (int64_t k = 0; k < parts; ++k) {
+      const auto& g = grads[k][i];
+      if (!g.defined()) continue;
+      sum = sum.defined() ? sum + g : g;  // out of place: g may be an expanded view
+    }
+    if (!sum.defined()) continue;
+    auto& p = const_cast<at::Tensor&>(params[i]);
+    if (p.mutable_grad().defined()) p.mutable_grad().add_(sum);
+    else p.mutable_grad() = sum.contiguous();
+  }
+  double total = 0;
+  for (double l : losses) total += l;
+  return total / static_cast<double>(rows);
+}
+
+}  // namespace microdit
