@@ -41,12 +41,11 @@ fi
 
 say "3/6 training ($CONFIG -> $RUN)"
 final=$("$BIN" train --config "$CONFIG" "${EXTRA[@]}" --print-final-checkpoint)
-# Two data-parallel workers with one thread each: this small model's kernels do not scale
-# across intra-op threads, two processes do (1.6x on 2 cores; docs/training.md). The result
-# does not depend on the number of workers (docs/distributed.md).
-WORKERS=1; [ "$(nproc)" -ge 2 ] && WORKERS=2
+# One process; on the CPU it runs each batch as slices side by side on single-threaded workers
+# (train.cpu_workers, one per core by default): this small model's kernels do not scale across
+# intra-op threads, whole slices do (1.4x on 2 cores; docs/training.md).
 if [ -f "$final" ]; then echo "finished run found ($final), skipped"; else
-  "$BIN" train --config "$CONFIG" "${EXTRA[@]}" --resume --nproc "$WORKERS"; fi
+  "$BIN" train --config "$CONFIG" "${EXTRA[@]}" --resume; fi
 
 say "4/6 samples from text (EMA weights, Heun 30 steps, guidance 4)"
 "$BIN" sample --ckpt "$final" --n 6 --steps 30 --cfg 4 --seed 0 --out "$RUN/samples.png" \

@@ -14,8 +14,7 @@ done
 rm -rf "$WORK" && mkdir -p "$WORK"
 "$BIN" dataset emoji --out "$WORK/emoji" --size 32 --skin-tones none
 "$BIN" prepare --dataset "$WORK/emoji" --out "$WORK/shards"
-WORKERS=1; [ "$(nproc)" -ge 2 ] && WORKERS=2  # as scripts/run.sh
-"$BIN" train --config "$SRC/configs/emoji_cpu.yaml" "data.shards=$WORK/shards" "run.out=$WORK/run" --nproc "$WORKERS"
+"$BIN" train --config "$SRC/configs/emoji_cpu.yaml" "data.shards=$WORK/shards" "run.out=$WORK/run"  # as scripts/run.sh
 final=$("$BIN" train --config "$SRC/configs/emoji_cpu.yaml" "data.shards=$WORK/shards" "run.out=$WORK/run" --print-final-checkpoint)
 "$BIN" eval-colour --ckpt "$final" --metrics "$WORK/run/metrics.jsonl" --out "$WORK/colour-check.png" \
   --summary "$WORK/run/summary.json"

@@ -1,9 +1,11 @@
-// generate_images on the CPU runs chunks side by side on single-threaded workers: the result
-// must not depend on that (image i depends on its seed and caption only).
+// Sampling speed-ups must not change a pixel: generate_images on the CPU runs chunks side by
+// side on single-threaded workers (image i depends on its seed and caption only), and the
+// sampler encodes the caption once for all its steps (CaptionContext).
 #include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "diffusion/edm.h"
 #include "eval/sampling.h"
 #include "model/microdit.h"
 #include "test_util.h"
@@ -37,4 +39,38 @@ TEST(Sampling, ParallelChunksEqualOneImageAtATime) {
   EXPECT_GT((together[0] - together[1]).abs().max().item<double>(), 1e-3);  // images differ
   ASSERT_FALSE(seen.empty());
   EXPECT_EQ(seen.back(), 5);  // progress reaches N
+}
+
+TEST(Sampling, CaptionEncodedOnceEqualsEncodedEveryStep) {
+  torch::manual_seed(0);
+  MicroDiT model(tiny_config());
+  model->eval();
+  torch::NoGradGuard ng;
+  for (auto& p : model->parameters()) p.normal_(0, 0.05);
+  const auto& c = tiny_config();
+  auto z = torch::randn({3, c.in_channels, c.input_size, c.input_size});
+  auto y = torch::randn({3, 1, 4, c.caption_channels});
+  EDMConfig edm;
+  SamplerOptions so;
+  so.steps = 4;
+  so.cfg = 3.0;
+  const auto once = edm_sample(*model, z, y, edm, so);
+  // The sampler by hand, with the caption encoded inside every network evaluation.
+  const auto t = sampler_sigmas(so.steps, edm);
+  auto denoise = [&](const torch::Tensor& x64, double sigma) {
+    auto s = torch::full({1}, sigma);
+    return edm_denoise(*model, x64.to(torch::kFloat32), s, y, edm, so.cfg).to(torch::kFloat64);
+  };
+  auto x = z.to(torch::kFloat64) * t[0];
+  for (int i = 0; i < so.steps; ++i) {
+    auto d = (x - denoise(x, t[i])) / t[i];
+    auto next = x + (t[i + 1] - t[i]) * d;
+    if (i < so.steps - 1) next = x + (t[i + 1] - t[i]) * (0.5 * d + 0.5 * (next - denoise(next, t[i + 1])) / t[i + 1]);
+    x = next;
+  }
+  EXPECT_TRUE(torch::equal(once, x.to(torch::kFloat32)));
+  EXPECT_GT((once - z * t[0]).abs().max().item<double>(), 1e-3);
+  // And a wrong caption batch is a clear error, not a broadcast.
+  auto ctx = model->encode_caption(y);
+  EXPECT_THROW(model->forward(z.narrow(0, 0, 2), torch::ones({1}), ctx), Error);
 }

@@ -8,7 +8,13 @@
 
 namespace microdit {
 
-Tensor edm_denoise(MicroDiTImpl& model, const Tensor& x, const Tensor& sigma_in, const Tensor& y,
+Tensor edm_denoise(MicroDiTImpl& model, const Tensor& x, const Tensor& sigma, const Tensor& y,
+                   const EDMConfig& edm, double cfg, const TokenMask* mask) {
+  model.check_inputs(x, sigma.flatten(), y);
+  return edm_denoise(model, x, sigma, model.encode_caption(y, /*with_null=*/cfg != 1.0), edm, cfg, mask);
+}
+
+Tensor edm_denoise(MicroDiTImpl& model, const Tensor& x, const Tensor& sigma_in, const CaptionContext& y,
                    const EDMConfig& edm, double cfg, const TokenMask* mask) {
   const double sd = edm.sigma_data;
   auto sigma = sigma_in.to(x.dtype()).reshape({-1, 1, 1, 1});
@@ -82,9 +88,12 @@ Tensor edm_sample(MicroDiTImpl& model, const Tensor& z, const Tensor& y, const E
   const auto t = sampler_sigmas(opt.steps, edm);
   const double cfg = opt.cfg > 1.0 ? opt.cfg : 1.0;
   auto f32 = z.options().dtype(torch::kFloat32);
+  // The caption's share of the network, once for all 2 x steps - 1 evaluations.
+  model.check_inputs(z, torch::ones({1}), y);
+  const auto caption = model.encode_caption(y, /*with_null=*/cfg != 1.0);
   auto denoise = [&](const Tensor& x64, double sigma) {
     auto s = torch::full({1}, sigma, f32);  // float32, like the reference's t.to(float32)
-    return edm_denoise(model, x64.to(torch::kFloat32), s, y, edm, cfg).to(torch::kFloat64);
+    return edm_denoise(model, x64.to(torch::kFloat32), s, caption, edm, cfg).to(torch::kFloat64);
   };
   auto x = z.to(torch::kFloat64) * t[0];
   for (int i = 0; i < opt.steps; ++i) {

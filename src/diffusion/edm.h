@@ -20,6 +20,9 @@ struct EDMConfig {
 // cfg != 1 runs the guided network; mask (training only) drops tokens in the backbone.
 Tensor edm_denoise(MicroDiTImpl& model, const Tensor& x, const Tensor& sigma, const Tensor& y,
                    const EDMConfig& edm, double cfg = 1.0, const TokenMask* mask = nullptr);
+// The same with the caption encoded beforehand: model.encode_caption(y, cfg != 1).
+Tensor edm_denoise(MicroDiTImpl& model, const Tensor& x, const Tensor& sigma, const CaptionContext& y,
+                   const EDMConfig& edm, double cfg = 1.0, const TokenMask* mask = nullptr);
 
 // The random draws of one loss evaluation.
 struct LossDraws {

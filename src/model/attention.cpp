@@ -37,13 +37,16 @@ CrossAttentionImpl::CrossAttentionImpl(int64_t d, int64_t h, int64_t heads, bool
   ln_k = register_module("ln_k", LayerNorm(h, eps, false));
 }
 
-Tensor CrossAttentionImpl::forward(const Tensor& x, const Tensor& cond) {
-  const auto B = x.size(0), N = x.size(1), L = cond.size(1), hd = h / heads;
+CaptionKV CrossAttentionImpl::caption_kv(const Tensor& cond) {
+  const auto B = cond.size(0), L = cond.size(1), hd = h / heads;
   auto kv = kv_linear(cond).view({B, L, 2, h}).unbind(2);  // 2 x (B, L, h)
+  return {ln_k(kv[0]).view({B, L, heads, hd}), kv[1].view({B, L, heads, hd})};
+}
+
+Tensor CrossAttentionImpl::forward(const Tensor& x, const CaptionKV& kv) {
+  const auto B = x.size(0), N = x.size(1), hd = h / heads;
   auto q = ln_q(q_linear(x)).view({B, N, heads, hd});
-  auto k = ln_k(kv[0]).view({B, L, heads, hd});
-  auto v = kv[1].view({B, L, heads, hd});
-  return proj(multi_head_attention(q, k, v));
+  return proj(multi_head_attention(q, kv.k, kv.v));
 }
 
 }  // namespace microdit

@@ -15,9 +15,16 @@ struct SelfAttentionImpl : torch::nn::Module {
 };
 TORCH_MODULE(SelfAttention);
 
+// A cross-attention's keys and values of the caption tokens, (B, L, heads, hd) each. They
+// depend on the caption only, so a sampler computes them once for all its steps.
+struct CaptionKV {
+  Tensor k, v;
+};
+
 struct CrossAttentionImpl : torch::nn::Module {
   CrossAttentionImpl(int64_t d, int64_t h, int64_t heads, bool bias, double eps);
-  Tensor forward(const Tensor& x, const Tensor& cond);  // x (B, N, d), cond (B, L, d)
+  CaptionKV caption_kv(const Tensor& cond);              // cond (B, L, d)
+  Tensor forward(const Tensor& x, const CaptionKV& kv);   // x (B, N, d) -> (B, N, d)
   int64_t h, heads;
   torch::nn::Linear q_linear{nullptr}, kv_linear{nullptr}, proj{nullptr};  // kv: [k | v]
   LayerNorm ln_q{nullptr}, ln_k{nullptr};

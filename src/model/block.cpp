@@ -27,7 +27,7 @@ DiTBlockImpl::DiTBlockImpl(const BlockSpec& s, int64_t cond_dim, const ModelConf
   adaLN_modulation = register_module("adaLN_modulation", ada_ln(cond_dim, 6 * s.dim));
 }
 
-Tensor DiTBlockImpl::forward(const Tensor& x_in, const Tensor& caption, const Tensor& c) {
+Tensor DiTBlockImpl::forward(const Tensor& x_in, const CaptionKV& caption, const Tensor& c) {
   auto mod = adaLN_modulation->forward(c).chunk(6, 1);  // 6 x (B, d)
   auto x = x_in + mod[2].unsqueeze(1) * attn(modulate(norm1(x_in), mod[0], mod[1]));
   x = x + cross_attn(norm2(x), caption);

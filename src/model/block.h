@@ -14,8 +14,9 @@ namespace microdit {
 // x += gate2 * FFN(modulate(LN3 x)).
 struct DiTBlockImpl : torch::nn::Module {
   DiTBlockImpl(const BlockSpec& spec, int64_t cond_dim, const ModelConfig& cfg);
-  // x (B, N, d), caption (B, L, d), c (B, D)
-  Tensor forward(const Tensor& x, const Tensor& caption, const Tensor& c);
+  // x (B, N, d), c (B, D); caption: the cross-attention's keys and values of the caption
+  // tokens, cross_attn->caption_kv(caption (B, L, d)).
+  Tensor forward(const Tensor& x, const CaptionKV& caption, const Tensor& c);
   BlockSpec spec;
   LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
   SelfAttention attn{nullptr};

@@ -41,45 +41,59 @@ MicroDiTImpl::MicroDiTImpl(const ModelConfig& config) : cfg(config) {
 }
 
 void MicroDiTImpl::check_inputs(const Tensor& x, const Tensor& t, const Tensor& y) const {
-  MD_CHECK(x.dim() == 4 && x.size(1) == cfg.in_channels && x.size(2) == cfg.input_size &&
-               x.size(3) == cfg.input_size,
-           "model input must be (B, {}, {}, {}), got {}", cfg.in_channels, cfg.input_size,
-           cfg.input_size, fmt::format("{}", fmt::join(x.sizes(), "x")));
-  MD_CHECK(t.dim() == 1 && (t.size(0) == x.size(0) || t.size(0) == 1),
-           "noise input t must be (B,) or (1,), got {}", fmt::format("{}", fmt::join(t.sizes(), "x")));
+  check_image(x, t);
   const bool ok4 = y.dim() == 4 && y.size(1) == 1;
   MD_CHECK((ok4 || y.dim() == 3) && y.size(0) == x.size(0) && y.size(-1) == cfg.caption_channels,
            "caption must be (B, 1, L, {}) or (B, L, {}) with B = {}, got {}", cfg.caption_channels,
            cfg.caption_channels, x.size(0), fmt::format("{}", fmt::join(y.sizes(), "x")));
 }
 
-Tensor MicroDiTImpl::forward(const Tensor& x_img, const Tensor& t_in, const Tensor& y_in,
-                             const TokenMask* mask) {
-  check_inputs(x_img, t_in, y_in);
-  const int64_t B = x_img.size(0);
-  auto x = x_embedder(x_img) + pos_embed;                      // (B, T, D)
-  auto c = t_embedder(t_in.expand({B}));                       // (B, D)
-  auto y = y_in.dim() == 4 ? y_in.squeeze(1) : y_in;           // (B, L, Cc)
-  y = y_emb_preprocess(y_embedder(y));                         // (B, L, D)
-  c = c + pooled_y_emb_process(y.mean(-2));                    // (B, D)
+void MicroDiTImpl::check_image(const Tensor& x, const Tensor& t) const {
+  MD_CHECK(x.dim() == 4 && x.size(1) == cfg.in_channels && x.size(2) == cfg.input_size &&
+               x.size(3) == cfg.input_size,
+           "model input must be (B, {}, {}, {}), got {}", cfg.in_channels, cfg.input_size,
+           cfg.input_size, fmt::format("{}", fmt::join(x.sizes(), "x")));
+  MD_CHECK(t.dim() == 1 && (t.size(0) == x.size(0) || t.size(0) == 1),
+           "noise input t must be (B,) or (1,), got {}", fmt::format("{}", fmt::join(t.sizes(), "x")));
+}
 
-  auto y_mixer = patch_mixer_map_y ? patch_mixer_map_y->forward(y) : y;  // (B, L, Dm)
+CaptionContext MicroDiTImpl::encode_caption(const Tensor& y_in, bool with_null) {
+  auto y = y_in.dim() == 4 ? y_in.squeeze(1) : y_in;           // (B, L, Cc)
+  if (with_null) y = torch::cat({y, torch::zeros_like(y)});     // (2B, L, Cc)
+  CaptionContext ctx;
+  ctx.y = y_emb_preprocess(y_embedder(y));                     // (B, L, D)
+  ctx.pooled = pooled_y_emb_process(ctx.y.mean(-2));           // (B, D)
+  auto y_mixer = patch_mixer_map_y ? patch_mixer_map_y->forward(ctx.y) : ctx.y;  // (B, L, Dm)
+  for (const auto& m : *patch_mixer)
+    ctx.mixer_kv.push_back(m->as<DiTBlockImpl>()->cross_attn->caption_kv(y_mixer));
+  for (const auto& m : *blocks) ctx.block_kv.push_back(m->as<DiTBlockImpl>()->cross_attn->caption_kv(ctx.y));
+  return ctx;
+}
+
+Tensor MicroDiTImpl::forward(const Tensor& x_img, const Tensor& t_in, const CaptionContext& y,
+                             const TokenMask* mask) {
+  check_image(x_img, t_in);
+  const int64_t B = x_img.size(0);
+  MD_CHECK(y.batch() == B, "the encoded caption has batch {}, the input {}", y.batch(), B);
+  auto x = x_embedder(x_img) + pos_embed;                      // (B, T, D)
+  auto c = t_embedder(t_in.expand({B})) + y.pooled;            // (B, D)
+
   if (patch_mixer_map_xin) x = patch_mixer_map_xin->forward(x);          // (B, T, Dm)
-  for (const auto& m : *patch_mixer) x = m->as<DiTBlockImpl>()->forward(x, y_mixer, c);
+  for (size_t i = 0; i < patch_mixer->size(); ++i)
+    x = patch_mixer[i]->as<DiTBlockImpl>()->forward(x, y.mixer_kv[i], c);
 
   if (mask) x = mask_out_tokens(x, mask->ids_keep);                      // (B, K, Dm)
   if (patch_mixer_map_xout) x = patch_mixer_map_xout->forward(x);        // (B, K, D)
-  for (const auto& m : *blocks) x = m->as<DiTBlockImpl>()->forward(x, y, c);
+  for (size_t i = 0; i < blocks->size(); ++i) x = blocks[i]->as<DiTBlockImpl>()->forward(x, y.block_kv[i], c);
 
   x = final_layer(x, c);                                                 // (B, K, p*p*C)
   if (mask) x = unmask_tokens(x, mask->ids_restore, mask_token);         // (B, T, p*p*C)
   return unpatchify(x);
 }
 
-Tensor MicroDiTImpl::forward_cfg(const Tensor& x, const Tensor& t, const Tensor& y, double w) {
+Tensor MicroDiTImpl::forward_cfg(const Tensor& x, const Tensor& t, const CaptionContext& y, double w) {
   const int64_t B = x.size(0);
-  auto out = forward(torch::cat({x, x}), t.size(0) == 1 ? t : torch::cat({t, t}),
-                     torch::cat({y, torch::zeros_like(y)}));
+  auto out = forward(torch::cat({x, x}), t.size(0) == 1 ? t : torch::cat({t, t}), y);
   auto cond = out.narrow(0, 0, B), uncond = out.narrow(0, B, B);
   return uncond + w * (cond - uncond);
 }

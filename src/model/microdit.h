@@ -22,15 +22,37 @@ struct CaptionProjectionImpl : torch::nn::Module {
 };
 TORCH_MODULE(CaptionProjection);
 
+// Everything a forward pass computes from the caption alone: the same at every step of a
+// sampler, so `edm_sample` encodes it once instead of 2 x steps - 1 times.
+struct CaptionContext {
+  Tensor y;                                  // (B, L, D) projected and refined caption tokens
+  Tensor pooled;                             // (B, D) the pooled caption's share of c
+  std::vector<CaptionKV> mixer_kv, block_kv;  // per block: cross-attention K, V (B, L, heads, hd)
+  int64_t batch() const { return y.size(0); }
+};
+
 struct MicroDiTImpl : torch::nn::Module {
   explicit MicroDiTImpl(const ModelConfig& cfg);
 
   // F(x, t, y). t: (B,) or (1,) network noise input (c_noise); y: (B,1,L,Cc) or (B,L,Cc).
   // With a mask, only its kept tokens pass the backbone and removed ones hold mask_token.
   Tensor forward(const Tensor& x, const Tensor& t, const Tensor& y,
+                 const TokenMask* mask = nullptr) {
+    check_inputs(x, t, y);
+    return forward(x, t, encode_caption(y), mask);
+  }
+  // The same from an encoded caption (batch B).
+  Tensor forward(const Tensor& x, const Tensor& t, const CaptionContext& caption,
                  const TokenMask* mask = nullptr);
+  // y (B,1,L,Cc) or (B,L,Cc) -> its CaptionContext; with_null: of [y; zeros] (batch 2B),
+  // what forward_cfg takes.
+  CaptionContext encode_caption(const Tensor& y, bool with_null = false);
   // Classifier-free guidance: one pass on [y; zeros], F_u + w (F_c - F_u).
-  Tensor forward_cfg(const Tensor& x, const Tensor& t, const Tensor& y, double cfg);
+  Tensor forward_cfg(const Tensor& x, const Tensor& t, const Tensor& y, double cfg) {
+    check_inputs(x, t, y);
+    return forward_cfg(x, t, encode_caption(y, /*with_null=*/true), cfg);
+  }
+  Tensor forward_cfg(const Tensor& x, const Tensor& t, const CaptionContext& caption_and_null, double cfg);
 
   // The reference's initialisation (xavier linears, zeroed adaLN and output layers).
   void initialize_weights();
@@ -38,6 +60,8 @@ struct MicroDiTImpl : torch::nn::Module {
   void set_resolution(int input_size, double pos_interp_scale);
 
   const ModelConfig& config() const { return cfg; }
+  // One-line errors for inputs of the wrong shape (forward calls it).
+  void check_inputs(const Tensor& x, const Tensor& t, const Tensor& y) const;
 
   ModelConfig cfg;
   PatchEmbed x_embedder{nullptr};
@@ -54,7 +78,7 @@ struct MicroDiTImpl : torch::nn::Module {
   Tensor mask_token;  // buffer (1, 1, p*p*C)
 
  private:
-  void check_inputs(const Tensor& x, const Tensor& t, const Tensor& y) const;
+  void check_image(const Tensor& x, const Tensor& t) const;
   Tensor unpatchify(const Tensor& x) const;  // (B, T, p*p*C) -> (B, C, H, W)
 };
 TORCH_MODULE(MicroDiT);
