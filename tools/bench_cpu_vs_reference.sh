@@ -16,13 +16,22 @@ CKPT=${3:-}
 BIN="${MICRODIT_BUILD_DIR:-$ROOT/build}/microdit"
 PY="$ROOT/.venv/bin/python"
 T=$(nproc)
+# The reference as a tuned Python user could run it: tcmalloc preloaded (microdit links it).
+TCMALLOC=$(ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null || true)
 echo "# $(lscpu | sed -n 's/^Model name: *//p'), $T threads, $(date -u +%F)"
 for prec in fp32 bf16; do
   flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
-  "$BIN" bench --preset MicroDiT_Nano_2 --batch 32 --mask-ratio 0.75 --steps "$STEPS" --warmup 3 \
-    --threads "$T" --device cpu "${flag[@]}" | tail -n 1
+  for w in 0 1; do  # 0: side-by-side workers, one per thread (the default); 1: one stream
+    "$BIN" bench --preset MicroDiT_Nano_2 --batch 32 --mask-ratio 0.75 --steps "$STEPS" --warmup 3 \
+      --threads "$T" --device cpu --workers "$w" "${flag[@]}" | tail -n 1
+  done
   "$PY" "$ROOT/tools/bench_reference.py" train --reference "$REF" --preset MicroDiT_Nano_2 --batch 32 \
     --mask-ratio 0.75 --steps "$STEPS" --warmup 3 --threads "$T" "${flag[@]}" | tail -n 1
+  if [ -n "$TCMALLOC" ]; then
+    echo -n "reference with LD_PRELOAD=tcmalloc: "
+    LD_PRELOAD="$TCMALLOC" "$PY" "$ROOT/tools/bench_reference.py" train --reference "$REF" --preset MicroDiT_Nano_2 \
+      --batch 32 --mask-ratio 0.75 --steps "$STEPS" --warmup 3 --threads "$T" "${flag[@]}" | tail -n 1
+  fi
 done
 # Sampling: 32 images, 16 per batch, Heun 30 steps, guidance 4; both rates are of the sampler
 # loop only (microdit's from its progress bar, without loading and prompt encoding).
@@ -31,6 +40,11 @@ rate=$("$BIN" sample --ckpt "$CKPT" --prompt "red heart, smileys & emotion, hear
   --n 16 --batch 16 --steps 30 --cfg 4 --threads "$T" --device cpu --out /tmp/bench_sample.png |
   tr '\r' '\n' | sed -n 's/^sample .* \([0-9.]*\) img\/s in .*/\1/p' | tail -n 1)
 echo "microdit sample emoji (Pico, 32x32x3, patch 4) n 32 batch 16 Heun 30 cfg 4 fp32: $rate images/s (the sampling loop's progress-bar rate)"
-"$PY" "$ROOT/tools/bench_reference.py" sample --reference "$REF" --preset MicroDiT_Pico_2 --latent-size 32 \
-  --in-channels 3 --patch-size 4 --caption-channels 384 --caption-len 21 --n 32 --batch 16 --steps 30 --cfg 4 \
-  --threads "$T" | tail -n 1
+ref_sample=("$ROOT/tools/bench_reference.py" sample --reference "$REF" --preset MicroDiT_Pico_2 --latent-size 32
+  --in-channels 3 --patch-size 4 --caption-channels 384 --caption-len 21 --n 32 --batch 16 --steps 30 --cfg 4
+  --threads "$T")
+"$PY" "${ref_sample[@]}" | tail -n 1
+if [ -n "$TCMALLOC" ]; then
+  echo -n "reference with LD_PRELOAD=tcmalloc: "
+  LD_PRELOAD="$TCMALLOC" "$PY" "${ref_sample[@]}" | tail -n 1
+fi

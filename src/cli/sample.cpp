@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "cli/commands.h"
+#include "core/autocast.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "core/progress.h"
@@ -26,7 +27,7 @@ struct SampleOptions {
   int steps = 30, per_prompt = 4, batch = 16, scale = 4;
   double cfg = 4.0;
   uint64_t seed = 0;
-  bool no_ema = false;
+  bool no_ema = false, bf16 = false;
   std::string vae;
   bool scale_given = false;  // latent models default to --scale 1 (their pictures are large)
 };
@@ -83,12 +84,15 @@ void run(const SampleOptions& o) {
   so.steps = o.steps;
   so.cfg = o.cfg;
   so.solver = parse_solver(o.solver);
-  fmt::print("{}\nsampling {} image(s): {} steps ({}), guidance {}, seed {}, {} weights\n",
+  fmt::print("{}\nsampling {} image(s): {} steps ({}), guidance {}, seed {}, {} weights{}\n",
              runtime_summary(device), rows.size(), o.steps, o.solver, o.cfg, o.seed,
-             sm.ema ? "EMA" : "raw");
+             sm.ema ? "EMA" : "raw", o.bf16 ? ", bf16 autocast" : "");
   ProgressBar bar("sample", static_cast<int64_t>(rows.size()), "img");
-  auto images = generate_images(*model, emb, o.seed, edm, so, o.batch,
-                                [&](int64_t done) { bar.update(done); });
+  Tensor images;
+  {
+    AutocastGuard autocast(device.type(), o.bf16);  // the sampler's state stays float64
+    images = generate_images(*model, emb, o.seed, edm, so, o.batch, [&](int64_t done) { bar.update(done); });
+  }
   bar.finish();
   std::vector<Image> pictures;
   if (sm.is_latent()) {  // as the reference's generate: z / scale -> decode -> clamp -> uint8
@@ -128,6 +132,8 @@ void register_sample(CLI::App& app) {
   cmd->add_option("--batch", o->batch, "images per network batch")->capture_default_str();
   cmd->add_option("--encoder", o->encoder, "override the checkpoint's text encoder");
   cmd->add_flag("--no-ema", o->no_ema, "use the raw weights instead of the EMA");
+  cmd->add_flag("--bf16", o->bf16,
+                "run the network under bf16 autocast (faster; how the reference samples during training)");
   cmd->add_option("--vae", o->vae,
                   "latent models: VAE (diffusers folder or .safetensors) that decodes the samples");
   cmd->add_option("--out", o->out, "output grid PNG")->capture_default_str();
