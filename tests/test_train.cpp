@@ -137,6 +137,15 @@ TEST(Train, ConfigOverridesAndUnknownKeys) {
   EXPECT_NE(error_of([&] { load_train_config(cfg, {"train.unmasked_steps=7"}); })
                 .find("train.unmasked_steps must be in [0, train.steps]"),
             std::string::npos);
+  EXPECT_NE(error_of([&] { load_train_config(cfg, {"train.cpu_workers=-2"}); }).find("train.cpu_workers must be >= 0"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { load_train_config(cfg, {"train.activation_checkpointing=sometimes"}); })
+                .find("'train.activation_checkpointing' must be true or false"),
+            std::string::npos);
+  c = load_train_config(cfg, {"train.cpu_workers=3", "train.activation_checkpointing=true", "train.tf32=true"});
+  EXPECT_EQ(c.cpu_workers, 3);
+  EXPECT_TRUE(c.activation_checkpointing);
+  EXPECT_TRUE(c.tf32);
 }
 
 class StoppedAndResumed : public ::testing::TestWithParam<std::string> {};

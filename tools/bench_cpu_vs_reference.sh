@@ -36,15 +36,18 @@ done
 # Sampling: 32 images, 16 per batch, Heun 30 steps, guidance 4; both rates are of the sampler
 # loop only (microdit's from its progress bar, without loading and prompt encoding).
 [ -n "$CKPT" ] || exit 0
-rate=$("$BIN" sample --ckpt "$CKPT" --prompt "red heart, smileys & emotion, heart, mostly red" --prompt "frog" \
-  --n 16 --batch 16 --steps 30 --cfg 4 --threads "$T" --device cpu --out /tmp/bench_sample.png |
-  tr '\r' '\n' | sed -n 's/^sample .* \([0-9.]*\) img\/s in .*/\1/p' | tail -n 1)
-echo "microdit sample emoji (Pico, 32x32x3, patch 4) n 32 batch 16 Heun 30 cfg 4 fp32: $rate images/s (the sampling loop's progress-bar rate)"
-ref_sample=("$ROOT/tools/bench_reference.py" sample --reference "$REF" --preset MicroDiT_Pico_2 --latent-size 32
-  --in-channels 3 --patch-size 4 --caption-channels 384 --caption-len 21 --n 32 --batch 16 --steps 30 --cfg 4
-  --threads "$T")
-"$PY" "${ref_sample[@]}" | tail -n 1
-if [ -n "$TCMALLOC" ]; then
-  echo -n "reference with LD_PRELOAD=tcmalloc: "
-  LD_PRELOAD="$TCMALLOC" "$PY" "${ref_sample[@]}" | tail -n 1
-fi
+for prec in fp32 bf16; do
+  flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
+  rate=$("$BIN" sample --ckpt "$CKPT" --prompt "red heart, smileys & emotion, heart, mostly red" --prompt "frog" \
+    --n 16 --batch 16 --steps 30 --cfg 4 --threads "$T" --device cpu "${flag[@]}" --out /tmp/bench_sample.png |
+    tr '\r' '\n' | sed -n 's/^sample .* \([0-9.]*\) img\/s in .*/\1/p' | tail -n 1)
+  echo "microdit sample emoji (Pico, 32x32x3, patch 4) n 32 batch 16 Heun 30 cfg 4 $prec: $rate images/s (the sampling loop's progress-bar rate)"
+  ref_sample=("$ROOT/tools/bench_reference.py" sample --reference "$REF" --preset MicroDiT_Pico_2 --latent-size 32
+    --in-channels 3 --patch-size 4 --caption-channels 384 --caption-len 21 --n 32 --batch 16 --steps 30 --cfg 4
+    --threads "$T" "${flag[@]}")
+  "$PY" "${ref_sample[@]}" | tail -n 1
+  if [ -n "$TCMALLOC" ]; then
+    echo -n "reference with LD_PRELOAD=tcmalloc: "
+    LD_PRELOAD="$TCMALLOC" "$PY" "${ref_sample[@]}" | tail -n 1
+  fi
+done

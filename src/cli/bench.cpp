@@ -9,6 +9,7 @@
 #include "core/autocast.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/precision.h"
 #include "diffusion/edm.h"
 #include "model/stats.h"
 #include "train/fused_adamw.h"
@@ -25,6 +26,8 @@ struct BenchOptions {
   double mask_ratio = 0.75;
   bool bf16 = false;
   bool plain_adamw = false;  // torch::optim::AdamW::step instead of the fused kernel
+  bool recompute = false;    // activation checkpointing per block
+  bool tf32 = false;
   int workers = 0;           // CPU row-slice workers (train/parallel_backward.h); 0: one per thread
 };
 
@@ -42,6 +45,8 @@ void run(const BenchOptions& o) {
   MicroDiT model(c);
   model->to(device);
   model->train();
+  model->recompute_blocks = o.recompute;
+  set_tf32(o.tf32);
   torch::optim::AdamW opt(model->parameters(),
                           torch::optim::AdamWOptions(1e-4).betas({0.9, 0.999}).eps(1e-8).weight_decay(0.1));
   auto f32 = torch::TensorOptions().device(device);
@@ -74,7 +79,9 @@ void run(const BenchOptions& o) {
   const double flops = ips * st.train_flops;
   const std::string rate = device.is_cuda() ? fmt::format("{:.3g} TFLOP/s", flops / 1e12)
                                             : fmt::format("{:.3g} GFLOP/s", flops / 1e9);
-  const std::string split = workers > 1 ? fmt::format(", {} CPU workers", workers) : "";
+  std::string split = workers > 1 ? fmt::format(", {} CPU workers", workers) : "";
+  if (o.recompute) split += ", activation checkpointing";
+  if (o.tf32 && device.is_cuda()) split += ", TF32";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
              "peak memory {}\n",
              o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",
@@ -97,6 +104,9 @@ void register_bench(CLI::App& app) {
   cmd->add_option("--workers", o->workers,
                   "CPU: row slices of the batch run side by side, one thread each (0: one per thread, 1: off)")
       ->capture_default_str();
+  cmd->add_flag("--checkpoint-activations", o->recompute,
+                "recompute each block in the backward pass instead of keeping its activations");
+  cmd->add_flag("--tf32", o->tf32, "TF32 for float32 matmuls on NVIDIA GPUs");
   cmd->add_flag("--plain-adamw", o->plain_adamw, "torch::optim::AdamW's step instead of the fused AdamW kernel");
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });

@@ -3,6 +3,7 @@
 #include <torch/nn/init.h>
 
 #include "core/error.h"
+#include "model/recompute.h"
 
 namespace microdit {
 
@@ -78,13 +79,16 @@ Tensor MicroDiTImpl::forward(const Tensor& x_img, const Tensor& t_in, const Capt
   auto x = x_embedder(x_img) + pos_embed;                      // (B, T, D)
   auto c = t_embedder(t_in.expand({B})) + y.pooled;            // (B, D)
 
+  const bool recompute = recompute_blocks && torch::GradMode::is_enabled();
+  auto block = [&](DiTBlockImpl& b, const Tensor& in, const CaptionKV& kv) {
+    return recompute ? recompute_block(b, in, kv, c) : b.forward(in, kv, c);
+  };
   if (patch_mixer_map_xin) x = patch_mixer_map_xin->forward(x);          // (B, T, Dm)
-  for (size_t i = 0; i < patch_mixer->size(); ++i)
-    x = patch_mixer[i]->as<DiTBlockImpl>()->forward(x, y.mixer_kv[i], c);
+  for (size_t i = 0; i < patch_mixer->size(); ++i) x = block(*patch_mixer[i]->as<DiTBlockImpl>(), x, y.mixer_kv[i]);
 
   if (mask) x = mask_out_tokens(x, mask->ids_keep);                      // (B, K, Dm)
   if (patch_mixer_map_xout) x = patch_mixer_map_xout->forward(x);        // (B, K, D)
-  for (size_t i = 0; i < blocks->size(); ++i) x = blocks[i]->as<DiTBlockImpl>()->forward(x, y.block_kv[i], c);
+  for (size_t i = 0; i < blocks->size(); ++i) x = block(*blocks[i]->as<DiTBlockImpl>(), x, y.block_kv[i]);
 
   x = final_layer(x, c);                                                 // (B, K, p*p*C)
   if (mask) x = unmask_tokens(x, mask->ids_restore, mask_token);         // (B, T, p*p*C)

@@ -60,6 +60,9 @@ struct MicroDiTImpl : torch::nn::Module {
   void set_resolution(int input_size, double pos_interp_scale);
 
   const ModelConfig& config() const { return cfg; }
+  // Activation checkpointing (model/recompute.h): when set and gradients are on, every block
+  // keeps only its inputs and runs again in the backward pass.
+  bool recompute_blocks = false;
   // One-line errors for inputs of the wrong shape (forward calls it).
   void check_inputs(const Tensor& x, const Tensor& t, const Tensor& y) const;
 

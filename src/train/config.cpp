@@ -87,6 +87,8 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                 {"bf16", bind(c.bf16, "true or false")},
                 {"fused_optimizer", bind(c.fused_optimizer, "true or false")},
                 {"cpu_workers", bind(c.cpu_workers, "an integer >= 0")},
+                {"activation_checkpointing", bind(c.activation_checkpointing, "true or false")},
+                {"tf32", bind(c.tf32, "true or false")},
                 {"seed", bind(c.seed, "a non-negative integer")},
                 {"shard_optimizer", bind(c.shard_optimizer, "true or false")},
                 {"bucket_mb", bind(c.bucket_mb, "a number")}};
@@ -115,6 +117,8 @@ void TrainConfig::validate() const {
   model.validate();
   MD_CHECK(steps >= 1, "train config: train.steps must be >= 1");
   MD_CHECK(batch_size >= 1 && grad_accum >= 1, "train config: batch_size and grad_accum must be >= 1");
+  MD_CHECK(cpu_workers >= 0, "train config: train.cpu_workers must be >= 0 (0: one per CPU thread), got {}",
+           cpu_workers);
   MD_CHECK(batch_size % grad_accum == 0, "train config: batch_size {} is not divisible by grad_accum {}",
            batch_size, grad_accum);
   MD_CHECK(mask_ratio >= 0 && mask_ratio < 1, "train config: train.mask_ratio must be in [0, 1)");
@@ -213,6 +217,8 @@ std::string train_config_to_yaml(const TrainConfig& c) {
     << "ema_start" << YAML::Value << c.ema_start << YAML::Key << "bf16" << YAML::Value << c.bf16
     << YAML::Key << "fused_optimizer" << YAML::Value << c.fused_optimizer
     << YAML::Key << "cpu_workers" << YAML::Value << c.cpu_workers
+    << YAML::Key << "activation_checkpointing" << YAML::Value << c.activation_checkpointing
+    << YAML::Key << "tf32" << YAML::Value << c.tf32
     << YAML::Key << "seed" << YAML::Value << c.seed << YAML::Key << "shard_optimizer" << YAML::Value
     << c.shard_optimizer << YAML::Key << "bucket_mb" << YAML::Value << c.bucket_mb << YAML::EndMap;
   e << YAML::EndMap;

@@ -39,6 +39,8 @@ struct TrainConfig {
   int64_t ema_start = 0;
   bool bf16 = false;                 // bf16 autocast
   bool fused_optimizer = true;       // AdamW as one fused kernel (train/fused_adamw.h)
+  bool tf32 = false;                 // TF32 float32 matmuls on NVIDIA GPUs (core/precision.h)
+  bool activation_checkpointing = false;  // recompute each block in backward (model/recompute.h)
   int cpu_workers = 0;               // CPU: batch slices side by side (train/parallel_backward.h); 0 auto
   uint64_t seed = 0;
   // data parallelism (several ranks; see docs/distributed.md)

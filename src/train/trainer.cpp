@@ -18,6 +18,7 @@
 #include "dist/grad_sync.h"
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
+#include "core/precision.h"
 #include "train/fused_adamw.h"
 #include "train/parallel_backward.h"
 #include "data/latent_source.h"
@@ -215,6 +216,8 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
   }
   model_->to(device_);
   model_->train();
+  model_->recompute_blocks = cfg_.activation_checkpointing;
+  set_tf32(cfg_.tf32);
   const auto adamw = torch::optim::AdamWOptions(cfg_.lr)
                          .betas({cfg_.betas[0], cfg_.betas[1]})
                          .eps(cfg_.eps)
