@@ -186,5 +186,34 @@ TEST_P(StoppedAndResumed, RepeatsTheLossCurve) {
   EXPECT_EQ(list_dir(dir.path + "/a/checkpoints").size(), 2u);
   EXPECT_EQ(latest_checkpoint(dir.path + "/a"), dir.path + "/a/checkpoints/step-0000006.safetensors");
 }
+TEST(Train, ResumingUnderOtherSettingsWarns) {
+  torch::set_num_threads(1);
+  TempDir dir;
+  const std::string shards = dir.path + "/shards";
+  make_shards(shards);
+  const auto cfg_path = write_config(dir.path, shards);
+  const std::string out = "run.out=" + dir.path + "/r";
+  {
+    Trainer t(load_train_config(cfg_path, {out}), torch::kCPU);
+    t.run(/*stop_at=*/3);
+  }
+  auto resumed_output = [&](const std::vector<std::string>& overrides) {
+    Trainer t(load_train_config(cfg_path, overrides), torch::kCPU);
+    testing::internal::CaptureStdout();
+    const bool ok = t.resume();
+    const auto text = testing::internal::GetCapturedStdout();
+    EXPECT_TRUE(ok);
+    return text;
+  };
+  EXPECT_EQ(resumed_output({out}).find("warning"), std::string::npos) << "same settings: no warning";
+  const auto text = resumed_output({out, "train.lr=0.5", "train.bf16=true"});
+  EXPECT_NE(text.find("warning:"), std::string::npos) << text;
+  EXPECT_NE(text.find("train.lr"), std::string::npos) << text;
+  EXPECT_NE(text.find("train.bf16"), std::string::npos) << text;
+  EXPECT_EQ(text.find("train.steps"), std::string::npos) << text;
+  EXPECT_EQ(changed_settings("a: {b: 1, c: [1, 2]}", "a: {b: 1, c: [1, 3], d: x}"),
+            (std::vector<std::string>{"a.c", "a.d"}));
+}
+
 INSTANTIATE_TEST_SUITE_P(Train, StoppedAndResumed, ::testing::Values("0", "1"),
                          [](const auto& info) { return info.param == "0" ? std::string("InMemory") : std::string("Streamed"); });

@@ -183,6 +183,37 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
   return c;
 }
 
+namespace {
+
+// "a.b.c" -> the scalar's text, or a sequence's flow text, for every leaf of a YAML map.
+void flatten(const YAML::Node& n, const std::string& prefix, std::map<std::string, std::string>& out) {
+  if (n.IsMap()) {
+    for (const auto& kv : n) flatten(kv.second, prefix.empty() ? kv.first.as<std::string>() : prefix + "." + kv.first.as<std::string>(), out);
+    return;
+  }
+  YAML::Emitter e;
+  e << YAML::Flow << n;
+  out[prefix] = e.c_str();
+}
+
+}  // namespace
+
+std::vector<std::string> changed_settings(const std::string& before_yaml, const std::string& now_yaml) {
+  std::map<std::string, std::string> a, b;
+  try {
+    flatten(YAML::Load(before_yaml), "", a);
+    flatten(YAML::Load(now_yaml), "", b);
+  } catch (const YAML::Exception&) {
+    return {"(unreadable settings)"};
+  }
+  std::vector<std::string> changed;
+  for (const auto& [k, v] : a)
+    if (auto it = b.find(k); it == b.end() || it->second != v) changed.push_back(k);
+  for (const auto& [k, v] : b)
+    if (!a.count(k)) changed.push_back(k);
+  return changed;
+}
+
 std::string train_config_to_yaml(const TrainConfig& c) {
   YAML::Emitter e;
   e << YAML::BeginMap;

@@ -68,5 +68,8 @@ struct TrainConfig {
 // Unknown keys and wrong types are errors naming the key.
 TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides);
 std::string train_config_to_yaml(const TrainConfig& c);
+// The settings ("section.key") whose values differ between two train_config_to_yaml texts, or
+// that only one of them has; for the warning when a run resumes under other settings.
+std::vector<std::string> changed_settings(const std::string& before_yaml, const std::string& now_yaml);
 
 }  // namespace microdit

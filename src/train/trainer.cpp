@@ -321,6 +321,13 @@ bool Trainer::resume() {
            "{}: not a microdit training checkpoint", path);
   MD_CHECK(f.metadata.at("microdit_config") == config_to_yaml(cfg_.model),
            "{}: checkpoint is from another model configuration", path);
+  if (auto it = f.metadata.find("train_config"); it != f.metadata.end() && rank_ == 0) {
+    const auto changed = changed_settings(it->second, train_config_to_yaml(cfg_));
+    if (!changed.empty())
+      fmt::print("warning: {} was written under other settings ({}); the run goes on with the current "
+                 "ones (start a fresh run.out for a clean run)\n",
+                 path, fmt::join(changed, ", "));
+  }
   NamedTensors model, ema;
   std::map<std::string, Tensor> rest;
   for (auto& [k, v] : f.tensors) {
