@@ -3,69 +3,29 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
-#include "core/autocast.h"
-#include "core/error.h"
-#include "diffusion/edm.h"
-#include "model/microdit.h"
-#include "test_util.h"
-#include "train/parallel_backward.h"
+#include "tiny_step.h"
 
 using namespace microdit;
 using namespace microdit::test_util;
 
 namespace {
 
-struct Grads {
-  double loss = 0;
-  std::vector<torch::Tensor> grads;  // one per parameter (zeros where unused)
-};
-
-// One step's gradients for a tiny MicroDiT (Pico: expert-choice MoE in alternate blocks) on
-// 7 rows with masking, split over `workers`; `accumulate` starts from .grad = 1 everywhere.
-Grads step(int workers, bool bf16, bool accumulate = false) {
-  torch::manual_seed(0);
-  const auto c = tiny_config();
-  MicroDiT model(c);
-  {  // the reference's zero-initialised output layers would make most gradients zero
-    torch::NoGradGuard ng;
-    for (auto& p : model->parameters()) p.copy_(torch::randn(p.sizes()) * 0.05);
-  }
-  const int64_t B = 7, T = c.num_tokens();
-  auto x = torch::randn({B, c.in_channels, c.input_size, c.input_size});
-  auto y = torch::randn({B, 1, 5, c.caption_channels});
-  auto rnd = torch::randn({B, 1, 1, 1}), noise = torch::randn(x.sizes()), mask_noise = torch::rand({B, T});
-  const auto params = model->parameters();
-  if (accumulate)
-    for (const auto& p : params) const_cast<torch::Tensor&>(p).mutable_grad() = torch::ones_like(p);
-  EDMConfig edm;
-  Grads g;
-  g.loss = parallel_backward(params, B, workers, 0.5, [&](int64_t s, int64_t n) {
-    LossDraws d;
-    d.rnd_normal = rnd.narrow(0, s, n);
-    d.noise = noise.narrow(0, s, n);
-    d.mask = mask_from_noise(mask_noise.narrow(0, s, n), c.kept_tokens(0.5));
-    AutocastGuard autocast(c10::kCPU, bf16);
-    return edm_loss(*model, x.narrow(0, s, n), y.narrow(0, s, n), d, edm);
-  });
-  for (const auto& p : params) g.grads.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
-  return g;
-}
-
-double worst_relative(const Grads& a, const Grads& b) {
-  double worst = 0;
-  for (size_t i = 0; i < a.grads.size(); ++i)
-    worst = std::max(worst, (a.grads[i] - b.grads[i]).abs().max().item<double>() /
-                                std::max(1e-6, a.grads[i].abs().max().item<double>()));
-  return worst;
+// 7 rows, gradient scale 0.5, split over `workers`.
+TinyStep step(int workers, bool bf16, bool accumulate = false) {
+  TinyStepOptions o;
+  o.rows = 7;
+  o.workers = workers;
+  o.scale = 0.5;
+  o.bf16 = bf16;
+  o.accumulate = accumulate;
+  return tiny_step(o);
 }
 
 }  // namespace
 
 TEST(ParallelBackward, SlicesGiveTheWholeBatchGradient) {
   const auto one = step(1, false);
-  double largest = 0;
-  for (const auto& g : one.grads) largest = std::max(largest, g.abs().max().item<double>());
-  ASSERT_GT(largest, 1e-4) << "the gradients must not be trivially zero";
+  ASSERT_GT(largest_gradient(one), 1e-4) << "the gradients must not be trivially zero";
   for (int workers : {2, 3, 7}) {
     const auto split = step(workers, false);
     EXPECT_NEAR(split.loss, one.loss, 1e-6 * std::abs(one.loss)) << workers << " workers";

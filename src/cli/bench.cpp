@@ -57,9 +57,9 @@ void run(const BenchOptions& o) {
   const auto params = model->parameters();
   auto step = [&] {
     opt.zero_grad();
-    AutocastGuard autocast(device.type(), o.bf16);
     parallel_backward(params, o.batch, workers, 1.0, [&](int64_t first, int64_t n) {
       auto xs = x.narrow(0, first, n);
+      AutocastGuard autocast(device.type(), o.bf16);  // the forward pass only, as in the trainer
       return edm_loss(*model, xs, y.narrow(0, first, n), draw_loss_randomness(xs, o.mask_ratio, c.patch_size),
                       edm);
     });
