@@ -2,10 +2,12 @@
 #include <torch/torch.h>
 
 #include <fstream>
+#include <map>
 
 #include "core/error.h"
 #include "core/fs.h"
 #include "data/shards.h"
+#include "io/safetensors.h"
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -213,6 +215,64 @@ TEST(Train, ResumingUnderOtherSettingsWarns) {
   EXPECT_EQ(text.find("train.steps"), std::string::npos) << text;
   EXPECT_EQ(changed_settings("a: {b: 1, c: [1, 2]}", "a: {b: 1, c: [1, 3], d: x}"),
             (std::vector<std::string>{"a.c", "a.d"}));
+}
+
+// A stage starts from our own checkpoint's raw weights (model.*) or its EMA (ema.*), buffers
+// such as mask_token included; a foreign-style file (bare names) loads as it is.
+TEST(Train, StageStartsFromRawOrEMAWeights) {
+  torch::set_num_threads(1);
+  TempDir dir;
+  const std::string shards = dir.path + "/shards";
+  make_shards(shards);
+  const auto cfg_path = write_config(dir.path, shards);
+  {
+    Trainer t(load_train_config(cfg_path, {"run.out=" + dir.path + "/s1"}), torch::kCPU);
+    t.run();
+  }
+  const std::string ckpt = latest_checkpoint(dir.path + "/s1");
+  std::map<std::string, torch::Tensor> file;
+  for (auto& [k, v] : read_safetensors(ckpt).tensors) file[k] = v;
+  const std::string w = "x_embedder.proj.weight";
+  ASSERT_TRUE(file.count("model." + w) && file.count("ema." + w) && !file.count("ema.mask_token"));
+  ASSERT_FALSE(torch::equal(file["model." + w], file["ema." + w])) << "EMA must differ for the test to mean anything";
+  auto started = [&](const std::vector<std::string>& extra) {
+    std::vector<std::string> o{"run.out=" + dir.path + "/s2", "stage.init_from=" + ckpt, "model.pos_interp_scale=2"};
+    o.insert(o.end(), extra.begin(), extra.end());
+    Trainer t(load_train_config(cfg_path, o), torch::kCPU);
+    std::map<std::string, torch::Tensor> m;
+    for (const auto& p : t.model().named_parameters()) m[p.key()] = p.value().detach().clone();
+    for (const auto& b : t.model().named_buffers()) m[b.key()] = b.value().clone();
+    return m;
+  };
+  file["model.mask_token"].fill_(0.25);  // a buffer only model.* holds: it must be loaded
+  NamedTensors all;
+  for (auto& [k, v] : file) all.emplace_back(k, v);
+  write_safetensors(ckpt, all);
+  auto raw = started({});
+  EXPECT_TRUE(torch::equal(raw[w], file["model." + w]));
+  EXPECT_TRUE(torch::allclose(raw["mask_token"], torch::full_like(file["model.mask_token"], 0.25)));
+  auto ema = started({"stage.init_weights=ema"});
+  EXPECT_TRUE(torch::equal(ema[w], file["ema." + w]));
+  EXPECT_TRUE(torch::allclose(ema["mask_token"], torch::full_like(file["model.mask_token"], 0.25)));
+  EXPECT_FALSE(torch::equal(ema["pos_embed"], file["model.pos_embed"])) << "the table is rebuilt, never loaded";
+  // Bare names, as a converted reference checkpoint has them.
+  NamedTensors bare;
+  for (auto& [k, v] : file)
+    if (k.rfind("model.", 0) == 0) bare.emplace_back(k.substr(6), v);
+  write_safetensors(dir.path + "/bare.safetensors", bare);
+  auto from_bare = started({"stage.init_from=" + dir.path + "/bare.safetensors"});
+  EXPECT_TRUE(torch::equal(from_bare[w], file["model." + w]));
+  // No EMA in the file, or an unknown choice: one-line errors.
+  NamedTensors no_ema;
+  for (auto& [k, v] : file)
+    if (k.rfind("model.", 0) == 0) no_ema.emplace_back(k, v);
+  write_safetensors(dir.path + "/no_ema.safetensors", no_ema);
+  EXPECT_NE(error_of([&] { started({"stage.init_from=" + dir.path + "/no_ema.safetensors", "stage.init_weights=ema"}); })
+                .find("stage.init_weights is ema but the checkpoint holds no EMA weights"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { load_train_config(cfg_path, {"stage.init_weights=best"}); })
+                .find("stage.init_weights must be raw or ema, got 'best'"),
+            std::string::npos);
 }
 
 INSTANTIATE_TEST_SUITE_P(Train, StoppedAndResumed, ::testing::Values("0", "1"),

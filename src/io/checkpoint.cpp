@@ -70,7 +70,10 @@ NamedTensors read_checkpoint(const std::string& path, const std::string& anchor)
   }
   const bool zip = magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4;
   NamedTensors all = zip ? read_torch_zip(path) : read_safetensors(path).tensors;
-  if (anchor.empty()) return all;
+  return anchor.empty() ? all : under_anchor(std::move(all), anchor);
+}
+
+NamedTensors under_anchor(NamedTensors all, const std::string& anchor) {
   // Find the prefix in front of the anchor key; shortest wins.
   std::optional<std::string> prefix;
   for (const auto& [k, t] : all) {

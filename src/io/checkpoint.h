@@ -15,6 +15,10 @@ namespace microdit {
 NamedTensors read_checkpoint(const std::string& path,
                              const std::string& anchor = "x_embedder.proj.weight");
 
+// The keys under the prefix in front of `anchor` (shortest wins), stripped of it; all keys
+// when no key ends in the anchor.
+NamedTensors under_anchor(NamedTensors all, const std::string& anchor = "x_embedder.proj.weight");
+
 struct LoadOptions {
   // Patterns ('*' matches any run of characters) of keys that may be missing from the file
   // or present in the file without a place in the model. A mis-shaped key is always an error.

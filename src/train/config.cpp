@@ -93,6 +93,7 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                 {"shard_optimizer", bind(c.shard_optimizer, "true or false")},
                 {"bucket_mb", bind(c.bucket_mb, "a number")}};
   b["stage"] = {{"init_from", bind(c.init_from, "a path")},
+                {"init_weights", bind(c.init_weights, "raw or ema")},
                 {"allow_missing", bind_list(c.init_allow_missing)},
                 {"allow_unexpected", bind_list(c.init_allow_unexpected)}};
   b["run"] = {{"out", bind(c.out, "a path")},
@@ -125,6 +126,8 @@ void TrainConfig::validate() const {
   MD_CHECK(unmasked_steps >= 0 && unmasked_steps <= steps,
            "train config: train.unmasked_steps must be in [0, train.steps]");
   MD_CHECK(lr > 0, "train config: train.lr must be positive");
+  MD_CHECK(init_weights == "raw" || init_weights == "ema",
+           "train config: stage.init_weights must be raw or ema, got '{}'", init_weights);
   MD_CHECK(schedule == "cosine" || schedule == "constant",
            "train config: train.schedule must be cosine or constant, got '{}'", schedule);
   MD_CHECK(caption_dropout >= 0 && caption_dropout <= 1, "train config: data.caption_dropout must be in [0, 1]");

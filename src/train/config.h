@@ -48,6 +48,7 @@ struct TrainConfig {
   double bucket_mb = 25;             // gradient all-reduce bucket size
   // stage transitions
   std::string init_from;             // weights of an earlier stage (optimizer reset)
+  std::string init_weights = "raw";  // from our own checkpoints: "raw" (model.*) or "ema" (ema.*)
   std::vector<std::string> init_allow_missing, init_allow_unexpected;
   // run
   std::string out = "runs/default";

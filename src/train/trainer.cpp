@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include "core/autocast.h"
@@ -201,15 +202,29 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
     LoadOptions lo;
     lo.allow_missing = cfg_.init_allow_missing;
     lo.allow_unexpected = cfg_.init_allow_unexpected;
-    auto tensors = read_checkpoint(cfg_.init_from);
-    // Our own checkpoints hold model.* (and ema.*): take the model's weights. The positional
-    // table is a fixed buffer rebuilt for this stage's resolution, never loaded.
+    // Our own checkpoints hold model.* and ema.*; a foreign one (the reference's, a converted
+    // file) is found by its x_embedder key. The positional table is a fixed buffer rebuilt for
+    // this stage's resolution, never loaded.
+    auto all = read_checkpoint(cfg_.init_from, "");
+    bool ours = false, has_ema = false;
+    for (const auto& [k, t] : all) ours |= k.rfind("model.", 0) == 0, has_ema |= k.rfind("ema.", 0) == 0;
     NamedTensors weights;
-    bool ours = false;
-    for (const auto& [k, t] : tensors) ours |= k.rfind("model.", 0) == 0;
-    for (const auto& [k, t] : tensors) {
-      std::string name = ours ? (k.rfind("model.", 0) == 0 ? k.substr(6) : "") : k;
-      if (!name.empty() && name != "pos_embed") weights.emplace_back(name, t);
+    if (ours) {
+      const bool ema = cfg_.init_weights == "ema";
+      MD_CHECK(!ema || has_ema, "{}: stage.init_weights is ema but the checkpoint holds no EMA weights",
+               cfg_.init_from);
+      // model.* first (it also holds the buffers, such as mask_token), then ema.* in its place.
+      std::map<std::string, Tensor> by_name;
+      for (const auto& [k, t] : all)
+        if (k.rfind("model.", 0) == 0) by_name[k.substr(6)] = t;
+      if (ema)
+        for (const auto& [k, t] : all)
+          if (k.rfind("ema.", 0) == 0) by_name[k.substr(4)] = t;
+      for (auto& [k, t] : by_name)
+        if (k != "pos_embed") weights.emplace_back(k, t);
+    } else {
+      for (auto& [k, t] : under_anchor(std::move(all)))
+        if (k != "pos_embed") weights.emplace_back(k, t);
     }
     lo.allow_missing.push_back("pos_embed");
     load_state_dict(*model_, weights, lo, cfg_.init_from);

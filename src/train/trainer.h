@@ -78,6 +78,7 @@ class Trainer {
   const TrainState& state() const { return state_; }
   int64_t caption_len() const { return caption_len_; }
   const std::string& encoder() const { return encoder_; }
+  MicroDiTImpl& model() { return *model_; }  // the raw (not the EMA) weights
   // Called every run.sample_every steps (and at the end) with the model and EMA swapped in.
   std::function<void(MicroDiTImpl&, int64_t step)> on_sample;
   // Called at the end with the metrics file path.
