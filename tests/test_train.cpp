@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <fstream>
 #include <map>
 
@@ -273,6 +274,29 @@ TEST(Train, StageStartsFromRawOrEMAWeights) {
   EXPECT_NE(error_of([&] { load_train_config(cfg_path, {"stage.init_weights=best"}); })
                 .find("stage.init_weights must be raw or ema, got 'best'"),
             std::string::npos);
+}
+
+// data.downsample: a lower-resolution stage trained from the same pixel shards.
+TEST(Train, DownsampledStageTrainsFromTheSameShards) {
+  torch::set_num_threads(1);
+  TempDir dir;
+  const std::string shards = dir.path + "/shards";  // 8 x 8 images
+  make_shards(shards);
+  const auto cfg_path = write_config(dir.path, shards);
+  const std::string out = "run.out=" + dir.path + "/d";
+  EXPECT_NE(error_of([&] { Trainer(load_train_config(cfg_path, {out, "model.input_size=4"}), torch::kCPU); })
+                .find("(data.downsample 2 trains on them at 4 x 4)"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { Trainer(load_train_config(cfg_path, {out, "data.downsample=2"}), torch::kCPU); })
+                .find("after data.downsample 2 (stored 16 x 16)"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { load_train_config(cfg_path, {"data.downsample=0"}); }).find("data.downsample must be >= 1"),
+            std::string::npos);
+  Trainer t(load_train_config(cfg_path, {out, "model.input_size=4", "data.downsample=2"}), torch::kCPU);
+  t.run();
+  EXPECT_EQ(t.state().step, 6);
+  EXPECT_TRUE(std::isfinite(t.validation_loss()));
+  EXPECT_EQ(metric_losses(dir.path + "/d/metrics.jsonl").size(), 6u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Train, StoppedAndResumed, ::testing::Values("0", "1"),

@@ -65,6 +65,7 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                {"val_split", bind(c.val_split, "a string")},
                {"caption_dropout", bind(c.caption_dropout, "a number")},
                {"stream_window", bind(c.stream_window, "an integer")},
+               {"downsample", bind(c.downsample, "an integer")},
                {"text_encoder", bind(c.text_encoder, "an encoder name or path")}};
   b["train"] = {{"steps", bind(c.steps, "an integer")},
                 {"batch_size", bind(c.batch_size, "an integer")},
@@ -137,6 +138,7 @@ void TrainConfig::validate() const {
   MD_CHECK(image_size >= 0 && image_size % 8 == 0, "train config: data.image_size must be a multiple of 8");
   MD_CHECK(latent_scale >= 0, "train config: data.latent_scale must be positive (0: automatic)");
   MD_CHECK(stream_window >= 0, "train config: data.stream_window must be >= 0");
+  MD_CHECK(downsample >= 1, "train config: data.downsample must be >= 1 (1: images as stored), got {}", downsample);
   MD_CHECK(bucket_mb > 0, "train config: train.bucket_mb must be positive");
   MD_CHECK(keep_last >= 1, "train config: run.keep_last must be >= 1");
   MD_CHECK(sample_steps >= 1, "train config: run.sample_steps must be >= 1");
@@ -235,7 +237,8 @@ std::string train_config_to_yaml(const TrainConfig& c) {
   e << YAML::Key << "train_split" << YAML::Value
     << c.train_split << YAML::Key << "val_split" << YAML::Value << c.val_split << YAML::Key
     << "caption_dropout" << YAML::Value << c.caption_dropout << YAML::Key << "stream_window"
-    << YAML::Value << c.stream_window << YAML::Key << "text_encoder"
+    << YAML::Value << c.stream_window << YAML::Key << "downsample" << YAML::Value << c.downsample
+    << YAML::Key << "text_encoder"
     << YAML::Value << c.text_encoder << YAML::EndMap;
   e << YAML::Key << "train" << YAML::Value << YAML::BeginMap;
   e << YAML::Key << "steps" << YAML::Value << c.steps << YAML::Key << "batch_size" << YAML::Value

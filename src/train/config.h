@@ -25,6 +25,8 @@ struct TrainConfig {
   int stream_window = 0;             // 0: hold the training split in memory; N: stream it from
                                      // disk N shards at a time (shuffled within each window)
   std::string text_encoder = "minilm";  // encodes sample prompts; must match the shards'
+  int downsample = 1;                // pixel shards: average k x k pixel blocks first (a cheaper,
+                                     // lower-resolution first stage from the same shards)
   // optimisation (paper: AdamW, betas .9/.999, eps 1e-8, wd 0.1)
   int64_t steps = 1000, batch_size = 64, grad_accum = 1;
   double mask_ratio = 0.75;

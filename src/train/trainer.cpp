@@ -139,6 +139,7 @@ void Trainer::open_data() {
                                                                 : cfg_.shard_dirs;
   const auto& m = cfg_.model;
   if (is_mds_dir(dirs.front())) {
+    MD_CHECK(cfg_.downsample == 1, "{}: data.downsample is for pixel shards, not latents", dirs.front());
     const int image_size = cfg_.image_size > 0 ? cfg_.image_size : 8 * static_cast<int>(m.input_size);
     mds_ = std::make_unique<LatentMDSSource>(dirs, image_size, m.caption_channels);
     const auto& is = mds_->image_shape();
@@ -168,10 +169,16 @@ void Trainer::open_data() {
            dirs.front());
   MD_CHECK(cfg_.val_shards.empty(), "data.val_shards is for latent MDS datasets; ours hold a val split");
   const auto idx = read_shard_index(cfg_.shards);
-  MD_CHECK(idx.image_shape.size() == 3 && idx.image_shape[0] == m.in_channels &&
-               idx.image_shape[1] == m.input_size && idx.image_shape[2] == m.input_size,
-           "shards hold images of shape [{}] but the model takes [{}, {}, {}]",
-           fmt::join(idx.image_shape, ", "), m.in_channels, m.input_size, m.input_size);
+  const int64_t k = cfg_.downsample, side = k * m.input_size;  // stored side
+  MD_CHECK(idx.image_shape.size() == 3 && idx.image_shape[0] == m.in_channels && idx.image_shape[1] == side &&
+               idx.image_shape[2] == side,
+           "shards hold images of shape [{}] but the model takes [{}, {}, {}]{}", fmt::join(idx.image_shape, ", "),
+           m.in_channels, m.input_size, m.input_size,
+           k > 1 ? fmt::format(" after data.downsample {} (stored {} x {})", k, side, side)
+           : idx.image_shape.size() == 3 && idx.image_shape[1] % m.input_size == 0 && idx.image_shape[1] > m.input_size
+               ? fmt::format(" (data.downsample {} trains on them at {} x {})", idx.image_shape[1] / m.input_size,
+                             m.input_size, m.input_size)
+               : "");
   MD_CHECK(idx.caption_shape.size() == 2 && idx.caption_shape[1] == m.caption_channels,
            "shards hold captions {} wide but the model takes caption_channels {}",
            idx.caption_shape.size() == 2 ? idx.caption_shape[1] : -1, m.caption_channels);
@@ -179,10 +186,19 @@ void Trainer::open_data() {
   encoder_ = idx.encoder;
   if (cfg_.stream_window > 0) train_stream_ = open_stream(cfg_.shards, cfg_.train_split, cfg_.stream_window);
   else train_ = load_split(cfg_.shards, cfg_.train_split);
-  if (idx.shards.count(cfg_.val_split)) val_ = load_split(cfg_.shards, cfg_.val_split);
+  if (idx.shards.count(cfg_.val_split)) {
+    val_ = load_split(cfg_.shards, cfg_.val_split);
+    val_.images = downsampled(val_.images.to(at::kFloat)).to(val_.images.dtype());
+  }
   const int64_t n_train = cfg_.stream_window > 0 ? train_stream_.size() : train_.size();
   MD_CHECK(cfg_.batch_size <= n_train, "batch_size {} exceeds the {} training samples",
            cfg_.batch_size, n_train);
+}
+
+// data.downsample k: the mean of each k x k pixel block, (N, C, kH, kW) -> (N, C, H, W).
+Tensor Trainer::downsampled(const Tensor& images) const {
+  const int64_t k = cfg_.downsample;
+  return k == 1 ? images : at::avg_pool2d(images, {k, k});
 }
 
 // ---- trainer ---------------------------------------------------------------------------
@@ -496,6 +512,7 @@ void Trainer::run(int64_t stop_at) {
     if (opt_)
       for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     Batch b = loader->next();
+    b.images = downsampled(b.images);
     const double loss = train_step(b);
     double gnorm = NAN;  // global, before clipping
     if (opt_) {

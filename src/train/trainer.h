@@ -109,6 +109,7 @@ class Trainer {
   double latent_scale_ = 0;               // > 0: a latent model (the VAE scaling factor)
   int latent_image_size_ = 0;
   void open_data();
+  Tensor downsampled(const Tensor& images) const;
   std::string latent_json() const;
   TrainState state_;
   int64_t caption_len_ = 0;  // from the shards, saved so sampling encodes prompts alike
