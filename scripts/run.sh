@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, from nothing: set-up, the emoji dataset, shards with
-# MiniLM caption embeddings, training MicroDiT on the CPU (configs/emoji_cpu.yaml), a sample
-# grid, and the colour-conditioning check. Every stage is skipped when its output exists, and
+# MiniLM caption embeddings, training MicroDiT on the CPU in two stages (16 x 16:
+# configs/emoji_cpu_16px.yaml, then 32 x 32: configs/emoji_cpu.yaml), a sample grid, the
+# colour-conditioning check and the recall measure. Every stage is skipped when its output exists, and
 # an interrupted training resumes from its last checkpoint.
-#   MICRODIT_STEPS=N   train N steps instead of the config's (quick looks)
+#   MICRODIT_STEPS=N   train stage 1 for N steps and stage 2 for 5N/12 instead of the configs' (quick looks)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 BIN="${MICRODIT_BUILD_DIR:-$ROOT/build}/microdit"
-CONFIG=configs/emoji_cpu.yaml
-RUN=runs/emoji
-EXTRA=()
-[ -n "${MICRODIT_STEPS:-}" ] && EXTRA+=("train.steps=$MICRODIT_STEPS" "train.unmasked_steps=$((MICRODIT_STEPS / 8))")
+CONFIG16=configs/emoji_cpu_16px.yaml RUN16=runs/emoji-16px   # stage 1: 16 x 16
+CONFIG=configs/emoji_cpu.yaml RUN=runs/emoji                  # stage 2: 32 x 32, from stage 1
+EXTRA16=() EXTRA=()
+if [ -n "${MICRODIT_STEPS:-}" ]; then  # stage 1 gets N steps, stage 2 N * 5/12 (as 6000 and 2500)
+  s2=$(( MICRODIT_STEPS * 5 / 12 > 1 ? MICRODIT_STEPS * 5 / 12 : 1 ))
+  EXTRA16+=("train.steps=$MICRODIT_STEPS" "train.unmasked_steps=$((MICRODIT_STEPS / 12))")
+  EXTRA+=("train.steps=$s2" "train.unmasked_steps=$((s2 / 8))")
+fi
 say() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
 
@@ -34,18 +39,30 @@ if [ -f data/emoji-shards/index.json ] && [ data/emoji-shards/index.json -nt dat
 else
   rm -rf data/emoji-shards
   "$BIN" prepare --dataset data/emoji --out data/emoji-shards
-  if [ -d "$RUN" ]; then  # trained on other shards: keep it, out of the way
-    old="$RUN-previous-$(date +%Y%m%d-%H%M%S)"; mv "$RUN" "$old"; echo "moved the older run to $old"
-  fi
+  for r in "$RUN16" "$RUN"; do  # trained on other shards: keep it, out of the way
+    if [ -d "$r" ]; then old="$r-previous-$(date +%Y%m%d-%H%M%S)"; mv "$r" "$old"; echo "moved the older run to $old"; fi
+  done
 fi
 
-say "3/6 training ($CONFIG -> $RUN)"
-final=$("$BIN" train --config "$CONFIG" "${EXTRA[@]}" --print-final-checkpoint)
-# One process; on the CPU it runs each batch as slices side by side on single-threaded workers
-# (train.cpu_workers, one per core by default): this small model's kernels do not scale across
-# intra-op threads, whole slices do (1.4x on 2 cores; docs/training.md).
-if [ -f "$final" ]; then echo "finished run found ($final), skipped"; else
-  "$BIN" train --config "$CONFIG" "${EXTRA[@]}" --resume; fi
+# One process per stage; on the CPU it runs each batch as slices side by side on
+# single-threaded workers (train.cpu_workers, one per core by default): this small model's
+# kernels do not scale across intra-op threads, whole slices do (1.4x on 2 cores; docs/training.md).
+# A run interrupted in either stage resumes from its last checkpoint.
+train_stage() {  # CONFIG OVERRIDES...: trains, or resumes, unless the run is finished
+  local cfg=$1; shift
+  local done_ckpt; done_ckpt=$("$BIN" train --config "$cfg" "$@" --print-final-checkpoint)
+  if [ -f "$done_ckpt" ]; then echo "finished run found ($done_ckpt), skipped"; else
+    "$BIN" train --config "$cfg" "$@" --resume; fi
+}
+say "3/6 training, stage 1 of 2: 16 x 16 ($CONFIG16 -> $RUN16)"
+if [ ! -d "$RUN16" ] && [ -d "$RUN" ]; then  # a one-stage run of an older default: keep it, out of the way
+  old="$RUN-previous-$(date +%Y%m%d-%H%M%S)"; mv "$RUN" "$old"; echo "moved the older run to $old"
+fi
+train_stage "$CONFIG16" "${EXTRA16[@]}"
+final16=$("$BIN" train --config "$CONFIG16" "${EXTRA16[@]}" --print-final-checkpoint)
+say "3/6 training, stage 2 of 2: 32 x 32 from stage 1 ($CONFIG -> $RUN)"
+train_stage "$CONFIG" "${EXTRA[@]}" "stage.init_from=$final16"
+final=$("$BIN" train --config "$CONFIG" "${EXTRA[@]}" "stage.init_from=$final16" --print-final-checkpoint)
 
 say "4/6 samples from text (EMA weights, Heun 30 steps, guidance 4)"
 "$BIN" sample --ckpt "$final" --n 6 --steps 30 --cfg 4 --seed 0 --out "$RUN/samples.png" \

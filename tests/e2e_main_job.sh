@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end test of the main job (issue #4 item 8): render the emoji set, prepare shards,
-# train the CPU default (configs/emoji_cpu.yaml) from scratch, then `eval-colour`: samples for
+# train the CPU default (configs/emoji_cpu_16px.yaml, then configs/emoji_cpu.yaml) from scratch, then `eval-colour`: samples for
 # hearts that differ only in their colour word must show that colour (>= 80 %) and the
 # validation loss must end <= 0.8x its start; then `eval-recall` (issue #10). About 17 minutes on 2 idle cores; set
 # MICRODIT_SKIP_E2E=1 to skip it (ctest then reports it as skipped).
@@ -14,8 +14,13 @@ done
 rm -rf "$WORK" && mkdir -p "$WORK"
 "$BIN" dataset emoji --out "$WORK/emoji" --size 32 --skin-tones none
 "$BIN" prepare --dataset "$WORK/emoji" --out "$WORK/shards"
-"$BIN" train --config "$SRC/configs/emoji_cpu.yaml" "data.shards=$WORK/shards" "run.out=$WORK/run"  # as scripts/run.sh
-final=$("$BIN" train --config "$SRC/configs/emoji_cpu.yaml" "data.shards=$WORK/shards" "run.out=$WORK/run" --print-final-checkpoint)
+# The two stages, as scripts/run.sh: 16 x 16, then 32 x 32 from its weights.
+S1=("$SRC/configs/emoji_cpu_16px.yaml" "data.shards=$WORK/shards" "run.out=$WORK/run-16px")
+"$BIN" train --config "${S1[@]}"
+final16=$("$BIN" train --config "${S1[@]}" --print-final-checkpoint)
+S2=("$SRC/configs/emoji_cpu.yaml" "data.shards=$WORK/shards" "run.out=$WORK/run" "stage.init_from=$final16")
+"$BIN" train --config "${S2[@]}"
+final=$("$BIN" train --config "${S2[@]}" --print-final-checkpoint)
 "$BIN" eval-colour --ckpt "$final" --metrics "$WORK/run/metrics.jsonl" --out "$WORK/colour-check.png" \
   --summary "$WORK/run/summary.json"
 # Shapes, not only colours: samples must at least land in their caption's Unicode subgroup

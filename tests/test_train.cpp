@@ -271,6 +271,9 @@ TEST(Train, StageStartsFromRawOrEMAWeights) {
   EXPECT_NE(error_of([&] { started({"stage.init_from=" + dir.path + "/no_ema.safetensors", "stage.init_weights=ema"}); })
                 .find("stage.init_weights is ema but the checkpoint holds no EMA weights"),
             std::string::npos);
+  EXPECT_NE(error_of([&] { started({"stage.init_from=" + dir.path + "/none.safetensors"}); })
+                .find("none.safetensors: no such file (train the earlier stage first)"),
+            std::string::npos);
   EXPECT_NE(error_of([&] { load_train_config(cfg_path, {"stage.init_weights=best"}); })
                 .find("stage.init_weights must be raw or ema, got 'best'"),
             std::string::npos);

@@ -221,6 +221,8 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
     // Our own checkpoints hold model.* and ema.*; a foreign one (the reference's, a converted
     // file) is found by its x_embedder key. The positional table is a fixed buffer rebuilt for
     // this stage's resolution, never loaded.
+    MD_CHECK(is_regular_file(cfg_.init_from), "stage.init_from {}: no such file (train the earlier stage first)",
+             cfg_.init_from);
     auto all = read_checkpoint(cfg_.init_from, "");
     bool ours = false, has_ema = false;
     for (const auto& [k, t] : all) ours |= k.rfind("model.", 0) == 0, has_ema |= k.rfind("ema.", 0) == 0;
