@@ -279,6 +279,43 @@ TEST(Train, StageStartsFromRawOrEMAWeights) {
             std::string::npos);
 }
 
+// A step's loss stays on the device until it is logged (or a checkpoint, validation or samples
+// need the host): reading it every step or every 4th changes nothing in the run.
+TEST(Train, LossesReadOnlyWhenLoggedGiveTheSameRun) {
+  torch::set_num_threads(1);
+  TempDir dir;
+  const std::string shards = dir.path + "/shards";
+  make_shards(shards);
+  const auto cfg_path = write_config(dir.path, shards);
+  for (const char* run : {"every", "fourth"}) {
+    Trainer t(load_train_config(cfg_path, {"run.out=" + dir.path + "/" + run, "train.steps=8", "train.unmasked_steps=0",
+                                           std::string("run.log_every=") + (run == std::string("every") ? "1" : "4"),
+                                           "run.checkpoint_every=8", "run.val_every=0"}),
+              torch::kCPU);
+    t.run();
+  }
+  auto every = metric_losses(dir.path + "/every/metrics.jsonl"), fourth = metric_losses(dir.path + "/fourth/metrics.jsonl");
+  ASSERT_EQ(every.size(), 8u);
+  ASSERT_EQ(fourth.size(), 2u);
+  EXPECT_DOUBLE_EQ(fourth[0], every[3]);
+  EXPECT_DOUBLE_EQ(fourth[1], every[7]);
+  auto a = read_safetensors(dir.path + "/every/checkpoints/step-0000008.safetensors").tensors;
+  auto b = read_safetensors(dir.path + "/fourth/checkpoints/step-0000008.safetensors").tensors;
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(torch::equal(a[i].second, b[i].second)) << a[i].first;
+  // A diverging run stops at the step that diverged, before it writes a checkpoint, even when
+  // the loss is read only every 4th step.
+  const auto err = error_of([&] {
+    Trainer t(load_train_config(cfg_path, {"run.out=" + dir.path + "/nan", "train.steps=8", "train.unmasked_steps=0",
+                                           "run.log_every=4", "run.checkpoint_every=8", "run.val_every=0",
+                                           "train.lr=1.0e30", "train.warmup_steps=0", "train.grad_clip=0"}),
+              torch::kCPU);
+    t.run();
+  });
+  EXPECT_NE(err.find("training diverged at step"), std::string::npos) << err;
+  EXPECT_TRUE(list_dir(dir.path + "/nan/checkpoints").empty());
+}
+
 // data.downsample: a lower-resolution stage trained from the same pixel shards.
 TEST(Train, DownsampledStageTrainsFromTheSameShards) {
   torch::set_num_threads(1);

@@ -58,7 +58,7 @@ inline TinyStep tiny_step(const TinyStepOptions& o,
     auto loss = edm_loss(*model, x.narrow(0, s, n), y.narrow(0, s, n), d, edm);
     if (s == 0 && inspect) inspect(loss);
     return loss;
-  });
+  }).item<double>();
   for (const auto& p : params) r.grads.push_back(p.grad().defined() ? p.grad().clone() : torch::zeros_like(p));
   return r;
 }

@@ -20,13 +20,13 @@ int resolve_cpu_workers(int requested, c10::Device device, bool distributed) {
   return requested;
 }
 
-double parallel_backward(const std::vector<at::Tensor>& params, int64_t rows, int workers, double scale,
+at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows, int workers, double scale,
                          const std::function<at::Tensor(int64_t, int64_t)>& loss_of_rows) {
   const int64_t parts = std::clamp<int64_t>(workers, 1, rows);
   if (parts == 1) {
     auto loss = loss_of_rows(0, rows);
     (loss * scale).backward();
-    return loss.item<double>();
+    return loss.detach().to(at::kDouble);  // no host synchronisation: read when logged
   }
   // Slice k holds rows [first[k], first[k] + size[k]): sizes differ by at most one.
   std::vector<int64_t> first(parts), size(parts);
@@ -59,7 +59,7 @@ double parallel_backward(const std::vector<at::Tensor>& params, int64_t rows, in
   }
   double total = 0;
   for (double l : losses) total += l;
-  return total / static_cast<double>(rows);
+  return at::scalar_tensor(total / static_cast<double>(rows), at::kDouble);
 }
 
 }  // namespace microdit

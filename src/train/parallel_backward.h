@@ -26,9 +26,10 @@ int resolve_cpu_workers(int requested, c10::Device device, bool distributed);
 
 // loss_of_rows(first, n): the mean loss over rows [first, first + n) of the batch, built on
 // the calling worker. Adds scale * d(mean loss over all `rows`)/d(param) to each parameter's
-// .grad (defining it where undefined), and returns the batch's mean loss (detached).
+// .grad (defining it where undefined), and returns the batch's mean loss: a detached float64
+// scalar on the loss's device, so that a GPU step does not wait for it (read it when logged).
 // workers <= 1 is one ordinary backward over the whole batch.
-double parallel_backward(const std::vector<at::Tensor>& params, int64_t rows, int workers, double scale,
+at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows, int workers, double scale,
                          const std::function<at::Tensor(int64_t first, int64_t n)>& loss_of_rows);
 
 }  // namespace microdit

@@ -2,7 +2,6 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/cuda.h>
-#include <torch/nn/utils/clip_grad.h>
 
 #include <chrono>
 #include <cmath>
@@ -21,6 +20,7 @@
 #include "io/checkpoint.h"
 #include "core/precision.h"
 #include "train/fused_adamw.h"
+#include "train/grad_clip.h"
 #include "train/parallel_backward.h"
 #include "data/latent_source.h"
 
@@ -416,7 +416,15 @@ void Trainer::log_metrics(const std::string& line) {
   std::ofstream(cfg_.out + "/metrics.jsonl", std::ios::app) << line << "\n";
 }
 
-double Trainer::train_step(const Batch& b) {
+// A host tensor on the training device. To a GPU through pinned memory and asynchronously: a
+// plain copy from pageable memory waits for the GPU to finish its queue, a host
+// synchronisation in every step; the pinned buffer is kept until its copy is done.
+static Tensor to_device(const Tensor& t, c10::Device device) {
+  if (!device.is_cuda() || !t.device().is_cpu()) return t.to(device);
+  return t.pin_memory().to(device, t.scalar_type(), /*non_blocking=*/true);
+}
+
+Tensor Trainer::train_step(const Batch& b) {
   const int64_t B = b.images.size(0), micro = B / cfg_.grad_accum;  // this rank's rows
   const int64_t T = cfg_.model.num_tokens();
   const int64_t first = rank_ * B;  // global index of this rank's first sample in the batch
@@ -425,7 +433,7 @@ double Trainer::train_step(const Batch& b) {
   const bool masked = cfg_.mask_ratio > 0 && state_.step < cfg_.steps - cfg_.unmasked_steps;
   if (sync_) sync_->zero_grad();
   else opt_->zero_grad();
-  double total = 0;
+  Tensor total;  // float64 (), on the device: the step does not wait for it
   const auto params = model_->parameters();
   for (int64_t m = 0; m < cfg_.grad_accum; ++m) {
     // The mean loss over rows [s, s + n) of micro-batch m. The draws are keyed by each
@@ -437,20 +445,22 @@ double Trainer::train_step(const Batch& b) {
       auto r = draw_samples(cfg_.seed, state_.step, first + row, n, x.sizes().slice(1), T, masked,
                             cfg_.caption_dropout);
       LossDraws d;
-      d.rnd_normal = r.rnd_normal.to(device_);
-      d.noise = r.noise.to(device_);
-      if (masked) d.mask = mask_from_noise(r.mask_noise.to(device_), cfg_.model.kept_tokens(cfg_.mask_ratio));
+      d.rnd_normal = to_device(r.rnd_normal, device_);
+      d.noise = to_device(r.noise, device_);
+      if (masked) d.mask = mask_from_noise(to_device(r.mask_noise, device_), cfg_.model.kept_tokens(cfg_.mask_ratio));
       y = y * r.keep.view({n, 1, 1, 1});
       AutocastGuard autocast(device_.type(), cfg_.bf16);
-      return edm_loss(*model_, x.to(device_), y.to(device_), d, cfg_.edm);
+      return edm_loss(*model_, to_device(x, device_), to_device(y, device_), d, cfg_.edm);
     };
     if (sync_) sync_->begin_backward(/*sync=*/m + 1 == cfg_.grad_accum);
-    total += parallel_backward(params, micro, workers_, 1.0 / static_cast<double>(cfg_.grad_accum),
-                               loss_of_rows) / static_cast<double>(cfg_.grad_accum);
+    auto l = parallel_backward(params, micro, workers_, 1.0 / static_cast<double>(cfg_.grad_accum), loss_of_rows) /
+             static_cast<double>(cfg_.grad_accum);
+    total = total.defined() ? total + l : l;
   }
   if (sync_) {
     sync_->finish();
-    total = comm_->sum(total) / world_;  // every sample's loss has the same weight
+    // every sample's loss has the same weight (a host read: the ranks' losses meet on the CPU)
+    total = at::scalar_tensor(comm_->sum(total.item<double>()) / world_, at::kDouble);
   }
   return total;
 }
@@ -501,6 +511,7 @@ void Trainer::run(int64_t stop_at) {
     if (!std::isnan(v)) log_metrics(fmt::format(R"({{"step": 0, "val_loss": {:.6f}}})", v));
   }
   double ema_loss = NAN;
+  std::vector<Tensor> pending_loss;  // this step's and earlier unread losses, on the device
   while (state_.step < end) {
     if (crash_rank && crash_step && std::atoi(crash_rank) == rank_ && std::atoll(crash_step) == state_.step) {
       if (std::getenv("MICRODIT_TEST_HANG")) {  // a rank that hangs instead of dying
@@ -515,50 +526,67 @@ void Trainer::run(int64_t stop_at) {
       for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     Batch b = loader->next();
     b.images = downsampled(b.images);
-    const double loss = train_step(b);
-    double gnorm = NAN;  // global, before clipping
+    pending_loss.push_back(train_step(b));
+    Tensor gnorm;  // global, before clipping; float32 () on the device
     if (opt_) {
-      if (cfg_.grad_clip > 0) gnorm = torch::nn::utils::clip_grad_norm_(model_->parameters(), cfg_.grad_clip);
+      if (cfg_.grad_clip > 0) gnorm = clip_grad_norm(model_->parameters(), cfg_.grad_clip);
       if (cfg_.fused_optimizer) fused_adamw_step(*opt_);
       else opt_->step();
     } else {
-      gnorm = sync_->sharded_grad_norm();
-      if (cfg_.grad_clip > 0) sync_->sharded_clip(cfg_.grad_clip, gnorm);
+      const double n = sync_->sharded_grad_norm();
+      gnorm = at::scalar_tensor(n);
+      if (cfg_.grad_clip > 0) sync_->sharded_clip(cfg_.grad_clip, n);
       sync_->sharded_step(lr);
     }
     ++state_.step;
     state_.epoch = b.epoch;
     state_.position = b.position;
     if (ema_) ema_->update(*model_, state_.step);
-    MD_CHECK(std::isfinite(loss), "training diverged at step {} (loss {}); lower train.lr", state_.step, loss);
-    ema_loss = std::isnan(ema_loss) ? loss : 0.9 * ema_loss + 0.1 * loss;
+
+    const bool log_now = state_.step % cfg_.log_every == 0 || state_.step == cfg_.steps;
+    const bool val_now = cfg_.val_every > 0 && state_.step % cfg_.val_every == 0;
+    const bool sample_now = on_sample && cfg_.sample_every > 0 && state_.step % cfg_.sample_every == 0;
+    const bool save_now = state_.step % cfg_.checkpoint_every == 0 || state_.step == end;
+    // The losses stay on the device until the step's results are needed on the host: one
+    // read every log_every steps, and before anything that uses the weights (validation,
+    // samples, a checkpoint), so a diverged run never writes NaN weights.
+    if (!(log_now || val_now || sample_now || save_now)) continue;
+    const auto losses = at::stack(pending_loss).cpu();  // (k,) float64: the one host read
+    const auto* l = losses.const_data_ptr<double>();
+    for (int64_t i = 0; i < losses.size(0); ++i) {
+      MD_CHECK(std::isfinite(l[i]), "training diverged at step {} (loss {}); lower train.lr",
+               state_.step - losses.size(0) + 1 + i, l[i]);
+      ema_loss = std::isnan(ema_loss) ? l[i] : 0.9 * ema_loss + 0.1 * l[i];
+    }
+    const double loss = l[losses.size(0) - 1];
+    pending_loss.clear();
 
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const double ips = (state_.step - start) * cfg_.batch_size / secs;
     const double eta = (cfg_.steps - state_.step) * cfg_.batch_size / std::max(ips, 1e-9);
-    if (rank_ == 0 && (state_.step % cfg_.log_every == 0 || state_.step == cfg_.steps)) {
+    if (rank_ == 0 && log_now) {
       log_metrics(fmt::format(R"({{"step": {}, "loss": {:.9g}, "lr": {:.4e}, "grad_norm": {:.9g}, "images_per_s": {:.2f}, "epoch": {}}})",
-                              state_.step, loss, lr, gnorm, ips, b.epoch));
+                              state_.step, loss, lr, gnorm.defined() ? gnorm.item<double>() : NAN, ips, b.epoch));
       fmt::print("{}step {}/{}  loss {:.4f}  lr {:.2e}  {:.1f} img/s  ETA {:02d}:{:02d}{}", tty ? "\r" : "",
                  state_.step, cfg_.steps, ema_loss, lr, ips, static_cast<int>(eta) / 60,
                  static_cast<int>(eta) % 60, tty ? "   " : "\n");
       std::fflush(stdout);
     }
-    if (rank_ == 0 && cfg_.val_every > 0 && state_.step % cfg_.val_every == 0) {
+    if (rank_ == 0 && val_now) {
       const double v = validation_loss();
       if (!std::isnan(v)) {
         log_metrics(fmt::format(R"({{"step": {}, "val_loss": {:.6f}}})", state_.step, v));
         fmt::print("{}step {}  validation loss {:.4f}\n", tty ? "\n" : "", state_.step, v);
       }
     }
-    if (rank_ == 0 && on_sample && cfg_.sample_every > 0 && state_.step % cfg_.sample_every == 0) {
+    if (rank_ == 0 && sample_now) {
       if (ema_) ema_->swap_into(*model_);
       model_->eval();
       on_sample(*model_, state_.step);
       model_->train();
       if (ema_) ema_->swap_into(*model_);
     }
-    if (state_.step % cfg_.checkpoint_every == 0 || state_.step == end) save_checkpoint();
+    if (save_now) save_checkpoint();
   }
   if (tty) fmt::print("\n");
   if (rank_ == 0 && on_finish && state_.step == cfg_.steps) on_finish(cfg_.out + "/metrics.jsonl");

@@ -92,7 +92,7 @@ class Trainer {
   std::string parallel_summary() const;
 
  private:
-  double train_step(const Batch& b);
+  Tensor train_step(const Batch& b);  // the mean loss, float64 () on the device
   void log_metrics(const std::string& json_line);
   TrainConfig cfg_;
   c10::Device device_;

@@ -1,0 +1,17 @@
+// Gradient clipping by the global L2 norm without a host synchronisation. LibTorch's
+// torch::nn::utils::clip_grad_norm_ returns the norm as a host double, so every step waits for
+// the GPU there; this one leaves the norm on the device (read it when it is logged) and uses
+// two multi-tensor kernels instead of one per parameter.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <vector>
+
+namespace microdit {
+
+// Scales every defined .grad by min(1, max_norm / (norm + 1e-6)), where norm is the L2 norm of
+// all of them together (as torch.nn.utils.clip_grad_norm_), and returns norm: a 0-dim float32
+// tensor on the gradients' device, undefined when no parameter has a gradient.
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
+
+}  // namespace microdit
