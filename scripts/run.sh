@@ -4,7 +4,7 @@
 # configs/emoji_cpu_16px.yaml, then 32 x 32: configs/emoji_cpu.yaml), a sample grid, the
 # colour-conditioning check and the recall measure. Every stage is skipped when its output exists, and
 # an interrupted training resumes from its last checkpoint.
-#   MICRODIT_STEPS=N   train stage 1 for N steps and stage 2 for 5N/12 instead of the configs' (quick looks)
+#   MICRODIT_STEPS=N   train stage 1 for N steps and stage 2 for 5N/16 instead of the configs' (quick looks)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
@@ -13,8 +13,8 @@ BIN="${MICRODIT_BUILD_DIR:-$ROOT/build}/microdit"
 CONFIG16=configs/emoji_cpu_16px.yaml RUN16=runs/emoji-16px   # stage 1: 16 x 16
 CONFIG=configs/emoji_cpu.yaml RUN=runs/emoji                  # stage 2: 32 x 32, from stage 1
 EXTRA16=() EXTRA=()
-if [ -n "${MICRODIT_STEPS:-}" ]; then  # stage 1 gets N steps, stage 2 N * 5/12 (as 6000 and 2500)
-  s2=$(( MICRODIT_STEPS * 5 / 12 > 1 ? MICRODIT_STEPS * 5 / 12 : 1 ))
+if [ -n "${MICRODIT_STEPS:-}" ]; then  # stage 1 gets N steps, stage 2 N * 5/16 (as 8000 and 2500)
+  s2=$(( MICRODIT_STEPS * 5 / 16 > 1 ? MICRODIT_STEPS * 5 / 16 : 1 ))
   EXTRA16+=("train.steps=$MICRODIT_STEPS" "train.unmasked_steps=$((MICRODIT_STEPS / 12))")
   EXTRA+=("train.steps=$s2" "train.unmasked_steps=$((s2 / 8))")
 fi
