@@ -48,21 +48,21 @@ fi
 # single-threaded workers (train.cpu_workers, one per core by default): this small model's
 # kernels do not scale across intra-op threads, whole slices do (1.4x on 2 cores; docs/training.md).
 # A run interrupted in either stage resumes from its last checkpoint.
-train_stage() {  # CONFIG OVERRIDES...: trains, or resumes, unless the run is finished
-  local cfg=$1; shift
-  local done_ckpt; done_ckpt=$("$BIN" train --config "$cfg" "$@" --print-final-checkpoint)
-  if [ -f "$done_ckpt" ]; then echo "finished run found ($done_ckpt), skipped"; else
+train_stage() {  # FINAL_CHECKPOINT CONFIG OVERRIDES...: trains, or resumes, unless FINAL_CHECKPOINT exists
+  local final_ckpt=$1 cfg=$2; shift 2
+  if [ -f "$final_ckpt" ]; then echo "finished run found ($final_ckpt), skipped"; else
     "$BIN" train --config "$cfg" "$@" --resume; fi
 }
 say "3/6 training, stage 1 of 2: 16 x 16 ($CONFIG16 -> $RUN16)"
 if [ ! -d "$RUN16" ] && [ -d "$RUN" ]; then  # a one-stage run of an older default: keep it, out of the way
   old="$RUN-previous-$(date +%Y%m%d-%H%M%S)"; mv "$RUN" "$old"; echo "moved the older run to $old"
 fi
-train_stage "$CONFIG16" "${EXTRA16[@]}"
 final16=$("$BIN" train --config "$CONFIG16" "${EXTRA16[@]}" --print-final-checkpoint)
+train_stage "$final16" "$CONFIG16" "${EXTRA16[@]}"
 say "3/6 training, stage 2 of 2: 32 x 32 from stage 1 ($CONFIG -> $RUN)"
-train_stage "$CONFIG" "${EXTRA[@]}" "stage.init_from=$final16"
-final=$("$BIN" train --config "$CONFIG" "${EXTRA[@]}" "stage.init_from=$final16" --print-final-checkpoint)
+S2=("${EXTRA[@]}" "stage.init_from=$final16")
+final=$("$BIN" train --config "$CONFIG" "${S2[@]}" --print-final-checkpoint)
+train_stage "$final" "$CONFIG" "${S2[@]}"
 
 say "4/6 samples from text (EMA weights, Heun 30 steps, guidance 4)"
 "$BIN" sample --ckpt "$final" --n 6 --steps 30 --cfg 4 --seed 0 --out "$RUN/samples.png" \

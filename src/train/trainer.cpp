@@ -170,15 +170,15 @@ void Trainer::open_data() {
   MD_CHECK(cfg_.val_shards.empty(), "data.val_shards is for latent MDS datasets; ours hold a val split");
   const auto idx = read_shard_index(cfg_.shards);
   const int64_t k = cfg_.downsample, side = k * m.input_size;  // stored side
-  MD_CHECK(idx.image_shape.size() == 3 && idx.image_shape[0] == m.in_channels && idx.image_shape[1] == side &&
-               idx.image_shape[2] == side,
+  const bool square = idx.image_shape.size() == 3 && idx.image_shape[1] == idx.image_shape[2];
+  std::string hint;  // what data.downsample does, or would do, to these images
+  if (k > 1) hint = fmt::format(" after data.downsample {} (stored {} x {})", k, side, side);
+  else if (square && idx.image_shape[1] > m.input_size && idx.image_shape[1] % m.input_size == 0)
+    hint = fmt::format(" (data.downsample {} trains on them at {} x {})", idx.image_shape[1] / m.input_size,
+                       m.input_size, m.input_size);
+  MD_CHECK(square && idx.image_shape[0] == m.in_channels && idx.image_shape[1] == side,
            "shards hold images of shape [{}] but the model takes [{}, {}, {}]{}", fmt::join(idx.image_shape, ", "),
-           m.in_channels, m.input_size, m.input_size,
-           k > 1 ? fmt::format(" after data.downsample {} (stored {} x {})", k, side, side)
-           : idx.image_shape.size() == 3 && idx.image_shape[1] % m.input_size == 0 && idx.image_shape[1] > m.input_size
-               ? fmt::format(" (data.downsample {} trains on them at {} x {})", idx.image_shape[1] / m.input_size,
-                             m.input_size, m.input_size)
-               : "");
+           m.in_channels, m.input_size, m.input_size, hint);
   MD_CHECK(idx.caption_shape.size() == 2 && idx.caption_shape[1] == m.caption_channels,
            "shards hold captions {} wide but the model takes caption_channels {}",
            idx.caption_shape.size() == 2 ? idx.caption_shape[1] : -1, m.caption_channels);
