@@ -4,7 +4,10 @@
 # configs/emoji_cpu_16px.yaml, then 32 x 32: configs/emoji_cpu.yaml), a sample grid, the
 # colour-conditioning check and the recall measure. Every stage is skipped when its output exists, and
 # an interrupted training resumes from its last checkpoint.
-#   MICRODIT_STEPS=N   train stage 1 for N steps and stage 2 for 5N/16 instead of the configs' (quick looks)
+# A finished stage trained under other settings (an edited config, a newer default) is moved
+# aside and trained again, and so is a stage 2 trained from an older stage 1.
+#   MICRODIT_STEPS=N   train stage 1 for N steps and stage 2 for 5N/16 instead of the configs' (quick
+#                      looks), in runs/emoji-16px-stepsN and runs/emoji-stepsN
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$ROOT/scripts/setup.sh"
@@ -17,6 +20,8 @@ if [ -n "${MICRODIT_STEPS:-}" ]; then  # stage 1 gets N steps, stage 2 N * 5/16 
   s2=$(( MICRODIT_STEPS * 5 / 16 > 1 ? MICRODIT_STEPS * 5 / 16 : 1 ))
   EXTRA16+=("train.steps=$MICRODIT_STEPS" "train.unmasked_steps=$((MICRODIT_STEPS / 12))")
   EXTRA+=("train.steps=$s2" "train.unmasked_steps=$((s2 / 8))")
+  RUN16="$RUN16-steps$MICRODIT_STEPS" RUN="$RUN-steps$MICRODIT_STEPS"  # the full runs stay as they are
+  EXTRA16+=("run.out=$RUN16") EXTRA+=("run.out=$RUN")
 fi
 say() { printf '\n== %s\n' "$*"; }
 start=$(date +%s)
@@ -48,21 +53,28 @@ fi
 # single-threaded workers (train.cpu_workers, one per core by default): this small model's
 # kernels do not scale across intra-op threads, whole slices do (1.4x on 2 cores; docs/training.md).
 # A run interrupted in either stage resumes from its last checkpoint.
-train_stage() {  # FINAL_CHECKPOINT CONFIG OVERRIDES...: trains, or resumes, unless FINAL_CHECKPOINT exists
-  local final_ckpt=$1 cfg=$2; shift 2
+move_aside() {  # RUN_DIR WHY
+  local old; old="$1-previous-$(date +%Y%m%d-%H%M%S)"; mv "$1" "$old"; echo "$1 $2: moved to $old"
+}
+train_stage() {  # RUN_DIR FINAL_CHECKPOINT CONFIG OVERRIDES...: trains, or resumes, unless FINAL_CHECKPOINT exists
+  local run=$1 final_ckpt=$2 cfg=$3 changed; shift 3
+  changed=$("$BIN" train --config "$cfg" "$@" --print-changed-settings)
+  if [ -n "$changed" ]; then move_aside "$run" "was trained under other settings ($changed)"; fi
   if [ -f "$final_ckpt" ]; then echo "finished run found ($final_ckpt), skipped"; else
     "$BIN" train --config "$cfg" "$@" --resume; fi
 }
 say "3/6 training, stage 1 of 2: 16 x 16 ($CONFIG16 -> $RUN16)"
 if [ ! -d "$RUN16" ] && [ -d "$RUN" ]; then  # a one-stage run of an older default: keep it, out of the way
-  old="$RUN-previous-$(date +%Y%m%d-%H%M%S)"; mv "$RUN" "$old"; echo "moved the older run to $old"
+  move_aside "$RUN" "is a one-stage run of an older default"
 fi
 final16=$("$BIN" train --config "$CONFIG16" "${EXTRA16[@]}" --print-final-checkpoint)
-train_stage "$final16" "$CONFIG16" "${EXTRA16[@]}"
+train_stage "$RUN16" "$final16" "$CONFIG16" "${EXTRA16[@]}"
 say "3/6 training, stage 2 of 2: 32 x 32 from stage 1 ($CONFIG -> $RUN)"
+latest2=$(ls "$RUN"/checkpoints/step-*.safetensors 2>/dev/null | tail -n 1 || true)
+if [ -n "$latest2" ] && [ "$final16" -nt "$latest2" ]; then move_aside "$RUN" "started from an older stage 1"; fi
 S2=("${EXTRA[@]}" "stage.init_from=$final16")
 final=$("$BIN" train --config "$CONFIG" "${S2[@]}" --print-final-checkpoint)
-train_stage "$final" "$CONFIG" "${S2[@]}"
+train_stage "$RUN" "$final" "$CONFIG" "${S2[@]}"
 
 say "4/6 samples from text (EMA weights, Heun 30 steps, guidance 4)"
 "$BIN" sample --ckpt "$final" --n 6 --steps 30 --cfg 4 --seed 0 --out "$RUN/samples.png" \

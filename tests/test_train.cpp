@@ -223,6 +223,14 @@ TEST(Train, ResumingUnderOtherSettingsWarns) {
   EXPECT_EQ(text.find("train.steps"), std::string::npos) << text;
   EXPECT_EQ(changed_settings("a: {b: 1, c: [1, 2]}", "a: {b: 1, c: [1, 3], d: x}"),
             (std::vector<std::string>{"a.c", "a.d"}));
+  // What scripts/run.sh asks before it skips or resumes a stage.
+  EXPECT_TRUE(settings_changed_since_checkpoint(load_train_config(cfg_path, {out})).empty());
+  EXPECT_EQ(settings_changed_since_checkpoint(load_train_config(cfg_path, {out, "edm.P_mean=1.2"})),
+            (std::vector<std::string>{"edm.P_mean"}));
+  EXPECT_TRUE(settings_changed_since_checkpoint(
+                  load_train_config(cfg_path, {"run.out=" + dir.path + "/none", "edm.P_mean=1.2"}))
+                  .empty())
+      << "no checkpoint: nothing to compare";
 }
 
 // A stage starts from our own checkpoint's raw weights (model.*) or its EMA (ema.*), buffers

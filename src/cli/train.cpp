@@ -1,4 +1,5 @@
 // microdit train --config FILE [section.key=value ...] [--resume]
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <c10/util/Exception.h>
@@ -27,7 +28,7 @@ struct TrainOptions {
   RuntimeOptions rt;
   std::string config;
   std::vector<std::string> overrides;
-  bool resume = false, print_final = false;
+  bool resume = false, print_final = false, print_changed = false;
   int nproc = 0;              // > 0: start this many local workers
   int dist_timeout = 1800;    // seconds a collective may wait for a peer
 };
@@ -64,7 +65,7 @@ void plot_metrics(const std::string& metrics, const std::string& png) {
 void run_rank(const TrainOptions& o, const dist::Env& env);
 
 void run(const TrainOptions& o) {
-  if (o.nproc > 0 && !o.print_final) {  // the launcher: workers are this program without --nproc
+  if (o.nproc > 0 && !o.print_final && !o.print_changed) {  // the launcher: workers are this program without --nproc
     MD_CHECK(std::getenv("RANK") == nullptr, "--nproc cannot be used inside a launched job (RANK is set)");
     load_train_config(o.config, o.overrides);  // a bad config fails once, here
     const int cores = static_cast<int>(std::thread::hardware_concurrency());
@@ -93,6 +94,10 @@ void run_rank(const TrainOptions& o, const dist::Env& env) {
   auto cfg = load_train_config(o.config, o.overrides);
   if (o.print_final) {  // for scripts: where the finished run's checkpoint is (or will be)
     fmt::print("{}\n", final_checkpoint_path(cfg));
+    return;
+  }
+  if (o.print_changed) {  // for scripts: was the run in run.out trained under these settings?
+    fmt::print("{}\n", fmt::join(settings_changed_since_checkpoint(cfg), ","));
     return;
   }
   std::unique_ptr<dist::Comm> comm;
@@ -162,6 +167,9 @@ void register_train(CLI::App& app) {
   cmd->add_option("overrides", o->overrides, "section.key=value overrides, e.g. train.steps=100");
   cmd->add_flag("--resume", o->resume, "continue from the newest checkpoint in run.out");
   cmd->add_flag("--print-final-checkpoint", o->print_final, "print the finished run's checkpoint path and exit");
+  cmd->add_flag("--print-changed-settings", o->print_changed,
+                "print the settings (comma-separated) that differ from those of run.out's newest "
+                "checkpoint, or an empty line, and exit");
   cmd->add_option("--nproc", o->nproc,
                   "start N local data-parallel workers (as torchrun --nproc-per-node N would)");
   cmd->add_option("--dist-timeout", o->dist_timeout,

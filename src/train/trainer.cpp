@@ -99,6 +99,15 @@ std::string final_checkpoint_path(const TrainConfig& cfg) {
   return fmt::format("{}/checkpoints/step-{:07d}.safetensors", cfg.out, cfg.steps);
 }
 
+std::vector<std::string> settings_changed_since_checkpoint(const TrainConfig& cfg) {
+  const std::string path = latest_checkpoint(cfg.out);
+  if (path.empty()) return {};
+  auto f = read_safetensors(path);
+  auto it = f.metadata.find("train_config");
+  if (it == f.metadata.end()) return {"(no settings recorded)"};
+  return changed_settings(it->second, train_config_to_yaml(cfg));
+}
+
 // ---- per-sample randomness --------------------------------------------------------------
 
 static uint64_t mix64(uint64_t x) {  // splitmix64's finaliser

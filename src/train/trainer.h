@@ -45,6 +45,9 @@ class EMA {
 // Checkpoint files: <out>/checkpoints/step-NNNNNNN.safetensors, written atomically.
 std::string latest_checkpoint(const std::string& out_dir);  // "" when none
 std::string final_checkpoint_path(const TrainConfig& cfg);    // the one written at train.steps
+// The settings (flattened keys such as "edm.P_mean") under which the newest checkpoint in
+// cfg.out was written and which differ from cfg's; empty when they agree or there is none.
+std::vector<std::string> settings_changed_since_checkpoint(const TrainConfig& cfg);
 
 namespace dist {
 class Comm;
