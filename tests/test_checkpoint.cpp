@@ -54,6 +54,9 @@ TEST(Checkpoint, SafetensorsRoundTrip) {
   write_safetensors(dir / "m.safetensors", state_dict(*a), {{"k", "v"}});
   auto f = read_safetensors(dir / "m.safetensors");
   EXPECT_EQ(f.metadata.at("k"), "v");
+  auto header = read_safetensors(dir / "m.safetensors", /*with_data=*/false);  // metadata only
+  EXPECT_EQ(header.metadata, f.metadata);
+  EXPECT_TRUE(header.tensors.empty());
   load_state_dict(*b, f.tensors);
   for (const auto& [k, t] : state_dict(*a)) EXPECT_TRUE(torch::equal(t, *read_safetensors(dir / "m.safetensors").find(k)));
   EXPECT_TRUE(fs::exists(dir / "m.safetensors"));
@@ -94,6 +97,8 @@ TEST(Checkpoint, TruncatedOrCorruptSafetensorsAreRefused) {
   fs::copy_file(dir / "m.safetensors", dir / "cut.safetensors");
   fs::resize_file(dir / "cut.safetensors", size - 100);
   EXPECT_NE(error_of([&] { read_safetensors(dir / "cut.safetensors"); }).find("truncated"), std::string::npos);
+  // The header alone is checked against the file size too.
+  EXPECT_NE(error_of([&] { read_safetensors(dir / "cut.safetensors", false); }).find("truncated"), std::string::npos);
   const std::string junk("\x10\0\0\0\0\0\0\0{not json at all", 24);
   std::ofstream(dir / "junk.safetensors", std::ios::binary) << junk;
   EXPECT_NE(error_of([&] { read_safetensors(dir / "junk.safetensors"); }).find("corrupt"), std::string::npos);

@@ -51,7 +51,7 @@ const Tensor& SafetensorsFile::at(const std::string& name) const {
   return *t;
 }
 
-SafetensorsFile read_safetensors(const std::string& path) {
+SafetensorsFile read_safetensors(const std::string& path, bool with_data) {
   MD_CHECK(is_regular_file(path), "{}: no such file", path);
   const uint64_t file_size = microdit::file_size(path);
   std::ifstream f(path, std::ios::binary);
@@ -114,6 +114,7 @@ SafetensorsFile read_safetensors(const std::string& path) {
   } catch (const nlohmann::json::exception& ex) {
     fail("{}: corrupt safetensors header ({})", path, ex.what());
   }
+  if (!with_data) return out;
   std::sort(entries.begin(), entries.end(),
             [](const Entry& a, const Entry& b) { return a.begin < b.begin; });
   for (auto& e : entries) {

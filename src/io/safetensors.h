@@ -23,7 +23,9 @@ struct SafetensorsFile {
 
 // Validates the header, every dtype, shape and byte range; throws microdit::Error naming the
 // file and the problem for a missing, truncated or corrupt file.
-SafetensorsFile read_safetensors(const std::string& path);
+// with_data = false validates the same header but reads no tensor data: `tensors` is empty
+// (for metadata of large checkpoints).
+SafetensorsFile read_safetensors(const std::string& path, bool with_data = true);
 
 // Writes atomically (temporary file in the same folder, then rename). Tensors are saved
 // contiguous, on the CPU, in their own dtype.

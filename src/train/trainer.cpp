@@ -99,13 +99,18 @@ std::string final_checkpoint_path(const TrainConfig& cfg) {
   return fmt::format("{}/checkpoints/step-{:07d}.safetensors", cfg.out, cfg.steps);
 }
 
+// The settings in a checkpoint's metadata that differ from cfg's.
+static std::vector<std::string> changed_since(const std::map<std::string, std::string>& metadata,
+                                              const TrainConfig& cfg) {
+  auto it = metadata.find("train_config");
+  if (it == metadata.end()) return {"(no settings recorded)"};
+  return changed_settings(it->second, train_config_to_yaml(cfg));
+}
+
 std::vector<std::string> settings_changed_since_checkpoint(const TrainConfig& cfg) {
   const std::string path = latest_checkpoint(cfg.out);
   if (path.empty()) return {};
-  auto f = read_safetensors(path);
-  auto it = f.metadata.find("train_config");
-  if (it == f.metadata.end()) return {"(no settings recorded)"};
-  return changed_settings(it->second, train_config_to_yaml(cfg));
+  return changed_since(read_safetensors(path, /*with_data=*/false).metadata, cfg);
 }
 
 // ---- per-sample randomness --------------------------------------------------------------
@@ -363,8 +368,8 @@ bool Trainer::resume() {
            "{}: not a microdit training checkpoint", path);
   MD_CHECK(f.metadata.at("microdit_config") == config_to_yaml(cfg_.model),
            "{}: checkpoint is from another model configuration", path);
-  if (auto it = f.metadata.find("train_config"); it != f.metadata.end() && rank_ == 0) {
-    const auto changed = changed_settings(it->second, train_config_to_yaml(cfg_));
+  if (rank_ == 0) {
+    const auto changed = changed_since(f.metadata, cfg_);
     if (!changed.empty())
       fmt::print("warning: {} was written under other settings ({}); the run goes on with the current "
                  "ones (start a fresh run.out for a clean run)\n",
