@@ -1,7 +1,10 @@
 // microdit bench: training-step throughput of a preset on random data (EDM loss with
-// deferred masking, backward, AdamW), for measuring, not for training.
+// deferred masking, backward, AdamW), or with --sample the sampler's images/s on a randomly
+// initialised model; for measuring, not for training.
 #include <torch/cuda.h>
 #include <torch/optim/adamw.h>
+
+#include <ATen/Context.h>
 
 #include <chrono>
 
@@ -9,9 +12,13 @@
 #include "core/autocast.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/kernel_profile.h"
 #include "core/precision.h"
 #include "diffusion/edm.h"
+#include "eval/sampling.h"
+#include "model/masking.h"
 #include "model/stats.h"
+#include "core/cuda_graph.h"
 #include "train/fused_adamw.h"
 #include "train/parallel_backward.h"
 
@@ -23,25 +30,81 @@ struct BenchOptions {
   RuntimeOptions rt;
   std::string preset = "MicroDiT_Pico_2";
   int batch = 8, steps = 10, warmup = 3, latent_size = 0, caption_len = 77;
+  int in_channels = 0, patch_size = 0, caption_channels = 0;  // 0: the preset's
   double mask_ratio = 0.75;
   bool bf16 = false;
   bool plain_adamw = false;  // torch::optim::AdamW::step instead of the fused kernel
   bool recompute = false;    // activation checkpointing per block
   bool tf32 = false;
+  bool cuda_graph = false;   // record the step once into a CUDA graph, then replay it
+  int profile = 0;           // steps to run under the profiler after timing (GPU kernels by time)
+  std::string sdpa;          // only this scaled-dot-product-attention backend (empty: ATen's choice)
   int workers = 0;           // CPU row-slice workers (train/parallel_backward.h); 0: one per thread
+  // --sample: the sampler instead of training steps
+  bool sample = false;
+  int n = 32, sampler_steps = 30;
+  double cfg = 4.0;
 };
 
 void sync(const c10::Device& d) {
   if (d.is_cuda()) torch::cuda::synchronize(d.index());
 }
 
-void run(const BenchOptions& o) {
-  set_threads(o.rt.threads);
-  const auto device = resolve_device(o.rt.device);
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+ModelConfig bench_config(const BenchOptions& o) {
   ModelConfig c = preset(o.preset);
   if (o.latent_size) c.input_size = o.latent_size;
+  if (o.in_channels) c.in_channels = o.in_channels;
+  if (o.patch_size) c.patch_size = o.patch_size;
+  if (o.caption_channels) c.caption_channels = o.caption_channels;
   c.validate();
+  return c;
+}
+
+// Images/s of generate_images (the `sample` command's sampler) on random captions.
+void run_sample(const BenchOptions& o, const c10::Device& device) {
+  const ModelConfig c = bench_config(o);
+  MD_CHECK(o.n >= 1 && o.batch >= 1 && o.sampler_steps >= 1, "--n, --batch and --sampler-steps must be >= 1");
+  MD_CHECK(!o.profile, "--sample: --profile lists the kernels of training steps only");
+  MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
+  torch::manual_seed(0);
+  MicroDiT model(c);
+  model->to(device);
+  model->eval();
+  auto captions = torch::randn({o.n, o.caption_len, c.caption_channels});
+  EDMConfig edm;
+  SamplerOptions so;
+  so.steps = o.sampler_steps;
+  so.cfg = o.cfg;
+  so.cuda_graph = o.cuda_graph;
+  AutocastGuard autocast(device.type(), o.bf16);
+  {  // warm-up: one batch through a 2-step sampler
+    SamplerOptions warm = so;
+    warm.steps = 2;
+    generate_images(*model, captions.narrow(0, 0, std::min(o.batch, o.n)), 0, edm, warm, o.batch);
+  }
+  sync(device);
+  const auto t0 = std::chrono::steady_clock::now();
+  generate_images(*model, captions, 0, edm, so, o.batch);
+  sync(device);
+  const double s = seconds_since(t0);
+  fmt::print("{}\n", runtime_summary(device));
+  fmt::print("bench sample {} latent {}x{}x{} patch {} n {} batch {} Heun {} cfg {} {}{}: {:.2f} images/s, "
+             "{:.2f} s, peak memory {}\n",
+             o.preset, c.in_channels, c.input_size, c.input_size, c.patch_size, o.n, o.batch, o.sampler_steps,
+             o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "", o.n / s, s,
+             peak_memory_text(device));
+}
+
+void run_train(const BenchOptions& o, const c10::Device& device) {
+  const ModelConfig c = bench_config(o);
   MD_CHECK(o.batch >= 1 && o.steps >= 1 && o.warmup >= 0, "--batch and --steps must be >= 1");
+  MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
+  MD_CHECK(!o.cuda_graph || !o.plain_adamw, "--cuda-graph needs the fused AdamW (drop --plain-adamw)");
+  MD_CHECK(!o.cuda_graph || o.warmup >= 1, "--cuda-graph needs --warmup >= 1");
   MicroDiT model(c);
   model->to(device);
   model->train();
@@ -52,26 +115,49 @@ void run(const BenchOptions& o) {
   auto f32 = torch::TensorOptions().device(device);
   auto x = torch::randn({o.batch, c.in_channels, c.input_size, c.input_size}, f32);
   auto y = torch::randn({o.batch, 1, o.caption_len, c.caption_channels}, f32);
+  // The step's randomness lives in tensors that stay put, refilled before each step (as the
+  // trainer copies its draws in), so a CUDA graph of the step reads each step's new values.
+  auto rnd_normal = torch::empty({o.batch, 1, 1, 1}, f32);
+  auto noise = torch::empty_like(x);
+  auto mask_noise = torch::empty({o.batch, c.num_tokens()}, f32);
+  auto draw = [&] {
+    rnd_normal.normal_();
+    noise.normal_();
+    mask_noise.uniform_();
+  };
   EDMConfig edm;
   const int workers = resolve_cpu_workers(o.workers, device, /*distributed=*/false);
   const auto params = model->parameters();
+  AdamWDeviceScalars dev{torch::zeros({}, f32), torch::full({}, 1e-4, f32)};
   auto step = [&] {
     opt.zero_grad();
     parallel_backward(params, o.batch, workers, 1.0, [&](int64_t first, int64_t n) {
-      auto xs = x.narrow(0, first, n);
+      LossDraws d;
+      d.rnd_normal = rnd_normal.narrow(0, first, n);
+      d.noise = noise.narrow(0, first, n);
+      if (o.mask_ratio > 0) d.mask = mask_from_noise(mask_noise.narrow(0, first, n), c.kept_tokens(o.mask_ratio));
       AutocastGuard autocast(device.type(), o.bf16);  // the forward pass only, as in the trainer
-      return edm_loss(*model, xs, y.narrow(0, first, n), draw_loss_randomness(xs, o.mask_ratio, c.patch_size),
-                      edm);
+      return edm_loss(*model, x.narrow(0, first, n), y.narrow(0, first, n), d, edm);
     });
     if (o.plain_adamw) opt.step();
-    else fused_adamw_step(opt);
+    else fused_adamw_step(opt, o.cuda_graph ? &dev : nullptr);
   };
-  for (int i = 0; i < o.warmup; ++i) step();
+  std::unique_ptr<CudaGraphStep> graph;
+  if (o.cuda_graph) graph = std::make_unique<CudaGraphStep>(device, step, o.warmup);
+  auto one_step = [&] {
+    draw();
+    if (graph) graph->run();
+    else step();
+  };
+  // With --cuda-graph the last untimed step records the graph (and replays it).
+  const auto t_warm = std::chrono::steady_clock::now();
+  for (int i = 0; i < o.warmup + (graph ? 1 : 0); ++i) one_step();
   sync(device);
+  const double warm_s = seconds_since(t_warm);
   const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < o.steps; ++i) step();
+  for (int i = 0; i < o.steps; ++i) one_step();
   sync(device);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double s = seconds_since(t0);
   const auto st = model_stats(c, o.mask_ratio, o.caption_len);
   const double ips = o.batch * o.steps / s;
   fmt::print("{}\n", runtime_summary(device));
@@ -82,22 +168,54 @@ void run(const BenchOptions& o) {
   std::string split = workers > 1 ? fmt::format(", {} CPU workers", workers) : "";
   if (o.recompute) split += ", activation checkpointing";
   if (o.tf32 && device.is_cuda()) split += ", TF32";
+  if (graph) split += ", CUDA graph";
+  if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
-             "peak memory {}\n",
+             "peak memory {}, {:.1f} s before the timed steps\n",
              o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",
-             o.plain_adamw ? ", plain AdamW" : "", split, 1e3 * s / o.steps, ips, rate, peak_memory_text(device));
+             o.plain_adamw ? ", plain AdamW" : "", split, 1e3 * s / o.steps, ips, rate, peak_memory_text(device),
+             warm_s);
+  if (o.profile > 0) {
+    fmt::print("GPU activity over {} more steps:\n{}", o.profile, profile_device_kernels(device, [&] {
+                 for (int i = 0; i < o.profile; ++i) one_step();
+                 sync(device);
+               }));
+  }
+}
+
+// Leaves only one SDPA backend enabled, to compare them (ATen otherwise picks by priority).
+void only_sdpa_backend(const std::string& name) {
+  if (name.empty()) return;
+  MD_CHECK(name == "flash" || name == "cudnn" || name == "efficient" || name == "math",
+           "--sdpa must be flash, cudnn, efficient or math, got '{}'", name);
+  auto& ctx = at::globalContext();
+  ctx.setSDPUseFlash(name == "flash");
+  ctx.setSDPUseCuDNN(name == "cudnn");
+  ctx.setSDPUseMemEfficient(name == "efficient");
+  ctx.setSDPUseMath(name == "math");
+}
+
+void run(const BenchOptions& o) {
+  set_threads(o.rt.threads);
+  only_sdpa_backend(o.sdpa);
+  const auto device = resolve_device(o.rt.device);
+  if (o.sample) run_sample(o, device);
+  else run_train(o, device);
 }
 
 }  // namespace
 
 void register_bench(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
-  auto* cmd = app.add_subcommand("bench", "time training steps of a preset on random data");
+  auto* cmd = app.add_subcommand("bench", "time training steps (or with --sample, the sampler) of a preset on random data");
   cmd->add_option("--preset", o->preset, "model preset")->capture_default_str();
-  cmd->add_option("--batch", o->batch, "images per step")->capture_default_str();
+  cmd->add_option("--batch", o->batch, "images per step (--sample: per sampler batch)")->capture_default_str();
   cmd->add_option("--steps", o->steps, "timed steps")->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "untimed steps first")->capture_default_str();
   cmd->add_option("--latent-size", o->latent_size, "latent H = W (default: the preset's)");
+  cmd->add_option("--in-channels", o->in_channels, "latent channels (default: the preset's)");
+  cmd->add_option("--patch-size", o->patch_size, "patch size (default: the preset's)");
+  cmd->add_option("--caption-channels", o->caption_channels, "caption embedding width (default: the preset's)");
   cmd->add_option("--caption-len", o->caption_len, "caption tokens")->capture_default_str();
   cmd->add_option("--mask-ratio", o->mask_ratio, "deferred-masking ratio")->capture_default_str();
   cmd->add_flag("--bf16", o->bf16, "bf16 autocast");
@@ -108,6 +226,15 @@ void register_bench(CLI::App& app) {
                 "recompute each block in the backward pass instead of keeping its activations");
   cmd->add_flag("--tf32", o->tf32, "TF32 for float32 matmuls on NVIDIA GPUs");
   cmd->add_flag("--plain-adamw", o->plain_adamw, "torch::optim::AdamW's step instead of the fused AdamW kernel");
+  cmd->add_flag("--cuda-graph", o->cuda_graph, "record the training step into a CUDA graph once, then replay it");
+  cmd->add_option("--profile", o->profile, "after timing, run this many steps under the profiler and list the GPU "
+                                          "kernels by time")
+      ->capture_default_str();
+  cmd->add_option("--sdpa", o->sdpa, "only this attention backend: flash, cudnn, efficient or math");
+  cmd->add_flag("--sample", o->sample, "time the sampler (Heun, guidance) on random captions instead of training");
+  cmd->add_option("--n", o->n, "--sample: images in all")->capture_default_str();
+  cmd->add_option("--sampler-steps", o->sampler_steps, "--sample: Heun steps")->capture_default_str();
+  cmd->add_option("--cfg", o->cfg, "--sample: guidance scale (1: off)")->capture_default_str();
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

@@ -13,12 +13,14 @@ namespace {
 struct ParityOptions {
   RuntimeOptions rt;
   std::string vectors;
+  bool cuda_graph = false;
 };
 
 void run(const ParityOptions& o) {
   set_threads(o.rt.threads);
   const auto device = resolve_device(o.rt.device);
-  auto rep = run_parity(o.vectors, device);
+  MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
+  auto rep = run_parity(o.vectors, device, o.cuda_graph);
   const auto& c = rep.config;
   fmt::print("{}\n", runtime_summary(device));
   fmt::print("vectors: {}\n", o.vectors);
@@ -47,6 +49,7 @@ void register_parity(CLI::App& app) {
   auto* cmd = app.add_subcommand("parity", "check the network against reference parity vectors");
   cmd->add_option("--vectors", o->vectors, "safetensors file in the shared/reference format")
       ->required();
+  cmd->add_flag("--cuda-graph", o->cuda_graph, "check the sampler through its CUDA-graph path");
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

@@ -27,7 +27,7 @@ struct SampleOptions {
   int steps = 30, per_prompt = 4, batch = 16, scale = 4;
   double cfg = 4.0;
   uint64_t seed = 0;
-  bool no_ema = false, bf16 = false;
+  bool no_ema = false, bf16 = false, cuda_graph = false;
   std::string vae;
   bool scale_given = false;  // latent models default to --scale 1 (their pictures are large)
 };
@@ -84,6 +84,7 @@ void run(const SampleOptions& o) {
   so.steps = o.steps;
   so.cfg = o.cfg;
   so.solver = parse_solver(o.solver);
+  so.cuda_graph = o.cuda_graph;
   fmt::print("{}\nsampling {} image(s): {} steps ({}), guidance {}, seed {}, {} weights{}\n",
              runtime_summary(device), rows.size(), o.steps, o.solver, o.cfg, o.seed,
              sm.ema ? "EMA" : "raw", o.bf16 ? ", bf16 autocast" : "");
@@ -132,6 +133,8 @@ void register_sample(CLI::App& app) {
   cmd->add_option("--batch", o->batch, "images per network batch")->capture_default_str();
   cmd->add_option("--encoder", o->encoder, "override the checkpoint's text encoder");
   cmd->add_flag("--no-ema", o->no_ema, "use the raw weights instead of the EMA");
+  cmd->add_flag("--cuda-graph", o->cuda_graph,
+                "on a GPU: record one network evaluation into a CUDA graph and replay it (fewer launches)");
   cmd->add_flag("--bf16", o->bf16,
                 "run the network under bf16 autocast (faster; how the reference samples during training)");
   cmd->add_option("--vae", o->vae,

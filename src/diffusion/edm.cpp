@@ -4,6 +4,9 @@
 
 #include <cmath>
 
+#include <ATen/autocast_mode.h>
+
+#include "core/cuda_graph.h"
 #include "core/error.h"
 
 namespace microdit {
@@ -91,10 +94,33 @@ Tensor edm_sample(MicroDiTImpl& model, const Tensor& z, const Tensor& y, const E
   // The caption's share of the network, once for all 2 x steps - 1 evaluations.
   model.check_inputs(z, torch::ones({1}), y);
   const auto caption = model.encode_caption(y, /*with_null=*/cfg != 1.0);
-  auto denoise = [&](const Tensor& x64, double sigma) {
+  std::function<Tensor(const Tensor&, double)> denoise = [&](const Tensor& x64, double sigma) {
     auto s = torch::full({1}, sigma, f32);  // float32, like the reference's t.to(float32)
     return edm_denoise(model, x64.to(torch::kFloat32), s, caption, edm, cfg).to(torch::kFloat64);
   };
+  // With a CUDA graph the evaluation reads its input and noise level from tensors that stay
+  // put, and writes `out`, which each replay overwrites. Autocast's weight-cast cache is off
+  // meanwhile, so the casts are part of the recording rather than tensors cached outside it.
+  std::unique_ptr<CudaGraphStep> graph;
+  Tensor x_in, sigma_in, out;
+  const bool cache_was = at::autocast::is_autocast_cache_enabled();
+  struct RestoreCache {
+    bool was;
+    ~RestoreCache() { at::autocast::set_autocast_cache_enabled(was); }
+  } restore_cache{cache_was};
+  if (opt.cuda_graph && z.is_cuda()) {
+    at::autocast::set_autocast_cache_enabled(false);
+    x_in = torch::empty(z.sizes(), f32);
+    sigma_in = torch::empty({1}, f32);
+    graph = std::make_unique<CudaGraphStep>(
+        z.device(), [&] { out = edm_denoise(model, x_in, sigma_in, caption, edm, cfg); }, /*warmup=*/1);
+    denoise = [&](const Tensor& x64, double sigma) {
+      x_in.copy_(x64);
+      sigma_in.fill_(sigma);
+      graph->run();
+      return out.to(torch::kFloat64);
+    };
+  }
   auto x = z.to(torch::kFloat64) * t[0];
   for (int i = 0; i < opt.steps; ++i) {
     const double t_cur = t[i], t_next = t[i + 1];

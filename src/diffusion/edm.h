@@ -49,6 +49,9 @@ struct SamplerOptions {
   int steps = 30;
   double cfg = 1.0;  // guidance runs when cfg > 1, as in the reference sampler
   Solver solver = Solver::Heun;
+  // On a CUDA device: record one network evaluation into a CUDA graph and replay it for the
+  // 2 x steps - 1 evaluations (core/cuda_graph.h); the same images up to float rounding.
+  bool cuda_graph = false;
 };
 
 // From initial unit noise z (B, C, H, W): x = z t_0 in float64, network in float32.

@@ -94,7 +94,7 @@ ModelConfig config_from_parity_metadata(const std::map<std::string, std::string>
   return c;
 }
 
-ParityReport run_parity(const std::string& path, const c10::Device& device) {
+ParityReport run_parity(const std::string& path, const c10::Device& device, bool cuda_graph) {
   auto file = read_safetensors(path);
   ParityReport rep;
   rep.metadata = file.metadata;
@@ -154,6 +154,7 @@ ParityReport run_parity(const std::string& path, const c10::Device& device) {
     if (has("out.sampler_final") && has("in.sampler_init")) {
       SamplerOptions so;
       so.steps = sample_steps, so.cfg = cfg_scale;
+      so.cuda_graph = cuda_graph;
       ours["out.sampler_final"] = edm_sample(*model, in("in.sampler_init"), y, edm, so);
     }
   }

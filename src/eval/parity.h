@@ -31,7 +31,8 @@ struct ParityReport {
 // constructor's defaults.
 ModelConfig config_from_parity_metadata(const std::map<std::string, std::string>& meta);
 
-ParityReport run_parity(const std::string& path, const c10::Device& device);
+// cuda_graph: the sampler output through the CUDA-graph sampler (SamplerOptions::cuda_graph).
+ParityReport run_parity(const std::string& path, const c10::Device& device, bool cuda_graph = false);
 
 double relative_error(const at::Tensor& ours, const at::Tensor& ref);
 

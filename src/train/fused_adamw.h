@@ -8,7 +8,23 @@
 
 namespace microdit {
 
+// For a step recorded into a CUDA graph (train/cuda_graph.h): the step count and the learning
+// rate come from device tensors, since a replay re-runs kernels, not host code. `step` is
+// float32 () on the parameters' device and is incremented on the device (once per call, for
+// every parameter: all must have taken the same number of steps); `lr` is float32 () there
+// and is read by the kernel (fill it before each replay). The optimizer's host-side step
+// counts advance only when the host code runs: after replays, set them with
+// `set_adamw_step_counts`.
+struct AdamWDeviceScalars {
+  at::Tensor step;
+  at::Tensor lr;
+};
+
 // Parameters must be float32 on one device; amsgrad is not supported (never used here).
-void fused_adamw_step(torch::optim::AdamW& opt);
+// With `dev`, every param group uses dev->lr (one learning rate for the whole model).
+void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev = nullptr);
+
+// Sets every parameter's AdamW step count (creating zero moments where there are none yet).
+void set_adamw_step_counts(torch::optim::AdamW& opt, int64_t step);
 
 }  // namespace microdit
