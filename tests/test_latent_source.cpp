@@ -141,6 +141,12 @@ TEST(LatentSource, PaperConfigsListTheReferenceMix) {
     EXPECT_FALSE(c.vae.empty()) << file;
     // The config survives the YAML written into checkpoints.
     EXPECT_NE(train_config_to_yaml(c).find("cc12m"), std::string::npos) << file;
+    // As the reference trains: bf16 autocast with Composer's low_precision_layernorm.
+    EXPECT_TRUE(c.bf16 && c.low_precision_layernorm) << file;
+    EXPECT_NE(train_config_to_yaml(c).find("low_precision_layernorm: true"), std::string::npos) << file;
+    // Off, the setting is not written at all, so runs from before it existed are not stale.
+    c.low_precision_layernorm = false;
+    EXPECT_EQ(train_config_to_yaml(c).find("low_precision_layernorm"), std::string::npos) << file;
   }
 }
 

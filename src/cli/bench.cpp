@@ -36,6 +36,7 @@ struct BenchOptions {
   bool plain_adamw = false;  // torch::optim::AdamW::step instead of the fused kernel
   bool recompute = false;    // activation checkpointing per block
   bool tf32 = false;
+  bool low_precision_layernorm = false;
   bool cuda_graph = false;   // record the step once into a CUDA graph, then replay it
   int profile = 0;           // steps to run under the profiler after timing (GPU kernels by time)
   std::string sdpa;          // only this scaled-dot-product-attention backend (empty: ATen's choice)
@@ -109,6 +110,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   model->to(device);
   model->train();
   model->recompute_blocks = o.recompute;
+  set_low_precision_layernorm(*model, o.low_precision_layernorm);
   set_tf32(o.tf32);
   torch::optim::AdamW opt(model->parameters(),
                           torch::optim::AdamWOptions(1e-4).betas({0.9, 0.999}).eps(1e-8).weight_decay(0.1));
@@ -169,6 +171,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (o.recompute) split += ", activation checkpointing";
   if (o.tf32 && device.is_cuda()) split += ", TF32";
   if (graph) split += ", CUDA graph";
+  if (o.low_precision_layernorm) split += ", low-precision LayerNorm";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
              "peak memory {}, {:.1f} s before the timed steps\n",
@@ -226,6 +229,8 @@ void register_bench(CLI::App& app) {
                 "recompute each block in the backward pass instead of keeping its activations");
   cmd->add_flag("--tf32", o->tf32, "TF32 for float32 matmuls on NVIDIA GPUs");
   cmd->add_flag("--plain-adamw", o->plain_adamw, "torch::optim::AdamW's step instead of the fused AdamW kernel");
+  cmd->add_flag("--low-precision-layernorm", o->low_precision_layernorm,
+                "LayerNorm in bf16 under autocast (Composer's low_precision_layernorm, as the reference trains)");
   cmd->add_flag("--cuda-graph", o->cuda_graph, "record the training step into a CUDA graph once, then replay it");
   cmd->add_option("--profile", o->profile, "after timing, run this many steps under the profiler and list the GPU "
                                           "kernels by time")

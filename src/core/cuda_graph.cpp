@@ -2,6 +2,7 @@
 
 #include <ATen/cuda/CUDAEvent.h>
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -44,6 +45,10 @@ void CudaGraphStep::run() {
       m.step();
     } else {
       if (!m.graph) {
+        // The recording allocates from a pool of its own: hand the blocks that the eager
+        // warm-up freed back to the driver first, or a large step needs its memory twice.
+        at::cuda::getCurrentCUDAStream().synchronize();
+        c10::cuda::CUDACachingAllocator::emptyCache();
         m.graph = std::make_unique<at::cuda::CUDAGraph>();
         m.graph->capture_begin();
         try {

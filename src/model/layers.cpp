@@ -3,6 +3,9 @@
 #include <torch/nn/functional/normalization.h>
 #include <torch/nn/modules/activation.h>
 
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
 #include <cmath>
 
 namespace microdit {
@@ -14,7 +17,20 @@ LayerNormImpl::LayerNormImpl(int64_t dim, double eps, bool affine) : dim(dim), e
 }
 
 Tensor LayerNormImpl::forward(const Tensor& x) {
+  const auto dev = x.device().type();
+  if (low_precision && at::autocast::is_autocast_enabled(dev)) {
+    const auto dt = at::autocast::get_autocast_dtype(dev);
+    // Autocast would cast layer_norm's inputs back to float32: step past it for this call.
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(
+        c10::DispatchKeySet({c10::DispatchKey::AutocastCUDA, c10::DispatchKey::AutocastCPU}));
+    return at::layer_norm(x.to(dt), {dim}, weight.defined() ? weight.to(dt) : weight, /*bias=*/{}, eps);
+  }
   return at::layer_norm(x, {dim}, weight, /*bias=*/{}, eps);
+}
+
+void set_low_precision_layernorm(torch::nn::Module& m, bool on) {
+  for (auto& sub : m.modules(/*include_self=*/true))
+    if (auto* ln = sub->as<LayerNormImpl>()) ln->low_precision = on;
 }
 
 torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {

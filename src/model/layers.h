@@ -18,8 +18,15 @@ struct LayerNormImpl : torch::nn::Module {
   int64_t dim;
   double eps;
   Tensor weight;  // (dim,) or undefined
+  // Under autocast: normalise in the autocast dtype (bf16) instead of float32, as Composer's
+  // low_precision_layernorm algorithm does in the reference's training configs. Less memory
+  // traffic, no cast before the next matmul. No effect without autocast (parity runs fp32).
+  bool low_precision = false;
 };
 TORCH_MODULE(LayerNorm);
+
+// Sets LayerNormImpl::low_precision on every LayerNorm in `m`.
+void set_low_precision_layernorm(torch::nn::Module& m, bool on);
 
 torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias);
 

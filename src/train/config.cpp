@@ -90,6 +90,7 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                 {"cpu_workers", bind(c.cpu_workers, "an integer >= 0")},
                 {"activation_checkpointing", bind(c.activation_checkpointing, "true or false")},
                 {"tf32", bind(c.tf32, "true or false")},
+                {"low_precision_layernorm", bind(c.low_precision_layernorm, "true or false")},
                 {"seed", bind(c.seed, "a non-negative integer")},
                 {"shard_optimizer", bind(c.shard_optimizer, "true or false")},
                 {"bucket_mb", bind(c.bucket_mb, "a number")}};
@@ -255,8 +256,9 @@ std::string train_config_to_yaml(const TrainConfig& c) {
     << YAML::Key << "fused_optimizer" << YAML::Value << c.fused_optimizer
     << YAML::Key << "cpu_workers" << YAML::Value << c.cpu_workers
     << YAML::Key << "activation_checkpointing" << YAML::Value << c.activation_checkpointing
-    << YAML::Key << "tf32" << YAML::Value << c.tf32
-    << YAML::Key << "seed" << YAML::Value << c.seed << YAML::Key << "shard_optimizer" << YAML::Value
+    << YAML::Key << "tf32" << YAML::Value << c.tf32;
+  if (c.low_precision_layernorm) e << YAML::Key << "low_precision_layernorm" << YAML::Value << true;
+  e << YAML::Key << "seed" << YAML::Value << c.seed << YAML::Key << "shard_optimizer" << YAML::Value
     << c.shard_optimizer << YAML::Key << "bucket_mb" << YAML::Value << c.bucket_mb << YAML::EndMap;
   e << YAML::EndMap;
   return e.c_str();

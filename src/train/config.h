@@ -43,6 +43,9 @@ struct TrainConfig {
   bool fused_optimizer = true;       // AdamW as one fused kernel (train/fused_adamw.h)
   bool tf32 = false;                 // TF32 float32 matmuls on NVIDIA GPUs (core/precision.h)
   bool activation_checkpointing = false;  // recompute each block in backward (model/recompute.h)
+  // LayerNorm in bf16 under autocast, as the reference trains (Composer's low_precision_layernorm;
+  // model/layers.h). Written to a checkpoint's settings only when on.
+  bool low_precision_layernorm = false;
   int cpu_workers = 0;               // CPU: batch slices side by side (train/parallel_backward.h); 0 auto
   uint64_t seed = 0;
   // data parallelism (several ranks; see docs/distributed.md)

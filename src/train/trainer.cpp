@@ -264,6 +264,7 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
   model_->to(device_);
   model_->train();
   model_->recompute_blocks = cfg_.activation_checkpointing;
+  set_low_precision_layernorm(*model_, cfg_.low_precision_layernorm);
   set_tf32(cfg_.tf32);
   const auto adamw = torch::optim::AdamWOptions(cfg_.lr)
                          .betas({cfg_.betas[0], cfg_.betas[1]})
