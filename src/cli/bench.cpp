@@ -75,6 +75,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
   MicroDiT model(c);
   model->to(device);
   model->eval();
+  set_low_precision_layernorm(*model, o.low_precision_layernorm);
   auto captions = torch::randn({o.n, o.caption_len, c.caption_channels});
   EDMConfig edm;
   SamplerOptions so;
@@ -93,10 +94,11 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
   sync(device);
   const double s = seconds_since(t0);
   fmt::print("{}\n", runtime_summary(device));
-  fmt::print("bench sample {} latent {}x{}x{} patch {} n {} batch {} Heun {} cfg {} {}{}: {:.2f} images/s, "
+  fmt::print("bench sample {} latent {}x{}x{} patch {} n {} batch {} Heun {} cfg {} {}{}{}: {:.2f} images/s, "
              "{:.2f} s, peak memory {}\n",
              o.preset, c.in_channels, c.input_size, c.input_size, c.patch_size, o.n, o.batch, o.sampler_steps,
-             o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "", o.n / s, s,
+             o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "",
+             o.low_precision_layernorm ? ", low-precision LayerNorm" : "", o.n / s, s,
              peak_memory_text(device));
 }
 
