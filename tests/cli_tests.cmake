@@ -63,3 +63,11 @@ add_test(NAME dataset.emoji_no_skin_tones COMMAND microdit dataset emoji --limit
 set_tests_properties(dataset.emoji_no_skin_tones PROPERTIES
                      PASS_REGULAR_EXPRESSION "of 400 emoji at 8x8 .*; [1-9][0-9]* skin-tone variants left out"
                      SKIP_REGULAR_EXPRESSION "install the Debian package")
+
+# The GPU-only options refuse a CPU run with one line instead of being ignored.
+md_error_test(cli.sample_cuda_graph_on_cpu "--cuda-graph needs --device cuda"
+              sample --ckpt /nonexistent.safetensors --prompt "red heart" --cuda-graph --device cpu)
+md_error_test(cli.bench_profile_on_cpu "--profile lists GPU kernels: it needs --device cuda"
+              bench --profile 2 --device cpu)
+md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" bench --cuda-graph --device cpu)
+md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)

@@ -30,10 +30,7 @@ Run train_tiny(c10::Device device, int mode, int steps, bool bf16) {
   torch::manual_seed(0);
   auto c = tiny_config();
   MicroDiT model(c);
-  {
-    torch::NoGradGuard ng;  // small random weights: the reference's zero-initialised outputs would hide errors
-    for (auto& p : model->parameters()) p.copy_(torch::randn(p.sizes()) * 0.05);
-  }
+  small_random_weights(*model);
   model->to(device);
   torch::optim::AdamW opt(model->parameters(),
                           torch::optim::AdamWOptions(3e-3).betas({0.9, 0.99}).eps(1e-8).weight_decay(0.1));
@@ -121,6 +118,16 @@ TEST(CudaGraph, SetAdamWStepCounts) {
 
 TEST(CudaGraph, NeedsACudaDevice) {
   EXPECT_THROW(CudaGraphStep(torch::kCPU, [] {}), std::exception);
+  // The sampler refuses rather than silently running eagerly.
+  torch::manual_seed(0);
+  auto c = tiny_config();
+  MicroDiT model(c);
+  SamplerOptions so;
+  so.steps = 2;
+  so.cuda_graph = true;
+  EXPECT_THROW(edm_sample(*model, torch::randn({1, c.in_channels, c.input_size, c.input_size}),
+                          torch::randn({1, 1, 5, c.caption_channels}), EDMConfig{}, so),
+               std::exception);
 }
 
 TEST(CudaGraph, GraphStepEqualsPlainStepFp32) {
@@ -149,10 +156,7 @@ TEST(CudaGraph, GraphSamplerEqualsEagerSampler) {
   torch::manual_seed(0);
   auto c = tiny_config();
   MicroDiT model(c);
-  {
-    torch::NoGradGuard ng;
-    for (auto& p : model->parameters()) p.copy_(torch::randn(p.sizes()) * 0.05);
-  }
+  small_random_weights(*model);
   model->to(cuda);
   model->eval();
   auto z = torch::randn({3, c.in_channels, c.input_size, c.input_size}).to(cuda);

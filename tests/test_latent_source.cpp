@@ -147,6 +147,13 @@ TEST(LatentSource, PaperConfigsListTheReferenceMix) {
     // Off, the setting is not written at all, so runs from before it existed are not stale.
     c.low_precision_layernorm = false;
     EXPECT_EQ(train_config_to_yaml(c).find("low_precision_layernorm"), std::string::npos) << file;
+    // Without bf16 it would do nothing: the config is refused with a message naming both keys.
+    try {
+      load_train_config(dir + file, {"train.bf16=false"});
+      ADD_FAILURE() << file << ": low_precision_layernorm without bf16 was accepted";
+    } catch (const std::exception& e) {
+      EXPECT_NE(std::string(e.what()).find("needs train.bf16: true"), std::string::npos) << e.what();
+    }
   }
 }
 

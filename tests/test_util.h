@@ -83,4 +83,11 @@ inline ModelConfig tiny_config() {
   return c;
 }
 
+// Small random weights everywhere: the reference's zero-initialised output layers would make
+// most gradients and outputs zero, hiding differences between two ways of computing them.
+inline void small_random_weights(torch::nn::Module& model) {
+  torch::NoGradGuard ng;
+  for (auto& p : model.parameters()) p.copy_(torch::randn(p.sizes()) * 0.05);
+}
+
 }  // namespace microdit::test_util

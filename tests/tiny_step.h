@@ -35,10 +35,7 @@ inline TinyStep tiny_step(const TinyStepOptions& o,
   torch::manual_seed(0);
   const auto c = tiny_config();
   MicroDiT model(c);
-  {
-    torch::NoGradGuard ng;
-    for (auto& p : model->parameters()) p.copy_(torch::randn(p.sizes()) * 0.05);
-  }
+  small_random_weights(*model);
   model->recompute_blocks = o.recompute;
   const int64_t B = o.rows;
   auto x = torch::randn({B, c.in_channels, c.input_size, c.input_size});

@@ -108,6 +108,8 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
   MD_CHECK(!o.cuda_graph || !o.plain_adamw, "--cuda-graph needs the fused AdamW (drop --plain-adamw)");
   MD_CHECK(!o.cuda_graph || o.warmup >= 1, "--cuda-graph needs --warmup >= 1");
+  MD_CHECK(o.profile >= 0 && (o.profile == 0 || device.is_cuda()),
+           "--profile lists GPU kernels: it needs --device cuda (and a count >= 0)");
   MicroDiT model(c);
   model->to(device);
   model->train();

@@ -46,6 +46,7 @@ void run(const SampleOptions& o) {
   }
   MD_CHECK(!prompts.empty(), "give at least one --prompt or a --prompts file");
   MD_CHECK(o.per_prompt >= 1 && o.steps >= 1 && o.scale >= 1, "--n, --steps and --scale must be >= 1");
+  MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
   check_sampling_values(o.per_prompt, o.steps, o.cfg, o.seed);  // eval/sampling_limits.h
   check_prompts(prompts, o.per_prompt);
   MD_CHECK(o.scale <= SamplingLimits::kMaxScale && o.batch >= 1, "--scale must be in [1, {}] and --batch >= 1",

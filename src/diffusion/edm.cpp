@@ -3,6 +3,7 @@
 #include <torch/nn/functional/pooling.h>
 
 #include <cmath>
+#include <optional>
 
 #include <ATen/autocast_mode.h>
 
@@ -101,15 +102,17 @@ Tensor edm_sample(MicroDiTImpl& model, const Tensor& z, const Tensor& y, const E
   // With a CUDA graph the evaluation reads its input and noise level from tensors that stay
   // put, and writes `out`, which each replay overwrites. Autocast's weight-cast cache is off
   // meanwhile, so the casts are part of the recording rather than tensors cached outside it.
+  struct AutocastCacheOff {
+    const bool was = at::autocast::is_autocast_cache_enabled();
+    AutocastCacheOff() { at::autocast::set_autocast_cache_enabled(false); }
+    ~AutocastCacheOff() { at::autocast::set_autocast_cache_enabled(was); }
+  };
+  std::optional<AutocastCacheOff> cache_off;
   std::unique_ptr<CudaGraphStep> graph;
   Tensor x_in, sigma_in, out;
-  const bool cache_was = at::autocast::is_autocast_cache_enabled();
-  struct RestoreCache {
-    bool was;
-    ~RestoreCache() { at::autocast::set_autocast_cache_enabled(was); }
-  } restore_cache{cache_was};
-  if (opt.cuda_graph && z.is_cuda()) {
-    at::autocast::set_autocast_cache_enabled(false);
+  if (opt.cuda_graph) {
+    MD_CHECK(z.is_cuda(), "the CUDA-graph sampler needs a CUDA device, got {}", z.device().str());
+    cache_off.emplace();
     x_in = torch::empty(z.sizes(), f32);
     sigma_in = torch::empty({1}, f32);
     graph = std::make_unique<CudaGraphStep>(

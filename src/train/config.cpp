@@ -128,6 +128,8 @@ void TrainConfig::validate() const {
   MD_CHECK(unmasked_steps >= 0 && unmasked_steps <= steps,
            "train config: train.unmasked_steps must be in [0, train.steps]");
   MD_CHECK(lr > 0, "train config: train.lr must be positive");
+  MD_CHECK(!low_precision_layernorm || bf16,
+           "train config: train.low_precision_layernorm runs LayerNorm in bf16 under autocast: it needs train.bf16: true");
   MD_CHECK(init_weights == "raw" || init_weights == "ema",
            "train config: stage.init_weights must be raw or ema, got '{}'", init_weights);
   MD_CHECK(schedule == "cosine" || schedule == "constant",
