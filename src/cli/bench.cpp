@@ -10,6 +10,7 @@
 
 #include "cli/commands.h"
 #include "core/autocast.h"
+#include "core/cpu_matmul.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "core/kernel_profile.h"
@@ -94,10 +95,11 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
   sync(device);
   const double s = seconds_since(t0);
   fmt::print("{}\n", runtime_summary(device));
-  fmt::print("bench sample {} latent {}x{}x{} patch {} n {} batch {} Heun {} cfg {} {}{}{}: {:.2f} images/s, "
+  fmt::print("bench sample {} latent {}x{}x{} patch {} n {} batch {} Heun {} cfg {} {}{}{}{}: {:.2f} images/s, "
              "{:.2f} s, peak memory {}\n",
              o.preset, c.in_channels, c.input_size, c.input_size, c.patch_size, o.n, o.batch, o.sampler_steps,
              o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "",
+             !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
              o.low_precision_layernorm ? ", low-precision LayerNorm" : "", o.n / s, s,
              peak_memory_text(device));
 }
@@ -177,6 +179,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (graph) split += ", CUDA graph";
   if (o.low_precision_layernorm) split += ", low-precision LayerNorm";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
+  if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
              "peak memory {}, {:.1f} s before the timed steps\n",
              o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",

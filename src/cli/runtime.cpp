@@ -1,4 +1,5 @@
 #include "cli/commands.h"
+#include "core/cpu_matmul.h"
 
 namespace microdit::cli {
 
@@ -7,6 +8,10 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
       ->capture_default_str();
   cmd.add_option("--threads", rt.threads, "CPU threads for LibTorch (0: all cores)")
       ->capture_default_str();
+  cmd.add_option_function<std::string>(
+         "--cpu-matmul", [](const std::string& name) { set_cpu_fp32_matmul(parse_cpu_matmul(name)); },
+         "float32 matrix products on the CPU: onednn or mkl (LibTorch's default)")
+      ->default_str("onednn");
 }
 
 }  // namespace microdit::cli

@@ -10,7 +10,7 @@ struct SelfAttentionImpl : torch::nn::Module {
   SelfAttentionImpl(int64_t d, int64_t h, int64_t heads, bool bias, double eps);
   Tensor forward(const Tensor& x);  // (B, N, d) -> (B, N, d)
   int64_t h, heads;
-  torch::nn::Linear qkv{nullptr}, proj{nullptr};  // d -> 3h laid out [q | k | v]; h -> d
+  Linear qkv{nullptr}, proj{nullptr};  // d -> 3h laid out [q | k | v]; h -> d
   LayerNorm ln_q{nullptr}, ln_k{nullptr};
 };
 TORCH_MODULE(SelfAttention);
@@ -26,7 +26,7 @@ struct CrossAttentionImpl : torch::nn::Module {
   CaptionKV caption_kv(const Tensor& cond);              // cond (B, L, d)
   Tensor forward(const Tensor& x, const CaptionKV& kv);   // x (B, N, d) -> (B, N, d)
   int64_t h, heads;
-  torch::nn::Linear q_linear{nullptr}, kv_linear{nullptr}, proj{nullptr};  // kv: [k | v]
+  Linear q_linear{nullptr}, kv_linear{nullptr}, proj{nullptr};  // kv: [k | v]
   LayerNorm ln_q{nullptr}, ln_k{nullptr};
 };
 TORCH_MODULE(CrossAttention);

@@ -43,7 +43,7 @@ struct FinalLayerImpl : torch::nn::Module {
   FinalLayerImpl(int64_t dim, int64_t out, double eps);
   Tensor forward(const Tensor& x, const Tensor& c);  // (B, N, D) -> (B, N, p*p*C)
   LayerNorm norm_final{nullptr};
-  torch::nn::Linear linear{nullptr};
+  Linear linear{nullptr};
   torch::nn::Sequential adaLN_modulation{nullptr};
 };
 TORCH_MODULE(FinalLayer);

@@ -9,7 +9,7 @@ namespace microdit {
 struct FeedForwardImpl : torch::nn::Module {
   FeedForwardImpl(int64_t d, int64_t n, bool bias);
   Tensor forward(const Tensor& x);
-  torch::nn::Linear w1{nullptr}, w2{nullptr}, w3{nullptr};
+  Linear w1{nullptr}, w2{nullptr}, w3{nullptr};
 };
 TORCH_MODULE(FeedForward);
 
@@ -22,7 +22,7 @@ struct FeedForwardECMoEImpl : torch::nn::Module {
   int64_t experts;
   double capacity;
   Tensor w1, w2;                    // (E, d, n), (E, n, d)
-  torch::nn::Linear gate{nullptr};  // d -> E, no bias
+  Linear gate{nullptr};  // d -> E, no bias
 };
 TORCH_MODULE(FeedForwardECMoE);
 

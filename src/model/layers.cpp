@@ -1,5 +1,7 @@
 #include "model/layers.h"
 
+#include "core/cpu_matmul.h"
+
 #include <torch/nn/functional/normalization.h>
 #include <torch/nn/modules/activation.h>
 
@@ -33,8 +35,10 @@ void set_low_precision_layernorm(torch::nn::Module& m, bool on) {
     if (auto* ln = sub->as<LayerNormImpl>()) ln->low_precision = on;
 }
 
-torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias) {
-  return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(bias));
+Tensor LinearImpl::forward(const Tensor& x) { return microdit::linear(x, weight, bias); }
+
+Linear make_linear(int64_t in, int64_t out, bool bias) {
+  return Linear(torch::nn::LinearOptions(in, out).bias(bias));
 }
 
 static torch::nn::GELU gelu_tanh() {

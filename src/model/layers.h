@@ -28,13 +28,21 @@ TORCH_MODULE(LayerNorm);
 // Sets LayerNormImpl::low_precision on every LayerNorm in `m`.
 void set_low_precision_layernorm(torch::nn::Module& m, bool on);
 
-torch::nn::Linear make_linear(int64_t in, int64_t out, bool bias);
+// torch::nn::Linear (same parameters, names and initialisation) whose float32 CPU products go
+// to oneDNN (core/cpu_matmul.h). Holders elsewhere may still view it as torch::nn::LinearImpl.
+struct LinearImpl : torch::nn::LinearImpl {
+  using torch::nn::LinearImpl::LinearImpl;
+  Tensor forward(const Tensor& x);
+};
+TORCH_MODULE(Linear);
+
+Linear make_linear(int64_t in, int64_t out, bool bias);
 
 // timm-style Mlp without dropout: fc1 -> GELU-tanh -> norm -> fc2 (norm after the activation).
 struct MlpImpl : torch::nn::Module {
   MlpImpl(int64_t in, int64_t hidden, int64_t out, double eps);
   Tensor forward(const Tensor& x);
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  Linear fc1{nullptr}, fc2{nullptr};
   LayerNorm norm{nullptr};
 };
 TORCH_MODULE(Mlp);

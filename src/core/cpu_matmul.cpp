@@ -1,0 +1,151 @@
+#include "core/cpu_matmul.h"
+
+#include "core/error.h"
+
+#include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/stack.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <atomic>
+#include <optional>
+
+namespace microdit {
+
+using at::Tensor;
+
+namespace {
+
+std::atomic<CpuMatmul> g_mode{CpuMatmul::kOneDnn};
+
+// mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars,
+// str? algorithm) -> X W^T + B. The operator Inductor emits for CPU linear layers; W may be a
+// strided view (a transpose), which the gradients below rely on.
+using LinearPointwise = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                               c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                               std::optional<c10::string_view>);
+
+const std::optional<c10::TypedOperatorHandle<LinearPointwise>>& linear_pointwise() {
+  static const auto op = []() -> std::optional<c10::TypedOperatorHandle<LinearPointwise>> {
+    if (!at::hasMKLDNN()) return std::nullopt;
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!h) return std::nullopt;
+    return h->typed<LinearPointwise>();
+  }();
+  return op;
+}
+
+// x (..., K) @ w (N, K)^T + b
+Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  return linear_pointwise()->call(x, w, b, "none", c10::List<std::optional<c10::Scalar>>(),
+                                  std::nullopt);
+}
+
+// a (M, K) @ b (K, N): oneDNN's weight is b^T (N, K), passed as a transposed view.
+Tensor onednn_mm(const Tensor& a, const Tensor& b) { return onednn_linear(a, b.t(), std::nullopt); }
+
+bool fp32_cpu(const Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
+}
+
+// Gradients of y = x w^T (+ b) for y's gradient g: (dx, dw, db), each only if asked for.
+torch::autograd::tensor_list linear_grads(torch::autograd::AutogradContext* ctx, const Tensor& grad,
+                                          bool with_bias) {
+  const auto saved = ctx->get_saved_variables();
+  const auto &x = saved[0], &w = saved[1];
+  const auto N = w.size(0), K = w.size(1);
+  const auto g = grad.reshape({-1, N});  // (M, N)
+  Tensor gx, gw, gb;
+  if (ctx->needs_input_grad(0)) gx = onednn_mm(g, w).view(x.sizes());      // (M, N) @ (N, K)
+  if (ctx->needs_input_grad(1)) gw = onednn_mm(g.t(), x.reshape({-1, K}));  // (N, M) @ (M, K)
+  if (!with_bias) return {gx, gw};
+  if (ctx->needs_input_grad(2)) gb = g.sum(0);
+  return {gx, gw, gb};
+}
+
+// A custom Function's inputs must all be defined tensors, so with and without bias are two.
+struct LinearFn : torch::autograd::Function<LinearFn> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w,
+                        const Tensor& b) {
+    ctx->save_for_backward({x, w});
+    return onednn_linear(x, w, b);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    return linear_grads(ctx, grads[0], true);
+  }
+};
+
+struct LinearNoBiasFn : torch::autograd::Function<LinearNoBiasFn> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w) {
+    ctx->save_for_backward({x, w});
+    return onednn_linear(x, w, std::nullopt);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    return linear_grads(ctx, grads[0], false);
+  }
+};
+
+struct BmmFn : torch::autograd::Function<BmmFn> {
+  // a (E, M, K) @ b (E, K, N): one oneDNN product per leading index, stacked.
+  static Tensor product(const Tensor& a, const Tensor& b) {
+    std::vector<Tensor> out;
+    out.reserve(static_cast<size_t>(a.size(0)));
+    for (int64_t e = 0; e < a.size(0); ++e) out.push_back(onednn_mm(a[e], b[e]));
+    return at::stack(out);
+  }
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& a, const Tensor& b) {
+    ctx->save_for_backward({a, b});
+    return product(a, b);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &a = saved[0], &b = saved[1];
+    const auto& g = grads[0];  // (E, M, N)
+    Tensor ga, gb;
+    if (ctx->needs_input_grad(0)) ga = product(g, b.transpose(1, 2));  // (E, M, N) @ (E, N, K)
+    if (ctx->needs_input_grad(1)) gb = product(a.transpose(1, 2), g);  // (E, K, M) @ (E, M, N)
+    return {ga, gb};
+  }
+};
+
+}  // namespace
+
+void set_cpu_fp32_matmul(CpuMatmul m) { g_mode = m; }
+CpuMatmul cpu_fp32_matmul() { return g_mode; }
+
+CpuMatmul parse_cpu_matmul(const std::string& name) {
+  if (name == "onednn") return CpuMatmul::kOneDnn;
+  if (name == "mkl") return CpuMatmul::kMkl;
+  fail("unknown CPU float32 matmul '{}' (known: onednn, mkl)", name);
+}
+
+const char* cpu_matmul_name(CpuMatmul m) { return m == CpuMatmul::kOneDnn ? "onednn" : "mkl"; }
+
+bool uses_onednn_fp32(const Tensor& a, const Tensor& b) {
+  return g_mode == CpuMatmul::kOneDnn && fp32_cpu(a) && fp32_cpu(b) && a.dim() >= 2 &&
+         a.numel() > 0 && b.numel() > 0 && !at::autocast::is_autocast_enabled(at::kCPU) &&
+         linear_pointwise().has_value();
+}
+
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
+  // Anything unusual (shape mismatch included) goes to ATen, which also words the error.
+  if (!uses_onednn_fp32(x, w) || w.dim() != 2 || x.size(-1) != w.size(1) ||
+      (b.defined() && (!fp32_cpu(b) || b.dim() != 1 || b.size(0) != w.size(0))))
+    return at::linear(x, w, b);
+  return b.defined() ? LinearFn::apply(x, w, b) : LinearNoBiasFn::apply(x, w);
+}
+
+Tensor bmm(const Tensor& a, const Tensor& b) {
+  if (!uses_onednn_fp32(a, b) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) ||
+      a.size(2) != b.size(1))
+    return at::bmm(a, b);
+  return BmmFn::apply(a, b);
+}
+
+}  // namespace microdit

@@ -1,0 +1,36 @@
+// float32 matrix products on the CPU through oneDNN instead of MKL.
+//
+// LibTorch sends float32 `linear`, `mm` and `bmm` on the CPU to MKL's sgemm. On AMD CPUs MKL
+// runs its generic kernels; oneDNN (also inside LibTorch, reached through the
+// `mkldnn::_linear_pointwise` operator) picks its kernels by instruction set and is 2.2x faster
+// on the MicroDiT shapes measured on a Zen 4 core (docs/performance.md). bf16 products already
+// go to oneDNN, so only float32 outside autocast takes this path.
+//
+// `linear` and `bmm` below are drop-in replacements for at::linear and at::bmm, with their own
+// autograd (both gradients are oneDNN products too). Anything that is not a float32 CPU tensor,
+// or runs under autocast, goes to the ATen operator unchanged.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <string>
+
+namespace microdit {
+
+enum class CpuMatmul { kOneDnn, kMkl };
+
+// Process-wide choice for float32 CPU products; default kOneDnn where LibTorch has oneDNN.
+void set_cpu_fp32_matmul(CpuMatmul m);
+CpuMatmul cpu_fp32_matmul();
+// "onednn" / "mkl" <-> CpuMatmul; parse fails with a one-line error naming the value.
+CpuMatmul parse_cpu_matmul(const std::string& name);
+const char* cpu_matmul_name(CpuMatmul m);
+
+// True when a product of these operands takes the oneDNN path now.
+bool uses_onednn_fp32(const at::Tensor& a, const at::Tensor& b);
+
+// x (..., K), w (N, K), b (N,) or undefined -> (..., N); same as at::linear.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {});
+// a (E, M, K) @ b (E, K, N) -> (E, M, N); same as at::bmm.
+at::Tensor bmm(const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace microdit

@@ -1,0 +1,152 @@
+// float32 CPU products through oneDNN (core/cpu_matmul.h): the same values and gradients as
+// ATen's MKL path, the same errors, and ATen unchanged wherever the oneDNN path does not apply
+// (other dtypes, autocast). The whole-model check is the parity CLI tests, which run on it.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "core/autocast.h"
+#include "core/cpu_matmul.h"
+#include "model/layers.h"
+#include "test_util.h"
+#include "tiny_step.h"
+
+using namespace microdit;
+using namespace microdit::test_util;
+
+namespace {
+
+// Sets the process-wide choice for one scope.
+struct MatmulMode {
+  CpuMatmul before = cpu_fp32_matmul();
+  explicit MatmulMode(CpuMatmul m) { set_cpu_fp32_matmul(m); }
+  ~MatmulMode() { set_cpu_fp32_matmul(before); }
+};
+
+double rel_diff(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-30);
+}
+
+struct Grads {
+  torch::Tensor y, gx, gw, gb;
+};
+
+// y = f(x, w, b); loss = sum(y * r) for a fixed random r, so every output element matters.
+Grads run_linear(const torch::Tensor& x0, const torch::Tensor& w0, const torch::Tensor& b0) {
+  auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+  auto b = b0.defined() ? b0.clone().requires_grad_() : torch::Tensor();
+  auto y = microdit::linear(x, w, b);
+  torch::manual_seed(7);
+  (y * torch::randn(y.sizes())).sum().backward();
+  return {y.detach(), x.grad(), w.grad(), b.defined() ? b.grad() : torch::Tensor()};
+}
+
+void expect_linear_matches(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  Grads fast, ref;
+  {
+    MatmulMode m(CpuMatmul::kOneDnn);
+    ASSERT_TRUE(uses_onednn_fp32(x, w));
+    fast = run_linear(x, w, b);
+  }
+  {
+    MatmulMode m(CpuMatmul::kMkl);
+    ASSERT_FALSE(uses_onednn_fp32(x, w));
+    ref = run_linear(x, w, b);
+  }
+  ASSERT_EQ(fast.y.sizes(), ref.y.sizes());
+  EXPECT_LT(rel_diff(fast.y, ref.y), 1e-5);
+  EXPECT_LT(rel_diff(fast.gx, ref.gx), 1e-5);
+  EXPECT_LT(rel_diff(fast.gw, ref.gw), 1e-5);
+  if (b.defined()) {
+    EXPECT_LT(rel_diff(fast.gb, ref.gb), 1e-5);
+  }
+}
+
+}  // namespace
+
+TEST(CpuMatmul, LinearEqualsAtenWithGradients) {
+  torch::manual_seed(0);
+  const auto w = torch::randn({48, 40}), b = torch::randn({48});
+  expect_linear_matches(torch::randn({3, 17, 40}), w, b);  // (B, T, K), bias
+  expect_linear_matches(torch::randn({33, 40}), w, {});     // 2-D, no bias
+  // A transposed (non-contiguous) input and weight, as views reach layers in the model.
+  expect_linear_matches(torch::randn({40, 5, 9}).permute({1, 2, 0}), torch::randn({40, 48}).t(), b);
+}
+
+TEST(CpuMatmul, OnlyTheAskedGradients) {
+  torch::manual_seed(1);
+  auto x = torch::randn({6, 8}), w = torch::randn({4, 8}).requires_grad_();
+  auto y = microdit::linear(x, w, {});
+  y.sum().backward();
+  EXPECT_FALSE(x.grad().defined());
+  ASSERT_TRUE(w.grad().defined());
+  EXPECT_LT(rel_diff(w.grad(), torch::ones({6, 4}).t().mm(x)), 1e-6);
+}
+
+TEST(CpuMatmul, BmmEqualsAtenWithGradients) {
+  torch::manual_seed(2);
+  const auto a0 = torch::randn({4, 19, 24}), b0 = torch::randn({4, 24, 31});
+  auto grads = [&](CpuMatmul mode) {
+    MatmulMode m(mode);
+    auto a = a0.clone().requires_grad_(), b = b0.clone().requires_grad_();
+    auto y = microdit::bmm(a, b);
+    torch::manual_seed(3);
+    (y * torch::randn(y.sizes())).sum().backward();
+    return std::vector<torch::Tensor>{y.detach(), a.grad(), b.grad()};
+  };
+  const auto fast = grads(CpuMatmul::kOneDnn), ref = grads(CpuMatmul::kMkl);
+  for (size_t i = 0; i < fast.size(); ++i) {
+    ASSERT_EQ(fast[i].sizes(), ref[i].sizes());
+    EXPECT_LT(rel_diff(fast[i], ref[i]), 1e-5) << "tensor " << i;
+  }
+}
+
+TEST(CpuMatmul, AtenWhereOneDnnDoesNotApply) {
+  MatmulMode m(CpuMatmul::kOneDnn);
+  // float64: ATen's own result, bit for bit.
+  auto xd = torch::randn({5, 7}, torch::kDouble), wd = torch::randn({3, 7}, torch::kDouble);
+  EXPECT_FALSE(uses_onednn_fp32(xd, wd));
+  EXPECT_TRUE(torch::equal(microdit::linear(xd, wd), at::linear(xd, wd)));
+  // Under autocast the product is bf16, as at::linear gives it.
+  auto x = torch::randn({5, 7}), w = torch::randn({3, 7});
+  {
+    AutocastGuard ac(c10::kCPU, true);
+    EXPECT_FALSE(uses_onednn_fp32(x, w));
+    EXPECT_EQ(microdit::linear(x, w).scalar_type(), at::kBFloat16);
+  }
+  EXPECT_TRUE(uses_onednn_fp32(x, w));
+  // Mismatched shapes: ATen's error, not a crash.
+  EXPECT_THROW(microdit::linear(x, torch::randn({3, 6})), c10::Error);
+  EXPECT_THROW(microdit::bmm(torch::randn({2, 3, 4}), torch::randn({2, 5, 6})), c10::Error);
+}
+
+TEST(CpuMatmul, NamesAndLinearModule) {
+  EXPECT_EQ(parse_cpu_matmul("onednn"), CpuMatmul::kOneDnn);
+  EXPECT_EQ(parse_cpu_matmul("mkl"), CpuMatmul::kMkl);
+  EXPECT_EQ(error_of([] { parse_cpu_matmul("blas"); }), "unknown CPU float32 matmul 'blas' (known: onednn, mkl)");
+  // microdit::Linear draws torch::nn::Linear's initial values and is still seen as one.
+  torch::manual_seed(4);
+  auto ours = make_linear(6, 5, true);
+  torch::manual_seed(4);
+  torch::nn::Linear theirs(6, 5);
+  EXPECT_TRUE(torch::equal(ours->weight, theirs->weight));
+  EXPECT_TRUE(torch::equal(ours->bias, theirs->bias));
+  torch::nn::Module& as_module = *ours;
+  EXPECT_NE(as_module.as<torch::nn::LinearImpl>(), nullptr);
+}
+
+TEST(CpuMatmul, TrainingStepMatchesMkl) {
+  // A whole tiny MicroDiT step (forward, loss, backward) on both paths: the same loss and
+  // gradients up to float rounding.
+  TinyStep fast, ref;
+  {
+    MatmulMode m(CpuMatmul::kOneDnn);
+    fast = tiny_step(TinyStepOptions{});
+  }
+  {
+    MatmulMode m(CpuMatmul::kMkl);
+    ref = tiny_step(TinyStepOptions{});
+  }
+  ASSERT_GT(largest_gradient(ref), 1e-4);
+  EXPECT_NEAR(fast.loss, ref.loss, 1e-5 * std::abs(ref.loss));
+  EXPECT_LT(worst_relative(fast, ref), 1e-4);
+}
