@@ -6,6 +6,7 @@
 
 #include "core/autocast.h"
 #include "core/cpu_matmul.h"
+#include "model/attention.h"
 #include "model/layers.h"
 #include "test_util.h"
 #include "tiny_step.h"
@@ -149,4 +150,27 @@ TEST(CpuMatmul, TrainingStepMatchesMkl) {
   ASSERT_GT(largest_gradient(ref), 1e-4);
   EXPECT_NEAR(fast.loss, ref.loss, 1e-5 * std::abs(ref.loss));
   EXPECT_LT(worst_relative(fast, ref), 1e-4);
+}
+
+TEST(CpuAttention, Float32UnderAutocast) {
+  // ATen's bf16 attention is the slow one on the CPU, so under autocast attention runs in
+  // float32 (model/attention.cpp): the result is float32 SDPA of the same inputs, and gradients
+  // reach bf16 inputs in their own dtype.
+  torch::manual_seed(5);
+  auto q = torch::randn({2, 6, 4, 8}).to(torch::kBFloat16).requires_grad_();  // (B, N, H, hd)
+  auto k = torch::randn({2, 5, 4, 8}).requires_grad_();
+  auto v = torch::randn({2, 5, 4, 8}).to(torch::kBFloat16).requires_grad_();
+  torch::Tensor o;
+  {
+    AutocastGuard ac(c10::kCPU, true);
+    o = multi_head_attention(q, k, v);  // (B, N, H * hd)
+  }
+  EXPECT_EQ(o.scalar_type(), torch::kFloat);
+  auto f = [](const torch::Tensor& t) { return t.detach().to(torch::kFloat).transpose(1, 2); };
+  auto expect = at::scaled_dot_product_attention(f(q), f(k), f(v)).transpose(1, 2).reshape({2, 6, 32});
+  EXPECT_TRUE(torch::allclose(o.detach(), expect, 1e-6, 1e-6));
+  o.sum().backward();
+  EXPECT_EQ(q.grad().scalar_type(), torch::kBFloat16);
+  EXPECT_EQ(k.grad().scalar_type(), torch::kFloat);
+  EXPECT_GT(v.grad().abs().max().item<double>(), 0.0);
 }

@@ -1,11 +1,26 @@
 #include "model/attention.h"
 
+#include <ATen/autocast_mode.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 namespace microdit {
 
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   const auto B = q.size(0), N = q.size(1), H = q.size(2), hd = q.size(3);
+  if (q.device().is_cpu() &&
+      (at::autocast::is_autocast_enabled(at::kCPU) || q.scalar_type() != at::kFloat ||
+       k.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat)) {
+    // On the CPU, ATen's bf16 attention is the slow one: without AMX its flash kernel's bf16
+    // products go through MKL's bf16 GEMM, and forward + backward ran 4-10x slower than in
+    // float32 on MicroDiT's shapes (docs/performance.md). So attention runs in float32 here,
+    // under autocast too (which would cast it to bf16); the more exact of the two. The float32
+    // result goes on to the output projection, which autocast casts as before.
+    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+    auto f = [](const Tensor& t) { return t.to(at::kFloat).transpose(1, 2); };
+    auto o = at::scaled_dot_product_attention(f(q), f(k), f(v));  // (B, H, N, hd)
+    return o.transpose(1, 2).reshape({B, N, H * hd});
+  }
   auto o = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                             v.transpose(1, 2));  // (B, H, N, hd)
   return o.transpose(1, 2).reshape({B, N, H * hd});
