@@ -5,14 +5,14 @@
 #                   fp32 and bf16 autocast (microdit bench vs tools/bench_reference.py train)
 #   sampling:       the emoji model's shape (32x32 RGB, patch 4, MiniLM 384-wide captions),
 #                   Heun 30 steps, guidance 4 (random weights on both sides)
-#   tools/bench_cpu_vs_reference.sh REFERENCE_CHECKOUT [STEPS] [EMOJI_CKPT]
-# EMOJI_CKPT: a checkpoint of configs/emoji_cpu.yaml for the sampling rows (skipped without).
+#   tools/bench_cpu_vs_reference.sh REFERENCE_CHECKOUT [STEPS]
+# microdit's float32 rows run twice: with its default oneDNN products and with LibTorch's MKL
+# ones (--cpu-matmul mkl), to show what the oneDNN path gives.
 # REFERENCE_CHECKOUT: a clone of github.com/SonyResearch/micro_diffusion (development only).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-REF=${1:?usage: $0 REFERENCE_CHECKOUT [STEPS] [EMOJI_CKPT]}
+REF=${1:?usage: $0 REFERENCE_CHECKOUT [STEPS]}
 STEPS=${2:-10}
-CKPT=${3:-}
 BIN="${MICRODIT_BUILD_DIR:-$ROOT/build}/microdit"
 PY="$ROOT/.venv/bin/python"
 T=$(nproc)
@@ -21,9 +21,12 @@ TCMALLOC=$(ls /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 2>/dev/null || 
 echo "# $(lscpu | sed -n 's/^Model name: *//p'), $T threads, $(date -u +%F)"
 for prec in fp32 bf16; do
   flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
-  for w in 0 1; do  # 0: side-by-side workers, one per thread (the default); 1: one stream
+  runs=("--workers 0" "--workers 1")  # 0: side-by-side workers, one per thread (the default); 1: one stream
+  [ "$prec" = fp32 ] && runs+=("--workers 0 --cpu-matmul mkl")
+  for r in "${runs[@]}"; do
+    # shellcheck disable=SC2086  # $r is a list of options
     "$BIN" bench --preset MicroDiT_Nano_2 --batch 32 --mask-ratio 0.75 --steps "$STEPS" --warmup 3 \
-      --threads "$T" --device cpu --workers "$w" "${flag[@]}" | tail -n 1
+      --threads "$T" --device cpu $r "${flag[@]}" | tail -n 1
   done
   "$PY" "$ROOT/tools/bench_reference.py" train --reference "$REF" --preset MicroDiT_Nano_2 --batch 32 \
     --mask-ratio 0.75 --steps "$STEPS" --warmup 3 --threads "$T" "${flag[@]}" | tail -n 1
@@ -33,15 +36,13 @@ for prec in fp32 bf16; do
       --batch 32 --mask-ratio 0.75 --steps "$STEPS" --warmup 3 --threads "$T" "${flag[@]}" | tail -n 1
   fi
 done
-# Sampling: 32 images, 16 per batch, Heun 30 steps, guidance 4; both rates are of the sampler
-# loop only (microdit's from its progress bar, without loading and prompt encoding).
-[ -n "$CKPT" ] || exit 0
+# Sampling: the emoji model's shape, 32 images, 16 per batch, Heun 30 steps, guidance 4, random
+# weights on both sides; both rates are of the sampler loop only.
 for prec in fp32 bf16; do
   flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
-  rate=$("$BIN" sample --ckpt "$CKPT" --prompt "red heart, smileys & emotion, heart, mostly red" --prompt "frog" \
-    --n 16 --batch 16 --steps 30 --cfg 4 --threads "$T" --device cpu "${flag[@]}" --out /tmp/bench_sample.png |
-    tr '\r' '\n' | sed -n 's/^sample .* \([0-9.]*\) img\/s in .*/\1/p' | tail -n 1)
-  echo "microdit sample emoji (Pico, 32x32x3, patch 4) n 32 batch 16 Heun 30 cfg 4 $prec: $rate images/s (the sampling loop's progress-bar rate)"
+  "$BIN" bench --sample --preset MicroDiT_Pico_2 --latent-size 32 --in-channels 3 --patch-size 4 \
+    --caption-channels 384 --caption-len 21 --n 32 --batch 16 --sampler-steps 30 --cfg 4 --threads "$T" \
+    --device cpu "${flag[@]}" | tail -n 1
   ref_sample=("$ROOT/tools/bench_reference.py" sample --reference "$REF" --preset MicroDiT_Pico_2 --latent-size 32
     --in-channels 3 --patch-size 4 --caption-channels 384 --caption-len 21 --n 32 --batch 16 --steps 30 --cfg 4
     --threads "$T" "${flag[@]}")

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/linear.h"
 #include "data/image_io.h"
 #include "io/checkpoint.h"
 #include "text/bpe.h"
@@ -36,17 +37,17 @@ struct VisionAttentionImpl : nn::Module {
   VisionAttentionImpl(int64_t width, int64_t heads) : heads(heads) {
     in_proj_weight = register_parameter("in_proj_weight", torch::randn({3 * width, width}) * 0.02);
     in_proj_bias = register_parameter("in_proj_bias", torch::zeros({3 * width}));
-    out_proj = register_module("out_proj", nn::Linear(width, width));
+    out_proj = register_module("out_proj", Linear(width, width));
   }
   Tensor forward(const Tensor& x) {
     const int64_t B = x.size(0), L = x.size(1), W = x.size(2);
-    auto qkv = at::linear(x, in_proj_weight, in_proj_bias).view({B, L, 3, heads, W / heads}).permute({2, 0, 3, 1, 4});
+    auto qkv = microdit::linear(x, in_proj_weight, in_proj_bias).view({B, L, 3, heads, W / heads}).permute({2, 0, 3, 1, 4});
     auto o = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2]);
     return out_proj(o.transpose(1, 2).reshape({B, L, W}));
   }
   int64_t heads;
   Tensor in_proj_weight, in_proj_bias;
-  nn::Linear out_proj{nullptr};
+  Linear out_proj{nullptr};
 };
 TORCH_MODULE(VisionAttention);
 

@@ -1,7 +1,5 @@
 #include "model/layers.h"
 
-#include "core/cpu_matmul.h"
-
 #include <torch/nn/functional/normalization.h>
 #include <torch/nn/modules/activation.h>
 
@@ -34,8 +32,6 @@ void set_low_precision_layernorm(torch::nn::Module& m, bool on) {
   for (auto& sub : m.modules(/*include_self=*/true))
     if (auto* ln = sub->as<LayerNormImpl>()) ln->low_precision = on;
 }
-
-Tensor LinearImpl::forward(const Tensor& x) { return microdit::linear(x, weight, bias); }
 
 Linear make_linear(int64_t in, int64_t out, bool bias) {
   return Linear(torch::nn::LinearOptions(in, out).bias(bias));

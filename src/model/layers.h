@@ -6,6 +6,8 @@
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 
+#include "core/linear.h"
+
 namespace microdit {
 
 using torch::Tensor;
@@ -27,14 +29,6 @@ TORCH_MODULE(LayerNorm);
 
 // Sets LayerNormImpl::low_precision on every LayerNorm in `m`.
 void set_low_precision_layernorm(torch::nn::Module& m, bool on);
-
-// torch::nn::Linear (same parameters, names and initialisation) whose float32 CPU products go
-// to oneDNN (core/cpu_matmul.h). Holders elsewhere may still view it as torch::nn::LinearImpl.
-struct LinearImpl : torch::nn::LinearImpl {
-  using torch::nn::LinearImpl::LinearImpl;
-  Tensor forward(const Tensor& x);
-};
-TORCH_MODULE(Linear);
 
 Linear make_linear(int64_t in, int64_t out, bool bias);
 

@@ -73,9 +73,9 @@ Tensor BertEmbeddingsImpl::forward(const Tensor& ids) {
 }
 
 BertSelfAttentionImpl::BertSelfAttentionImpl(const BertConfig& c) : heads(c.num_attention_heads) {
-  query = register_module("query", nn::Linear(c.hidden_size, c.hidden_size));
-  key = register_module("key", nn::Linear(c.hidden_size, c.hidden_size));
-  value = register_module("value", nn::Linear(c.hidden_size, c.hidden_size));
+  query = register_module("query", Linear(c.hidden_size, c.hidden_size));
+  key = register_module("key", Linear(c.hidden_size, c.hidden_size));
+  value = register_module("value", Linear(c.hidden_size, c.hidden_size));
 }
 
 Tensor BertSelfAttentionImpl::forward(const Tensor& x, const Tensor& keep) {
@@ -86,7 +86,7 @@ Tensor BertSelfAttentionImpl::forward(const Tensor& x, const Tensor& keep) {
 }
 
 BertResidualOutputImpl::BertResidualOutputImpl(int64_t in, int64_t out, double eps) {
-  dense = register_module("dense", nn::Linear(in, out));
+  dense = register_module("dense", Linear(in, out));
   LayerNorm = register_module("LayerNorm", layer_norm(out, eps));
 }
 
@@ -105,7 +105,7 @@ Tensor BertAttentionImpl::forward(const Tensor& x, const Tensor& keep) {
 }
 
 BertIntermediateImpl::BertIntermediateImpl(const BertConfig& c) {
-  dense = register_module("dense", nn::Linear(c.hidden_size, c.intermediate_size));
+  dense = register_module("dense", Linear(c.hidden_size, c.intermediate_size));
 }
 
 Tensor BertIntermediateImpl::forward(const Tensor& x) { return at::gelu(dense(x)); }

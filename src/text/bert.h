@@ -11,6 +11,8 @@
 
 #include <string>
 
+#include "core/linear.h"
+
 namespace microdit::text {
 
 using torch::Tensor;
@@ -39,7 +41,7 @@ struct BertSelfAttentionImpl : torch::nn::Module {
   // x (B, L, W), keep (B, 1, 1, L) bool: true where the key is a real token.
   Tensor forward(const Tensor& x, const Tensor& keep);
   int64_t heads;
-  torch::nn::Linear query{nullptr}, key{nullptr}, value{nullptr};
+  Linear query{nullptr}, key{nullptr}, value{nullptr};
 };
 TORCH_MODULE(BertSelfAttention);
 
@@ -47,7 +49,7 @@ TORCH_MODULE(BertSelfAttention);
 struct BertResidualOutputImpl : torch::nn::Module {
   BertResidualOutputImpl(int64_t in, int64_t out, double eps);
   Tensor forward(const Tensor& x, const Tensor& residual);
-  torch::nn::Linear dense{nullptr};
+  Linear dense{nullptr};
   torch::nn::LayerNorm LayerNorm{nullptr};
 };
 TORCH_MODULE(BertResidualOutput);
@@ -63,7 +65,7 @@ TORCH_MODULE(BertAttention);
 struct BertIntermediateImpl : torch::nn::Module {
   explicit BertIntermediateImpl(const BertConfig& c);
   Tensor forward(const Tensor& x);  // dense then exact (erf) GELU
-  torch::nn::Linear dense{nullptr};
+  Linear dense{nullptr};
 };
 TORCH_MODULE(BertIntermediate);
 

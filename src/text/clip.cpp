@@ -25,8 +25,8 @@ std::string ClipTextConfig::summary() const {
 ClipTextConfig clip_vit_h_14() { return ClipTextConfig{}; }
 
 ClipMlpImpl::ClipMlpImpl(int64_t width, int64_t hidden, bool quick_gelu) : quick_gelu(quick_gelu) {
-  c_fc = register_module("c_fc", nn::Linear(width, hidden));
-  c_proj = register_module("c_proj", nn::Linear(hidden, width));
+  c_fc = register_module("c_fc", Linear(width, hidden));
+  c_proj = register_module("c_proj", Linear(hidden, width));
 }
 
 Tensor ClipMlpImpl::forward(const Tensor& x) {
@@ -39,12 +39,12 @@ ClipAttentionImpl::ClipAttentionImpl(int64_t width, int64_t heads) : heads(heads
   in_proj_weight = register_parameter("in_proj_weight", torch::empty({3 * width, width}));
   in_proj_bias = register_parameter("in_proj_bias", torch::zeros({3 * width}));
   nn::init::xavier_uniform_(in_proj_weight);
-  out_proj = register_module("out_proj", nn::Linear(width, width));
+  out_proj = register_module("out_proj", Linear(width, width));
 }
 
 Tensor ClipAttentionImpl::forward(const Tensor& x) {
   const int64_t B = x.size(0), L = x.size(1), W = x.size(2);
-  auto qkv = at::linear(x, in_proj_weight, in_proj_bias).view({B, L, 3, heads, W / heads});
+  auto qkv = microdit::linear(x, in_proj_weight, in_proj_bias).view({B, L, 3, heads, W / heads});
   qkv = qkv.permute({2, 0, 3, 1, 4});  // (3, B, H, L, hd)
   auto o = at::scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], {}, 0.0, /*is_causal=*/true);
   return out_proj(o.transpose(1, 2).reshape({B, L, W}));

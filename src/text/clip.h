@@ -10,6 +10,7 @@
 #include <torch/nn/modules/linear.h>
 #include <torch/nn/modules/normalization.h>
 
+#include "core/linear.h"
 #include "io/safetensors.h"
 
 namespace microdit::text {
@@ -29,7 +30,7 @@ struct ClipMlpImpl : torch::nn::Module {
   ClipMlpImpl(int64_t width, int64_t hidden, bool quick_gelu);
   Tensor forward(const Tensor& x);
   bool quick_gelu;
-  torch::nn::Linear c_fc{nullptr}, c_proj{nullptr};
+  Linear c_fc{nullptr}, c_proj{nullptr};
 };
 TORCH_MODULE(ClipMlp);
 
@@ -40,7 +41,7 @@ struct ClipAttentionImpl : torch::nn::Module {
   Tensor forward(const Tensor& x);  // (B, L, W), causal
   int64_t heads;
   Tensor in_proj_weight, in_proj_bias;
-  torch::nn::Linear out_proj{nullptr};
+  Linear out_proj{nullptr};
 };
 TORCH_MODULE(ClipAttention);
 

@@ -191,11 +191,11 @@ Tensor ResnetBlockImpl::forward(const Tensor& x) {
 
 AttentionImpl::AttentionImpl(int64_t channels, int64_t groups) {
   group_norm = register_module("group_norm", vae::group_norm(groups, channels));
-  to_q = register_module("to_q", nn::Linear(channels, channels));
-  to_k = register_module("to_k", nn::Linear(channels, channels));
-  to_v = register_module("to_v", nn::Linear(channels, channels));
+  to_q = register_module("to_q", Linear(channels, channels));
+  to_k = register_module("to_k", Linear(channels, channels));
+  to_v = register_module("to_v", Linear(channels, channels));
   auto to_out = register_module("to_out", nn::ModuleList());
-  to_out0 = nn::Linear(channels, channels);
+  to_out0 = Linear(channels, channels);
   to_out->push_back(to_out0);
 }
 

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "core/linear.h"
 #include "io/safetensors.h"
 
 namespace microdit {
@@ -67,7 +68,7 @@ struct AttentionImpl : torch::nn::Module {
   AttentionImpl(int64_t channels, int64_t groups);
   Tensor forward(const Tensor& x);  // (B, C, H, W) -> same
   torch::nn::GroupNorm group_norm{nullptr};
-  torch::nn::Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out0{nullptr};
+  Linear to_q{nullptr}, to_k{nullptr}, to_v{nullptr}, to_out0{nullptr};
 };
 TORCH_MODULE(Attention);
 
