@@ -154,11 +154,11 @@ TEST(CpuMatmul, TrainingStepMatchesMkl) {
 
 TEST(CpuAttention, Float32UnderAutocast) {
   // ATen's bf16 attention is the slow one on the CPU, so under autocast attention runs in
-  // float32 (model/attention.cpp): the result is float32 SDPA of the same inputs, and gradients
-  // reach bf16 inputs in their own dtype.
+  // float32 (model/attention.cpp): the result is float32 SDPA of the inputs rounded to bf16 (as
+  // autocast would have cast them), and the gradients are attention's, in the inputs' dtypes.
   torch::manual_seed(5);
   auto q = torch::randn({2, 6, 4, 8}).to(torch::kBFloat16).requires_grad_();  // (B, N, H, hd)
-  auto k = torch::randn({2, 5, 4, 8}).requires_grad_();
+  auto k = torch::randn({2, 5, 4, 8}).requires_grad_();                       // float32, as LN gives
   auto v = torch::randn({2, 5, 4, 8}).to(torch::kBFloat16).requires_grad_();
   torch::Tensor o;
   {
@@ -166,11 +166,26 @@ TEST(CpuAttention, Float32UnderAutocast) {
     o = multi_head_attention(q, k, v);  // (B, N, H * hd)
   }
   EXPECT_EQ(o.scalar_type(), torch::kFloat);
-  auto f = [](const torch::Tensor& t) { return t.detach().to(torch::kFloat).transpose(1, 2); };
-  auto expect = at::scaled_dot_product_attention(f(q), f(k), f(v)).transpose(1, 2).reshape({2, 6, 32});
+  auto bf16_values = [](const torch::Tensor& t) { return t.detach().to(torch::kBFloat16).to(torch::kDouble); };
+  auto qd = bf16_values(q).requires_grad_(), kd = bf16_values(k).requires_grad_(), vd = bf16_values(v).requires_grad_();
+  auto f = [](const torch::Tensor& t) { return t.to(torch::kFloat).transpose(1, 2); };
+  auto expect = at::scaled_dot_product_attention(f(qd.detach()), f(kd.detach()), f(vd.detach()))
+                    .transpose(1, 2).reshape({2, 6, 32});
   EXPECT_TRUE(torch::allclose(o.detach(), expect, 1e-6, 1e-6));
-  o.sum().backward();
+  // Against attention written out in float64 on the same (rounded) values.
+  auto t = [](const torch::Tensor& x) { return x.transpose(1, 2); };  // (B, H, N, hd)
+  auto p = torch::softmax(torch::matmul(t(qd), t(kd).transpose(-1, -2)) / std::sqrt(8.0), -1);
+  auto od = torch::matmul(p, t(vd)).transpose(1, 2).reshape({2, 6, 32});
+  EXPECT_LT((od.detach().to(torch::kFloat) - o.detach()).abs().max().item<double>(), 1e-5);
+  auto r = torch::randn(o.sizes());
+  (o * r).sum().backward();
+  (od * r.to(torch::kDouble)).sum().backward();
   EXPECT_EQ(q.grad().scalar_type(), torch::kBFloat16);
   EXPECT_EQ(k.grad().scalar_type(), torch::kFloat);
-  EXPECT_GT(v.grad().abs().max().item<double>(), 0.0);
+  auto close = [](const torch::Tensor& a, const torch::Tensor& b) {  // bf16-rounded gradients
+    return (a.to(torch::kDouble) - b).abs().max().item<double>() <= 1e-2 * b.abs().max().item<double>();
+  };
+  EXPECT_TRUE(close(q.grad(), qd.grad()));
+  EXPECT_TRUE(close(k.grad(), kd.grad()));
+  EXPECT_TRUE(close(v.grad(), vd.grad()));
 }
