@@ -30,7 +30,8 @@ int64_t numel(const torch::nn::Module& m) {
 
 // Builds the fixture in the build folder on first use; "" when open_clip is missing.
 std::string fixture() {
-  const std::string py = std::string(MICRODIT_SOURCE_DIR) + "/.venv/bin/python", dir = "clip_score_fixture";
+  const std::string py = std::string(MICRODIT_SOURCE_DIR) + "/.venv/bin/python";
+  const std::string dir = test_util::build_dir() + "/clip_score_fixture";
   if (is_regular_file(dir + "/clip_expected.safetensors")) return dir;
   if (!is_regular_file(py) || std::system((py + " -c 'import open_clip' 2>/dev/null").c_str()) != 0) return "";
   const std::string cmd = py + " " + MICRODIT_SOURCE_DIR + "/tools/make_clip_image_fixtures.py " + dir + " >/dev/null 2>&1";

@@ -136,7 +136,7 @@ TEST(FidInception, RejectsOtherWeightFiles) {
 // tools/make_fid_fixtures.py in the build folder (about 180 MB, kept for reruns).
 TEST(FidInception, FeaturesMatchPytorchFid) {
   const std::string py = std::string(MICRODIT_SOURCE_DIR) + "/.venv/bin/python";
-  const std::string dir = "fid_inception_fixture";
+  const std::string dir = test_util::build_dir() + "/fid_inception_fixture";
   if (!is_regular_file(dir + "/fid_inception_random_legacy.pth")) {
     if (!is_regular_file(py) || std::system((py + " -c 'import pytorch_fid' 2>/dev/null").c_str()) != 0)
       GTEST_SKIP() << "pytorch-fid is not installed in " << py << " (scripts/setup_data.sh installs it)";

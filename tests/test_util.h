@@ -32,6 +32,16 @@ struct TempDir {
   std::string operator/(const std::string& f) const { return path + "/" + f; }
 };
 
+// The folder of the running test binary (the build folder): where generated fixtures go,
+// whatever the working directory (ctest runs in the build folder, a developer maybe not).
+inline std::string build_dir() {
+  char buf[4096];
+  const auto n = ::readlink("/proc/self/exe", buf, sizeof(buf) - 1);
+  if (n <= 0) return ".";
+  const std::string exe(buf, static_cast<size_t>(n));
+  return exe.substr(0, exe.rfind('/'));
+}
+
 // The message of the microdit::Error that f throws, or "" when it throws none.
 inline std::string error_of(const std::function<void()>& f) {
   try {
