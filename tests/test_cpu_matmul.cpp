@@ -189,3 +189,15 @@ TEST(CpuAttention, Float32UnderAutocast) {
   EXPECT_TRUE(close(k.grad(), kd.grad()));
   EXPECT_TRUE(close(v.grad(), vd.grad()));
 }
+
+TEST(CpuAttention, Bf16WithoutAutocastStaysBf16) {
+  // A bf16 model run without autocast gets bf16 attention output, as from ATen's attention,
+  // so its bf16 output projection can take it.
+  auto q = torch::randn({2, 6, 4, 8}).to(torch::kBFloat16), k = torch::randn({2, 5, 4, 8}).to(torch::kBFloat16),
+       v = torch::randn({2, 5, 4, 8}).to(torch::kBFloat16);
+  const auto o = multi_head_attention(q, k, v);
+  EXPECT_EQ(o.scalar_type(), torch::kBFloat16);
+  auto t = [](const torch::Tensor& x) { return x.transpose(1, 2); };
+  const auto ref = at::scaled_dot_product_attention(t(q), t(k), t(v)).transpose(1, 2).reshape({2, 6, 32});
+  EXPECT_LT((o.to(torch::kFloat) - ref.to(torch::kFloat)).abs().max().item<double>(), 2e-2);
+}

@@ -8,20 +8,21 @@ namespace microdit {
 
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   const auto B = q.size(0), N = q.size(1), H = q.size(2), hd = q.size(3);
-  if (q.device().is_cpu() &&
-      (at::autocast::is_autocast_enabled(at::kCPU) || q.scalar_type() != at::kFloat ||
-       k.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat)) {
+  const bool autocast = q.device().is_cpu() && at::autocast::is_autocast_enabled(at::kCPU);
+  if (q.device().is_cpu() && (autocast || q.scalar_type() != at::kFloat ||
+                              k.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat)) {
     // On the CPU, ATen's bf16 attention is the slow one: without AMX its flash kernel's bf16
     // products go through MKL's bf16 GEMM, and forward + backward ran 4-10x slower than in
     // float32 on MicroDiT's shapes (docs/performance.md). So here attention steps past autocast
     // (which would cast it to bf16) and computes in float32 on the inputs autocast would have
-    // given it, rounded to bf16 (under autocast q, k and v arrive in bf16 already). The float32
-    // result goes on to the output projection, which autocast casts as before.
-    const bool autocast = at::autocast::is_autocast_enabled(at::kCPU);
+    // given it, rounded to bf16 (under autocast q, k and v arrive in bf16 already). Under
+    // autocast the float32 result goes on to the output projection, which autocast casts as
+    // before; without autocast it comes back in q's dtype, as ATen's attention returns it.
     const auto low = at::autocast::get_autocast_dtype(at::kCPU);
     const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
     auto f = [&](const Tensor& t) { return (autocast ? t.to(low) : t).to(at::kFloat).transpose(1, 2); };
-    auto o = at::scaled_dot_product_attention(f(q), f(k), f(v));  // (B, H, N, hd)
+    auto o = at::scaled_dot_product_attention(f(q), f(k), f(v));  // (B, H, N, hd) float32
+    if (!autocast) o = o.to(q.scalar_type());
     return o.transpose(1, 2).reshape({B, N, H * hd});
   }
   auto o = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),

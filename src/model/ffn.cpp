@@ -33,7 +33,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   auto xin = x.reshape({B * T, d}).index_select(0, flat).view({B, E, k, d});
   // Per expert batched matmuls: (E, B*k, d) @ (E, d, n) -> gelu -> @ (E, n, d).
   auto h = xin.transpose(0, 1).reshape({E, B * k, d});
-  h = microdit::bmm(at::gelu(microdit::bmm(h, w1)), w2);                   // (E, B*k, d)
+  h = microdit::bmm(at::gelu(microdit::bmm(h, w1)), w2);            // (E, B*k, d)
   h = h.view({E, B, k, d}).transpose(0, 1) * g.unsqueeze(-1);        // (B, E, k, d)
   auto out = torch::zeros({B * T, d}, h.options());
   return out.index_add(0, flat, h.reshape({B * E * k, d})).view({B, T, d});
