@@ -72,3 +72,4 @@ md_error_test(cli.bench_profile_on_cpu "--profile lists GPU kernels: it needs --
 md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" bench --cuda-graph --device cpu)
 md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)
 md_error_test(cli.bad_cpu_matmul "unknown CPU float32 matmul 'blas' .known: onednn, mkl." bench --cpu-matmul blas --device cpu)
+md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on or off, got .maybe." bench --fused-kernels maybe --device cpu)

@@ -5,7 +5,7 @@
 # REFERENCE_CHECKOUT: a clone of github.com/SonyResearch/micro_diffusion (development only).
 # The binaries default to build/; a stripped binary built elsewhere runs here when
 # LD_LIBRARY_PATH holds the machine's torch/lib and the Debian libraries it links (see `ldd`).
-# About 7 minutes on an H200, most of it the reference's torch.compile (2.6 minutes).
+# About 8 minutes on an H200, most of it the reference's torch.compile (3.4 minutes).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REF=${1:?usage: $0 REFERENCE_CHECKOUT [MICRODIT_BIN] [MICRODIT_TESTS_BIN]}
@@ -24,7 +24,7 @@ el "reference, compiled as it trains (background)"
   --fused-adamw --low-precision-layernorm --steps 8 --warmup 2 > /tmp/ref_compiled.txt 2>&1 &
 RP=$!
 el "tests on CUDA"
-"$MT" --gtest_filter='CudaGraph.*:FusedAdamW.*:GradClip.*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|actual"
+"$MT" --gtest_filter='Fused.*:CudaGraph.*:FusedAdamW.*:GradClip.*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|actual"
 el "parity on CUDA"
 for f in "$ROOT"/../shared/reference/*.safetensors "$ROOT"/tests/data/parity_*.safetensors; do
   [ -f "$f" ] && "$M" parity --vectors "$f" --device cuda 2>&1 | grep -E "rows:|FAIL|error"
@@ -33,23 +33,29 @@ f=$(ls "$ROOT"/tests/data/parity_*.safetensors | head -1)
 "$M" parity --vectors "$f" --device cuda --cuda-graph 2>&1 | grep -E "sampler|rows:|FAIL|error"
 wait $RP; grep -E "reference bench|compile:" /tmp/ref_compiled.txt
 el "training steps, MicroDiT_XL_2, bf16"
-for flags in "" "--cuda-graph" "--low-precision-layernorm" "--low-precision-layernorm --cuda-graph"; do
+# The fused CUDA kernels are on by default; "--fused-kernels off" is LibTorch's operators alone.
+for flags in "--fused-kernels off --cuda-graph" "--fused-kernels off --low-precision-layernorm --cuda-graph" \
+             "--cuda-graph" "--low-precision-layernorm --cuda-graph" "--low-precision-layernorm"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
 done
-for flags in "" "--cuda-graph" "--low-precision-layernorm"; do
+for flags in "--fused-kernels off --low-precision-layernorm" "--low-precision-layernorm" \
+             "--low-precision-layernorm --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 $flags 2>&1 | tail -n 1
 done
 "${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --fused-adamw \
   --low-precision-layernorm --steps 8 --warmup 2 2>&1 | grep "reference bench"
 el "where the GPU time goes (b256, mask 0.75)"
-"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --profile 2 2>&1 | tail -n 33
+"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --low-precision-layernorm --profile 2 2>&1 | tail -n 33
 el "memory: unmasked batch 256 with activation checkpointing (must fit 80 GB)"
-"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0 --steps 3 --warmup 1 --checkpoint-activations 2>&1 | tail -n 1
+"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0 --steps 3 --warmup 1 --checkpoint-activations \
+  --low-precision-layernorm 2>&1 | tail -n 1
 el "sampling: Heun 30, guidance 4"
 SX=(--preset MicroDiT_XL_2 --latent-size 32 --caption-len 77 --n 64 --batch 32 --cfg 4)
 SP=(--preset MicroDiT_Pico_2 --latent-size 32 --in-channels 3 --patch-size 4 --caption-channels 384
     --caption-len 21 --n 64 --batch 16 --cfg 4)
-for g in "" "--cuda-graph"; do "$M" bench --sample "${SX[@]}" --bf16 --device cuda $g 2>&1 | tail -n 1; done
+for g in "--fused-kernels off" "" "--cuda-graph"; do
+  "$M" bench --sample "${SX[@]}" --bf16 --device cuda $g 2>&1 | tail -n 1
+done
 "${RB[@]}" sample "${RA[@]}" "${SX[@]}" --bf16 2>&1 | grep "reference sample"
 for g in "" "--cuda-graph"; do "$M" bench --sample "${SP[@]}" --device cuda $g 2>&1 | tail -n 1; done
 "${RB[@]}" sample "${RA[@]}" "${SP[@]}" 2>&1 | grep "reference sample"

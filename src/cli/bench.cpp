@@ -17,6 +17,8 @@
 #include "core/precision.h"
 #include "diffusion/edm.h"
 #include "eval/sampling.h"
+#include "kernels/fused.h"
+#include "model/layers.h"
 #include "model/masking.h"
 #include "model/stats.h"
 #include "core/cuda_graph.h"
@@ -24,6 +26,13 @@
 #include "train/parallel_backward.h"
 
 namespace microdit::cli {
+
+// ", fused kernels" / ", no fused kernels" for a CUDA line (kernels/fused.h).
+static std::string fused_kernels_text() {
+  if (!kernels::available()) return ", no fused kernels (built without nvcc)";
+  return fused_kernels_enabled() ? ", fused kernels" : ", fused kernels off";
+}
+
 
 namespace {
 
@@ -100,7 +109,9 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
              o.preset, c.in_channels, c.input_size, c.input_size, c.patch_size, o.n, o.batch, o.sampler_steps,
              o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "",
              !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
-             o.low_precision_layernorm ? ", low-precision LayerNorm" : "", o.n / s, s,
+             std::string(o.low_precision_layernorm ? ", low-precision LayerNorm" : "") +
+                 (device.is_cuda() ? fused_kernels_text() : ""),
+             o.n / s, s,
              peak_memory_text(device));
 }
 
@@ -180,6 +191,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (o.low_precision_layernorm) split += ", low-precision LayerNorm";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
+  if (device.is_cuda()) split += fused_kernels_text();
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
              "peak memory {}, {:.1f} s before the timed steps\n",
              o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",

@@ -1,5 +1,7 @@
 #include "cli/commands.h"
 #include "core/cpu_matmul.h"
+#include "core/error.h"
+#include "model/layers.h"
 
 namespace microdit::cli {
 
@@ -12,6 +14,14 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
          "--cpu-matmul", [](const std::string& name) { set_cpu_fp32_matmul(parse_cpu_matmul(name)); },
          "float32 matrix products on the CPU: onednn or mkl (LibTorch's default)")
       ->default_str("onednn");
+  cmd.add_option_function<std::string>(
+         "--fused-kernels",
+         [](const std::string& v) {
+           MD_CHECK(v == "on" || v == "off", "--fused-kernels: expected on or off, got '{}'", v);
+           set_fused_kernels(v == "on");
+         },
+         "fused CUDA kernels for LayerNorm + modulation and the gated residual adds: on or off")
+      ->default_str("on");
 }
 
 }  // namespace microdit::cli

@@ -29,10 +29,10 @@ DiTBlockImpl::DiTBlockImpl(const BlockSpec& s, int64_t cond_dim, const ModelConf
 
 Tensor DiTBlockImpl::forward(const Tensor& x_in, const CaptionKV& caption, const Tensor& c) {
   auto mod = adaLN_modulation->forward(c).chunk(6, 1);  // 6 x (B, d)
-  auto x = x_in + mod[2].unsqueeze(1) * attn(modulate(norm1(x_in), mod[0], mod[1]));
+  auto x = gated_residual(x_in, mod[2], attn(norm1->forward_modulated(x_in, mod[0], mod[1])));
   x = x + cross_attn(norm2(x), caption);
-  auto h = modulate(norm3(x), mod[3], mod[4]);
-  return x + mod[5].unsqueeze(1) * (spec.moe ? mlp_moe(h) : mlp_dense(h));
+  auto h = norm3->forward_modulated(x, mod[3], mod[4]);
+  return gated_residual(x, mod[5], spec.moe ? mlp_moe(h) : mlp_dense(h));
 }
 
 CaptionRefinerImpl::CaptionRefinerImpl(const ModelConfig& cfg) {
@@ -58,7 +58,7 @@ FinalLayerImpl::FinalLayerImpl(int64_t dim, int64_t out, double eps) {
 
 Tensor FinalLayerImpl::forward(const Tensor& x, const Tensor& c) {
   auto mod = adaLN_modulation->forward(c).chunk(2, 1);  // shift, scale
-  return linear(modulate(norm_final(x), mod[0], mod[1]));
+  return linear(norm_final->forward_modulated(x, mod[0], mod[1]));
 }
 
 }  // namespace microdit

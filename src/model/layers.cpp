@@ -6,7 +6,10 @@
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <atomic>
 #include <cmath>
+
+#include "model/fused.h"
 
 namespace microdit {
 
@@ -16,7 +19,34 @@ LayerNormImpl::LayerNormImpl(int64_t dim, double eps, bool affine) : dim(dim), e
   if (affine) weight = register_parameter("weight", torch::ones({dim}));
 }
 
+static std::atomic<bool> g_fused_kernels{true};
+
+void set_fused_kernels(bool on) { g_fused_kernels = on; }
+bool fused_kernels_enabled() { return g_fused_kernels; }
+
+Tensor gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {
+  if (g_fused_kernels && fused_kernels_apply(x) && fused_kernels_apply(h) && fused_kernels_apply(gate))
+    return fused_gated_residual(x, gate, h);
+  return x + gate.unsqueeze(1) * h;
+}
+
+Tensor LayerNormImpl::forward_fused(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+  // Under autocast the result goes straight to a matmul or attention that autocast would cast
+  // to its dtype: produce that dtype. Low precision also keeps x (and takes its statistics)
+  // in that dtype, as the LibTorch path below does.
+  const bool autocast = at::autocast::is_autocast_enabled(at::kCUDA);
+  const auto out = autocast ? at::autocast::get_autocast_dtype(at::kCUDA) : x.scalar_type();
+  const auto save = low_precision && autocast ? out : x.scalar_type();
+  return fused_modulated_layer_norm(x, weight, shift, scale, eps, out, save);
+}
+
+Tensor LayerNormImpl::forward_modulated(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+  if (g_fused_kernels && x.dim() == 3 && fused_kernels_apply(x)) return forward_fused(x, shift, scale);
+  return modulate(forward(x), shift, scale);
+}
+
 Tensor LayerNormImpl::forward(const Tensor& x) {
+  if (g_fused_kernels && fused_kernels_apply(x)) return forward_fused(x, {}, {});
   const auto dev = x.device().type();
   if (low_precision && at::autocast::is_autocast_enabled(dev)) {
     const auto dt = at::autocast::get_autocast_dtype(dev);

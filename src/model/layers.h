@@ -24,6 +24,12 @@ struct LayerNormImpl : torch::nn::Module {
   // low_precision_layernorm algorithm does in the reference's training configs. Less memory
   // traffic, no cast before the next matmul. No effect without autocast (parity runs fp32).
   bool low_precision = false;
+  // LN(x) * (1 + scale[b]) + shift[b] for x (B, T, d), shift and scale (B, d): one fused
+  // kernel on CUDA when fused_kernels_enabled() (model/fused.h), else modulate(forward(x), ...).
+  Tensor forward_modulated(const Tensor& x, const Tensor& shift, const Tensor& scale);
+
+ private:
+  Tensor forward_fused(const Tensor& x, const Tensor& shift, const Tensor& scale);
 };
 TORCH_MODULE(LayerNorm);
 
@@ -69,5 +75,14 @@ Tensor sincos_pos_embed_2d(int64_t dim, int64_t grid, int64_t base, double inter
 inline Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale) {
   return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
 }
+
+// The process-wide switch for the fused CUDA kernels (on by default; `--fused-kernels off`).
+// They apply only where kernels/fused.h was compiled in and only to CUDA tensors.
+void set_fused_kernels(bool on);
+bool fused_kernels_enabled();
+
+// x + gate[b] * h for the residual stream x (B, T, d), gate (B, d), h (B, T, d): one fused
+// kernel on CUDA when the fused kernels are on.
+Tensor gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h);
 
 }  // namespace microdit

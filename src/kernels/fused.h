@@ -1,0 +1,50 @@
+// Fused CUDA kernels for the elementwise chains around MicroDiT's matmuls, which LibTorch runs as
+// several memory-bound kernels each (docs/performance.md, "Where the time goes"):
+//   modulated LayerNorm  y = LN(x) * w * (1 + scale[b]) + shift[b]   (one pass instead of 3-5)
+//   gated residual add   out = x + gate[b] * h                        (one pass instead of 2)
+// and their backward passes. Plain C++ interface (raw pointers, a cudaStream_t as void*), so
+// this header and the .cu file need no LibTorch; model/fused.cpp wraps them as autograd
+// functions. Every tensor is row-major: rows r = b * T + t of width d, sample b = r / T.
+// Compiled only when CMake finds nvcc (MICRODIT_HAVE_CUDA_KERNELS); `available()` says so.
+#pragma once
+#include <cstdint>
+
+namespace microdit::kernels {
+
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+
+// True when the kernels were compiled into this binary.
+bool available();
+
+// Forward of the (modulated) LayerNorm over the last dimension d.
+//   x: rows x d, row stride ldx, dtype xt. Statistics are taken over x rounded to st.
+//   xs: when not null, receives x rounded to st (rows x d, contiguous) for the backward pass.
+//   w: (d) float32 or null (no affine weight). shift, scale: (B, d) in yt, or both null.
+//   y: rows x d contiguous in yt. mean, rstd: (rows) float32.
+void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, const float* w,
+                   const void* shift, const void* scale, void* y, DType yt, float* mean, float* rstd,
+                   int64_t rows, int64_t T, int64_t d, float eps, void* stream);
+
+// dx from dy (rows x d contiguous, yt) and the saved input xs (row stride lds, dtype st):
+//   g = dy * (1 + scale[b]) * w;  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+// dx: rows x d contiguous in xt.
+void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
+                       const float* w, const void* scale, const float* mean, const float* rstd,
+                       void* dx, DType xt, int64_t rows, int64_t T, int64_t d, void* stream);
+
+// Per-sample column sums for the parameter gradients (s0, s1: (B, d) float32, zeroed by the
+// caller): s0[b, j] = sum_t dy[b, t, j], s1[b, j] = sum_t dy[b, t, j] * xhat[b, t, j].
+void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
+                         const float* mean, const float* rstd, float* s0, float* s1, int64_t B,
+                         int64_t T, int64_t d, void* stream);
+
+// out = x + gate[b] * h; x, out in xt; gate (B, d) in gt; h in ht; all contiguous.
+void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt, const void* h,
+                            DType ht, void* out, int64_t B, int64_t T, int64_t d, void* stream);
+
+// dh = dout * gate[b] (in ht); dgate[b, j] += sum_t dout * h (float32, zeroed by the caller).
+void gated_residual_backward(const void* dout, DType ot, const void* gate, DType gt, const void* h,
+                             DType ht, void* dh, float* dgate, int64_t B, int64_t T, int64_t d,
+                             void* stream);
+
+}  // namespace microdit::kernels

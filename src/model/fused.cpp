@@ -1,0 +1,196 @@
+#include "model/fused.h"
+
+#include <torch/autograd.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "core/error.h"
+#include "kernels/fused.h"
+
+namespace microdit {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+bool kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+kernels::DType kdt(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kernels::DType::f32;
+    case at::kBFloat16: return kernels::DType::bf16;
+    case at::kHalf: return kernels::DType::f16;
+    default: fail("fused kernels take float32, bf16 or float16 tensors, not {}", c10::toString(t));
+  }
+}
+
+void* stream_of(const Tensor& t) {
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+}
+
+// Row stride of `x` seen as (rows, d) without a copy, or -1 when it cannot be.
+int64_t row_stride(const Tensor& x) {
+  if (x.dim() < 2) return x.dim() == 1 ? x.size(0) : -1;
+  if (x.stride(-1) != 1) return -1;
+  const int64_t ld = x.stride(-2);
+  for (int64_t i = 0; i + 2 < x.dim(); ++i)
+    if (x.size(i) != 1 && x.stride(i) != x.size(i + 1) * x.stride(i + 1)) return -1;
+  return ld;
+}
+
+const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// LibTorch's custom functions take no undefined inputs (VariableInfo asks them for a device):
+// an absent weight, shift or scale travels as an empty tensor.
+Tensor or_empty(const Tensor& t, const Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+Tensor present(const Tensor& t) { return t.defined() && t.numel() > 0 ? t : Tensor(); }
+
+struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight_in,
+                        const Tensor& shift_in, const Tensor& scale_in, double eps,
+                        at::ScalarType out, at::ScalarType save) {
+    const c10::cuda::CUDAGuard guard(x_in.device());
+    const Tensor weight = present(weight_in), shift = present(shift_in), scale = present(scale_in);
+    const bool mod = shift.defined();
+    const int64_t d = x_in.size(-1);
+    int64_t ld = row_stride(x_in);
+    const Tensor x = ld < 0 ? x_in.contiguous() : x_in;
+    if (ld < 0) ld = d;
+    const int64_t rows = x.numel() / d;
+    const int64_t T = mod ? x.size(1) : rows;  // modulation rows r belong to sample r / T
+    const auto f32 = x.options().dtype(at::kFloat);
+    const Tensor w = weight.defined() ? weight.to(at::kFloat).contiguous() : Tensor();
+    const Tensor sh = mod ? shift.to(out).contiguous() : Tensor();
+    const Tensor sc = mod ? scale.to(out).contiguous() : Tensor();
+    auto y = at::empty(x.sizes(), x.options().dtype(out));  // contiguous
+    auto mean = at::empty({rows}, f32), rstd = at::empty({rows}, f32);
+    const bool copy = save != x.scalar_type();
+    const Tensor xs = copy ? at::empty(x.sizes(), x.options().dtype(save)) : x;
+    kernels::modln_forward(x.data_ptr(), ld, kdt(x.scalar_type()), copy ? xs.data_ptr() : nullptr,
+                           kdt(save), w.defined() ? w.data_ptr<float>() : nullptr,
+                           ptr_or_null(sh), ptr_or_null(sc), y.data_ptr(), kdt(out),
+                           mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, T, d,
+                           static_cast<float>(eps), stream_of(x));
+    ctx->save_for_backward({xs, or_empty(w, mean), or_empty(sc, mean), mean, rstd});
+    ctx->saved_data["ld"] = copy ? d : ld;
+    ctx->saved_data["T"] = T;
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    ctx->saved_data["w_dtype"] = static_cast<int64_t>(weight.defined() ? weight.scalar_type() : at::kFloat);
+    ctx->saved_data["shift_dtype"] = static_cast<int64_t>(mod ? shift.scalar_type() : at::kFloat);
+    ctx->saved_data["scale_dtype"] = static_cast<int64_t>(mod ? scale.scalar_type() : at::kFloat);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor xs = saved[0], w = present(saved[1]), sc = present(saved[2]), mean = saved[3], rstd = saved[4];
+    const c10::cuda::CUDAGuard guard(xs.device());
+    const int64_t ld = ctx->saved_data["ld"].toInt(), T = ctx->saved_data["T"].toInt();
+    const auto xt = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+    const auto out = sc.defined() ? sc.scalar_type() : grads[0].scalar_type();
+    const int64_t d = xs.size(-1), rows = xs.numel() / d, B = rows / T;
+    const Tensor dy = grads[0].to(kernel_dtype(out) ? out : at::kFloat).contiguous();
+    const auto yt = dy.scalar_type();
+    const Tensor scy = sc.defined() ? sc.to(yt) : sc;
+    variable_list g(7);
+    if (ctx->needs_input_grad(0)) {
+      g[0] = at::empty(xs.sizes(), xs.options().dtype(xt));
+      kernels::modln_backward_dx(dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+                                 w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy),
+                                 mean.data_ptr<float>(), rstd.data_ptr<float>(), g[0].data_ptr(),
+                                 kdt(xt), rows, T, d, stream_of(xs));
+    }
+    const bool need_w = w.defined() && ctx->needs_input_grad(1);
+    const bool need_mod = sc.defined() && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
+    if (need_w || need_mod) {
+      auto s0 = at::zeros({B, d}, mean.options()), s1 = at::zeros({B, d}, mean.options());
+      kernels::modln_backward_sums(dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+                                   mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(),
+                                   s1.data_ptr<float>(), B, T, d, stream_of(xs));
+      auto dt = [&](const char* k) { return static_cast<at::ScalarType>(ctx->saved_data[k].toInt()); };
+      if (need_w) g[1] = (sc.defined() ? (s1 * (1 + sc.to(at::kFloat))).sum(0) : s1.sum(0)).to(dt("w_dtype"));
+      if (sc.defined()) {
+        g[2] = s0.to(dt("shift_dtype"));
+        g[3] = (w.defined() ? s1 * w : s1).to(dt("scale_dtype"));
+      }
+    }
+    return g;
+  }
+};
+
+struct GatedResidualFn : torch::autograd::Function<GatedResidualFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& gate_in,
+                        const Tensor& h_in) {
+    const c10::cuda::CUDAGuard guard(x_in.device());
+    const Tensor x = x_in.contiguous(), gate = gate_in.contiguous(), h = h_in.contiguous();
+    const int64_t B = x.size(0), T = x.size(1), d = x.size(2);
+    auto out = at::empty(x.sizes(), x.options());
+    kernels::gated_residual_forward(x.data_ptr(), kdt(x.scalar_type()), gate.data_ptr(),
+                                    kdt(gate.scalar_type()), h.data_ptr(), kdt(h.scalar_type()),
+                                    out.data_ptr(), B, T, d, stream_of(x));
+    ctx->save_for_backward({gate, h});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &gate = saved[0], &h = saved[1];
+    const c10::cuda::CUDAGuard guard(h.device());
+    const int64_t B = h.size(0), T = h.size(1), d = h.size(2);
+    const Tensor dout = grads[0].contiguous();
+    variable_list g(3);
+    g[0] = grads[0];
+    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
+      auto dh = at::empty(h.sizes(), h.options());
+      auto dgate = at::zeros({B, d}, h.options().dtype(at::kFloat));
+      kernels::gated_residual_backward(dout.data_ptr(), kdt(dout.scalar_type()), gate.data_ptr(),
+                                       kdt(gate.scalar_type()), h.data_ptr(), kdt(h.scalar_type()),
+                                       dh.data_ptr(), dgate.data_ptr<float>(), B, T, d, stream_of(h));
+      g[1] = dgate.to(gate.scalar_type());
+      g[2] = dh;
+    }
+    return g;
+  }
+};
+
+}  // namespace
+
+bool fused_kernels_apply(const Tensor& x) {
+  return kernels::available() && x.defined() && x.is_cuda() && kernel_dtype(x.scalar_type()) &&
+         x.numel() > 0;
+}
+
+Tensor fused_modulated_layer_norm(const Tensor& x, const Tensor& weight, const Tensor& shift,
+                                  const Tensor& scale, double eps, at::ScalarType out,
+                                  at::ScalarType save) {
+  MD_CHECK(fused_kernels_apply(x), "fused LayerNorm: needs a CUDA tensor and the fused kernels");
+  MD_CHECK(kernel_dtype(out) && kernel_dtype(save), "fused LayerNorm: bad result or saved dtype");
+  MD_CHECK(shift.defined() == scale.defined(), "fused LayerNorm: shift and scale go together");
+  if (shift.defined())
+    MD_CHECK(x.dim() == 3 && shift.dim() == 2 && scale.dim() == 2 && shift.size(0) == x.size(0) &&
+                 scale.size(0) == x.size(0) && shift.size(1) == x.size(2) && scale.size(1) == x.size(2),
+             "fused LayerNorm: x (B, T, d) with shift, scale (B, d), got {}, {}, {}",
+             c10::str(x.sizes()), c10::str(shift.sizes()), c10::str(scale.sizes()));
+  if (weight.defined())
+    MD_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "fused LayerNorm: weight must be (d)");
+  return ModulatedLayerNormFn::apply(x, or_empty(weight, x), or_empty(shift, x), or_empty(scale, x),
+                                     eps, out, save);
+}
+
+Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {
+  MD_CHECK(fused_kernels_apply(x) && fused_kernels_apply(gate) && fused_kernels_apply(h),
+           "fused residual: needs CUDA tensors and the fused kernels");
+  MD_CHECK(x.dim() == 3 && h.sizes() == x.sizes() && gate.dim() == 2 && gate.size(0) == x.size(0) &&
+               gate.size(1) == x.size(2),
+           "fused residual: x, h (B, T, d) and gate (B, d), got {}, {}, {}", c10::str(x.sizes()),
+           c10::str(gate.sizes()), c10::str(h.sizes()));
+  return GatedResidualFn::apply(x, gate, h);
+}
+
+}  // namespace microdit
