@@ -73,3 +73,4 @@ md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" ben
 md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)
 md_error_test(cli.bad_cpu_matmul "unknown CPU float32 matmul 'blas' .known: onednn, mkl." bench --cpu-matmul blas --device cpu)
 md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on or off, got .maybe." bench --fused-kernels maybe --device cpu)
+md_error_test(cli.bad_recompute_ffn "--recompute-ffn: expected off, cuda or always, got .sometimes." bench --recompute-ffn sometimes --device cpu)

@@ -34,8 +34,11 @@ f=$(ls "$ROOT"/tests/data/parity_*.safetensors | head -1)
 wait $RP; grep -E "reference bench|compile:" /tmp/ref_compiled.txt
 el "training steps, MicroDiT_XL_2, bf16"
 # The fused CUDA kernels are on by default; "--fused-kernels off" is LibTorch's operators alone.
-for flags in "--fused-kernels off --cuda-graph" "--fused-kernels off --low-precision-layernorm --cuda-graph" \
-             "--cuda-graph" "--low-precision-layernorm --cuda-graph" "--low-precision-layernorm"; do
+# Feed-forward recomputation is on by default on CUDA; "--recompute-ffn off" keeps every activation.
+for flags in "--fused-kernels off --recompute-ffn off --cuda-graph" \
+             "--fused-kernels off --recompute-ffn off --low-precision-layernorm --cuda-graph" \
+             "--recompute-ffn off --cuda-graph" "--cuda-graph" "--low-precision-layernorm --cuda-graph" \
+             "--low-precision-layernorm"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
 done
 for flags in "--fused-kernels off --low-precision-layernorm" "--low-precision-layernorm" \

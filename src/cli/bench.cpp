@@ -18,6 +18,7 @@
 #include "diffusion/edm.h"
 #include "eval/sampling.h"
 #include "kernels/fused.h"
+#include "model/ffn.h"
 #include "model/layers.h"
 #include "model/masking.h"
 #include "model/stats.h"
@@ -192,6 +193,8 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
   if (device.is_cuda()) split += fused_kernels_text();
+  if (recompute_ffn() == RecomputeFfn::always || (recompute_ffn() == RecomputeFfn::cuda && device.is_cuda()))
+    split += ", FFN activations recomputed";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
              "peak memory {}, {:.1f} s before the timed steps\n",
              o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",

@@ -1,6 +1,7 @@
 #include "cli/commands.h"
 #include "core/cpu_matmul.h"
 #include "core/error.h"
+#include "model/ffn.h"
 #include "model/layers.h"
 
 namespace microdit::cli {
@@ -22,6 +23,11 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
          },
          "fused CUDA kernels for LayerNorm + modulation and the gated residual adds: on or off")
       ->default_str("on");
+  cmd.add_option_function<std::string>(
+         "--recompute-ffn", [](const std::string& v) { set_recompute_ffn(parse_recompute_ffn(v)); },
+         "recompute the feed-forward layers' activations in the backward pass instead of keeping "
+         "them: off, cuda (on CUDA tensors) or always")
+      ->default_str("cuda");
 }
 
 }  // namespace microdit::cli

@@ -1,9 +1,126 @@
 #include "model/ffn.h"
 
 #include "core/cpu_matmul.h"
+#include "core/error.h"
+
+#include <torch/autograd.h>
+
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+
+#include <atomic>
 #include "model/config.h"
 
 namespace microdit {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+std::atomic<RecomputeFfn> g_recompute{RecomputeFfn::cuda};
+
+// The dtype autocast would compute a matmul of `x` in (x's own dtype without autocast).
+at::ScalarType compute_dtype(const Tensor& x) {
+  const auto dev = x.device().type();
+  return at::autocast::is_autocast_enabled(dev) ? at::autocast::get_autocast_dtype(dev) : x.scalar_type();
+}
+
+// Inside the functions below every cast is explicit: autocast must not cast again.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{
+      c10::DispatchKeySet({c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA})};
+};
+
+// a @ b for 2-D tensors, through microdit::bmm (oneDNN for float32 on the CPU).
+Tensor matmul2d(const Tensor& a, const Tensor& b) {
+  return microdit::bmm(a.unsqueeze(0), b.unsqueeze(0)).squeeze(0);
+}
+
+// Both functions do what autocast does to the plain expressions: the elementwise part in its
+// inputs' dtype, the matmul in the autocast dtype (`dt`), and their backward passes mirror
+// LibTorch's autograd of those expressions step by step.
+struct GeluBmmFn : torch::autograd::Function<GeluBmmFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& w, at::ScalarType dt) {
+    const NoAutocast no_autocast;
+    ctx->save_for_backward({a, w});
+    ctx->saved_data["dt"] = static_cast<int64_t>(dt);
+    return microdit::bmm(at::gelu(a).to(dt), w.to(dt));  // (E, M, d)
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const NoAutocast no_autocast;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &a = saved[0], &w = saved[1];  // (E, M, n), (E, n, d)
+    const auto dt = static_cast<at::ScalarType>(ctx->saved_data["dt"].toInt());
+    const Tensor g = grads[0].to(dt);  // (E, M, d)
+    Tensor da, dw;
+    if (ctx->needs_input_grad(1))
+      dw = microdit::bmm(at::gelu(a).to(dt).transpose(1, 2), g).to(w.scalar_type());  // recomputed gelu
+    if (ctx->needs_input_grad(0))
+      da = at::gelu_backward(microdit::bmm(g, w.to(dt).transpose(1, 2)).to(a.scalar_type()), a);
+    return {da, dw, Tensor()};
+  }
+};
+
+// Custom functions take no undefined inputs (LibTorch 2.11): no bias travels as an empty tensor.
+struct SwiGLULinearFn : torch::autograd::Function<SwiGLULinearFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& u, const Tensor& v, const Tensor& W,
+                        const Tensor& b, at::ScalarType dt) {
+    const NoAutocast no_autocast;
+    ctx->save_for_backward({u, v, W, b});
+    ctx->saved_data["dt"] = static_cast<int64_t>(dt);
+    const Tensor p = at::silu(u) * v;  // (..., n)
+    return microdit::linear(p.to(dt), W.to(dt), b.numel() > 0 ? b.to(dt) : Tensor());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const NoAutocast no_autocast;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &u = saved[0], &v = saved[1], &W = saved[2], &b = saved[3];
+    const auto dt = static_cast<at::ScalarType>(ctx->saved_data["dt"].toInt());
+    const int64_t d = W.size(0), n = W.size(1);
+    const Tensor g = grads[0].to(dt).reshape({-1, d});  // (rows, d)
+    const Tensor s = at::silu(u), p = s * v;            // recomputed, (..., n)
+    variable_list out(5);
+    if (ctx->needs_input_grad(2)) out[2] = matmul2d(g.t(), p.to(dt).reshape({-1, n})).to(W.scalar_type());
+    if (b.numel() > 0 && ctx->needs_input_grad(3)) out[3] = g.sum(0).to(b.scalar_type());
+    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+      const Tensor dp = matmul2d(g, W.to(dt)).view(p.sizes()).to(p.scalar_type());  // d(silu(u) * v)
+      if (ctx->needs_input_grad(0)) out[0] = at::silu_backward((dp * v).to(u.scalar_type()), u);
+      if (ctx->needs_input_grad(1)) out[1] = (dp * s).to(v.scalar_type());
+    }
+    return out;
+  }
+};
+
+}  // namespace
+
+void set_recompute_ffn(RecomputeFfn mode) { g_recompute = mode; }
+RecomputeFfn recompute_ffn() { return g_recompute; }
+
+RecomputeFfn parse_recompute_ffn(const std::string& name) {
+  if (name == "off") return RecomputeFfn::off;
+  if (name == "cuda") return RecomputeFfn::cuda;
+  if (name == "always") return RecomputeFfn::always;
+  fail("--recompute-ffn: expected off, cuda or always, got '{}'", name);
+}
+
+bool recompute_ffn_for(const Tensor& x) {
+  const auto m = g_recompute.load();
+  return torch::GradMode::is_enabled() &&
+         (m == RecomputeFfn::always || (m == RecomputeFfn::cuda && x.is_cuda()));
+}
+
+Tensor gelu_bmm(const Tensor& a, const Tensor& w, bool recompute) {
+  if (!recompute) return microdit::bmm(at::gelu(a), w);
+  return GeluBmmFn::apply(a, w, compute_dtype(a));
+}
+
+Tensor swiglu_linear(const Tensor& u, const Tensor& v, Linear& w3, bool recompute) {
+  if (!recompute) return w3(torch::silu(u) * v);
+  const Tensor& b = w3->bias;
+  return SwiGLULinearFn::apply(u, v, w3->weight,
+                               b.defined() ? b : at::empty({0}, w3->weight.options()), compute_dtype(u));
+}
 
 FeedForwardImpl::FeedForwardImpl(int64_t d, int64_t n, bool bias) {
   w1 = register_module("w1", make_linear(d, n, bias));
@@ -12,7 +129,7 @@ FeedForwardImpl::FeedForwardImpl(int64_t d, int64_t n, bool bias) {
 }
 
 Tensor FeedForwardImpl::forward(const Tensor& x) {
-  return w3(torch::silu(w1(x)) * w2(x));
+  return swiglu_linear(w1(x), w2(x), w3, recompute_ffn_for(x));
 }
 
 FeedForwardECMoEImpl::FeedForwardECMoEImpl(int64_t d, int64_t n, int64_t experts, double capacity)
@@ -33,7 +150,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   auto xin = x.reshape({B * T, d}).index_select(0, flat).view({B, E, k, d});
   // Per expert batched matmuls: (E, B*k, d) @ (E, d, n) -> gelu -> @ (E, n, d).
   auto h = xin.transpose(0, 1).reshape({E, B * k, d});
-  h = microdit::bmm(at::gelu(microdit::bmm(h, w1)), w2);            // (E, B*k, d)
+  h = gelu_bmm(microdit::bmm(h, w1), w2, recompute_ffn_for(x));    // (E, B*k, d)
   h = h.view({E, B, k, d}).transpose(0, 1) * g.unsqueeze(-1);        // (B, E, k, d)
   auto out = torch::zeros({B * T, d}, h.options());
   return out.index_add(0, flat, h.reshape({B * E * k, d})).view({B, T, d});
