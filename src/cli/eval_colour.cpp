@@ -63,9 +63,12 @@ void run(const EvalOptions& o) {
   ProgressBar bar("eval-colour", static_cast<int64_t>(rows.size()), "img");
   // Sample j of every prompt shares its noise (seed + j): only the colour word differs.
   std::vector<Tensor> per_prompt;
-  for (size_t p = 0; p < probes.size(); ++p)
-    per_prompt.push_back(generate_images(*sm.model, emb.narrow(0, p * o.n, o.n), o.seed, sm.edm, so,
-                                         o.n, [&](int64_t) { bar.advance(o.n); }));
+  for (size_t p = 0; p < probes.size(); ++p) {
+    // `done` counts this prompt's images so far (CPU workers report a chunk each).
+    const int64_t before = static_cast<int64_t>(p) * o.n;
+    per_prompt.push_back(generate_images(*sm.model, emb.narrow(0, before, o.n), o.seed, sm.edm, so,
+                                         o.n, [&bar, before](int64_t done) { bar.update(before + done); }));
+  }
   bar.finish();
   int correct = 0, total = 0;
   std::vector<Image> cells;
