@@ -177,6 +177,16 @@ template <typename F> void with_type(DType t, F&& f) {
   throw std::runtime_error("fused kernels: unsupported dtype");
 }
 
+// f(X*, Y*) or f(X*, Y*, Z*) with null pointers of the C++ types for the given dtypes.
+template <typename F> void with_types(DType a, DType b, F&& f) {
+  with_type(a, [&](auto* ap) { with_type(b, [&](auto* bp) { f(ap, bp); }); });
+}
+template <typename F> void with_types(DType a, DType b, DType c, F&& f) {
+  with_types(a, b, [&](auto* ap, auto* bp) { with_type(c, [&](auto* cp) { f(ap, bp, cp); }); });
+}
+
+template <typename P> using elem = std::remove_pointer_t<P>;
+
 int row_threads(int64_t d) { return d <= 256 ? 64 : d <= 1024 ? 128 : 256; }
 
 dim3 column_grid(int64_t B, int64_t T, int64_t d, int threads) {
@@ -196,18 +206,14 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
                    const void* shift, const void* scale, void* y, DType yt, float* mean, float* rstd,
                    int64_t rows, int64_t T, int64_t d, float eps, void* stream) {
   check_sizes(rows, T, d);
-  with_type(xt, [&](auto* xp) {
-    with_type(st, [&](auto* sp) {
-      with_type(yt, [&](auto* yp) {
-        using X = std::remove_pointer_t<decltype(xp)>;
-        using S = std::remove_pointer_t<decltype(sp)>;
-        using Y = std::remove_pointer_t<decltype(yp)>;
-        modln_fwd_kernel<X, S, Y><<<static_cast<unsigned>(rows), row_threads(d), 0,
-                                    static_cast<cudaStream_t>(stream)>>>(
-            static_cast<const X*>(x), ldx, static_cast<S*>(xs), w, static_cast<const Y*>(shift),
-            static_cast<const Y*>(scale), static_cast<Y*>(y), mean, rstd, T, static_cast<int>(d), eps);
-      });
-    });
+  with_types(xt, st, yt, [&](auto* xp, auto* sp, auto* yp) {
+    using X = elem<decltype(xp)>;
+    using S = elem<decltype(sp)>;
+    using Y = elem<decltype(yp)>;
+    modln_fwd_kernel<X, S, Y><<<static_cast<unsigned>(rows), row_threads(d), 0,
+                                static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const X*>(x), ldx, static_cast<S*>(xs), w, static_cast<const Y*>(shift),
+        static_cast<const Y*>(scale), static_cast<Y*>(y), mean, rstd, T, static_cast<int>(d), eps);
   });
   check_launch("modulated LayerNorm forward");
 }
@@ -216,18 +222,14 @@ void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DT
                        const float* w, const void* scale, const float* mean, const float* rstd,
                        void* dx, DType xt, int64_t rows, int64_t T, int64_t d, void* stream) {
   check_sizes(rows, T, d);
-  with_type(xt, [&](auto* xp) {
-    with_type(st, [&](auto* sp) {
-      with_type(yt, [&](auto* yp) {
-        using X = std::remove_pointer_t<decltype(xp)>;
-        using S = std::remove_pointer_t<decltype(sp)>;
-        using Y = std::remove_pointer_t<decltype(yp)>;
-        modln_bwd_dx_kernel<X, S, Y><<<static_cast<unsigned>(rows), row_threads(d), 0,
-                                       static_cast<cudaStream_t>(stream)>>>(
-            static_cast<const Y*>(dy), static_cast<const S*>(xs), lds, w,
-            static_cast<const Y*>(scale), mean, rstd, static_cast<X*>(dx), T, static_cast<int>(d));
-      });
-    });
+  with_types(xt, st, yt, [&](auto* xp, auto* sp, auto* yp) {
+    using X = elem<decltype(xp)>;
+    using S = elem<decltype(sp)>;
+    using Y = elem<decltype(yp)>;
+    modln_bwd_dx_kernel<X, S, Y><<<static_cast<unsigned>(rows), row_threads(d), 0,
+                                   static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const Y*>(dy), static_cast<const S*>(xs), lds, w,
+        static_cast<const Y*>(scale), mean, rstd, static_cast<X*>(dx), T, static_cast<int>(d));
   });
   check_launch("modulated LayerNorm backward (dx)");
 }
@@ -236,16 +238,14 @@ void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, 
                          const float* mean, const float* rstd, float* s0, float* s1, int64_t B,
                          int64_t T, int64_t d, void* stream) {
   check_sizes(B * T, T, d);
-  with_type(st, [&](auto* sp) {
-    with_type(yt, [&](auto* yp) {
-      using S = std::remove_pointer_t<decltype(sp)>;
-      using Y = std::remove_pointer_t<decltype(yp)>;
-      constexpr int threads = 128;
-      modln_bwd_sums_kernel<S, Y><<<column_grid(B, T, d, threads), threads, 0,
-                                    static_cast<cudaStream_t>(stream)>>>(
-          static_cast<const Y*>(dy), static_cast<const S*>(xs), lds, mean, rstd, s0, s1, T,
-          static_cast<int>(d), rows_per_chunk(T));
-    });
+  with_types(st, yt, [&](auto* sp, auto* yp) {
+    using S = elem<decltype(sp)>;
+    using Y = elem<decltype(yp)>;
+    constexpr int threads = 128;
+    modln_bwd_sums_kernel<S, Y><<<column_grid(B, T, d, threads), threads, 0,
+                                  static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const Y*>(dy), static_cast<const S*>(xs), lds, mean, rstd, s0, s1, T,
+        static_cast<int>(d), rows_per_chunk(T));
   });
   check_launch("modulated LayerNorm backward (sums)");
 }
@@ -254,20 +254,16 @@ void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt,
                             DType ht, void* out, int64_t B, int64_t T, int64_t d, void* stream) {
   check_sizes(B * T, T, d);
   const int64_t n = B * T * d;
-  with_type(xt, [&](auto* xp) {
-    with_type(gt, [&](auto* gp) {
-      with_type(ht, [&](auto* hp) {
-        using X = std::remove_pointer_t<decltype(xp)>;
-        using G = std::remove_pointer_t<decltype(gp)>;
-        using H = std::remove_pointer_t<decltype(hp)>;
-        constexpr int threads = 256;
-        const int64_t want = (n + threads - 1) / threads;
-        const unsigned blocks = static_cast<unsigned>(want < 65536 * 8 ? want : 65536 * 8);
-        gated_fwd_kernel<X, G, H><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-            static_cast<const X*>(x), static_cast<const G*>(gate), static_cast<const H*>(h),
-            static_cast<X*>(out), n, T, static_cast<int>(d));
-      });
-    });
+  with_types(xt, gt, ht, [&](auto* xp, auto* gp, auto* hp) {
+    using X = elem<decltype(xp)>;
+    using G = elem<decltype(gp)>;
+    using H = elem<decltype(hp)>;
+    constexpr int threads = 256;
+    const int64_t want = (n + threads - 1) / threads;
+    const unsigned blocks = static_cast<unsigned>(want < 65536 * 8 ? want : 65536 * 8);
+    gated_fwd_kernel<X, G, H><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const X*>(x), static_cast<const G*>(gate), static_cast<const H*>(h),
+        static_cast<X*>(out), n, T, static_cast<int>(d));
   });
   check_launch("gated residual forward");
 }
@@ -276,19 +272,15 @@ void gated_residual_backward(const void* dout, DType ot, const void* gate, DType
                              DType ht, void* dh, float* dgate, int64_t B, int64_t T, int64_t d,
                              void* stream) {
   check_sizes(B * T, T, d);
-  with_type(ot, [&](auto* op) {
-    with_type(gt, [&](auto* gp) {
-      with_type(ht, [&](auto* hp) {
-        using O = std::remove_pointer_t<decltype(op)>;
-        using G = std::remove_pointer_t<decltype(gp)>;
-        using H = std::remove_pointer_t<decltype(hp)>;
-        constexpr int threads = 128;
-        gated_bwd_kernel<O, G, H><<<column_grid(B, T, d, threads), threads, 0,
-                                    static_cast<cudaStream_t>(stream)>>>(
-            static_cast<const O*>(dout), static_cast<const G*>(gate), static_cast<const H*>(h),
-            static_cast<H*>(dh), dgate, T, static_cast<int>(d), rows_per_chunk(T));
-      });
-    });
+  with_types(ot, gt, ht, [&](auto* op, auto* gp, auto* hp) {
+    using O = elem<decltype(op)>;
+    using G = elem<decltype(gp)>;
+    using H = elem<decltype(hp)>;
+    constexpr int threads = 128;
+    gated_bwd_kernel<O, G, H><<<column_grid(B, T, d, threads), threads, 0,
+                                static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const O*>(dout), static_cast<const G*>(gate), static_cast<const H*>(h),
+        static_cast<H*>(dh), dgate, T, static_cast<int>(d), rows_per_chunk(T));
   });
   check_launch("gated residual backward");
 }
