@@ -1,6 +1,7 @@
-// The fused CUDA kernels (model/fused.h) against LibTorch's operators: each function's result
-// and every gradient, and a whole tiny model's loss and gradients with the kernels on and off.
-// The CUDA tests skip without a GPU; the CPU ones check that the switch leaves the CPU alone.
+// The fused kernels (model/fused.h) against LibTorch's operators: each function's result and
+// every gradient, and a whole tiny model's loss and gradients with the kernels on and off.
+// Every test runs on the CPU, for each instruction set the CPU kernels are compiled for that
+// this CPU has, and on CUDA where there is a GPU and the CUDA kernels were built.
 #include <gtest/gtest.h>
 #include <torch/cuda.h>
 #include <torch/torch.h>
@@ -28,6 +29,28 @@ struct FusedSwitch {
 
 bool have_cuda_kernels() { return torch::cuda::is_available() && kernels::available(); }
 
+// One device and, on the CPU, one instruction-set level of the CPU kernels.
+struct Target {
+  c10::Device device;
+  int isa;  // CPU: 2 AVX-512, 1 AVX2, 0 x86-64 (capped by what the CPU has)
+  std::string name() const {
+    return device.is_cuda() ? "cuda" : std::string("cpu ") + (isa == 2 ? "avx512" : isa == 1 ? "avx2" : "x86-64");
+  }
+};
+
+std::vector<Target> targets() {
+  std::vector<Target> t;
+  for (int isa = 2; isa >= 0; --isa) t.push_back({c10::Device(torch::kCPU), isa});
+  if (have_cuda_kernels()) t.push_back({c10::Device(torch::kCUDA, 0), 2});
+  return t;
+}
+
+// Caps the CPU kernels' instruction set for one scope.
+struct IsaCap {
+  explicit IsaCap(const Target& t) { kernels::cpu::limit_instruction_set(t.isa); }
+  ~IsaCap() { kernels::cpu::limit_instruction_set(2); }
+};
+
 // |a - b|_max / |b|_max, in float64.
 double rel(const torch::Tensor& a, const torch::Tensor& b) {
   auto bd = b.detach().to(torch::kCPU, torch::kFloat64), ad = a.detach().to(torch::kCPU, torch::kFloat64);
@@ -43,7 +66,6 @@ struct LnCase {
 }  // namespace
 
 TEST(Fused, ModulatedLayerNormMatchesFloat64) {
-  if (!have_cuda_kernels()) GTEST_SKIP() << "no CUDA device or no fused kernels in this build";
   const auto f32 = at::kFloat, bf16 = at::kBFloat16;
   const LnCase cases[] = {
       {"fp32, weight, modulation", f32, f32, f32, true, true, false},
@@ -54,10 +76,12 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
       {"no weight, bf16, strided", bf16, bf16, bf16, false, false, true},
       {"weight, no modulation, bf16 out", f32, bf16, bf16, true, false, false},
   };
-  const c10::Device cuda(torch::kCUDA, 0);
+  for (const auto& target : targets()) {
+  const IsaCap cap(target);
+  const c10::Device cuda = target.device;  // the device under test
   for (const int64_t d : {64, 200, 1024, 1152}) {
     for (const auto& c : cases) {
-      SCOPED_TRACE(std::string(c.name) + ", d " + std::to_string(d));
+      SCOPED_TRACE(target.name() + ", " + c.name + ", d " + std::to_string(d));
       torch::manual_seed(1);
       const int64_t B = 3, T = 37;
       auto base = (torch::randn({B, T, c.strided ? 3 * d : d}) * 2 + 0.5).to(cuda, c.x);
@@ -94,13 +118,15 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
       }
     }
   }
+  }
 }
 
 TEST(Fused, GatedResidualMatchesFloat64) {
-  if (!have_cuda_kernels()) GTEST_SKIP() << "no CUDA device or no fused kernels in this build";
-  const c10::Device cuda(torch::kCUDA, 0);
+  for (const auto& target : targets())
   for (const auto low : {at::kFloat, at::kBFloat16}) {
-    SCOPED_TRACE(c10::toString(low));
+    const IsaCap cap(target);
+    const c10::Device cuda = target.device;  // the device under test
+    SCOPED_TRACE(target.name() + ", " + c10::toString(low));
     torch::manual_seed(2);
     const int64_t B = 5, T = 70, d = 96;  // T over two row chunks of the backward kernel
     auto x = torch::randn({B, T, d}).to(cuda).requires_grad_(true);
@@ -179,8 +205,10 @@ double worst_grad(const Step& a, const Step& b) {
 }  // namespace
 
 TEST(Fused, ModelStepEqualsLibTorchPath) {
-  if (!have_cuda_kernels()) GTEST_SKIP() << "no CUDA device or no fused kernels in this build";
-  const c10::Device cuda(torch::kCUDA, 0);
+  for (const auto& target : targets()) {
+  const IsaCap cap(target);
+  const c10::Device cuda = target.device;  // the device under test
+  SCOPED_TRACE(target.name());
   {
     const auto plain = tiny_model_step(cuda, false, false, false), fused = tiny_model_step(cuda, true, false, false);
     EXPECT_NEAR(fused.loss, plain.loss, 1e-5 * std::abs(plain.loss)) << "fp32";
@@ -192,29 +220,38 @@ TEST(Fused, ModelStepEqualsLibTorchPath) {
     const auto plain = tiny_model_step(cuda, false, true, lp), fused = tiny_model_step(cuda, true, true, lp);
     // bf16 rounds at other places (once per fused kernel instead of once per operator), and
     // expert-choice routing is discontinuous: a token that moves past another in an expert's
-    // top-k changes that expert's gradients outright. On an H200 the losses agreed within 2 %
-    // and the worst tensor differed by 14 % (28 % with low-precision LayerNorm) of its largest
-    // gradient. So: the same loss, no tensor far off, and about as close to the float32 step
-    // as LibTorch's bf16 path is.
+    // top-k changes that expert's gradients outright. So the worst single tensor may be far
+    // off in either bf16 path (on the CPU LibTorch's own bf16 step is 53 % off float32 in its
+    // worst tensor, the fused one 63 %; on an H200 fused and LibTorch bf16 differed by 14 %,
+    // 28 % with low-precision LayerNorm). The test: the same loss, the worst tensor no worse
+    // than LibTorch's bf16 by much, and as close to the float32 step overall.
     EXPECT_NEAR(fused.loss, plain.loss, 2e-2 * std::abs(plain.loss));
-    EXPECT_LT(worst_grad(fused, plain), 0.5);
+    EXPECT_LT(worst_grad(fused, exact), 1.5 * worst_grad(plain, exact) + 0.05)
+        << "LibTorch bf16: " << worst_grad(plain, exact);
     EXPECT_LT(norm_error(fused, exact), 3 * norm_error(plain, exact) + 1e-2)
         << "LibTorch bf16: " << norm_error(plain, exact);
   }
+  }
 }
 
-TEST(Fused, CpuTakesLibTorchOperators) {
-  // On the CPU the switch changes nothing: same loss and gradients bit for bit.
+TEST(Fused, TakesFloat32AndBf16OnTheCpu) {
+  EXPECT_TRUE(fused_kernels_apply(torch::ones({2, 3})));
+  EXPECT_TRUE(fused_kernels_apply(torch::ones({2, 3}, torch::kBFloat16)));
+  EXPECT_FALSE(fused_kernels_apply(torch::ones({2, 3}, torch::kHalf)));  // LibTorch's operators
+  EXPECT_FALSE(fused_kernels_apply(torch::ones({2, 3}, torch::kFloat64)));
+  EXPECT_FALSE(fused_kernels_apply(torch::Tensor()));
+  // Switched off, the model takes LibTorch's operators: the step differs by float rounding only.
   const c10::Device cpu(torch::kCPU);
   const auto off = tiny_model_step(cpu, false, false, false), on = tiny_model_step(cpu, true, false, false);
-  EXPECT_EQ(on.loss, off.loss);
-  EXPECT_EQ(worst_grad(on, off), 0.0);
-  EXPECT_FALSE(fused_kernels_apply(torch::ones({2, 3})));
+  const double d = worst_grad(on, off);
+  EXPECT_GT(d, 0.0) << "the switch changed nothing";
+  EXPECT_LT(d, 1e-3);
+  EXPECT_NEAR(on.loss, off.loss, 1e-5 * std::abs(off.loss));
 }
 
 TEST(Fused, WrongShapesAreOneLineErrors) {
-  if (!have_cuda_kernels()) GTEST_SKIP() << "no CUDA device or no fused kernels in this build";
-  const c10::Device cuda(torch::kCUDA, 0);
+  for (const auto& target : targets()) {
+  const c10::Device cuda = target.device;  // the device under test
   auto x = torch::randn({2, 3, 8}).to(cuda);
   auto msg = error_of([&] {
     fused_modulated_layer_norm(x, {}, torch::zeros({2, 4}).to(cuda), torch::zeros({2, 4}).to(cuda), 1e-6,
@@ -223,4 +260,5 @@ TEST(Fused, WrongShapesAreOneLineErrors) {
   EXPECT_NE(msg.find("shift, scale (B, d)"), std::string::npos) << msg;
   msg = error_of([&] { fused_gated_residual(x, torch::zeros({3, 8}).to(cuda), x); });
   EXPECT_NE(msg.find("gate (B, d)"), std::string::npos) << msg;
+  }
 }

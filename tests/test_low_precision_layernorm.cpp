@@ -11,6 +11,9 @@
 using namespace microdit;
 
 TEST(LowPrecisionLayerNorm, Bf16UnderAutocastFloat32Otherwise) {
+  // LibTorch's operators (the fused kernels, on by default, are below).
+  const bool fused_was = fused_kernels_enabled();
+  set_fused_kernels(false);
   torch::manual_seed(0);
   LayerNorm ln(64, 1e-6);
   {
@@ -32,6 +35,17 @@ TEST(LowPrecisionLayerNorm, Bf16UnderAutocastFloat32Otherwise) {
   ln(x).to(torch::kFloat).sum().backward();
   ASSERT_TRUE(ln->weight.grad().defined());
   EXPECT_EQ(ln->weight.grad().scalar_type(), torch::kFloat);
+
+  // The fused kernel gives the autocast dtype either way (its result goes to a matmul that
+  // autocast would cast anyway); low precision also takes the statistics over x in bf16.
+  set_fused_kernels(true);
+  ln->low_precision = false;
+  auto yf = ln(x);
+  EXPECT_EQ(yf.scalar_type(), torch::kBFloat16);
+  EXPECT_LT((yf.to(torch::kFloat) - ref).abs().max().item<double>(), 0.05);
+  ln->low_precision = true;
+  EXPECT_LT((ln(x).to(torch::kFloat) - ref).abs().max().item<double>(), 0.05);
+  set_fused_kernels(fused_was);
 }
 
 TEST(LowPrecisionLayerNorm, SetsEveryLayerNormOfTheModel) {

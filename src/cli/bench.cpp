@@ -29,9 +29,10 @@
 namespace microdit::cli {
 
 // ", fused kernels" / ", no fused kernels" for a CUDA line (kernels/fused.h).
-static std::string fused_kernels_text() {
-  if (!kernels::available()) return ", no fused kernels (built without nvcc)";
-  return fused_kernels_enabled() ? ", fused kernels" : ", fused kernels off";
+static std::string fused_kernels_text(const c10::Device& device) {
+  if (device.is_cuda() && !kernels::available()) return ", no fused kernels (built without nvcc)";
+  if (!fused_kernels_enabled()) return ", fused kernels off";
+  return device.is_cuda() ? ", fused kernels" : fmt::format(", fused kernels ({})", kernels::cpu::instruction_set());
 }
 
 
@@ -49,7 +50,7 @@ struct BenchOptions {
   bool tf32 = false;
   bool low_precision_layernorm = false;
   bool cuda_graph = false;   // record the step once into a CUDA graph, then replay it
-  int profile = 0;           // steps to run under the profiler after timing (GPU kernels by time)
+  int profile = 0;           // steps (sampling runs) under the profiler after timing
   std::string sdpa;          // only this scaled-dot-product-attention backend (empty: ATen's choice)
   int workers = 0;           // CPU row-slice workers (train/parallel_backward.h); 0: one per thread
   // --sample: the sampler instead of training steps
@@ -80,7 +81,6 @@ ModelConfig bench_config(const BenchOptions& o) {
 void run_sample(const BenchOptions& o, const c10::Device& device) {
   const ModelConfig c = bench_config(o);
   MD_CHECK(o.n >= 1 && o.batch >= 1 && o.sampler_steps >= 1, "--n, --batch and --sampler-steps must be >= 1");
-  MD_CHECK(!o.profile, "--sample: --profile lists the kernels of training steps only");
   MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
   torch::manual_seed(0);
   MicroDiT model(c);
@@ -111,9 +111,16 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
              o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "",
              !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
              std::string(o.low_precision_layernorm ? ", low-precision LayerNorm" : "") +
-                 (device.is_cuda() ? fused_kernels_text() : ""),
+                 fused_kernels_text(device),
              o.n / s, s,
              peak_memory_text(device));
+  if (o.profile > 0) {
+    fmt::print("{} over {} more sampling run(s):\n{}", device.is_cuda() ? "GPU activity" : "CPU operators", o.profile,
+               profile_device_kernels(device, [&] {
+                 for (int i = 0; i < o.profile; ++i) generate_images(*model, captions, 0, edm, so, o.batch);
+                 sync(device);
+               }));
+  }
 }
 
 void run_train(const BenchOptions& o, const c10::Device& device) {
@@ -122,8 +129,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
   MD_CHECK(!o.cuda_graph || !o.plain_adamw, "--cuda-graph needs the fused AdamW (drop --plain-adamw)");
   MD_CHECK(!o.cuda_graph || o.warmup >= 1, "--cuda-graph needs --warmup >= 1");
-  MD_CHECK(o.profile >= 0 && (o.profile == 0 || device.is_cuda()),
-           "--profile lists GPU kernels: it needs --device cuda (and a count >= 0)");
+  MD_CHECK(o.profile >= 0, "--profile must be >= 0, got {}", o.profile);
   MicroDiT model(c);
   model->to(device);
   model->train();
@@ -192,7 +198,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (o.low_precision_layernorm) split += ", low-precision LayerNorm";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
-  if (device.is_cuda()) split += fused_kernels_text();
+  split += fused_kernels_text(device);
   if (recompute_ffn() == RecomputeFfn::always || (recompute_ffn() == RecomputeFfn::cuda && device.is_cuda()))
     split += ", FFN activations recomputed";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
@@ -201,7 +207,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
              o.plain_adamw ? ", plain AdamW" : "", split, 1e3 * s / o.steps, ips, rate, peak_memory_text(device),
              warm_s);
   if (o.profile > 0) {
-    fmt::print("GPU activity over {} more steps:\n{}", o.profile, profile_device_kernels(device, [&] {
+    fmt::print("{} over {} more steps:\n{}", device.is_cuda() ? "GPU activity" : "CPU operators", o.profile, profile_device_kernels(device, [&] {
                  for (int i = 0; i < o.profile; ++i) one_step();
                  sync(device);
                }));
@@ -254,8 +260,8 @@ void register_bench(CLI::App& app) {
   cmd->add_flag("--low-precision-layernorm", o->low_precision_layernorm,
                 "LayerNorm in bf16 under autocast (Composer's low_precision_layernorm, as the reference trains)");
   cmd->add_flag("--cuda-graph", o->cuda_graph, "record the training step into a CUDA graph once, then replay it");
-  cmd->add_option("--profile", o->profile, "after timing, run this many steps under the profiler and list the GPU "
-                                          "kernels by time")
+  cmd->add_option("--profile", o->profile, "after timing, run this many more steps (--sample: sampling runs) under the "
+                                          "profiler and list the GPU kernels, or on the CPU the operators' self times")
       ->capture_default_str();
   cmd->add_option("--sdpa", o->sdpa, "only this attention backend: flash, cudnn, efficient or math");
   cmd->add_flag("--sample", o->sample, "time the sampler (Heun, guidance) on random captions instead of training");

@@ -21,7 +21,7 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
            MD_CHECK(v == "on" || v == "off", "--fused-kernels: expected on or off, got '{}'", v);
            set_fused_kernels(v == "on");
          },
-         "fused CUDA kernels for LayerNorm + modulation and the gated residual adds: on or off")
+         "fused kernels (CPU and CUDA) for LayerNorm + modulation and the gated residual adds: on or off")
       ->default_str("on");
   cmd.add_option_function<std::string>(
          "--recompute-ffn", [](const std::string& v) { set_recompute_ffn(parse_recompute_ffn(v)); },

@@ -1,5 +1,6 @@
-// Where a GPU spends its time: runs `work` under LibTorch's Kineto profiler and sums the
-// device's kernel and memory-copy times by name. For `bench --profile`.
+// Where the time goes: runs `work` under LibTorch's Kineto profiler. On a GPU it sums the
+// device's kernel and memory-copy times by name; on the CPU, each ATen operator's self time
+// (less the operators it called). For `bench --profile`.
 #pragma once
 #include <c10/core/Device.h>
 
@@ -8,8 +9,8 @@
 
 namespace microdit {
 
-// A text table: the `top` names with the most device time (total ms, share, count, mean us),
-// then the device's busy time against the wall time of `work` (which must end synchronised).
+// A text table: the `top` names with the most time (total ms, share, count, mean us), then
+// the busy time against the wall time of `work` (which must end synchronised).
 std::string profile_device_kernels(c10::Device device, const std::function<void()>& work, int top = 30);
 
 }  // namespace microdit

@@ -5,7 +5,9 @@
 // and their backward passes. Plain C++ interface (raw pointers, a cudaStream_t as void*), so
 // this header and the .cu file need no LibTorch; model/fused.cpp wraps them as autograd
 // functions. Every tensor is row-major: rows r = b * T + t of width d, sample b = r / T.
-// Compiled only when CMake finds nvcc (MICRODIT_HAVE_CUDA_KERNELS); `available()` says so.
+// The CUDA kernels are compiled only when CMake finds nvcc (MICRODIT_HAVE_CUDA_KERNELS);
+// `available()` says so. The same functions for CPU memory, in `kernels::cpu` below
+// (kernels/fused_cpu.cpp, float32 and bf16), are always there.
 #pragma once
 #include <cstdint>
 
@@ -46,5 +48,32 @@ void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt,
 void gated_residual_backward(const void* dout, DType ot, const void* gate, DType gt, const void* h,
                              DType ht, void* dh, float* dgate, int64_t B, int64_t T, int64_t d,
                              void* stream);
+
+// The same kernels on the CPU: same arguments and arithmetic, no stream, float32 and bf16 only
+// (f16 throws). They run on LibTorch's intra-op threads, vectorized for the widest instruction
+// set the CPU has.
+namespace cpu {
+
+// "avx512", "avx2" or "x86-64": the instruction set the CPU kernels run with here.
+const char* instruction_set();
+// For tests: use at most this level (2: AVX-512, 1: AVX2, 0: x86-64), so each compiled
+// version can be checked on one machine. The default is 2 (the widest the CPU has).
+void limit_instruction_set(int level);
+
+void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, const float* w,
+                   const void* shift, const void* scale, void* y, DType yt, float* mean, float* rstd,
+                   int64_t rows, int64_t T, int64_t d, float eps);
+void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
+                       const float* w, const void* scale, const float* mean, const float* rstd,
+                       void* dx, DType xt, int64_t rows, int64_t T, int64_t d);
+void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
+                         const float* mean, const float* rstd, float* s0, float* s1, int64_t B,
+                         int64_t T, int64_t d);
+void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt, const void* h,
+                            DType ht, void* out, int64_t B, int64_t T, int64_t d);
+void gated_residual_backward(const void* dout, DType ot, const void* gate, DType gt, const void* h,
+                             DType ht, void* dh, float* dgate, int64_t B, int64_t T, int64_t d);
+
+}  // namespace cpu
 
 }  // namespace microdit::kernels

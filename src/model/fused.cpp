@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <optional>
+
 #include "core/error.h"
 #include "kernels/fused.h"
 
@@ -32,6 +34,21 @@ void* stream_of(const Tensor& t) {
   return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
 }
 
+// The kernel for t's device: the CUDA one with the current stream, or the CPU one.
+#define MD_KERNEL(t, fn, ...)                                      \
+  do {                                                             \
+    if ((t).is_cuda()) kernels::fn(__VA_ARGS__, stream_of(t));     \
+    else kernels::cpu::fn(__VA_ARGS__);                            \
+  } while (0)
+
+// The device guard where it is one (CUDAGuard needs a CUDA device).
+struct DeviceGuard {
+  std::optional<c10::cuda::CUDAGuard> guard;
+  explicit DeviceGuard(const Tensor& t) {
+    if (t.is_cuda()) guard.emplace(t.device());
+  }
+};
+
 // Row stride of `x` seen as (rows, d) without a copy, or -1 when it cannot be.
 int64_t row_stride(const Tensor& x) {
   if (x.dim() < 2) return x.dim() == 1 ? x.size(0) : -1;
@@ -55,7 +72,7 @@ struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight_in,
                         const Tensor& shift_in, const Tensor& scale_in, double eps,
                         at::ScalarType out, at::ScalarType save) {
-    const c10::cuda::CUDAGuard guard(x_in.device());
+    const DeviceGuard guard(x_in);
     const Tensor weight = present(weight_in), shift = present(shift_in), scale = present(scale_in);
     const bool mod = shift.defined();
     const int64_t d = x_in.size(-1);
@@ -72,11 +89,10 @@ struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
     auto mean = at::empty({rows}, f32), rstd = at::empty({rows}, f32);
     const bool copy = save != x.scalar_type();
     const Tensor xs = copy ? at::empty(x.sizes(), x.options().dtype(save)) : x;
-    kernels::modln_forward(x.data_ptr(), ld, kdt(x.scalar_type()), copy ? xs.data_ptr() : nullptr,
-                           kdt(save), w.defined() ? w.data_ptr<float>() : nullptr,
-                           ptr_or_null(sh), ptr_or_null(sc), y.data_ptr(), kdt(out),
-                           mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, T, d,
-                           static_cast<float>(eps), stream_of(x));
+    MD_KERNEL(x, modln_forward, x.data_ptr(), ld, kdt(x.scalar_type()), copy ? xs.data_ptr() : nullptr,
+              kdt(save), w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(sh), ptr_or_null(sc),
+              y.data_ptr(), kdt(out), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, T, d,
+              static_cast<float>(eps));
     ctx->save_for_backward({xs, or_empty(w, mean), or_empty(sc, mean), mean, rstd});
     ctx->saved_data["ld"] = copy ? d : ld;
     ctx->saved_data["T"] = T;
@@ -90,7 +106,7 @@ struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor xs = saved[0], w = present(saved[1]), sc = present(saved[2]), mean = saved[3], rstd = saved[4];
-    const c10::cuda::CUDAGuard guard(xs.device());
+    const DeviceGuard guard(xs);
     const int64_t ld = ctx->saved_data["ld"].toInt(), T = ctx->saved_data["T"].toInt();
     const auto xt = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     const auto out = sc.defined() ? sc.scalar_type() : grads[0].scalar_type();
@@ -101,18 +117,17 @@ struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
     variable_list g(7);
     if (ctx->needs_input_grad(0)) {
       g[0] = at::empty(xs.sizes(), xs.options().dtype(xt));
-      kernels::modln_backward_dx(dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
-                                 w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy),
-                                 mean.data_ptr<float>(), rstd.data_ptr<float>(), g[0].data_ptr(),
-                                 kdt(xt), rows, T, d, stream_of(xs));
+      MD_KERNEL(xs, modln_backward_dx, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+                w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy), mean.data_ptr<float>(),
+                rstd.data_ptr<float>(), g[0].data_ptr(), kdt(xt), rows, T, d);
     }
     const bool need_w = w.defined() && ctx->needs_input_grad(1);
     const bool need_mod = sc.defined() && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
     if (need_w || need_mod) {
       auto s0 = at::zeros({B, d}, mean.options()), s1 = at::zeros({B, d}, mean.options());
-      kernels::modln_backward_sums(dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
-                                   mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(),
-                                   s1.data_ptr<float>(), B, T, d, stream_of(xs));
+      MD_KERNEL(xs, modln_backward_sums, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+                mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), B,
+                T, d);
       auto dt = [&](const char* k) { return static_cast<at::ScalarType>(ctx->saved_data[k].toInt()); };
       if (need_w) g[1] = (sc.defined() ? (s1 * (1 + sc.to(at::kFloat))).sum(0) : s1.sum(0)).to(dt("w_dtype"));
       if (sc.defined()) {
@@ -127,13 +142,12 @@ struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
 struct GatedResidualFn : torch::autograd::Function<GatedResidualFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& gate_in,
                         const Tensor& h_in) {
-    const c10::cuda::CUDAGuard guard(x_in.device());
+    const DeviceGuard guard(x_in);
     const Tensor x = x_in.contiguous(), gate = gate_in.contiguous(), h = h_in.contiguous();
     const int64_t B = x.size(0), T = x.size(1), d = x.size(2);
     auto out = at::empty(x.sizes(), x.options());
-    kernels::gated_residual_forward(x.data_ptr(), kdt(x.scalar_type()), gate.data_ptr(),
-                                    kdt(gate.scalar_type()), h.data_ptr(), kdt(h.scalar_type()),
-                                    out.data_ptr(), B, T, d, stream_of(x));
+    MD_KERNEL(x, gated_residual_forward, x.data_ptr(), kdt(x.scalar_type()), gate.data_ptr(),
+              kdt(gate.scalar_type()), h.data_ptr(), kdt(h.scalar_type()), out.data_ptr(), B, T, d);
     ctx->save_for_backward({gate, h});
     return out;
   }
@@ -141,7 +155,7 @@ struct GatedResidualFn : torch::autograd::Function<GatedResidualFn> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &gate = saved[0], &h = saved[1];
-    const c10::cuda::CUDAGuard guard(h.device());
+    const DeviceGuard guard(h);
     const int64_t B = h.size(0), T = h.size(1), d = h.size(2);
     const Tensor dout = grads[0].contiguous();
     variable_list g(3);
@@ -149,9 +163,9 @@ struct GatedResidualFn : torch::autograd::Function<GatedResidualFn> {
     if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2)) {
       auto dh = at::empty(h.sizes(), h.options());
       auto dgate = at::zeros({B, d}, h.options().dtype(at::kFloat));
-      kernels::gated_residual_backward(dout.data_ptr(), kdt(dout.scalar_type()), gate.data_ptr(),
-                                       kdt(gate.scalar_type()), h.data_ptr(), kdt(h.scalar_type()),
-                                       dh.data_ptr(), dgate.data_ptr<float>(), B, T, d, stream_of(h));
+      MD_KERNEL(h, gated_residual_backward, dout.data_ptr(), kdt(dout.scalar_type()), gate.data_ptr(),
+                kdt(gate.scalar_type()), h.data_ptr(), kdt(h.scalar_type()), dh.data_ptr(),
+                dgate.data_ptr<float>(), B, T, d);
       g[1] = dgate.to(gate.scalar_type());
       g[2] = dh;
     }
@@ -162,14 +176,15 @@ struct GatedResidualFn : torch::autograd::Function<GatedResidualFn> {
 }  // namespace
 
 bool fused_kernels_apply(const Tensor& x) {
-  return kernels::available() && x.defined() && x.is_cuda() && kernel_dtype(x.scalar_type()) &&
-         x.numel() > 0;
+  if (!x.defined() || x.numel() == 0 || x.layout() != at::kStrided) return false;
+  if (x.is_cuda()) return kernels::available() && kernel_dtype(x.scalar_type());
+  return x.is_cpu() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
 }
 
 Tensor fused_modulated_layer_norm(const Tensor& x, const Tensor& weight, const Tensor& shift,
                                   const Tensor& scale, double eps, at::ScalarType out,
                                   at::ScalarType save) {
-  MD_CHECK(fused_kernels_apply(x), "fused LayerNorm: needs a CUDA tensor and the fused kernels");
+  MD_CHECK(fused_kernels_apply(x), "fused LayerNorm: needs a float32 or bf16 CPU tensor, or a CUDA tensor and the fused CUDA kernels");
   MD_CHECK(kernel_dtype(out) && kernel_dtype(save), "fused LayerNorm: bad result or saved dtype");
   MD_CHECK(shift.defined() == scale.defined(), "fused LayerNorm: shift and scale go together");
   if (shift.defined())
@@ -185,7 +200,7 @@ Tensor fused_modulated_layer_norm(const Tensor& x, const Tensor& weight, const T
 
 Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {
   MD_CHECK(fused_kernels_apply(x) && fused_kernels_apply(gate) && fused_kernels_apply(h),
-           "fused residual: needs CUDA tensors and the fused kernels");
+           "fused residual: needs float32 or bf16 CPU tensors, or CUDA tensors and the fused CUDA kernels");
   MD_CHECK(x.dim() == 3 && h.sizes() == x.sizes() && gate.dim() == 2 && gate.size(0) == x.size(0) &&
                gate.size(1) == x.size(2),
            "fused residual: x, h (B, T, d) and gate (B, d), got {}, {}, {}", c10::str(x.sizes()),

@@ -1,8 +1,9 @@
-// Autograd functions over the fused CUDA kernels (kernels/fused.h): what LibTorch runs as a
-// chain of memory-bound kernels around every matmul of a block, in one pass each way.
-// The model calls them on CUDA tensors when its `fused_kernels` switch is on (the default;
-// model/layers.h) and takes LibTorch's operators otherwise; tests/test_fused.cpp holds the two
-// against each other.
+// Autograd functions over the fused kernels (kernels/fused.h): what LibTorch runs as a chain
+// of memory-bound operators around every matmul of a block, in one pass each way. On CUDA
+// tensors they run the CUDA kernels, on CPU tensors (float32, bf16) their CPU versions.
+// The model calls them when its `fused_kernels` switch is on (the default; model/layers.h)
+// and takes LibTorch's operators otherwise; tests/test_fused.cpp holds the two against each
+// other.
 #pragma once
 #include <torch/types.h>
 
@@ -10,7 +11,8 @@ namespace microdit {
 
 using torch::Tensor;
 
-// True when the kernels are compiled in and `x` is a CUDA tensor they take (float32, bf16, f16).
+// True when `x` is a tensor the kernels take: float32 or bf16 on the CPU; float32, bf16 or
+// f16 on CUDA when the CUDA kernels are compiled in.
 bool fused_kernels_apply(const Tensor& x);
 
 // LayerNorm over the last dimension, times `weight` (d) when defined, then, when shift and scale

@@ -34,8 +34,9 @@ Tensor LayerNormImpl::forward_fused(const Tensor& x, const Tensor& shift, const 
   // Under autocast the result goes straight to a matmul or attention that autocast would cast
   // to its dtype: produce that dtype. Low precision also keeps x (and takes its statistics)
   // in that dtype, as the LibTorch path below does.
-  const bool autocast = at::autocast::is_autocast_enabled(at::kCUDA);
-  const auto out = autocast ? at::autocast::get_autocast_dtype(at::kCUDA) : x.scalar_type();
+  const auto dev = x.device().type();
+  const bool autocast = at::autocast::is_autocast_enabled(dev);
+  const auto out = autocast ? at::autocast::get_autocast_dtype(dev) : x.scalar_type();
   const auto save = low_precision && autocast ? out : x.scalar_type();
   return fused_modulated_layer_norm(x, weight, shift, scale, eps, out, save);
 }

@@ -25,7 +25,7 @@ struct LayerNormImpl : torch::nn::Module {
   // traffic, no cast before the next matmul. No effect without autocast (parity runs fp32).
   bool low_precision = false;
   // LN(x) * (1 + scale[b]) + shift[b] for x (B, T, d), shift and scale (B, d): one fused
-  // kernel on CUDA when fused_kernels_enabled() (model/fused.h), else modulate(forward(x), ...).
+  // kernel when fused_kernels_enabled() (model/fused.h), else modulate(forward(x), ...).
   Tensor forward_modulated(const Tensor& x, const Tensor& shift, const Tensor& scale);
 
  private:
@@ -76,13 +76,14 @@ inline Tensor modulate(const Tensor& x, const Tensor& shift, const Tensor& scale
   return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1);
 }
 
-// The process-wide switch for the fused CUDA kernels (on by default; `--fused-kernels off`).
-// They apply only where kernels/fused.h was compiled in and only to CUDA tensors.
+// The process-wide switch for the fused kernels (on by default; `--fused-kernels off`).
+// They apply to float32 and bf16 CPU tensors, and to CUDA tensors where the CUDA kernels
+// were compiled in.
 void set_fused_kernels(bool on);
 bool fused_kernels_enabled();
 
 // x + gate[b] * h for the residual stream x (B, T, d), gate (B, d), h (B, T, d): one fused
-// kernel on CUDA when the fused kernels are on.
+// kernel when the fused kernels are on.
 Tensor gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h);
 
 }  // namespace microdit

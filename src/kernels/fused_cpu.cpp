@@ -1,0 +1,363 @@
+// The fused kernels of kernels/fused.h on the CPU (kernels::cpu). Same arithmetic as the CUDA
+// ones: float32 throughout, inputs converted on load and results rounded on store.
+//
+// Each kernel is a template body compiled three times, for AVX-512, AVX2 and plain x86-64,
+// through GCC's `target` attribute; the first call picks the widest the CPU has. The bodies
+// are written as loops over a row held in a float buffer, which GCC vectorizes at -O2/-O3;
+// sums run in 16 lanes so that they vectorize too (their order is fixed, so the results do
+// not depend on the instruction set more than float rounding allows).
+#include "kernels/fused.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace microdit::kernels::cpu {
+
+namespace {
+
+struct bf16 {
+  uint16_t bits;
+};
+
+#define MD_INLINE inline __attribute__((always_inline))
+
+MD_INLINE float to_f(float v) { return v; }
+MD_INLINE float to_f(bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T> MD_INLINE T from_f(float v);
+template <> MD_INLINE float from_f<float>(float v) { return v; }
+// Round to nearest even, as c10::BFloat16 and __float2bfloat16 do; NaN stays NaN.
+template <> MD_INLINE bf16 from_f<bf16>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return bf16{static_cast<uint16_t>(v != v ? 0x7FC0u : rounded)};
+}
+
+template <typename T> MD_INLINE float round_to(float v) { return to_f(from_f<T>(v)); }
+
+constexpr int kLanes = 16;
+
+// Sum of v[0..n) in kLanes partial sums.
+MD_INLINE float lane_sum(const float* v, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += v[j + l];
+  float s = 0.f;
+  for (; j < n; ++j) s += v[j];
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// The arguments of each kernel, so that one pointer type serves every instruction set.
+struct LnFwd {
+  const void* x;
+  int64_t ldx;
+  void* xs;
+  const float* w;
+  const void *shift, *scale;
+  void* y;
+  float *mean, *rstd;
+  int64_t T, d;
+  float eps;
+};
+struct LnDx {
+  const void* dy;
+  const void* xs;
+  int64_t lds;
+  const float* w;
+  const void* scale;
+  const float *mean, *rstd;
+  void* dx;
+  int64_t T, d;
+};
+struct LnSums {
+  const void *dy, *xs;
+  int64_t lds;
+  const float *mean, *rstd;
+  float *s0, *s1;
+  int64_t T, d;
+};
+struct Gated {
+  const void *x, *gate, *h;  // backward: x is dout
+  void* out;                 // backward: dh
+  float* dgate;
+  int64_t T, d;
+};
+
+// Rows r0..r1 of the modulated LayerNorm forward (model/fused.h has the formula).
+template <typename X, typename S, typename Y>
+MD_INLINE void modln_fwd_rows(const LnFwd& a, int64_t r0, int64_t r1) {
+  const int64_t d = a.d;
+  const Y* __restrict shift = static_cast<const Y*>(a.shift);
+  const Y* __restrict scale = static_cast<const Y*>(a.scale);
+  const float* __restrict w = a.w;
+  std::vector<float> buf(static_cast<size_t>(2 * d));
+  float* __restrict v = buf.data();  // the row, centred
+  float* __restrict m = v + d;       // w * (1 + scale[b]) for the current sample b
+  int64_t b_loaded = -1;
+  for (int64_t r = r0; r < r1; ++r) {
+    const X* __restrict xr = static_cast<const X*>(a.x) + r * a.ldx;
+    for (int64_t j = 0; j < d; ++j) v[j] = round_to<S>(to_f(xr[j]));
+    if (a.xs) {
+      S* __restrict xs = static_cast<S*>(a.xs) + r * d;
+      for (int64_t j = 0; j < d; ++j) xs[j] = from_f<S>(v[j]);
+    }
+    const float mean = lane_sum(v, d) / static_cast<float>(d);
+    for (int64_t j = 0; j < d; ++j) v[j] -= mean;
+    float acc[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= d; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += v[j + l] * v[j + l];
+    float q = 0.f;
+    for (; j < d; ++j) q += v[j] * v[j];
+    for (int l = 0; l < kLanes; ++l) q += acc[l];
+    const float rstd = 1.f / std::sqrt(q / static_cast<float>(d) + a.eps);
+    Y* __restrict yr = static_cast<Y*>(a.y) + r * d;
+    if (scale) {
+      const int64_t b = r / a.T;
+      if (b != b_loaded) {
+        for (int64_t k = 0; k < d; ++k) m[k] = (w ? w[k] : 1.f) * (1.f + to_f(scale[b * d + k]));
+        b_loaded = b;
+      }
+      const Y* __restrict sh = shift + b * d;
+      for (int64_t k = 0; k < d; ++k) yr[k] = from_f<Y>(v[k] * rstd * m[k] + to_f(sh[k]));
+    } else if (w) {
+      for (int64_t k = 0; k < d; ++k) yr[k] = from_f<Y>(v[k] * rstd * w[k]);
+    } else {
+      for (int64_t k = 0; k < d; ++k) yr[k] = from_f<Y>(v[k] * rstd);
+    }
+    a.mean[r] = mean;
+    a.rstd[r] = rstd;
+  }
+}
+
+// Rows r0..r1 of dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * (1 + scale) * w.
+template <typename X, typename S, typename Y>
+MD_INLINE void modln_dx_rows(const LnDx& a, int64_t r0, int64_t r1) {
+  const int64_t d = a.d;
+  const Y* __restrict scale = static_cast<const Y*>(a.scale);
+  const float* __restrict w = a.w;
+  std::vector<float> buf(static_cast<size_t>(3 * d));
+  float *__restrict g = buf.data(), *__restrict xh = g + d, *__restrict gx = xh + d;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / a.T;
+    const float mu = a.mean[r], rs = a.rstd[r];
+    const Y* __restrict dyr = static_cast<const Y*>(a.dy) + r * d;
+    const S* __restrict xr = static_cast<const S*>(a.xs) + r * a.lds;
+    for (int64_t j = 0; j < d; ++j) g[j] = to_f(dyr[j]);
+    if (scale)
+      for (int64_t j = 0; j < d; ++j) g[j] *= 1.f + to_f(scale[b * d + j]);
+    if (w)
+      for (int64_t j = 0; j < d; ++j) g[j] *= w[j];
+    for (int64_t j = 0; j < d; ++j) {
+      xh[j] = (to_f(xr[j]) - mu) * rs;
+      gx[j] = g[j] * xh[j];
+    }
+    const float c1 = lane_sum(g, d) / static_cast<float>(d);
+    const float c2 = lane_sum(gx, d) / static_cast<float>(d);
+    X* __restrict dxr = static_cast<X*>(a.dx) + r * d;
+    for (int64_t j = 0; j < d; ++j) dxr[j] = from_f<X>(rs * (g[j] - c1 - xh[j] * c2));
+  }
+}
+
+// Samples b0..b1 of s0[b, j] += sum_t dy, s1[b, j] += sum_t dy * xhat (rows in order).
+template <typename S, typename Y>
+MD_INLINE void modln_sums_samples(const LnSums& a, int64_t b0, int64_t b1) {
+  const int64_t d = a.d;
+  for (int64_t b = b0; b < b1; ++b) {
+    float *__restrict s0 = a.s0 + b * d, *__restrict s1 = a.s1 + b * d;
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int64_t r = b * a.T + t;
+      const float mu = a.mean[r], rs = a.rstd[r];
+      const Y* __restrict dyr = static_cast<const Y*>(a.dy) + r * d;
+      const S* __restrict xr = static_cast<const S*>(a.xs) + r * a.lds;
+      for (int64_t j = 0; j < d; ++j) {
+        const float g = to_f(dyr[j]);
+        s0[j] += g;
+        s1[j] += g * ((to_f(xr[j]) - mu) * rs);
+      }
+    }
+  }
+}
+
+// Rows r0..r1 of out = x + gate[b] * h.
+template <typename X, typename G, typename H>
+MD_INLINE void gated_fwd_rows(const Gated& a, int64_t r0, int64_t r1) {
+  const int64_t d = a.d;
+  for (int64_t r = r0; r < r1; ++r) {
+    const X* __restrict x = static_cast<const X*>(a.x) + r * d;
+    const H* __restrict h = static_cast<const H*>(a.h) + r * d;
+    const G* __restrict g = static_cast<const G*>(a.gate) + (r / a.T) * d;
+    X* __restrict out = static_cast<X*>(a.out) + r * d;
+    for (int64_t j = 0; j < d; ++j) out[j] = from_f<X>(to_f(x[j]) + to_f(g[j]) * to_f(h[j]));
+  }
+}
+
+// Samples b0..b1 of dh = dout * gate[b], dgate[b, j] += sum_t dout * h (x holds dout).
+template <typename O, typename G, typename H>
+MD_INLINE void gated_bwd_samples(const Gated& a, int64_t b0, int64_t b1) {
+  const int64_t d = a.d;
+  for (int64_t b = b0; b < b1; ++b) {
+    const G* __restrict g = static_cast<const G*>(a.gate) + b * d;
+    float* __restrict acc = a.dgate + b * d;
+    for (int64_t t = 0; t < a.T; ++t) {
+      const int64_t o = (b * a.T + t) * d;
+      const O* __restrict dout = static_cast<const O*>(a.x) + o;
+      const H* __restrict h = static_cast<const H*>(a.h) + o;
+      H* __restrict dh = static_cast<H*>(a.out) + o;
+      for (int64_t j = 0; j < d; ++j) {
+        const float v = to_f(dout[j]);
+        dh[j] = from_f<H>(v * to_f(g[j]));
+        acc[j] += v * to_f(h[j]);
+      }
+    }
+  }
+}
+
+// Each body above, compiled for one instruction set: a plain function with a target
+// attribute, into which GCC inlines the body (lambdas would not inherit the attribute).
+#define MD_ISA_FUNCTIONS(SUFFIX, TARGET)                                                                       \
+  template <typename X, typename S, typename Y>                                                                 \
+  TARGET void modln_fwd_##SUFFIX(const LnFwd& a, int64_t i0, int64_t i1) { modln_fwd_rows<X, S, Y>(a, i0, i1); } \
+  template <typename X, typename S, typename Y>                                                                \
+  TARGET void modln_dx_##SUFFIX(const LnDx& a, int64_t i0, int64_t i1) { modln_dx_rows<X, S, Y>(a, i0, i1); }  \
+  template <typename S, typename Y>                                                                            \
+  TARGET void modln_sums_##SUFFIX(const LnSums& a, int64_t i0, int64_t i1) { modln_sums_samples<S, Y>(a, i0, i1); } \
+  template <typename X, typename G, typename H>                                                                \
+  TARGET void gated_fwd_##SUFFIX(const Gated& a, int64_t i0, int64_t i1) { gated_fwd_rows<X, G, H>(a, i0, i1); } \
+  template <typename O, typename G, typename H>                                                                \
+  TARGET void gated_bwd_##SUFFIX(const Gated& a, int64_t i0, int64_t i1) { gated_bwd_samples<O, G, H>(a, i0, i1); }
+
+MD_ISA_FUNCTIONS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))))
+MD_ISA_FUNCTIONS(avx2, __attribute__((target("avx2,fma"))))
+MD_ISA_FUNCTIONS(base, )
+
+// 2: AVX-512, 1: AVX2 + FMA, 0: baseline x86-64.
+int detected_isa() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+  }();
+  return level;
+}
+
+std::atomic<int> g_isa_cap{2};  // limit_instruction_set()
+
+int isa() { return std::min(detected_isa(), g_isa_cap.load(std::memory_order_relaxed)); }
+
+// The instantiation of NAME_<isa><types...> for this CPU.
+#define MD_PICK(NAME, ...) \
+  (isa() == 2 ? &NAME##_avx512<__VA_ARGS__> : isa() == 1 ? &NAME##_avx2<__VA_ARGS__> : &NAME##_base<__VA_ARGS__>)
+
+// Calls f with a null pointer of the C++ type for dtype t (float32 and bf16 on the CPU).
+template <typename F> void with_type(DType t, F&& f) {
+  switch (t) {
+    case DType::f32: f(static_cast<float*>(nullptr)); return;
+    case DType::bf16: f(static_cast<bf16*>(nullptr)); return;
+    case DType::f16: break;
+  }
+  throw std::runtime_error("fused CPU kernels: float32 and bf16 only");
+}
+template <typename F> void with_types(DType a, DType b, F&& f) {
+  with_type(a, [&](auto* ap) { with_type(b, [&](auto* bp) { f(ap, bp); }); });
+}
+template <typename F> void with_types(DType a, DType b, DType c, F&& f) {
+  with_types(a, b, [&](auto* ap, auto* bp) { with_type(c, [&](auto* cp) { f(ap, bp, cp); }); });
+}
+template <typename P> using elem = std::remove_pointer_t<P>;
+
+// Work is split over LibTorch's intra-op threads (one thread inside the CPU workers) in
+// pieces of at least this many elements.
+constexpr int64_t kGrainElems = 32768;
+int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(per_item, 1)); }
+
+template <typename Args>
+void run(void (*fn)(const Args&, int64_t, int64_t), const Args& a, int64_t n, int64_t per_item) {
+  at::parallel_for(0, n, grain(per_item), [&](int64_t i0, int64_t i1) { fn(a, i0, i1); });
+}
+
+void check_sizes(int64_t rows, int64_t T, int64_t d) {
+  if (rows <= 0 || T <= 0 || d <= 0 || rows % T != 0)
+    throw std::runtime_error("fused CPU kernels: bad sizes (rows " + std::to_string(rows) + ", T " +
+                             std::to_string(T) + ", d " + std::to_string(d) + ")");
+}
+
+}  // namespace
+
+void limit_instruction_set(int level) { g_isa_cap = std::clamp(level, 0, 2); }
+
+const char* instruction_set() {
+  switch (isa()) {
+    case 2: return "avx512";
+    case 1: return "avx2";
+    default: return "x86-64";
+  }
+}
+
+void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, const float* w,
+                   const void* shift, const void* scale, void* y, DType yt, float* mean, float* rstd,
+                   int64_t rows, int64_t T, int64_t d, float eps) {
+  check_sizes(rows, T, d);
+  const LnFwd a{x, ldx, xs, w, shift, scale, y, mean, rstd, T, d, eps};
+  with_types(xt, st, yt, [&](auto* xp, auto* sp, auto* yp) {
+    run(MD_PICK(modln_fwd, elem<decltype(xp)>, elem<decltype(sp)>, elem<decltype(yp)>), a, rows, d);
+  });
+}
+
+void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
+                       const float* w, const void* scale, const float* mean, const float* rstd,
+                       void* dx, DType xt, int64_t rows, int64_t T, int64_t d) {
+  check_sizes(rows, T, d);
+  const LnDx a{dy, xs, lds, w, scale, mean, rstd, dx, T, d};
+  with_types(xt, st, yt, [&](auto* xp, auto* sp, auto* yp) {
+    run(MD_PICK(modln_dx, elem<decltype(xp)>, elem<decltype(sp)>, elem<decltype(yp)>), a, rows, d);
+  });
+}
+
+void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
+                         const float* mean, const float* rstd, float* s0, float* s1, int64_t B,
+                         int64_t T, int64_t d) {
+  check_sizes(B * T, T, d);
+  const LnSums a{dy, xs, lds, mean, rstd, s0, s1, T, d};
+  with_types(st, yt, [&](auto* sp, auto* yp) {
+    run(MD_PICK(modln_sums, elem<decltype(sp)>, elem<decltype(yp)>), a, B, T * d);
+  });
+}
+
+void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt, const void* h,
+                            DType ht, void* out, int64_t B, int64_t T, int64_t d) {
+  check_sizes(B * T, T, d);
+  const Gated a{x, gate, h, out, nullptr, T, d};
+  with_types(xt, gt, ht, [&](auto* xp, auto* gp, auto* hp) {
+    run(MD_PICK(gated_fwd, elem<decltype(xp)>, elem<decltype(gp)>, elem<decltype(hp)>), a, B * T, d);
+  });
+}
+
+void gated_residual_backward(const void* dout, DType ot, const void* gate, DType gt, const void* h,
+                             DType ht, void* dh, float* dgate, int64_t B, int64_t T, int64_t d) {
+  check_sizes(B * T, T, d);
+  const Gated a{dout, gate, h, dh, dgate, T, d};
+  with_types(ot, gt, ht, [&](auto* op, auto* gp, auto* hp) {
+    run(MD_PICK(gated_bwd, elem<decltype(op)>, elem<decltype(gp)>, elem<decltype(hp)>), a, B, T * d);
+  });
+}
+
+}  // namespace microdit::kernels::cpu
