@@ -2,6 +2,9 @@
 // ATen's MKL path, the same errors, and ATen unchanged wherever the oneDNN path does not apply
 // (other dtypes, autocast). The whole-model check is the parity CLI tests, which run on it.
 #include <gtest/gtest.h>
+
+#include <fstream>
+#include <string>
 #include <torch/torch.h>
 
 #include "core/autocast.h"
@@ -123,7 +126,18 @@ TEST(CpuMatmul, AtenWhereOneDnnDoesNotApply) {
 TEST(CpuMatmul, NamesAndLinearModule) {
   EXPECT_EQ(parse_cpu_matmul("onednn"), CpuMatmul::kOneDnn);
   EXPECT_EQ(parse_cpu_matmul("mkl"), CpuMatmul::kMkl);
-  EXPECT_EQ(error_of([] { parse_cpu_matmul("blas"); }), "unknown CPU float32 matmul 'blas' (known: onednn, mkl)");
+  EXPECT_EQ(error_of([] { parse_cpu_matmul("blas"); }),
+            "unknown CPU float32 matmul 'blas' (known: auto, onednn, mkl)");
+  // auto: MKL on Intel CPUs, oneDNN on the others; it is also the process's default.
+  const bool intel = std::ifstream("/proc/cpuinfo").good() && [] {
+    std::ifstream f("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(f, line))
+      if (line.rfind("vendor_id", 0) == 0) return line.find("GenuineIntel") != std::string::npos;
+    return false;
+  }();
+  EXPECT_EQ(parse_cpu_matmul("auto"), intel ? CpuMatmul::kMkl : CpuMatmul::kOneDnn);
+  EXPECT_EQ(default_cpu_fp32_matmul(), parse_cpu_matmul("auto"));
   // microdit::Linear draws torch::nn::Linear's initial values and is still seen as one.
   torch::manual_seed(4);
   auto ours = make_linear(6, 5, true);

@@ -13,8 +13,9 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
       ->capture_default_str();
   cmd.add_option_function<std::string>(
          "--cpu-matmul", [](const std::string& name) { set_cpu_fp32_matmul(parse_cpu_matmul(name)); },
-         "float32 matrix products on the CPU: onednn or mkl (LibTorch's default)")
-      ->default_str("onednn");
+         "float32 matrix products on the CPU: auto (mkl on Intel CPUs, onednn on others), onednn "
+         "or mkl (LibTorch's own choice)")
+      ->default_str("auto");
   cmd.add_option_function<std::string>(
          "--fused-kernels",
          [](const std::string& v) {

@@ -19,7 +19,13 @@ using at::Tensor;
 
 namespace {
 
-std::atomic<CpuMatmul> g_mode{CpuMatmul::kOneDnn};
+// MKL on Intel CPUs, where it runs its tuned kernels; oneDNN elsewhere (docs/performance.md).
+CpuMatmul detect_default() {
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel") ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
+}
+
+std::atomic<CpuMatmul> g_mode{detect_default()};
 
 // mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars,
 // str? algorithm) -> X W^T + B. The operator Inductor emits for CPU linear layers; W may be a
@@ -119,10 +125,16 @@ struct BmmFn : torch::autograd::Function<BmmFn> {
 void set_cpu_fp32_matmul(CpuMatmul m) { g_mode = m; }
 CpuMatmul cpu_fp32_matmul() { return g_mode; }
 
+CpuMatmul default_cpu_fp32_matmul() {
+  static const CpuMatmul m = detect_default();
+  return m;
+}
+
 CpuMatmul parse_cpu_matmul(const std::string& name) {
+  if (name == "auto") return default_cpu_fp32_matmul();
   if (name == "onednn") return CpuMatmul::kOneDnn;
   if (name == "mkl") return CpuMatmul::kMkl;
-  fail("unknown CPU float32 matmul '{}' (known: onednn, mkl)", name);
+  fail("unknown CPU float32 matmul '{}' (known: auto, onednn, mkl)", name);
 }
 
 const char* cpu_matmul_name(CpuMatmul m) { return m == CpuMatmul::kOneDnn ? "onednn" : "mkl"; }

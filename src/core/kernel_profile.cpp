@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <vector>
@@ -76,6 +77,9 @@ std::string cpu_ops(const std::vector<torch::autograd::profiler::KinetoEvent>& e
 
 std::string profile_device_kernels(c10::Device device, const std::function<void()>& work, int top) {
   MD_CHECK(device.is_cuda() || device.is_cpu(), "--profile: CPU or CUDA devices only, got {}", device.str());
+  // Kineto logs an error when it finds no GPU; that is no error for a CPU profile (a user's
+  // own KINETO_LOG_LEVEL stays as it is).
+  if (device.is_cpu()) setenv("KINETO_LOG_LEVEL", "5", /*overwrite=*/0);
   namespace prof = torch::profiler::impl;
   const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
   std::set<prof::ActivityType> activities{prof::ActivityType::CPU};

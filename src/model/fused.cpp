@@ -2,6 +2,8 @@
 
 #include <torch/autograd.h>
 
+#include <ATen/record_function.h>
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -194,6 +196,7 @@ Tensor fused_modulated_layer_norm(const Tensor& x, const Tensor& weight, const T
              c10::str(x.sizes()), c10::str(shift.sizes()), c10::str(scale.sizes()));
   if (weight.defined())
     MD_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "fused LayerNorm: weight must be (d)");
+  RECORD_FUNCTION("microdit::fused_modulated_layer_norm", std::vector<c10::IValue>());
   return ModulatedLayerNormFn::apply(x, or_empty(weight, x), or_empty(shift, x), or_empty(scale, x),
                                      eps, out, save);
 }
@@ -205,6 +208,7 @@ Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h
                gate.size(1) == x.size(2),
            "fused residual: x, h (B, T, d) and gate (B, d), got {}, {}, {}", c10::str(x.sizes()),
            c10::str(gate.sizes()), c10::str(h.sizes()));
+  RECORD_FUNCTION("microdit::fused_gated_residual", std::vector<c10::IValue>());
   return GatedResidualFn::apply(x, gate, h);
 }
 
