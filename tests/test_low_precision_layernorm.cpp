@@ -11,8 +11,12 @@
 using namespace microdit;
 
 TEST(LowPrecisionLayerNorm, Bf16UnderAutocastFloat32Otherwise) {
-  // LibTorch's operators (the fused kernels, on by default, are below).
-  const bool fused_was = fused_kernels_enabled();
+  // LibTorch's operators (the fused kernels, on by default, are below); the switch is
+  // restored however the test ends.
+  struct RestoreFused {
+    bool was = fused_kernels_enabled();
+    ~RestoreFused() { set_fused_kernels(was); }
+  } restore;
   set_fused_kernels(false);
   torch::manual_seed(0);
   LayerNorm ln(64, 1e-6);
@@ -45,7 +49,6 @@ TEST(LowPrecisionLayerNorm, Bf16UnderAutocastFloat32Otherwise) {
   EXPECT_LT((yf.to(torch::kFloat) - ref).abs().max().item<double>(), 0.05);
   ln->low_precision = true;
   EXPECT_LT((ln(x).to(torch::kFloat) - ref).abs().max().item<double>(), 0.05);
-  set_fused_kernels(fused_was);
 }
 
 TEST(LowPrecisionLayerNorm, SetsEveryLayerNormOfTheModel) {

@@ -116,7 +116,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
              peak_memory_text(device));
   if (o.profile > 0) {
     fmt::print("{} over {} more sampling run(s):\n{}", device.is_cuda() ? "GPU activity" : "CPU operators", o.profile,
-               profile_device_kernels(device, [&] {
+               profile_ops(device, [&] {
                  for (int i = 0; i < o.profile; ++i) generate_images(*model, captions, 0, edm, so, o.batch);
                  sync(device);
                }));
@@ -207,7 +207,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
              o.plain_adamw ? ", plain AdamW" : "", split, 1e3 * s / o.steps, ips, rate, peak_memory_text(device),
              warm_s);
   if (o.profile > 0) {
-    fmt::print("{} over {} more steps:\n{}", device.is_cuda() ? "GPU activity" : "CPU operators", o.profile, profile_device_kernels(device, [&] {
+    fmt::print("{} over {} more steps:\n{}", device.is_cuda() ? "GPU activity" : "CPU operators", o.profile, profile_ops(device, [&] {
                  for (int i = 0; i < o.profile; ++i) one_step();
                  sync(device);
                }));

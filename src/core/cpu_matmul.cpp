@@ -19,13 +19,7 @@ using at::Tensor;
 
 namespace {
 
-// MKL on Intel CPUs, where it runs its tuned kernels; oneDNN elsewhere (docs/performance.md).
-CpuMatmul detect_default() {
-  __builtin_cpu_init();
-  return __builtin_cpu_is("intel") ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
-}
-
-std::atomic<CpuMatmul> g_mode{detect_default()};
+std::atomic<CpuMatmul> g_mode{default_cpu_fp32_matmul()};
 
 // mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars,
 // str? algorithm) -> X W^T + B. The operator Inductor emits for CPU linear layers; W may be a
@@ -125,8 +119,12 @@ struct BmmFn : torch::autograd::Function<BmmFn> {
 void set_cpu_fp32_matmul(CpuMatmul m) { g_mode = m; }
 CpuMatmul cpu_fp32_matmul() { return g_mode; }
 
+// MKL on Intel CPUs, where it runs its tuned kernels; oneDNN elsewhere (docs/performance.md).
 CpuMatmul default_cpu_fp32_matmul() {
-  static const CpuMatmul m = detect_default();
+  static const CpuMatmul m = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
+  }();
   return m;
 }
 

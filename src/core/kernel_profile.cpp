@@ -75,7 +75,7 @@ std::string cpu_ops(const std::vector<torch::autograd::profiler::KinetoEvent>& e
 
 }  // namespace
 
-std::string profile_device_kernels(c10::Device device, const std::function<void()>& work, int top) {
+std::string profile_ops(c10::Device device, const std::function<void()>& work, int top) {
   MD_CHECK(device.is_cuda() || device.is_cpu(), "--profile: CPU or CUDA devices only, got {}", device.str());
   // Kineto logs an error when it finds no GPU; that is no error for a CPU profile (a user's
   // own KINETO_LOG_LEVEL stays as it is).

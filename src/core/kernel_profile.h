@@ -11,6 +11,6 @@ namespace microdit {
 
 // A text table: the `top` names with the most time (total ms, share, count, mean us), then
 // the busy time against the wall time of `work` (which must end synchronised).
-std::string profile_device_kernels(c10::Device device, const std::function<void()>& work, int top = 30);
+std::string profile_ops(c10::Device device, const std::function<void()>& work, int top = 30);
 
 }  // namespace microdit
