@@ -71,7 +71,8 @@ md_error_test(cli.bench_negative_profile "--profile must be >= 0, got -1" bench 
 md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" bench --cuda-graph --device cpu)
 md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)
 md_error_test(cli.bad_cpu_matmul "unknown CPU float32 matmul 'blas' .known: auto, onednn, mkl." bench --cpu-matmul blas --device cpu)
-md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on or off, got .maybe." bench --fused-kernels maybe --device cpu)
+md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32 or bf16, got .half." bench --cpu-attention half --device cpu)
+md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on, off or warp, got .maybe." bench --fused-kernels maybe --device cpu)
 md_error_test(cli.bad_recompute_ffn "--recompute-ffn: expected off, cuda or always, got .sometimes." bench --recompute-ffn sometimes --device cpu)
 
 # bench --profile on the CPU lists the operators by self time, for training and for sampling,
@@ -84,3 +85,12 @@ add_test(NAME cli.bench_profile_cpu_sample COMMAND microdit bench --sample --pre
          --sampler-steps 2 --caption-len 4 --device cpu --threads 1 --profile 1)
 set_tests_properties(cli.bench_profile_cpu_sample PROPERTIES PASS_REGULAR_EXPRESSION
                      "images/s.*CPU operators over 1 more sampling run\\(s\\):.*aten::_scaled_dot_product")
+
+# bench --memory: where one step's memory goes, from the counted bytes of CPU tensors; with
+# --cpu-attention bf16 the attention keeps bf16 tensors, as on a GPU, so the forward pass keeps less.
+foreach(att float32 bf16)
+  add_test(NAME cli.bench_memory_cpu_${att} COMMAND microdit bench --preset MicroDiT_Pico_2 --batch 4 --steps 1
+           --warmup 1 --caption-len 4 --device cpu --threads 1 --workers 1 --bf16 --cpu-attention ${att} --memory)
+  set_tests_properties(cli.bench_memory_cpu_${att} PROPERTIES PASS_REGULAR_EXPRESSION
+                       "${att} attention.*peak memory [0-9.]+ GiB \\(CPU tensors allocated; process peak RSS [0-9.]+ GiB\\).*memory of one step: [0-9.]+ GiB at its start .* \\+[0-9.e-]+ GiB kept by the forward pass .*peak [0-9.]+ GiB in forward \\+ backward")
+endforeach()

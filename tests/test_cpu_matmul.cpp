@@ -215,3 +215,34 @@ TEST(CpuAttention, Bf16WithoutAutocastStaysBf16) {
   const auto ref = at::scaled_dot_product_attention(t(q), t(k), t(v)).transpose(1, 2).reshape({2, 6, 32});
   EXPECT_LT((o.to(torch::kFloat) - ref.to(torch::kFloat)).abs().max().item<double>(), 2e-2);
 }
+
+TEST(CpuAttention, WithoutGradientsOnAmxTakesAtenBf16) {
+  // Sampling (no gradients) under autocast on a CPU with AMX takes ATen's bf16 attention; with
+  // gradients, or without AMX, the float32 attention above. Either way the values are
+  // attention's, to bf16 rounding.
+  torch::manual_seed(6);
+  auto q = torch::randn({2, 9, 4, 16}).to(torch::kBFloat16), k = torch::randn({2, 7, 4, 16}).to(torch::kBFloat16),
+       v = torch::randn({2, 7, 4, 16}).to(torch::kBFloat16);
+  auto t = [](const torch::Tensor& x) { return x.to(torch::kDouble).transpose(1, 2); };
+  const auto p = torch::softmax(torch::matmul(t(q), t(k).transpose(-1, -2)) / 4.0, -1);
+  const auto expect = torch::matmul(p, t(v)).transpose(1, 2).reshape({2, 9, 64});
+  torch::Tensor with_grad, no_grad;
+  bool applies = false;
+  {
+    AutocastGuard ac(c10::kCPU, true);
+    with_grad = multi_head_attention(q, k, v);
+    EXPECT_FALSE(cpu_bf16_attention_applies());  // gradients on
+    torch::NoGradGuard ng;
+    applies = cpu_bf16_attention_applies();
+    no_grad = multi_head_attention(q, k, v);
+  }
+  EXPECT_EQ(applies, cpu_has_amx_bf16());
+  EXPECT_EQ(with_grad.scalar_type(), torch::kFloat);
+  EXPECT_EQ(no_grad.scalar_type(), applies ? torch::kBFloat16 : torch::kFloat);
+  EXPECT_LT((with_grad.to(torch::kDouble) - expect).abs().max().item<double>(), 1e-5);
+  EXPECT_LT((no_grad.to(torch::kDouble) - expect).abs().max().item<double>(), 2e-2);
+  {
+    torch::NoGradGuard ng;
+    EXPECT_FALSE(cpu_bf16_attention_applies());  // autocast off
+  }
+}

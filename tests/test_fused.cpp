@@ -32,23 +32,33 @@ bool have_cuda_kernels() { return torch::cuda::is_available() && kernels::availa
 // One device and, on the CPU, one instruction-set level of the CPU kernels.
 struct Target {
   c10::Device device;
-  int isa;  // CPU: 2 AVX-512, 1 AVX2, 0 x86-64 (capped by what the CPU has)
+  int isa;            // CPU: 2 AVX-512, 1 AVX2, 0 x86-64 (capped by what the CPU has)
+  bool warp = false;  // CUDA: the warp-per-row kernels (kernels::set_warp_row_kernels)
   std::string name() const {
-    return device.is_cuda() ? "cuda" : std::string("cpu ") + (isa == 2 ? "avx512" : isa == 1 ? "avx2" : "x86-64");
+    if (device.is_cuda()) return warp ? "cuda warp rows" : "cuda";
+    return std::string("cpu ") + (isa == 2 ? "avx512" : isa == 1 ? "avx2" : "x86-64");
   }
 };
 
 std::vector<Target> targets() {
   std::vector<Target> t;
   for (int isa = 2; isa >= 0; --isa) t.push_back({c10::Device(torch::kCPU), isa});
-  if (have_cuda_kernels()) t.push_back({c10::Device(torch::kCUDA, 0), 2});
+  if (have_cuda_kernels())
+    for (bool warp : {false, true}) t.push_back({c10::Device(torch::kCUDA, 0), 2, warp});
   return t;
 }
 
-// Caps the CPU kernels' instruction set for one scope.
+// Caps the CPU kernels' instruction set, and picks the CUDA row kernels, for one scope.
 struct IsaCap {
-  explicit IsaCap(const Target& t) { kernels::cpu::limit_instruction_set(t.isa); }
-  ~IsaCap() { kernels::cpu::limit_instruction_set(2); }
+  bool was_warp = kernels::warp_row_kernels();
+  explicit IsaCap(const Target& t) {
+    kernels::cpu::limit_instruction_set(t.isa);
+    kernels::set_warp_row_kernels(t.warp);
+  }
+  ~IsaCap() {
+    kernels::cpu::limit_instruction_set(2);
+    kernels::set_warp_row_kernels(was_warp);
+  }
 };
 
 // |a - b|_max / |b|_max, in float64.
@@ -79,7 +89,7 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
   for (const auto& target : targets()) {
   const IsaCap cap(target);
   const c10::Device cuda = target.device;  // the device under test
-  for (const int64_t d : {64, 200, 1024, 1152}) {
+  for (const int64_t d : {64, 100, 200, 1024, 1152}) {
     for (const auto& c : cases) {
       SCOPED_TRACE(target.name() + ", " + c.name + ", d " + std::to_string(d));
       torch::manual_seed(1);
@@ -122,26 +132,28 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
 }
 
 TEST(Fused, GatedResidualMatchesFloat64) {
+  using Types = std::pair<at::ScalarType, at::ScalarType>;  // x (and out); gate and h
   for (const auto& target : targets())
-  for (const auto low : {at::kFloat, at::kBFloat16}) {
+  for (const auto& [xt, low] : {Types{at::kFloat, at::kFloat}, Types{at::kFloat, at::kBFloat16},
+                                Types{at::kBFloat16, at::kBFloat16}}) {
     const IsaCap cap(target);
     const c10::Device cuda = target.device;  // the device under test
-    SCOPED_TRACE(target.name() + ", " + c10::toString(low));
+    SCOPED_TRACE(target.name() + ", x " + c10::toString(xt) + ", gate and h " + c10::toString(low));
     torch::manual_seed(2);
     const int64_t B = 5, T = 70, d = 96;  // T over two row chunks of the backward kernel
-    auto x = torch::randn({B, T, d}).to(cuda).requires_grad_(true);
+    auto x = torch::randn({B, T, d}).to(cuda, xt).requires_grad_(true);
     auto gate = torch::randn({B, d}).to(cuda, low).requires_grad_(true);
     auto h = torch::randn({B, T, d}).to(cuda, low).requires_grad_(true);
     auto out = fused_gated_residual(x, gate, h);
-    ASSERT_EQ(out.scalar_type(), at::kFloat);
-    auto dout = torch::randn(out.sizes()).to(cuda);
+    ASSERT_EQ(out.scalar_type(), xt);
+    auto dout = torch::randn(out.sizes()).to(cuda, xt);
     out.backward(dout);
     auto x64 = x.detach().to(torch::kFloat64).requires_grad_(true);
     auto g64 = gate.detach().to(torch::kFloat64).requires_grad_(true);
     auto h64 = h.detach().to(torch::kFloat64).requires_grad_(true);
     auto r = x64 + g64.unsqueeze(1) * h64;
     r.backward(dout.to(torch::kFloat64));
-    const double tol = low == at::kFloat ? 1e-5 : 1e-2;
+    const double tol = low == at::kFloat && xt == at::kFloat ? 1e-5 : 1e-2;
     EXPECT_LT(rel(out, r), tol) << "out";
     EXPECT_LT(rel(x.grad(), x64.grad()), 1e-6) << "dx";
     EXPECT_LT(rel(gate.grad(), g64.grad()), tol) << "dgate";

@@ -11,6 +11,7 @@
 #include "cli/commands.h"
 #include "core/autocast.h"
 #include "core/cpu_matmul.h"
+#include "core/cpu_allocations.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "core/kernel_profile.h"
@@ -18,6 +19,7 @@
 #include "diffusion/edm.h"
 #include "eval/sampling.h"
 #include "kernels/fused.h"
+#include "model/attention.h"
 #include "model/ffn.h"
 #include "model/layers.h"
 #include "model/masking.h"
@@ -32,9 +34,17 @@ namespace microdit::cli {
 static std::string fused_kernels_text(const c10::Device& device) {
   if (device.is_cuda() && !kernels::available()) return ", no fused kernels (built without nvcc)";
   if (!fused_kernels_enabled()) return ", fused kernels off";
-  return device.is_cuda() ? ", fused kernels" : fmt::format(", fused kernels ({})", kernels::cpu::instruction_set());
+  if (device.is_cuda()) return kernels::warp_row_kernels() ? ", fused kernels (warp rows)" : ", fused kernels";
+  return fmt::format(", fused kernels ({})", kernels::cpu::instruction_set());
 }
 
+// ", bf16 attention" / ", float32 attention" for a CPU line under bf16 autocast (model/attention.h).
+static std::string cpu_attention_text(const c10::Device& device, bool bf16, bool grads) {
+  if (device.is_cuda() || !bf16) return "";
+  AutocastGuard autocast(c10::kCPU, true);
+  const torch::AutoGradMode grad_mode(grads);
+  return cpu_bf16_attention_applies() ? ", bf16 attention" : ", float32 attention";
+}
 
 namespace {
 
@@ -51,6 +61,7 @@ struct BenchOptions {
   bool low_precision_layernorm = false;
   bool cuda_graph = false;   // record the step once into a CUDA graph, then replay it
   int profile = 0;           // steps (sampling runs) under the profiler after timing
+  bool memory = false;       // one more step that prints where the memory goes
   std::string sdpa;          // only this scaled-dot-product-attention backend (empty: ATen's choice)
   int workers = 0;           // CPU row-slice workers (train/parallel_backward.h); 0: one per thread
   // --sample: the sampler instead of training steps
@@ -111,7 +122,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
              o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "",
              !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
              std::string(o.low_precision_layernorm ? ", low-precision LayerNorm" : "") +
-                 fused_kernels_text(device),
+                 cpu_attention_text(device, o.bf16, /*grads=*/false) + fused_kernels_text(device),
              o.n / s, s,
              peak_memory_text(device));
   if (o.profile > 0) {
@@ -155,16 +166,34 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   const int workers = resolve_cpu_workers(o.workers, device, /*distributed=*/false);
   const auto params = model->parameters();
   AdamWDeviceScalars dev{torch::zeros({}, f32), torch::full({}, 1e-4, f32)};
+  // Where the memory goes, read in one untimed step (outside any CUDA graph): bytes alive at
+  // the step's start, after the forward pass (with one worker: its saved activations), and
+  // the peak over forward and backward.
+  struct StepMemory {
+    bool measure = false;
+    int64_t start = 0, after_forward = -1, peak = 0;
+  } mem;
   auto step = [&] {
     opt.zero_grad();
+    if (mem.measure) {
+      sync(device);
+      mem.start = allocated_bytes(device);
+      reset_peak_memory(device);
+    }
     parallel_backward(params, o.batch, workers, 1.0, [&](int64_t first, int64_t n) {
       LossDraws d;
       d.rnd_normal = rnd_normal.narrow(0, first, n);
       d.noise = noise.narrow(0, first, n);
       if (o.mask_ratio > 0) d.mask = mask_from_noise(mask_noise.narrow(0, first, n), c.kept_tokens(o.mask_ratio));
       AutocastGuard autocast(device.type(), o.bf16);  // the forward pass only, as in the trainer
-      return edm_loss(*model, x.narrow(0, first, n), y.narrow(0, first, n), d, edm);
+      auto loss = edm_loss(*model, x.narrow(0, first, n), y.narrow(0, first, n), d, edm);
+      if (mem.measure && workers <= 1) mem.after_forward = allocated_bytes(device);
+      return loss;
     });
+    if (mem.measure) {
+      sync(device);
+      mem.peak = peak_memory_bytes(device);
+    }
     if (o.plain_adamw) opt.step();
     else fused_adamw_step(opt, o.cuda_graph ? &dev : nullptr);
   };
@@ -180,6 +209,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   for (int i = 0; i < o.warmup + (graph ? 1 : 0); ++i) one_step();
   sync(device);
   const double warm_s = seconds_since(t_warm);
+
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < o.steps; ++i) one_step();
   sync(device);
@@ -198,7 +228,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (o.low_precision_layernorm) split += ", low-precision LayerNorm";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
-  split += fused_kernels_text(device);
+  split += cpu_attention_text(device, o.bf16, /*grads=*/true) + fused_kernels_text(device);
   if (recompute_ffn() == RecomputeFfn::always || (recompute_ffn() == RecomputeFfn::cuda && device.is_cuda()))
     split += ", FFN activations recomputed";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
@@ -211,6 +241,18 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
                  for (int i = 0; i < o.profile; ++i) one_step();
                  sync(device);
                }));
+  }
+  if (o.memory) {  // one more step, last and plain (no CUDA graph), with the optimizer's state in place
+    mem.measure = true;
+    draw();
+    step();
+    sync(device);
+    constexpr double GiB = 1LL << 30;
+    fmt::print("memory of one step: {:.4g} GiB at its start (parameters, optimizer state, inputs), ", mem.start / GiB);
+    if (mem.after_forward >= 0)
+      fmt::print("+{:.4g} GiB kept by the forward pass (activations), ", (mem.after_forward - mem.start) / GiB);
+    fmt::print("peak {:.4g} GiB in forward + backward ({:.4g} GiB per image above the start)\n", mem.peak / GiB,
+               (mem.peak - mem.start) / GiB / o.batch);
   }
 }
 
@@ -230,6 +272,7 @@ void run(const BenchOptions& o) {
   set_threads(o.rt.threads);
   only_sdpa_backend(o.sdpa);
   const auto device = resolve_device(o.rt.device);
+  if (device.is_cpu()) track_cpu_allocations();  // peak memory as the bytes of live tensors
   if (o.sample) run_sample(o, device);
   else run_train(o, device);
 }
@@ -260,6 +303,9 @@ void register_bench(CLI::App& app) {
   cmd->add_flag("--low-precision-layernorm", o->low_precision_layernorm,
                 "LayerNorm in bf16 under autocast (Composer's low_precision_layernorm, as the reference trains)");
   cmd->add_flag("--cuda-graph", o->cuda_graph, "record the training step into a CUDA graph once, then replay it");
+  cmd->add_flag("--memory", o->memory,
+                "after timing, one more step that prints its memory: at the start, kept by the forward pass (with one "
+                "CPU worker), and the peak over forward and backward");
   cmd->add_option("--profile", o->profile, "after timing, run this many more steps (--sample: sampling runs) under the "
                                           "profiler and list the GPU kernels, or on the CPU the operators' self times")
       ->capture_default_str();

@@ -1,6 +1,8 @@
 #include "cli/commands.h"
 #include "core/cpu_matmul.h"
 #include "core/error.h"
+#include "kernels/fused.h"
+#include "model/attention.h"
 #include "model/ffn.h"
 #include "model/layers.h"
 
@@ -17,12 +19,19 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
          "or mkl (LibTorch's own choice)")
       ->default_str("auto");
   cmd.add_option_function<std::string>(
+         "--cpu-attention", [](const std::string& v) { set_cpu_attention(parse_cpu_attention(v)); },
+         "attention on the CPU under bf16 autocast: auto (float32, but ATen's bf16 kernel for sampling "
+         "on CPUs with AMX), float32 or bf16 (ATen's; slow on CPUs but keeps what a GPU keeps)")
+      ->default_str("auto");
+  cmd.add_option_function<std::string>(
          "--fused-kernels",
          [](const std::string& v) {
-           MD_CHECK(v == "on" || v == "off", "--fused-kernels: expected on or off, got '{}'", v);
-           set_fused_kernels(v == "on");
+           MD_CHECK(v == "on" || v == "off" || v == "warp", "--fused-kernels: expected on, off or warp, got '{}'", v);
+           set_fused_kernels(v != "off");
+           kernels::set_warp_row_kernels(v == "warp");
          },
-         "fused kernels (CPU and CUDA) for LayerNorm + modulation and the gated residual adds: on or off")
+         "fused kernels (CPU and CUDA) for LayerNorm + modulation and the gated residual adds: on, off, "
+         "or warp (on, with the CUDA kernels that take a warp per row: not yet measured on a GPU)")
       ->default_str("on");
   cmd.add_option_function<std::string>(
          "--recompute-ffn", [](const std::string& v) { set_recompute_ffn(parse_recompute_ffn(v)); },

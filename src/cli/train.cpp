@@ -10,6 +10,7 @@
 
 #include "cli/commands.h"
 #include "vae/autoencoder_kl.h"
+#include "core/cpu_allocations.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
@@ -91,6 +92,7 @@ void run(const TrainOptions& o) {
 void run_rank(const TrainOptions& o, const dist::Env& env) {
   set_threads(o.rt.threads);
   const auto device = dist::rank_device(env, resolve_device(o.rt.device));
+  if (device.is_cpu()) track_cpu_allocations();  // peak memory as the bytes of live tensors
   auto cfg = load_train_config(o.config, o.overrides);
   if (o.print_final) {  // for scripts: where the finished run's checkpoint is (or will be)
     fmt::print("{}\n", final_checkpoint_path(cfg));

@@ -6,6 +6,7 @@
 #include <torch/cuda.h>
 #include <torch/version.h>
 
+#include "core/cpu_allocations.h"
 #include "core/error.h"
 
 namespace microdit {
@@ -43,6 +44,18 @@ int64_t peak_memory_bytes(const c10::Device& device) {
     const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
     return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].peak;
   }
+  return cpu_allocations_tracked() ? cpu_peak_allocated_bytes() : peak_rss_bytes();
+}
+
+int64_t allocated_bytes(const c10::Device& device) {
+  if (device.is_cuda()) {
+    const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(device.index());
+    return stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)].current;
+  }
+  return cpu_allocated_bytes();
+}
+
+int64_t peak_rss_bytes() {
   struct rusage ru {};
   ::getrusage(RUSAGE_SELF, &ru);
   return static_cast<int64_t>(ru.ru_maxrss) * 1024;  // Linux reports KiB
@@ -50,11 +63,16 @@ int64_t peak_memory_bytes(const c10::Device& device) {
 
 void reset_peak_memory(const c10::Device& device) {
   if (device.is_cuda()) c10::cuda::CUDACachingAllocator::resetPeakStats(device.index());
+  else reset_cpu_allocation_peak();
 }
 
 std::string peak_memory_text(const c10::Device& device) {
-  return fmt::format("{:.3g} GiB ({})", peak_memory_bytes(device) / double(1LL << 30),
-                     device.is_cuda() ? "CUDA allocated" : "process peak RSS");
+  constexpr double GiB = 1LL << 30;
+  if (device.is_cuda()) return fmt::format("{:.3g} GiB (CUDA allocated)", peak_memory_bytes(device) / GiB);
+  if (cpu_allocations_tracked())
+    return fmt::format("{:.3g} GiB (CPU tensors allocated; process peak RSS {:.3g} GiB)",
+                       cpu_peak_allocated_bytes() / GiB, peak_rss_bytes() / GiB);
+  return fmt::format("{:.3g} GiB (process peak RSS)", peak_rss_bytes() / GiB);
 }
 
 std::string runtime_summary(const c10::Device& device) {

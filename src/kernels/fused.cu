@@ -5,6 +5,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -161,6 +164,187 @@ __global__ void gated_bwd_kernel(const O* __restrict__ dout, const G* __restrict
   atomicAdd(dgate + b * d + j, acc);
 }
 
+// ---- Warp-per-row kernels (set_warp_row_kernels): one warp per row, 16-byte loads and stores,
+// the row kept in registers between the passes, 32-bit indices. Each lane owns chunks
+// c = lane + 32 i of V consecutive elements (V * the widest element type = 16 bytes), so a
+// row of d elements takes d / V chunks, at most 32 * C.
+
+std::atomic<bool> g_warp_rows{false};
+
+// Alignment at most 16: wider vectors load as several 16-byte parts.
+template <typename T, int V> struct alignas(sizeof(T) * V > 16 ? 16 : sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <int V, typename T> __device__ __forceinline__ Vec<T, V> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, V>*>(p);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename X, typename S, typename Y, int V, int C>
+__global__ void modln_fwd_warp_kernel(const X* __restrict__ x, int ldx, S* __restrict__ xs,
+                                      const float* __restrict__ w, const Y* __restrict__ shift,
+                                      const Y* __restrict__ scale, Y* __restrict__ y,
+                                      float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                      int rows, int T, int d, float eps) {
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;  // a whole warp leaves together
+  const int lane = threadIdx.x & 31, chunks = d / V, b = r / T;
+  const X* xr = x + static_cast<size_t>(r) * ldx;
+  float v[C][V];
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int c = lane + 32 * i;
+    if (c < chunks) {
+      const auto xv = load_vec<V>(xr + c * V);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        v[i][k] = round_to<S>(to_f(xv.v[k]));
+        s += v[i][k];
+      }
+    }
+  }
+  const float mean = warp_sum(s) / d;
+  float q = 0.f;
+#pragma unroll
+  for (int i = 0; i < C; ++i)
+    if (lane + 32 * i < chunks)
+#pragma unroll
+      for (int k = 0; k < V; ++k) q += (v[i][k] - mean) * (v[i][k] - mean);
+  const float rstd = rsqrtf(warp_sum(q) / d + eps);
+  const size_t row = static_cast<size_t>(r) * d, mod = static_cast<size_t>(b) * d;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int c = lane + 32 * i;
+    if (c >= chunks) continue;
+    const int j = c * V;
+    Vec<Y, V> out;
+    Vec<float, V> wv;
+    Vec<Y, V> shv, scv;
+    if (w) wv = load_vec<V>(w + j);
+    if (scale) {
+      shv = load_vec<V>(shift + mod + j);
+      scv = load_vec<V>(scale + mod + j);
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      float o = (v[i][k] - mean) * rstd;
+      if (w) o *= wv.v[k];
+      if (scale) o = o * (1.f + to_f(scv.v[k])) + to_f(shv.v[k]);
+      out.v[k] = from_f<Y>(o);
+    }
+    *reinterpret_cast<Vec<Y, V>*>(y + row + j) = out;
+    if (xs) {
+      Vec<S, V> sv;
+#pragma unroll
+      for (int k = 0; k < V; ++k) sv.v[k] = from_f<S>(v[i][k]);
+      *reinterpret_cast<Vec<S, V>*>(xs + row + j) = sv;
+    }
+  }
+  if (lane == 0) {
+    mean_out[r] = mean;
+    rstd_out[r] = rstd;
+  }
+}
+
+template <typename X, typename S, typename Y, int V, int C>
+__global__ void modln_bwd_dx_warp_kernel(const Y* __restrict__ dy, const S* __restrict__ xs, int lds,
+                                         const float* __restrict__ w, const Y* __restrict__ scale,
+                                         const float* __restrict__ mean, const float* __restrict__ rstd,
+                                         X* __restrict__ dx, int rows, int T, int d) {
+  const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31, chunks = d / V, b = r / T;
+  const size_t row = static_cast<size_t>(r) * d, mod = static_cast<size_t>(b) * d;
+  const S* xr = xs + static_cast<size_t>(r) * lds;
+  const float mu = mean[r], rs = rstd[r];
+  float g[C][V], xhat[C][V];
+  float s1 = 0.f, s2 = 0.f;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int c = lane + 32 * i;
+    if (c >= chunks) continue;
+    const int j = c * V;
+    const auto dyv = load_vec<V>(dy + row + j);
+    const auto xv = load_vec<V>(xr + j);
+    Vec<float, V> wv;
+    Vec<Y, V> scv;
+    if (w) wv = load_vec<V>(w + j);
+    if (scale) scv = load_vec<V>(scale + mod + j);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      float gk = to_f(dyv.v[k]);
+      if (scale) gk *= 1.f + to_f(scv.v[k]);
+      if (w) gk *= wv.v[k];
+      g[i][k] = gk;
+      xhat[i][k] = (to_f(xv.v[k]) - mu) * rs;
+      s1 += gk;
+      s2 += gk * xhat[i][k];
+    }
+  }
+  const float c1 = warp_sum(s1) / d, c2 = warp_sum(s2) / d;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int c = lane + 32 * i;
+    if (c >= chunks) continue;
+    Vec<X, V> out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.v[k] = from_f<X>(rs * (g[i][k] - c1 - xhat[i][k] * c2));
+    *reinterpret_cast<Vec<X, V>*>(dx + row + c * V) = out;
+  }
+}
+
+// V consecutive elements per thread (d % V == 0, so they share a row); n < 2^31.
+template <typename X, typename G, typename H, int V>
+__global__ void gated_fwd_vec_kernel(const X* __restrict__ x, const G* __restrict__ gate,
+                                     const H* __restrict__ h, X* __restrict__ out, int n, int T, int d) {
+  for (int i = (blockIdx.x * blockDim.x + threadIdx.x) * V; i < n; i += gridDim.x * blockDim.x * V) {
+    const int row = i / d, j = i - row * d, b = row / T;
+    const auto xv = load_vec<V>(x + i);
+    const auto hv = load_vec<V>(h + i);
+    const auto gv = load_vec<V>(gate + b * d + j);
+    Vec<X, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) o.v[k] = from_f<X>(to_f(xv.v[k]) + to_f(gv.v[k]) * to_f(hv.v[k]));
+    *reinterpret_cast<Vec<X, V>*>(out + i) = o;
+  }
+}
+
+// Elements per 16 bytes of the widest of the types.
+template <typename... T> constexpr int vec_width() {
+  constexpr size_t widest = std::max({sizeof(T)...});
+  return static_cast<int>(16 / widest);
+}
+
+bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Launches a warp-per-row kernel with C = 1, 2, 4 or 8 chunks per lane, the least that
+// holds d / V chunks; false (nothing launched) when d / V needs more.
+template <int V, typename Launch> bool launch_rows(int64_t d, Launch&& launch) {
+  const int64_t per_lane = (d / V + 31) / 32;
+  if (per_lane <= 1) return launch(std::integral_constant<int, 1>{});
+  if (per_lane <= 2) return launch(std::integral_constant<int, 2>{});
+  if (per_lane <= 4) return launch(std::integral_constant<int, 4>{});
+  if (per_lane <= 8) return launch(std::integral_constant<int, 8>{});
+  return false;
+}
+
+constexpr int kWarpRowThreads = 256;  // 8 rows per block
+
+unsigned warp_row_blocks(int64_t rows) {
+  return static_cast<unsigned>((rows + kWarpRowThreads / 32 - 1) / (kWarpRowThreads / 32));
+}
+
+bool warp_rows_fit(int64_t rows, int64_t d, int64_t ld) {
+  return g_warp_rows.load() && rows * std::max(d, ld) < (int64_t(1) << 31);
+}
+
+
 void check_launch(const char* what) {
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess)
@@ -210,6 +394,18 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
     using X = elem<decltype(xp)>;
     using S = elem<decltype(sp)>;
     using Y = elem<decltype(yp)>;
+    constexpr int V = vec_width<X, S, Y>();
+    if (warp_rows_fit(rows, d, ldx) && d % V == 0 && ldx % V == 0 && aligned16(x) && aligned16(xs) &&
+        aligned16(w) && aligned16(shift) && aligned16(scale) && aligned16(y) &&
+        launch_rows<V>(d, [&](auto c) {
+          modln_fwd_warp_kernel<X, S, Y, V, decltype(c)::value>
+              <<<warp_row_blocks(rows), kWarpRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+                  static_cast<const X*>(x), static_cast<int>(ldx), static_cast<S*>(xs), w,
+                  static_cast<const Y*>(shift), static_cast<const Y*>(scale), static_cast<Y*>(y), mean, rstd,
+                  static_cast<int>(rows), static_cast<int>(T), static_cast<int>(d), eps);
+          return true;
+        }))
+      return;
     modln_fwd_kernel<X, S, Y><<<static_cast<unsigned>(rows), row_threads(d), 0,
                                 static_cast<cudaStream_t>(stream)>>>(
         static_cast<const X*>(x), ldx, static_cast<S*>(xs), w, static_cast<const Y*>(shift),
@@ -226,6 +422,18 @@ void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DT
     using X = elem<decltype(xp)>;
     using S = elem<decltype(sp)>;
     using Y = elem<decltype(yp)>;
+    constexpr int V = vec_width<X, S, Y>();
+    if (warp_rows_fit(rows, d, lds) && d % V == 0 && lds % V == 0 && aligned16(dy) && aligned16(xs) &&
+        aligned16(w) && aligned16(scale) && aligned16(dx) &&
+        launch_rows<V>(d, [&](auto c) {
+          modln_bwd_dx_warp_kernel<X, S, Y, V, decltype(c)::value>
+              <<<warp_row_blocks(rows), kWarpRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+                  static_cast<const Y*>(dy), static_cast<const S*>(xs), static_cast<int>(lds), w,
+                  static_cast<const Y*>(scale), mean, rstd, static_cast<X*>(dx), static_cast<int>(rows),
+                  static_cast<int>(T), static_cast<int>(d));
+          return true;
+        }))
+      return;
     modln_bwd_dx_kernel<X, S, Y><<<static_cast<unsigned>(rows), row_threads(d), 0,
                                    static_cast<cudaStream_t>(stream)>>>(
         static_cast<const Y*>(dy), static_cast<const S*>(xs), lds, w,
@@ -259,6 +467,16 @@ void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt,
     using G = elem<decltype(gp)>;
     using H = elem<decltype(hp)>;
     constexpr int threads = 256;
+    constexpr int V = vec_width<X, G, H>();
+    if (g_warp_rows.load() && n < (int64_t(1) << 31) && d % V == 0 && aligned16(x) && aligned16(gate) &&
+        aligned16(h) && aligned16(out)) {
+      const int64_t want = (n / V + threads - 1) / threads;
+      const unsigned blocks = static_cast<unsigned>(want < 65536 * 8 ? want : 65536 * 8);
+      gated_fwd_vec_kernel<X, G, H, V><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const X*>(x), static_cast<const G*>(gate), static_cast<const H*>(h), static_cast<X*>(out),
+          static_cast<int>(n), static_cast<int>(T), static_cast<int>(d));
+      return;
+    }
     const int64_t want = (n + threads - 1) / threads;
     const unsigned blocks = static_cast<unsigned>(want < 65536 * 8 ? want : 65536 * 8);
     gated_fwd_kernel<X, G, H><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
@@ -284,5 +502,8 @@ void gated_residual_backward(const void* dout, DType ot, const void* gate, DType
   });
   check_launch("gated residual backward");
 }
+
+void set_warp_row_kernels(bool on) { g_warp_rows = on; }
+bool warp_row_kernels() { return g_warp_rows; }
 
 }  // namespace microdit::kernels

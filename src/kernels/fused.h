@@ -18,6 +18,15 @@ enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
 // True when the kernels were compiled into this binary.
 bool available();
 
+// Which CUDA kernels the LayerNorm forward and dx and the gated residual forward take:
+//   false (the default): one block of 64-256 threads per row, scalar loads, three passes;
+//   true: one warp per row with 16-byte loads and the row kept in registers, 32-bit indices,
+//     where the shapes allow it (d a multiple of 4 or 8 and at most 2048 wide, 16-byte aligned
+//     pointers; else the block kernels). Written to run at memory bandwidth; not yet measured
+//     on a GPU, so not yet the default (`--fused-kernels warp` turns it on).
+void set_warp_row_kernels(bool on);
+bool warp_row_kernels();
+
 // Forward of the (modulated) LayerNorm over the last dimension d.
 //   x: rows x d, row stride ldx, dtype xt. Statistics are taken over x rounded to st.
 //   xs: when not null, receives x rounded to st (rows x d, contiguous) for the backward pass.

@@ -8,6 +8,8 @@
 namespace microdit::kernels {
 
 bool available() { return false; }
+void set_warp_row_kernels(bool) {}
+bool warp_row_kernels() { return false; }
 
 [[noreturn]] static void missing() {
   throw std::runtime_error("this microdit was built without nvcc: no fused CUDA kernels");

@@ -3,6 +3,8 @@
 #pragma once
 #include "model/layers.h"
 
+#include <string>
+
 namespace microdit {
 
 struct SelfAttentionImpl : torch::nn::Module {
@@ -32,6 +34,19 @@ struct CrossAttentionImpl : torch::nn::Module {
 TORCH_MODULE(CrossAttention);
 
 // Scaled dot-product attention over heads: q (B, N, H, hd), k/v (B, M, H, hd) -> (B, N, H*hd).
+// On the CPU under bf16 autocast it computes in float32 (on bf16-rounded inputs) and returns
+// float32, except where cpu_bf16_attention_applies: then ATen's bf16 attention, returning bf16.
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v);
+// The CPU has AMX with bf16 (Intel Xeon since Sapphire Rapids).
+bool cpu_has_amx_bf16();
+// Attention on the CPU under bf16 autocast (--cpu-attention): `automatic` is float32, except
+// without gradients on a CPU with AMX; `bf16` is always ATen's bf16 attention (slow on the CPU
+// but what a GPU keeps for the backward pass: `bench --memory` with it predicts GPU memory).
+enum class CpuAttention { automatic, float32, bf16 };
+void set_cpu_attention(CpuAttention mode);
+CpuAttention cpu_attention();
+CpuAttention parse_cpu_attention(const std::string& name);  // auto, float32 or bf16
+// Whether CPU attention takes ATen's bf16 kernel now (autocast on, and the setting above).
+bool cpu_bf16_attention_applies();
 
 }  // namespace microdit
