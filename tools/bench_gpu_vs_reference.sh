@@ -5,7 +5,7 @@
 # REFERENCE_CHECKOUT: a clone of github.com/SonyResearch/micro_diffusion (development only).
 # The binaries default to build/; a stripped binary built elsewhere runs here when
 # LD_LIBRARY_PATH holds the machine's torch/lib and the Debian libraries it links (see `ldd`).
-# About 8 minutes on an H200, most of it the reference's torch.compile (3.4 minutes).
+# About 9 minutes on an H200, most of it the reference's torch.compile (3.4 minutes).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REF=${1:?usage: $0 REFERENCE_CHECKOUT [MICRODIT_BIN] [MICRODIT_TESTS_BIN]}
@@ -33,13 +33,20 @@ f=$(ls "$ROOT"/tests/data/parity_*.safetensors | head -1)
 "$M" parity --vectors "$f" --device cuda --cuda-graph 2>&1 | grep -E "sampler|rows:|FAIL|error"
 wait $RP; grep -E "reference bench|compile:" /tmp/ref_compiled.txt
 el "training steps, MicroDiT_XL_2, bf16"
-# The fused CUDA kernels are on by default; "--fused-kernels off" is LibTorch's operators alone.
+# The fused CUDA kernels are on by default; "--fused-kernels off" is LibTorch's operators alone,
+# "--fused-kernels warp" the warp-per-row kernels (the Fused.* tests above check both).
 # Feed-forward recomputation is on by default on CUDA; "--recompute-ffn off" keeps every activation.
 for flags in "--fused-kernels off --recompute-ffn off --cuda-graph" \
              "--fused-kernels off --recompute-ffn off --low-precision-layernorm --cuda-graph" \
              "--recompute-ffn off --cuda-graph" "--cuda-graph" "--low-precision-layernorm --cuda-graph" \
-             "--low-precision-layernorm"; do
+             "--low-precision-layernorm" "--fused-kernels warp --low-precision-layernorm --cuda-graph" \
+             "--fused-kernels warp --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
+done
+el "memory of one step against tools/predict_gpu_memory.sh (CPU: 54.5 GiB kept after the forward pass)"
+for r in off cuda; do
+  "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 2 --warmup 1 --low-precision-layernorm \
+    --recompute-ffn $r --memory 2>&1 | tail -n 2
 done
 for flags in "--fused-kernels off --low-precision-layernorm" "--low-precision-layernorm" \
              "--low-precision-layernorm --cuda-graph"; do
