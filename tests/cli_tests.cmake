@@ -14,6 +14,12 @@ foreach(vec ${MD_VECTOR_FILES})
   endif()
 endforeach()
 
+# The expert layers' one-hot products (--moe-dispatch gemm, the CUDA default) on the CPU.
+if(EXISTS "${MD_SHARED}/microdit_parity_a.safetensors")
+  add_test(NAME parity.moe_gemm_dispatch COMMAND microdit parity --vectors "${MD_SHARED}/microdit_parity_a.safetensors"
+           --device cpu --moe-dispatch gemm)
+endif()
+
 add_test(NAME info.xl_params COMMAND microdit info --preset MicroDiT_XL_2)
 set_tests_properties(info.xl_params PROPERTIES PASS_REGULAR_EXPRESSION "parameters: 1165442320 ")
 add_test(NAME info.tiny_params COMMAND microdit info --preset MicroDiT_Tiny_2)
@@ -72,6 +78,7 @@ md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" ben
 md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)
 md_error_test(cli.bad_cpu_matmul "unknown CPU float32 matmul 'blas' .known: auto, onednn, mkl." bench --cpu-matmul blas --device cpu)
 md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32 or bf16, got .half." bench --cpu-attention half --device cpu)
+md_error_test(cli.bad_moe_dispatch "--moe-dispatch: expected auto, index or gemm, got .scatter." bench --moe-dispatch scatter --device cpu)
 md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on, off or warp, got .maybe." bench --fused-kernels maybe --device cpu)
 md_error_test(cli.bad_recompute_ffn "--recompute-ffn: expected off, cuda or always, got .sometimes." bench --recompute-ffn sometimes --device cpu)
 

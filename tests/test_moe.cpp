@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "core/autocast.h"
 #include "model/ffn.h"
 
 using namespace microdit;
@@ -54,4 +55,70 @@ TEST(ExpertChoiceMoE, GradientsReachRouterAndExperts) {
   EXPECT_GT(moe->gate->weight.grad().abs().sum().item<float>(), 0.f);
   EXPECT_GT(moe->w1.grad().abs().sum().item<float>(), 0.f);
   EXPECT_GT(x.grad().abs().sum().item<float>(), 0.f);
+}
+
+namespace {
+
+// Sets the MoE dispatch for one scope.
+struct Dispatch {
+  MoeDispatch was = moe_dispatch();
+  explicit Dispatch(MoeDispatch m) { set_moe_dispatch(m); }
+  ~Dispatch() { set_moe_dispatch(was); }
+};
+
+double rel(const torch::Tensor& a, const torch::Tensor& b) {
+  return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>() /
+         std::max(1e-12, b.to(torch::kFloat64).abs().max().item<double>());
+}
+
+// The layer's output and the gradients of x, gate, w1, w2 under one dispatch.
+std::vector<torch::Tensor> moe_run(MoeDispatch m, bool bf16) {
+  const Dispatch dispatch(m);
+  torch::manual_seed(3);
+  FeedForwardECMoE moe(/*d=*/24, /*n=*/40, /*experts=*/4, /*capacity=*/2.0);
+  {
+    torch::NoGradGuard ng;
+    moe->w1.normal_(0, 0.2);
+    moe->w2.normal_(0, 0.2);
+  }
+  auto x = torch::randn({3, 10, 24}).requires_grad_(true);  // k = int(2 * 10 / 4) = 5 per expert
+  torch::Tensor y;
+  {
+    AutocastGuard autocast(c10::kCPU, bf16);
+    y = moe(x);
+  }
+  y.backward(torch::randn(y.sizes()).to(y.scalar_type()));
+  return {y.detach(), x.grad(), moe->gate->weight.grad(), moe->w1.grad(), moe->w2.grad()};
+}
+
+}  // namespace
+
+TEST(ExpertChoiceMoE, GemmDispatchEqualsIndexDispatch) {
+  // The one-hot products (the GPU default) and the index gather / index_add (the CPU default)
+  // give the same result and gradients: exactly the same sums in float32, up to the bf16
+  // rounding of the products' inputs and output under autocast (the reference's einsums).
+  for (bool bf16 : {false, true}) {
+    SCOPED_TRACE(bf16 ? "bf16 autocast" : "float32");
+    const auto index = moe_run(MoeDispatch::index, bf16);
+    const auto gemm = moe_run(MoeDispatch::gemm, bf16);
+    EXPECT_EQ(gemm[0].scalar_type(), bf16 ? at::kBFloat16 : at::kFloat);  // as the reference's einsum
+    const char* names[] = {"output", "dx", "dgate", "dw1", "dw2"};
+    for (size_t i = 0; i < index.size(); ++i) {
+      ASSERT_TRUE(gemm[i].defined() && index[i].defined()) << names[i];
+      EXPECT_GT(index[i].abs().max().item<double>(), 1e-4) << names[i];
+      EXPECT_LT(rel(gemm[i], index[i]), bf16 ? 2e-2 : 1e-6) << names[i];
+    }
+  }
+}
+
+TEST(ExpertChoiceMoE, DispatchModes) {
+  const Dispatch keep(moe_dispatch());
+  const auto cpu = torch::ones({2});
+  set_moe_dispatch(parse_moe_dispatch("auto"));
+  EXPECT_FALSE(moe_gemm_for(cpu));  // CUDA tensors only
+  set_moe_dispatch(parse_moe_dispatch("gemm"));
+  EXPECT_TRUE(moe_gemm_for(cpu));
+  set_moe_dispatch(parse_moe_dispatch("index"));
+  EXPECT_FALSE(moe_gemm_for(cpu));
+  EXPECT_THROW(parse_moe_dispatch("scatter"), std::exception);
 }

@@ -35,12 +35,14 @@ wait $RP; grep -E "reference bench|compile:" /tmp/ref_compiled.txt
 el "training steps, MicroDiT_XL_2, bf16"
 # The fused CUDA kernels are on by default; "--fused-kernels off" is LibTorch's operators alone,
 # "--fused-kernels warp" the warp-per-row kernels (the Fused.* tests above check both).
+# The expert layers take one-hot products on CUDA by default; "--moe-dispatch index" is the
+# index_select / index_add of session 10.
 # Feed-forward recomputation is on by default on CUDA; "--recompute-ffn off" keeps every activation.
 for flags in "--fused-kernels off --recompute-ffn off --cuda-graph" \
              "--fused-kernels off --recompute-ffn off --low-precision-layernorm --cuda-graph" \
              "--recompute-ffn off --cuda-graph" "--cuda-graph" "--low-precision-layernorm --cuda-graph" \
              "--low-precision-layernorm" "--fused-kernels warp --low-precision-layernorm --cuda-graph" \
-             "--fused-kernels warp --cuda-graph"; do
+             "--fused-kernels warp --cuda-graph" "--moe-dispatch index --low-precision-layernorm --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
 done
 el "memory of one step against tools/predict_gpu_memory.sh (CPU: 54.5 GiB kept after the forward pass)"

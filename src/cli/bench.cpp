@@ -46,6 +46,11 @@ static std::string cpu_attention_text(const c10::Device& device, bool bf16, bool
   return cpu_bf16_attention_applies() ? ", bf16 attention" : ", float32 attention";
 }
 
+// ", MoE by one-hot products" where the expert layers take them on this device (model/ffn.h).
+static std::string moe_text(const c10::Device& device) {
+  return moe_gemm_for(torch::empty({0}, torch::TensorOptions().device(device))) ? ", MoE by one-hot products" : "";
+}
+
 namespace {
 
 struct BenchOptions {
@@ -122,7 +127,8 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
              o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "",
              !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
              std::string(o.low_precision_layernorm ? ", low-precision LayerNorm" : "") +
-                 cpu_attention_text(device, o.bf16, /*grads=*/false) + fused_kernels_text(device),
+                 cpu_attention_text(device, o.bf16, /*grads=*/false) + fused_kernels_text(device) +
+                 moe_text(device),
              o.n / s, s,
              peak_memory_text(device));
   if (o.profile > 0) {
@@ -228,7 +234,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (o.low_precision_layernorm) split += ", low-precision LayerNorm";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
-  split += cpu_attention_text(device, o.bf16, /*grads=*/true) + fused_kernels_text(device);
+  split += cpu_attention_text(device, o.bf16, /*grads=*/true) + fused_kernels_text(device) + moe_text(device);
   if (recompute_ffn() == RecomputeFfn::always || (recompute_ffn() == RecomputeFfn::cuda && device.is_cuda()))
     split += ", FFN activations recomputed";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "

@@ -34,6 +34,11 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
          "or warp (on, with the CUDA kernels that take a warp per row: not yet measured on a GPU)")
       ->default_str("on");
   cmd.add_option_function<std::string>(
+         "--moe-dispatch", [](const std::string& v) { set_moe_dispatch(parse_moe_dispatch(v)); },
+         "how expert-choice layers gather tokens and sum the experts' outputs: auto (gemm on CUDA, index "
+         "on the CPU), index (index_select / index_add) or gemm (products with the one-hot routing matrix)")
+      ->default_str("auto");
+  cmd.add_option_function<std::string>(
          "--recompute-ffn", [](const std::string& v) { set_recompute_ffn(parse_recompute_ffn(v)); },
          "recompute the feed-forward layers' activations in the backward pass instead of keeping "
          "them: off, cuda (on CUDA tensors) or always")

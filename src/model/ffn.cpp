@@ -19,6 +19,7 @@ using torch::autograd::variable_list;
 namespace {
 
 std::atomic<RecomputeFfn> g_recompute{RecomputeFfn::cuda};
+std::atomic<MoeDispatch> g_moe_dispatch{MoeDispatch::automatic};
 
 // The dtype autocast would compute a matmul of `x` in (x's own dtype without autocast).
 at::ScalarType compute_dtype(const Tensor& x) {
@@ -110,6 +111,21 @@ bool recompute_ffn_for(const Tensor& x) {
          (m == RecomputeFfn::always || (m == RecomputeFfn::cuda && x.is_cuda()));
 }
 
+void set_moe_dispatch(MoeDispatch mode) { g_moe_dispatch = mode; }
+MoeDispatch moe_dispatch() { return g_moe_dispatch; }
+
+MoeDispatch parse_moe_dispatch(const std::string& name) {
+  if (name == "auto") return MoeDispatch::automatic;
+  if (name == "index") return MoeDispatch::index;
+  if (name == "gemm") return MoeDispatch::gemm;
+  fail("--moe-dispatch: expected auto, index or gemm, got '{}'", name);
+}
+
+bool moe_gemm_for(const Tensor& x) {
+  const auto m = g_moe_dispatch.load();
+  return m == MoeDispatch::gemm || (m == MoeDispatch::automatic && x.is_cuda());
+}
+
 Tensor gelu_bmm(const Tensor& a, const Tensor& w, bool recompute) {
   if (!recompute) return microdit::bmm(at::gelu(a), w);
   return GeluBmmFn::apply(a, w, compute_dtype(a));
@@ -145,6 +161,15 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   if (k <= 0) return torch::zeros_like(x);
   auto probs = torch::softmax(gate(x), -1);              // (B, T, E)
   auto [g, idx] = probs.transpose(1, 2).topk(k, -1);     // (B, E, k) each
+  if (moe_gemm_for(x)) {
+    // One-hot routing matrix: P[b, e*k + i, idx[b, e, i]] = 1.
+    auto P = torch::zeros({B, E * k, T}, x.options()).scatter_(2, idx.reshape({B, E * k, 1}), 1.0);
+    auto xin = microdit::bmm(P, x);                                              // (B, E*k, d)
+    auto h = xin.view({B, E, k, d}).transpose(0, 1).reshape({E, B * k, d});
+    h = gelu_bmm(microdit::bmm(h, w1), w2, recompute_ffn_for(x));               // (E, B*k, d)
+    h = h.view({E, B, k, d}).transpose(0, 1) * g.unsqueeze(-1);                  // (B, E, k, d)
+    return microdit::bmm(P.transpose(1, 2), h.reshape({B, E * k, d}));          // (B, T, d)
+  }
   // Flat token index into (B*T) so one gather / one index_add covers the batch.
   auto flat = (idx + torch::arange(B, idx.options()).view({B, 1, 1}) * T).reshape(-1);  // (B*E*k)
   auto xin = x.reshape({B * T, d}).index_select(0, flat).view({B, E, k, d});

@@ -17,6 +17,20 @@ RecomputeFfn recompute_ffn();
 RecomputeFfn parse_recompute_ffn(const std::string& name);  // "off", "cuda", "always"
 bool recompute_ffn_for(const Tensor& x);
 
+// How the expert-choice layer moves tokens to and from its experts:
+//   index: one index_select gathers the picked tokens and one index_add sums the experts'
+//     outputs back (its backward and the gather's are index_adds: atomics on a GPU);
+//   gemm: batched matrix products with the one-hot routing matrix P (B, E*k, T), as the
+//     reference's einsums do: xin = P x, out = P^T (g * h). No atomics, and under autocast the
+//     products and their output are bf16, as the reference's are. 2*B*T*E*k*d more FLOPs per
+//     product: under 0.1 % of an XL step on a GPU; a Nano step on the CPU ran 1 % slower;
+//   automatic (the default): gemm on CUDA tensors, index on the CPU.
+enum class MoeDispatch { automatic, index, gemm };
+void set_moe_dispatch(MoeDispatch mode);
+MoeDispatch moe_dispatch();
+MoeDispatch parse_moe_dispatch(const std::string& name);  // "auto", "index", "gemm"
+bool moe_gemm_for(const Tensor& x);
+
 // gelu(a) @ w per expert: a (E, M, n), w (E, n, d) -> (E, M, d), in the autocast dtype under
 // autocast. recompute: keeps a and w only (w as the float32 parameter, not a cast copy).
 Tensor gelu_bmm(const Tensor& a, const Tensor& w, bool recompute);
