@@ -93,6 +93,37 @@ struct SwiGLULinearFn : torch::autograd::Function<SwiGLULinearFn> {
   }
 };
 
+// The expert-choice combine out = P^T (g * h) as the reference's einsum computes it under
+// autocast (the product in the autocast dtype `dt`), but keeping P, h and g for the backward
+// pass, not the product g * h and its cast copy: at XL batch 256 that is 67 MB per expert layer.
+// P (B, E*k, T) one-hot, h (B, E, k, d), g (B, E, k) -> (B, T, d).
+struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& P, const Tensor& h, const Tensor& g, at::ScalarType dt) {
+    const NoAutocast no_autocast;
+    ctx->save_for_backward({P, h, g});
+    ctx->saved_data["dt"] = static_cast<int64_t>(dt);
+    const auto B = h.size(0), d = h.size(3);
+    // The product follows h's strides (h is a transposed view): cast it into a contiguous tensor.
+    const Tensor gh = at::empty({B, h.size(1) * h.size(2), d}, h.options().dtype(dt));  // (B, E*k, d)
+    gh.view(h.sizes()).copy_(h * g.unsqueeze(-1));
+    return microdit::bmm(P.to(dt).transpose(1, 2), gh);                 // (B, T, d)
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const NoAutocast no_autocast;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &P = saved[0], &h = saved[1], &g = saved[2];
+    const auto dt = static_cast<at::ScalarType>(ctx->saved_data["dt"].toInt());
+    // d(g * h), in the dtype the product had before its cast, as autograd's ToCopyBackward gives it.
+    const Tensor dgh = microdit::bmm(P.to(dt), grads[0].to(dt))
+                           .view(h.sizes())
+                           .to(at::promote_types(h.scalar_type(), g.scalar_type()));  // (B, E, k, d)
+    Tensor dh, dg;
+    if (ctx->needs_input_grad(1)) dh = (dgh * g.unsqueeze(-1)).to(h.scalar_type());
+    if (ctx->needs_input_grad(2)) dg = (dgh * h).sum(-1).to(g.scalar_type());
+    return {Tensor(), dh, dg, Tensor()};
+  }
+};
+
 }  // namespace
 
 void set_recompute_ffn(RecomputeFfn mode) { g_recompute = mode; }
@@ -124,6 +155,10 @@ MoeDispatch parse_moe_dispatch(const std::string& name) {
 bool moe_gemm_for(const Tensor& x) {
   const auto m = g_moe_dispatch.load();
   return m == MoeDispatch::gemm || (m == MoeDispatch::automatic && x.is_cuda());
+}
+
+Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g) {
+  return MoeCombineFn::apply(P, h, g, compute_dtype(h));
 }
 
 Tensor gelu_bmm(const Tensor& a, const Tensor& w, bool recompute) {
@@ -167,8 +202,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
     auto xin = microdit::bmm(P, x);                                              // (B, E*k, d)
     auto h = xin.view({B, E, k, d}).transpose(0, 1).reshape({E, B * k, d});
     h = gelu_bmm(microdit::bmm(h, w1), w2, recompute_ffn_for(x));               // (E, B*k, d)
-    h = h.view({E, B, k, d}).transpose(0, 1) * g.unsqueeze(-1);                  // (B, E, k, d)
-    return microdit::bmm(P.transpose(1, 2), h.reshape({B, E * k, d}));          // (B, T, d)
+    return moe_combine(P, h.view({E, B, k, d}).transpose(0, 1), g);  // (B, T, d)
   }
   // Flat token index into (B*T) so one gather / one index_add covers the batch.
   auto flat = (idx + torch::arange(B, idx.options()).view({B, 1, 1}) * T).reshape(-1);  // (B*E*k)

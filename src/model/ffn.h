@@ -30,6 +30,10 @@ void set_moe_dispatch(MoeDispatch mode);
 MoeDispatch moe_dispatch();
 MoeDispatch parse_moe_dispatch(const std::string& name);  // "auto", "index", "gemm"
 bool moe_gemm_for(const Tensor& x);
+// The gemm dispatch's combine: P^T (g * h) for the one-hot P (B, E*k, T), h (B, E, k, d) and
+// g (B, E, k), -> (B, T, d). The same values and gradients as that expression under autograd
+// (and autocast), but its backward pass keeps P, h and g instead of g * h and its cast copy.
+Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g);
 
 // gelu(a) @ w per expert: a (E, M, n), w (E, n, d) -> (E, M, d), in the autocast dtype under
 // autocast. recompute: keeps a and w only (w as the float32 parameter, not a cast copy).
