@@ -79,6 +79,7 @@ md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math
 md_error_test(cli.bad_cpu_matmul "unknown CPU float32 matmul 'blas' .known: auto, onednn, mkl." bench --cpu-matmul blas --device cpu)
 md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32 or bf16, got .half." bench --cpu-attention half --device cpu)
 md_error_test(cli.bad_moe_dispatch "--moe-dispatch: expected auto, index or gemm, got .scatter." bench --moe-dispatch scatter --device cpu)
+md_error_test(cli.bench_memory_not_for_sampling "--memory reports a training step" bench --sample --memory --device cpu)
 md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on, off or warp, got .maybe." bench --fused-kernels maybe --device cpu)
 md_error_test(cli.bad_recompute_ffn "--recompute-ffn: expected off, cuda or always, got .sometimes." bench --recompute-ffn sometimes --device cpu)
 

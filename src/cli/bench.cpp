@@ -98,6 +98,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
   const ModelConfig c = bench_config(o);
   MD_CHECK(o.n >= 1 && o.batch >= 1 && o.sampler_steps >= 1, "--n, --batch and --sampler-steps must be >= 1");
   MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
+  MD_CHECK(!o.memory, "--memory reports a training step: drop it with --sample");
   torch::manual_seed(0);
   MicroDiT model(c);
   model->to(device);
