@@ -216,7 +216,6 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   for (int i = 0; i < o.warmup + (graph ? 1 : 0); ++i) one_step();
   sync(device);
   const double warm_s = seconds_since(t_warm);
-
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0; i < o.steps; ++i) one_step();
   sync(device);

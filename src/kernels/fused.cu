@@ -303,8 +303,9 @@ __global__ void modln_bwd_dx_warp_kernel(const Y* __restrict__ dy, const S* __re
 template <typename X, typename G, typename H, int V>
 __global__ void gated_fwd_vec_kernel(const X* __restrict__ x, const G* __restrict__ gate,
                                      const H* __restrict__ h, X* __restrict__ out, int n, int T, int d) {
-  for (int i = (blockIdx.x * blockDim.x + threadIdx.x) * V; i < n; i += gridDim.x * blockDim.x * V) {
-    const int row = i / d, j = i - row * d, b = row / T;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x * V;  // 64-bit: i + stride may pass 2^31
+  for (int64_t i64 = int64_t(blockIdx.x * blockDim.x + threadIdx.x) * V; i64 < n; i64 += stride) {
+    const int i = static_cast<int>(i64), row = i / d, j = i - row * d, b = row / T;
     const auto xv = load_vec<V>(x + i);
     const auto hv = load_vec<V>(h + i);
     const auto gv = load_vec<V>(gate + b * d + j);

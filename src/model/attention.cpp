@@ -1,6 +1,7 @@
 #include "model/attention.h"
 
 #include <ATen/autocast_mode.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -12,9 +13,11 @@
 namespace microdit {
 
 bool cpu_has_amx_bf16() {
+  // The CPU's flag, and the kernel's leave to use AMX state (at::cpu::init_amx asks for it;
+  // a kernel or VM without it leaves oneDNN on AVX-512, where bf16 attention is the slow one).
   static const bool amx = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("amx-bf16") != 0;
+    return __builtin_cpu_supports("amx-bf16") != 0 && at::cpu::init_amx();
   }();
   return amx;
 }
