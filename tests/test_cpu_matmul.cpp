@@ -216,10 +216,11 @@ TEST(CpuAttention, Bf16WithoutAutocastStaysBf16) {
   EXPECT_LT((o.to(torch::kFloat) - ref.to(torch::kFloat)).abs().max().item<double>(), 2e-2);
 }
 
-TEST(CpuAttention, WithoutGradientsOnAmxTakesAtenBf16) {
-  // Sampling (no gradients) under autocast on a CPU with AMX takes ATen's bf16 attention; with
-  // gradients, or without AMX, the float32 attention above. Either way the values are
-  // attention's, to bf16 rounding.
+TEST(CpuAttention, SamplersOnAmxTakeAtenBf16) {
+  // A sampler's evaluations (a SamplingScope, no gradients) under autocast on a CPU with AMX
+  // take ATen's bf16 attention; with gradients, outside a sampler (a checkpointed block's
+  // forward also runs without gradients), or without AMX, the float32 attention above. Either
+  // way the values are attention's, to bf16 rounding.
   torch::manual_seed(6);
   auto q = torch::randn({2, 9, 4, 16}).to(torch::kBFloat16), k = torch::randn({2, 7, 4, 16}).to(torch::kBFloat16),
        v = torch::randn({2, 7, 4, 16}).to(torch::kBFloat16);
@@ -231,10 +232,16 @@ TEST(CpuAttention, WithoutGradientsOnAmxTakesAtenBf16) {
   {
     AutocastGuard ac(c10::kCPU, true);
     with_grad = multi_head_attention(q, k, v);
+    const SamplingScope sampling;
     EXPECT_FALSE(cpu_bf16_attention_applies());  // gradients on
     torch::NoGradGuard ng;
     applies = cpu_bf16_attention_applies();
     no_grad = multi_head_attention(q, k, v);
+  }
+  {
+    AutocastGuard ac(c10::kCPU, true);
+    torch::NoGradGuard ng;
+    EXPECT_FALSE(cpu_bf16_attention_applies());  // no gradients, but no sampler either
   }
   EXPECT_EQ(applies, cpu_has_amx_bf16());
   EXPECT_EQ(with_grad.scalar_type(), torch::kFloat);
@@ -242,6 +249,7 @@ TEST(CpuAttention, WithoutGradientsOnAmxTakesAtenBf16) {
   EXPECT_LT((with_grad.to(torch::kDouble) - expect).abs().max().item<double>(), 1e-5);
   EXPECT_LT((no_grad.to(torch::kDouble) - expect).abs().max().item<double>(), 2e-2);
   {
+    const SamplingScope sampling;
     torch::NoGradGuard ng;
     EXPECT_FALSE(cpu_bf16_attention_applies());  // autocast off
   }

@@ -7,6 +7,7 @@
 #include <ATen/Context.h>
 
 #include <chrono>
+#include <optional>
 
 #include "cli/commands.h"
 #include "core/autocast.h"
@@ -43,6 +44,8 @@ static std::string cpu_attention_text(const c10::Device& device, bool bf16, bool
   if (device.is_cuda() || !bf16) return "";
   AutocastGuard autocast(c10::kCPU, true);
   const torch::AutoGradMode grad_mode(grads);
+  std::optional<SamplingScope> sampling;
+  if (!grads) sampling.emplace();
   return cpu_bf16_attention_applies() ? ", bf16 attention" : ", float32 attention";
 }
 

@@ -24,7 +24,11 @@ bool cpu_has_amx_bf16() {
 
 namespace {
 std::atomic<CpuAttention> g_cpu_attention{CpuAttention::automatic};
-}
+thread_local bool t_sampling = false;
+}  // namespace
+
+SamplingScope::SamplingScope() : was(t_sampling) { t_sampling = true; }
+SamplingScope::~SamplingScope() { t_sampling = was; }
 
 void set_cpu_attention(CpuAttention mode) { g_cpu_attention = mode; }
 CpuAttention cpu_attention() { return g_cpu_attention; }
@@ -43,13 +47,15 @@ bool cpu_bf16_attention_applies() {
     case CpuAttention::bf16: return true;
     case CpuAttention::automatic: break;
   }
-  return cpu_has_amx_bf16() && !torch::GradMode::is_enabled();
+  // Gradients off is not enough: a checkpointed block's forward also runs without them, and
+  // must compute what its recomputation (with gradients) computes again.
+  return cpu_has_amx_bf16() && t_sampling && !torch::GradMode::is_enabled();
 }
 
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   const auto B = q.size(0), N = q.size(1), H = q.size(2), hd = q.size(3);
   const bool autocast = q.device().is_cpu() && at::autocast::is_autocast_enabled(at::kCPU);
-  // Without gradients (sampling) on a CPU with AMX, ATen's bf16 attention is the fast one: its
+  // In a sampler on a CPU with AMX, ATen's bf16 attention is the fast one: its
   // forward runs on AMX tiles, and bf16 sampling of the emoji model took 14 % less time than
   // with the float32 attention below on a Xeon. Its backward is 2.5x slower than float32's on
   // the same CPU, so training steps keep the float32 attention.

@@ -40,13 +40,23 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v);
 // The CPU has AMX with bf16 (Intel Xeon since Sapphire Rapids).
 bool cpu_has_amx_bf16();
 // Attention on the CPU under bf16 autocast (--cpu-attention): `automatic` is float32, except
-// without gradients on a CPU with AMX; `bf16` is always ATen's bf16 attention (slow on the CPU
-// but what a GPU keeps for the backward pass: `bench --memory` with it predicts GPU memory).
+// in a sampler (a SamplingScope without gradients) on a CPU with AMX; `bf16` is always ATen's
+// bf16 attention (slow on the CPU but what a GPU keeps for the backward pass: `bench --memory`
+// with it predicts GPU memory).
 enum class CpuAttention { automatic, float32, bf16 };
 void set_cpu_attention(CpuAttention mode);
 CpuAttention cpu_attention();
 CpuAttention parse_cpu_attention(const std::string& name);  // auto, float32 or bf16
 // Whether CPU attention takes ATen's bf16 kernel now (autocast on, and the setting above).
 bool cpu_bf16_attention_applies();
+// Marks, on this thread, a sampler's network evaluations (edm_sample): results that no
+// backward pass will recompute, so `automatic` may pick the faster attention kernel there.
+struct SamplingScope {
+  SamplingScope();
+  ~SamplingScope();
+  SamplingScope(const SamplingScope&) = delete;
+  SamplingScope& operator=(const SamplingScope&) = delete;
+  bool was;
+};
 
 }  // namespace microdit
