@@ -74,6 +74,7 @@ set_tests_properties(dataset.emoji_no_skin_tones PROPERTIES
 md_error_test(cli.sample_cuda_graph_on_cpu "--cuda-graph needs --device cuda"
               sample --ckpt /nonexistent.safetensors --prompt "red heart" --cuda-graph --device cpu)
 md_error_test(cli.bench_negative_profile "--profile must be >= 0, got -1" bench --profile -1 --device cpu)
+md_error_test(cli.bench_no_profile_rows "--profile-rows must be >= 1, got 0" bench --profile-rows 0 --device cpu)
 md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" bench --cuda-graph --device cpu)
 md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)
 md_error_test(cli.bad_cpu_matmul "unknown CPU float32 matmul 'blas' .known: auto, onednn, mkl." bench --cpu-matmul blas --device cpu)
@@ -84,11 +85,12 @@ md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on, off or warp, 
 md_error_test(cli.bad_recompute_ffn "--recompute-ffn: expected off, cuda or always, got .sometimes." bench --recompute-ffn sometimes --device cpu)
 
 # bench --profile on the CPU lists the operators by self time, for training and for sampling,
-# and names the fused kernels' instruction set.
+# and names the fused kernels' instruction set; a second table charges the same times to call
+# sites: the outermost operator (here an autograd node), the operator and its tensor inputs.
 add_test(NAME cli.bench_profile_cpu_train COMMAND microdit bench --preset MicroDiT_Pico_2 --batch 2 --steps 1
          --warmup 1 --caption-len 4 --device cpu --threads 1 --cpu-matmul onednn --profile 1)
 set_tests_properties(cli.bench_profile_cpu_train PROPERTIES PASS_REGULAR_EXPRESSION
-                     "fused kernels \\((avx512|avx2|x86-64)\\).*CPU operators over 1 more steps:.*CPU operator \\(self time\\).*mkldnn::_linear_pointwise.*operators [0-9.]+ ms on [0-9]+ threads")
+                     "fused kernels \\((avx512|avx2|x86-64)\\).*CPU operators over 1 more steps:.*CPU operator \\(self time\\).*mkldnn::_linear_pointwise.*operators [0-9.]+ ms on [0-9]+ threads.*call site\n.*ScaledDotProductFlashAttentionForCpuBackward0 > aten::_scaled_dot_product_flash_attention_for_cpu_backward f32\\[2,4,256,32\\], f32\\[2,4,256,32\\]")
 add_test(NAME cli.bench_profile_cpu_sample COMMAND microdit bench --sample --preset MicroDiT_Pico_2 --n 2 --batch 2
          --sampler-steps 2 --caption-len 4 --device cpu --threads 1 --profile 1)
 set_tests_properties(cli.bench_profile_cpu_sample PROPERTIES PASS_REGULAR_EXPRESSION

@@ -56,8 +56,9 @@ for flags in "--fused-kernels off --low-precision-layernorm" "--low-precision-la
 done
 "${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --fused-adamw \
   --low-precision-layernorm --steps 8 --warmup 2 2>&1 | grep "reference bench"
-el "where the GPU time goes (b256, mask 0.75)"
-"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --low-precision-layernorm --profile 2 2>&1 | tail -n 33
+el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
+"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --low-precision-layernorm --profile 2 \
+  --profile-rows 45 2>&1 | sed -n '/^GPU activity over/,$p'
 el "memory: unmasked batch 256 with activation checkpointing (must fit 80 GB)"
 "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0 --steps 3 --warmup 1 --checkpoint-activations \
   --low-precision-layernorm 2>&1 | tail -n 1

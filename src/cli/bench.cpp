@@ -69,6 +69,7 @@ struct BenchOptions {
   bool low_precision_layernorm = false;
   bool cuda_graph = false;   // record the step once into a CUDA graph, then replay it
   int profile = 0;           // steps (sampling runs) under the profiler after timing
+  int profile_rows = 30;     // rows of each --profile table
   bool memory = false;       // one more step that prints where the memory goes
   std::string sdpa;          // only this scaled-dot-product-attention backend (empty: ATen's choice)
   int workers = 0;           // CPU row-slice workers (train/parallel_backward.h); 0: one per thread
@@ -140,7 +141,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
                profile_ops(device, [&] {
                  for (int i = 0; i < o.profile; ++i) generate_images(*model, captions, 0, edm, so, o.batch);
                  sync(device);
-               }));
+               }, o.profile_rows));
   }
 }
 
@@ -151,6 +152,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   MD_CHECK(!o.cuda_graph || !o.plain_adamw, "--cuda-graph needs the fused AdamW (drop --plain-adamw)");
   MD_CHECK(!o.cuda_graph || o.warmup >= 1, "--cuda-graph needs --warmup >= 1");
   MD_CHECK(o.profile >= 0, "--profile must be >= 0, got {}", o.profile);
+  MD_CHECK(o.profile_rows >= 1, "--profile-rows must be >= 1, got {}", o.profile_rows);
   MicroDiT model(c);
   model->to(device);
   model->train();
@@ -249,7 +251,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
     fmt::print("{} over {} more steps:\n{}", device.is_cuda() ? "GPU activity" : "CPU operators", o.profile, profile_ops(device, [&] {
                  for (int i = 0; i < o.profile; ++i) one_step();
                  sync(device);
-               }));
+               }, o.profile_rows));
   }
   if (o.memory) {  // one more step, last and plain (no CUDA graph), with the optimizer's state in place
     mem.measure = true;
@@ -316,8 +318,10 @@ void register_bench(CLI::App& app) {
                 "after timing, one more step that prints its memory: at the start, kept by the forward pass (with one "
                 "CPU worker), and the peak over forward and backward");
   cmd->add_option("--profile", o->profile, "after timing, run this many more steps (--sample: sampling runs) under the "
-                                          "profiler and list the GPU kernels, or on the CPU the operators' self times")
+                                          "profiler and list the GPU kernels, or on the CPU the operators' self times, "
+                                          "by name and by call site")
       ->capture_default_str();
+  cmd->add_option("--profile-rows", o->profile_rows, "rows of each --profile table")->capture_default_str();
   cmd->add_option("--sdpa", o->sdpa, "only this attention backend: flash, cudnn, efficient or math");
   cmd->add_flag("--sample", o->sample, "time the sampler (Heun, guidance) on random captions instead of training");
   cmd->add_option("--n", o->n, "--sample: images in all")->capture_default_str();

@@ -1,6 +1,7 @@
 #include "core/kernel_profile.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
@@ -29,48 +30,85 @@ std::string table(const std::map<std::string, Sum>& by_name, double total_ns, in
   for (size_t i = 0; i < rows.size() && static_cast<int>(i) < top; ++i) {
     const auto& [name, s] = rows[i];
     out += fmt::format("{:9.2f} {:5.1f}% {:7} {:9.1f}  {}\n", s.ns / 1e6, 100 * s.ns / std::max(total_ns, 1.0),
-                       s.count, s.ns / 1e3 / static_cast<double>(s.count), name.substr(0, 140));
+                       s.count, s.ns / 1e3 / static_cast<double>(s.count), name.substr(0, 170));
   }
   return out;
 }
 
-// CPU operators by self time: an operator's time less that of the operators it called, on
-// each thread (CPU workers included: they inherit the profiler with the caller's state).
-std::string cpu_ops(const std::vector<torch::autograd::profiler::KinetoEvent>& events, double wall_ms, int top) {
+// "bf16[256,64,1024], f32[1024]": the tensor inputs of a profiled operator.
+std::string input_text(const torch::autograd::profiler::KinetoEvent& e) {
+  if (!e.hasShapes() || !e.hasTypes()) return "";
+  const auto shapes = e.shapes();
+  const auto types = e.dtypes();
+  static const std::map<std::string, std::string> short_name = {
+      {"float", "f32"}, {"c10::BFloat16", "bf16"}, {"c10::Half", "f16"}, {"double", "f64"},
+      {"long int", "i64"}, {"int", "i32"}, {"bool", "bool"}, {"unsigned char", "u8"}};
+  std::string out;
+  for (size_t i = 0; i < shapes.size() && i < types.size(); ++i) {
+    const auto it = short_name.find(types[i]);
+    if (it == short_name.end() || shapes[i].empty()) continue;  // scalars, lists, None
+    out += fmt::format("{}{}[{}]", out.empty() ? "" : ", ", it->second, fmt::join(shapes[i], ","));
+  }
+  return out;
+}
+
+// Autograd wraps each node in "autograd::engine::evaluate_function: <node>", and names our
+// custom functions' nodes "torch::autograd::CppNode<microdit::(anonymous namespace)::F>": "F".
+std::string short_op_name(std::string name) {
+  const std::string wrap = "autograd::engine::evaluate_function: ", node = "torch::autograd::CppNode<";
+  if (name.rfind(wrap, 0) == 0) name.erase(0, wrap.size());
+  if (name.rfind(node, 0) == 0 && name.back() == '>') {
+    name = name.substr(node.size(), name.size() - node.size() - 1);
+    if (const auto colon = name.rfind("::"); colon != std::string::npos) name.erase(0, colon + 2);
+  }
+  return name;
+}
+
+// The CPU operators, each with its self time (its time less that of the operators it called,
+// on its own thread) and its call site: the outermost operator around it on that thread (what
+// the model code or autograd called) and its own tensor inputs.
+struct CpuOps {
+  std::vector<std::string> name, site;
+  std::vector<double> self_ns;
+  std::map<uint64_t, size_t> by_correlation;  // correlation id -> index
+  std::set<uint64_t> threads;
+};
+
+CpuOps cpu_ops(const std::vector<torch::autograd::profiler::KinetoEvent>& events) {
   struct Ev {
     uint64_t t0, t1, thread;
-    std::string name;
+    const torch::autograd::profiler::KinetoEvent* e;
   };
   std::vector<Ev> evs;
   for (const auto& e : events)
     if (e.deviceType() == c10::DeviceType::CPU && !e.isAsync() && e.endNs() > e.startNs())
-      evs.push_back({e.startNs(), e.endNs(), e.startThreadId(), e.name()});
+      evs.push_back({e.startNs(), e.endNs(), e.startThreadId(), &e});
   // Per thread by start, outer before inner; a stack of open operators gives each one's parent.
   std::sort(evs.begin(), evs.end(), [](const Ev& a, const Ev& b) {
     return a.thread != b.thread ? a.thread < b.thread : a.t0 != b.t0 ? a.t0 < b.t0 : a.t1 > b.t1;
   });
-  std::vector<double> self(evs.size());
+  CpuOps ops;
+  ops.self_ns.resize(evs.size());
   std::vector<size_t> open;
   for (size_t i = 0; i < evs.size(); ++i) {
     while (!open.empty() && (evs[open.back()].thread != evs[i].thread || evs[open.back()].t1 <= evs[i].t0))
       open.pop_back();
-    self[i] = static_cast<double>(evs[i].t1 - evs[i].t0);
-    if (!open.empty()) self[open.back()] -= static_cast<double>(std::min(evs[i].t1, evs[open.back()].t1) - evs[i].t0);
+    ops.self_ns[i] = static_cast<double>(evs[i].t1 - evs[i].t0);
+    if (!open.empty())
+      ops.self_ns[open.back()] -= static_cast<double>(std::min(evs[i].t1, evs[open.back()].t1) - evs[i].t0);
+    std::string name = short_op_name(evs[i].e->name());
+    const std::string root = open.empty() ? name : ops.name[open.front()];
+    const std::string inputs = input_text(*evs[i].e);
+    ops.site.push_back((root == name ? name : root + " > " + name) + (inputs.empty() ? "" : " " + inputs));
+    ops.name.push_back(std::move(name));
+    // A kernel's linked correlation id is that of the operator that launched it. The CUDA
+    // runtime's own events (cudaLaunchKernel) are linked to that operator too, and their
+    // correlation ids count separately: they stay out of the map.
+    if (evs[i].e->linkedCorrelationId() == 0) ops.by_correlation.emplace(evs[i].e->correlationId(), i);
+    ops.threads.insert(evs[i].thread);
     open.push_back(i);
   }
-  std::map<std::string, Sum> by_name;
-  std::set<uint64_t> threads;
-  double total_ns = 0;
-  for (size_t i = 0; i < evs.size(); ++i) {
-    auto& s = by_name[evs[i].name];
-    s.ns += std::max(self[i], 0.0);
-    s.count += 1;
-    total_ns += std::max(self[i], 0.0);
-    threads.insert(evs[i].thread);
-  }
-  return table(by_name, total_ns, top, "CPU operator (self time)") +
-         fmt::format("operators {:.1f} ms on {} threads in {:.1f} ms wall, {} calls, {} distinct\n", total_ns / 1e6,
-                     threads.size(), wall_ms, evs.size(), by_name.size());
+  return ops;
 }
 
 }  // namespace
@@ -81,7 +119,7 @@ std::string profile_ops(c10::Device device, const std::function<void()>& work, i
   // own KINETO_LOG_LEVEL stays as it is).
   if (device.is_cpu()) setenv("KINETO_LOG_LEVEL", "5", /*overwrite=*/0);
   namespace prof = torch::profiler::impl;
-  const prof::ProfilerConfig config(prof::ProfilerState::KINETO);
+  const prof::ProfilerConfig config(prof::ProfilerState::KINETO, /*report_input_shapes=*/true);
   std::set<prof::ActivityType> activities{prof::ActivityType::CPU};
   if (device.is_cuda()) activities.insert(prof::ActivityType::CUDA);
   torch::autograd::profiler::prepareProfiler(config, activities);
@@ -90,16 +128,41 @@ std::string profile_ops(c10::Device device, const std::function<void()>& work, i
   work();
   const double wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const auto result = torch::autograd::profiler::disableProfiler();
-  if (device.is_cpu()) return cpu_ops(result->events(), wall_ms, top);
+  const auto& events = result->events();
+  const CpuOps ops = cpu_ops(events);
+  if (device.is_cpu()) {
+    std::map<std::string, Sum> by_name, by_site;
+    double total_ns = 0;
+    for (size_t i = 0; i < ops.name.size(); ++i) {
+      const double ns = std::max(ops.self_ns[i], 0.0);
+      for (auto* m : {&by_name, &by_site}) {
+        auto& s = (*m)[m == &by_name ? ops.name[i] : ops.site[i]];
+        s.ns += ns;
+        s.count += 1;
+      }
+      total_ns += ns;
+    }
+    return table(by_name, total_ns, top, "CPU operator (self time)") +
+           fmt::format("operators {:.1f} ms on {} threads in {:.1f} ms wall, {} calls, {} distinct\n",
+                       total_ns / 1e6, ops.threads.size(), wall_ms, ops.name.size(), by_name.size()) +
+           "\nThe same self times by call site (outermost operator > operator, its tensor inputs):\n" +
+           table(by_site, total_ns, top, "call site");
+  }
 
-  std::map<std::string, Sum> by_name;
+  // Kernels, copies and memsets on the GPU, by name and by the CPU operator that launched them.
+  std::map<std::string, Sum> by_name, by_site;
   double total_ns = 0;
-  for (const auto& e : result->events()) {
-    if (e.deviceType() != c10::DeviceType::CUDA) continue;  // kernels, copies and memsets on the GPU
-    auto& s = by_name[e.name()];
-    s.ns += static_cast<double>(e.durationNs());
-    s.count += 1;
-    total_ns += static_cast<double>(e.durationNs());
+  for (const auto& e : events) {
+    if (e.deviceType() != c10::DeviceType::CUDA) continue;
+    const double ns = static_cast<double>(e.durationNs());
+    const auto op = ops.by_correlation.find(e.linkedCorrelationId());
+    const std::string site = op == ops.by_correlation.end() ? "(no CPU operator)" : ops.site[op->second];
+    for (auto* m : {&by_name, &by_site}) {
+      auto& s = (*m)[m == &by_name ? e.name() : site];
+      s.ns += ns;
+      s.count += 1;
+    }
+    total_ns += ns;
   }
   std::string out = table(by_name, total_ns, top, "device activity");
   int64_t launches = 0;
@@ -107,6 +170,9 @@ std::string profile_ops(c10::Device device, const std::function<void()>& work, i
   out += fmt::format("device busy {:.1f} ms of {:.1f} ms wall ({:.0f}%), {} device activities, {} distinct\n",
                      total_ns / 1e6, wall_ms, 100 * total_ns / 1e6 / std::max(wall_ms, 1e-9), launches,
                      by_name.size());
+  out += "\nThe same device time by call site (outermost CPU operator > the operator that launched it, its "
+         "tensor inputs):\n" +
+         table(by_site, total_ns, top, "call site");
   return out;
 }
 

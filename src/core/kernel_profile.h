@@ -1,6 +1,9 @@
 // Where the time goes: runs `work` under LibTorch's Kineto profiler. On a GPU it sums the
 // device's kernel and memory-copy times by name; on the CPU, each ATen operator's self time
-// (less the operators it called). For `bench --profile`.
+// (less the operators it called). A second table charges the same times to call sites: the
+// outermost operator on the thread (what the model code called, or an autograd node), the
+// operator that ran or launched the kernel, and that operator's tensor inputs, as in
+// "aten::to > aten::copy_ f32[16,64,8,32], bf16[16,64,8,32]". For `bench --profile`.
 #pragma once
 #include <c10/core/Device.h>
 
@@ -9,8 +12,8 @@
 
 namespace microdit {
 
-// A text table: the `top` names with the most time (total ms, share, count, mean us), then
-// the busy time against the wall time of `work` (which must end synchronised).
+// Text tables of the `top` names and call sites with the most time (total ms, share, count,
+// mean us), and the busy time against the wall time of `work` (which must end synchronised).
 std::string profile_ops(c10::Device device, const std::function<void()>& work, int top = 30);
 
 }  // namespace microdit
