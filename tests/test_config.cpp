@@ -2,6 +2,7 @@
 #include <torch/torch.h>
 #include <yaml-cpp/yaml.h>
 
+#include "core/choice.h"
 #include "core/error.h"
 #include "model/config.h"
 #include "model/microdit.h"
@@ -86,4 +87,14 @@ TEST(Config, YamlReadsPresetAndOverridesAndRefusesUnknownKeys) {
   auto again = config_from_yaml(YAML::Load(config_to_yaml(c)));
   EXPECT_EQ(again.depth, c.depth);
   EXPECT_EQ(again.mlp_ratio, c.mlp_ratio);
+}
+
+TEST(Config, ChoiceTakesAListedNameAndNamesThemAllOtherwise) {
+  enum class Mode { a, b, c };
+  EXPECT_EQ(parse_choice<Mode>("--mode", "b", {{"a", Mode::a}, {"b", Mode::b}, {"c", Mode::c}}), Mode::b);
+  EXPECT_EQ(error_of([] { parse_choice<Mode>("--mode", "B", {{"a", Mode::a}, {"b", Mode::b}, {"c", Mode::c}}); }),
+            "--mode: expected a, b or c, got 'B'");
+  EXPECT_EQ(error_of([] { parse_choice<Mode>("--mode", "", {{"a", Mode::a}, {"b", Mode::b}}); }),
+            "--mode: expected a or b, got ''");
+  EXPECT_EQ(error_of([] { parse_choice<Mode>("--mode", "x", {{"a", Mode::a}}); }), "--mode: expected a, got 'x'");
 }

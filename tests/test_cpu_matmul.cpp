@@ -20,10 +20,8 @@ using namespace microdit::test_util;
 namespace {
 
 // Sets the process-wide choice for one scope.
-struct MatmulMode {
-  CpuMatmul before = cpu_fp32_matmul();
-  explicit MatmulMode(CpuMatmul m) { set_cpu_fp32_matmul(m); }
-  ~MatmulMode() { set_cpu_fp32_matmul(before); }
+struct MatmulMode : test_util::ScopedSetting<CpuMatmul> {
+  explicit MatmulMode(CpuMatmul m) : ScopedSetting(cpu_fp32_matmul, set_cpu_fp32_matmul, m) {}
 };
 
 double rel_diff(const torch::Tensor& a, const torch::Tensor& b) {
@@ -127,7 +125,7 @@ TEST(CpuMatmul, NamesAndLinearModule) {
   EXPECT_EQ(parse_cpu_matmul("onednn"), CpuMatmul::kOneDnn);
   EXPECT_EQ(parse_cpu_matmul("mkl"), CpuMatmul::kMkl);
   EXPECT_EQ(error_of([] { parse_cpu_matmul("blas"); }),
-            "unknown CPU float32 matmul 'blas' (known: auto, onednn, mkl)");
+            "--cpu-matmul: expected auto, onednn or mkl, got 'blas'");
   // auto: MKL on Intel CPUs, oneDNN on the others; it is also the process's default.
   const bool intel = [] {
     std::ifstream f("/proc/cpuinfo");

@@ -69,7 +69,9 @@ Run train_tiny(c10::Device device, int mode, int steps, bool bf16) {
     else step();
     r.losses.push_back(loss_out.item<double>());
   }
-  if (graph) EXPECT_TRUE(graph->captured());
+  if (graph) {
+    EXPECT_TRUE(graph->captured());
+  }
   for (auto& p : model->parameters()) r.params.push_back(p.detach().cpu().clone());
   auto& s = static_cast<torch::optim::AdamWParamState&>(
       *opt.state().at(model->parameters()[0].unsafeGetTensorImpl()));

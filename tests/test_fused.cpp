@@ -21,11 +21,6 @@ using namespace microdit::test_util;
 namespace {
 
 // Sets the process-wide switch for one scope.
-struct FusedSwitch {
-  bool was = fused_kernels_enabled();
-  explicit FusedSwitch(bool on) { set_fused_kernels(on); }
-  ~FusedSwitch() { set_fused_kernels(was); }
-};
 
 bool have_cuda_kernels() { return torch::cuda::is_available() && kernels::available(); }
 
@@ -171,7 +166,7 @@ struct Step {
 
 // One training step of the tiny MicroDiT (MoE, patch mixer, mask 0.5) on `device`.
 Step tiny_model_step(c10::Device device, bool fused, bool bf16, bool low_precision) {
-  const FusedSwitch sw(fused);
+  const test_util::ScopedSetting sw(fused_kernels_enabled, set_fused_kernels, fused);
   torch::manual_seed(0);
   const auto c = tiny_config();
   MicroDiT model(c);

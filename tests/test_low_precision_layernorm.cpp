@@ -13,11 +13,7 @@ using namespace microdit;
 TEST(LowPrecisionLayerNorm, Bf16UnderAutocastFloat32Otherwise) {
   // LibTorch's operators (the fused kernels, on by default, are below); the switch is
   // restored however the test ends.
-  struct RestoreFused {
-    bool was = fused_kernels_enabled();
-    ~RestoreFused() { set_fused_kernels(was); }
-  } restore;
-  set_fused_kernels(false);
+  const test_util::ScopedSetting restore(fused_kernels_enabled, set_fused_kernels, false);
   torch::manual_seed(0);
   LayerNorm ln(64, 1e-6);
   {

@@ -3,6 +3,7 @@
 
 #include "core/autocast.h"
 #include "model/ffn.h"
+#include "test_util.h"
 
 using namespace microdit;
 
@@ -60,11 +61,6 @@ TEST(ExpertChoiceMoE, GradientsReachRouterAndExperts) {
 namespace {
 
 // Sets the MoE dispatch for one scope.
-struct Dispatch {
-  MoeDispatch was = moe_dispatch();
-  explicit Dispatch(MoeDispatch m) { set_moe_dispatch(m); }
-  ~Dispatch() { set_moe_dispatch(was); }
-};
 
 double rel(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>() /
@@ -73,7 +69,7 @@ double rel(const torch::Tensor& a, const torch::Tensor& b) {
 
 // The layer's output and the gradients of x, gate, w1, w2 under one dispatch.
 std::vector<torch::Tensor> moe_run(MoeDispatch m, bool bf16) {
-  const Dispatch dispatch(m);
+  const test_util::ScopedSetting dispatch(moe_dispatch, set_moe_dispatch, m);
   torch::manual_seed(3);
   FeedForwardECMoE moe(/*d=*/24, /*n=*/40, /*experts=*/4, /*capacity=*/2.0);
   {
@@ -112,14 +108,17 @@ TEST(ExpertChoiceMoE, GemmDispatchEqualsIndexDispatch) {
 }
 
 TEST(ExpertChoiceMoE, DispatchModes) {
-  const Dispatch keep(moe_dispatch());
+  const test_util::ScopedSetting keep(moe_dispatch, set_moe_dispatch, moe_dispatch());
   const auto cpu = torch::ones({2});
   set_moe_dispatch(parse_moe_dispatch("auto"));
   EXPECT_FALSE(moe_gemm_for(cpu));  // CUDA tensors only
+  EXPECT_TRUE(moe_gemm_on(c10::kCUDA));
   set_moe_dispatch(parse_moe_dispatch("gemm"));
   EXPECT_TRUE(moe_gemm_for(cpu));
+  EXPECT_TRUE(moe_gemm_on(c10::kCUDA));
   set_moe_dispatch(parse_moe_dispatch("index"));
   EXPECT_FALSE(moe_gemm_for(cpu));
+  EXPECT_FALSE(moe_gemm_on(c10::kCUDA));
   EXPECT_THROW(parse_moe_dispatch("scatter"), std::exception);
 }
 

@@ -77,7 +77,7 @@ TEST(RecomputeFfn, SwiGLULinearSameValuesAndGradients) {
 }
 
 TEST(RecomputeFfn, TinyModelStepSameGradients) {
-  const auto was = recompute_ffn();
+  const test_util::ScopedSetting keep(recompute_ffn, set_recompute_ffn, recompute_ffn());
   for (bool bf16 : {false, true}) {
     SCOPED_TRACE(bf16 ? "bf16 autocast" : "float32");
     TinyStepOptions o;
@@ -86,7 +86,6 @@ TEST(RecomputeFfn, TinyModelStepSameGradients) {
     const auto plain = tiny_step(o);
     set_recompute_ffn(RecomputeFfn::always);
     const auto rec = tiny_step(o);
-    set_recompute_ffn(was);
     // The forward pass is the same operators: same loss, same expert choices.
     EXPECT_EQ(rec.loss, plain.loss);
     EXPECT_LT(worst_relative(rec, plain), 1e-12);
@@ -95,7 +94,7 @@ TEST(RecomputeFfn, TinyModelStepSameGradients) {
 }
 
 TEST(RecomputeFfn, ModesAndNoGrad) {
-  const auto was = recompute_ffn();
+  const test_util::ScopedSetting keep(recompute_ffn, set_recompute_ffn, recompute_ffn());
   auto cpu = torch::ones({2, 3});
   set_recompute_ffn(parse_recompute_ffn("cuda"));
   EXPECT_FALSE(recompute_ffn_for(cpu));  // the default leaves the CPU alone
@@ -107,7 +106,6 @@ TEST(RecomputeFfn, ModesAndNoGrad) {
   }
   set_recompute_ffn(parse_recompute_ffn("off"));
   EXPECT_FALSE(recompute_ffn_for(cpu));
-  set_recompute_ffn(was);
   EXPECT_NE(error_of([] { parse_recompute_ffn("sometimes"); }).find("expected off, cuda or always"),
             std::string::npos);
 }

@@ -32,6 +32,22 @@ struct TempDir {
   std::string operator/(const std::string& f) const { return path + "/" + f; }
 };
 
+// A process-wide mode (fused kernels, MoE dispatch, CPU matmul, ...) set for one scope and
+// restored after it, also when an assertion ends the test early:
+//   const ScopedSetting dispatch(moe_dispatch, set_moe_dispatch, MoeDispatch::gemm);
+template <class T>
+class ScopedSetting {
+ public:
+  ScopedSetting(T (*get)(), void (*set)(T), T value) : set_(set), was_(get()) { set_(value); }
+  ~ScopedSetting() { set_(was_); }
+  ScopedSetting(const ScopedSetting&) = delete;
+  ScopedSetting& operator=(const ScopedSetting&) = delete;
+
+ private:
+  void (*set_)(T);
+  T was_;
+};
+
 // The folder of the running test binary (the build folder): where generated fixtures go,
 // whatever the working directory (ctest runs in the build folder, a developer maybe not).
 inline std::string build_dir() {

@@ -51,7 +51,7 @@ static std::string cpu_attention_text(const c10::Device& device, bool bf16, bool
 
 // ", MoE by one-hot products" where the expert layers take them on this device (model/ffn.h).
 static std::string moe_text(const c10::Device& device) {
-  return moe_gemm_for(torch::empty({0}, torch::TensorOptions().device(device))) ? ", MoE by one-hot products" : "";
+  return moe_gemm_on(device.type()) ? ", MoE by one-hot products" : "";
 }
 
 namespace {

@@ -1,5 +1,6 @@
 #include "cli/commands.h"
 #include "core/cpu_matmul.h"
+#include "core/choice.h"
 #include "core/error.h"
 #include "kernels/fused.h"
 #include "model/attention.h"
@@ -26,9 +27,10 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
   cmd.add_option_function<std::string>(
          "--fused-kernels",
          [](const std::string& v) {
-           MD_CHECK(v == "on" || v == "off" || v == "warp", "--fused-kernels: expected on, off or warp, got '{}'", v);
-           set_fused_kernels(v != "off");
-           kernels::set_warp_row_kernels(v == "warp");
+           enum { on, off, warp };
+           const auto m = parse_choice<int>("--fused-kernels", v, {{"on", on}, {"off", off}, {"warp", warp}});
+           set_fused_kernels(m != off);
+           kernels::set_warp_row_kernels(m == warp);
          },
          "fused kernels (CPU and CUDA) for LayerNorm + modulation and the gated residual adds: on, off, "
          "or warp (on, with the CUDA kernels that take a warp per row: not yet measured on a GPU)")

@@ -1,5 +1,6 @@
 #include "core/cpu_matmul.h"
 
+#include "core/choice.h"
 #include "core/error.h"
 
 #include <ATen/Context.h>
@@ -129,10 +130,9 @@ CpuMatmul default_cpu_fp32_matmul() {
 }
 
 CpuMatmul parse_cpu_matmul(const std::string& name) {
-  if (name == "auto") return default_cpu_fp32_matmul();
-  if (name == "onednn") return CpuMatmul::kOneDnn;
-  if (name == "mkl") return CpuMatmul::kMkl;
-  fail("unknown CPU float32 matmul '{}' (known: auto, onednn, mkl)", name);
+  if (name == "auto") return default_cpu_fp32_matmul();  // listed below for the error message
+  return parse_choice<CpuMatmul>("--cpu-matmul", name,
+                                 {{"auto", CpuMatmul::kOneDnn}, {"onednn", CpuMatmul::kOneDnn}, {"mkl", CpuMatmul::kMkl}});
 }
 
 const char* cpu_matmul_name(CpuMatmul m) { return m == CpuMatmul::kOneDnn ? "onednn" : "mkl"; }

@@ -8,6 +8,7 @@
 
 #include <atomic>
 
+#include "core/choice.h"
 #include "core/error.h"
 
 namespace microdit {
@@ -34,10 +35,10 @@ void set_cpu_attention(CpuAttention mode) { g_cpu_attention = mode; }
 CpuAttention cpu_attention() { return g_cpu_attention; }
 
 CpuAttention parse_cpu_attention(const std::string& name) {
-  if (name == "auto") return CpuAttention::automatic;
-  if (name == "float32") return CpuAttention::float32;
-  if (name == "bf16") return CpuAttention::bf16;
-  fail("--cpu-attention: expected auto, float32 or bf16, got '{}'", name);
+  return parse_choice<CpuAttention>("--cpu-attention", name,
+                                    {{"auto", CpuAttention::automatic},
+                                     {"float32", CpuAttention::float32},
+                                     {"bf16", CpuAttention::bf16}});
 }
 
 bool cpu_bf16_attention_applies() {

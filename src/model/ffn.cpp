@@ -1,5 +1,6 @@
 #include "model/ffn.h"
 
+#include "core/choice.h"
 #include "core/cpu_matmul.h"
 #include "core/error.h"
 
@@ -130,10 +131,9 @@ void set_recompute_ffn(RecomputeFfn mode) { g_recompute = mode; }
 RecomputeFfn recompute_ffn() { return g_recompute; }
 
 RecomputeFfn parse_recompute_ffn(const std::string& name) {
-  if (name == "off") return RecomputeFfn::off;
-  if (name == "cuda") return RecomputeFfn::cuda;
-  if (name == "always") return RecomputeFfn::always;
-  fail("--recompute-ffn: expected off, cuda or always, got '{}'", name);
+  return parse_choice<RecomputeFfn>(
+      "--recompute-ffn", name,
+      {{"off", RecomputeFfn::off}, {"cuda", RecomputeFfn::cuda}, {"always", RecomputeFfn::always}});
 }
 
 bool recompute_ffn_for(const Tensor& x) {
@@ -146,16 +146,17 @@ void set_moe_dispatch(MoeDispatch mode) { g_moe_dispatch = mode; }
 MoeDispatch moe_dispatch() { return g_moe_dispatch; }
 
 MoeDispatch parse_moe_dispatch(const std::string& name) {
-  if (name == "auto") return MoeDispatch::automatic;
-  if (name == "index") return MoeDispatch::index;
-  if (name == "gemm") return MoeDispatch::gemm;
-  fail("--moe-dispatch: expected auto, index or gemm, got '{}'", name);
+  return parse_choice<MoeDispatch>(
+      "--moe-dispatch", name,
+      {{"auto", MoeDispatch::automatic}, {"index", MoeDispatch::index}, {"gemm", MoeDispatch::gemm}});
 }
 
-bool moe_gemm_for(const Tensor& x) {
+bool moe_gemm_on(c10::DeviceType device) {
   const auto m = g_moe_dispatch.load();
-  return m == MoeDispatch::gemm || (m == MoeDispatch::automatic && x.is_cuda());
+  return m == MoeDispatch::gemm || (m == MoeDispatch::automatic && device == c10::kCUDA);
 }
+
+bool moe_gemm_for(const Tensor& x) { return moe_gemm_on(x.device().type()); }
 
 Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g) {
   return MoeCombineFn::apply(P, h, g, compute_dtype(h));

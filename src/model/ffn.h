@@ -29,6 +29,7 @@ enum class MoeDispatch { automatic, index, gemm };
 void set_moe_dispatch(MoeDispatch mode);
 MoeDispatch moe_dispatch();
 MoeDispatch parse_moe_dispatch(const std::string& name);  // "auto", "index", "gemm"
+bool moe_gemm_on(c10::DeviceType device);  // the dispatch on tensors of this device
 bool moe_gemm_for(const Tensor& x);
 // The gemm dispatch's combine: P^T (g * h) for the one-hot P (B, E*k, T), h (B, E, k, d) and
 // g (B, E, k), -> (B, T, d). The same values and gradients as that expression under autograd
