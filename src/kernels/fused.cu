@@ -316,6 +316,47 @@ __global__ void gated_fwd_vec_kernel(const X* __restrict__ x, const G* __restric
   }
 }
 
+// SwiGLU's elementwise part (kernels/fused.h), V consecutive elements per thread: V = 16 bytes
+// when the pointers are 16-byte aligned and n % V == 0, else V = 1.
+__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
+
+template <typename T, int V>
+__global__ void swiglu_fwd_kernel(const T* __restrict__ u, const T* __restrict__ v, T* __restrict__ p,
+                                  int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x * V;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < n; i += stride) {
+    const auto uv = load_vec<V>(u + i);
+    const auto vv = load_vec<V>(v + i);
+    Vec<T, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float x = to_f(uv.v[k]);
+      o.v[k] = from_f<T>(x * sigmoid_f(x) * to_f(vv.v[k]));
+    }
+    *reinterpret_cast<Vec<T, V>*>(p + i) = o;
+  }
+}
+
+template <typename T, int V>
+__global__ void swiglu_bwd_kernel(const T* __restrict__ dp, const T* __restrict__ u, const T* __restrict__ v,
+                                  T* __restrict__ du, T* __restrict__ dv, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x * V;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V; i < n; i += stride) {
+    const auto gv = load_vec<V>(dp + i);
+    const auto uv = load_vec<V>(u + i);
+    const auto vv = load_vec<V>(v + i);
+    Vec<T, V> a, b;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float x = to_f(uv.v[k]), g = to_f(gv.v[k]), s = sigmoid_f(x);
+      a.v[k] = from_f<T>(g * to_f(vv.v[k]) * (s * (1.f + x * (1.f - s))));
+      b.v[k] = from_f<T>(g * x * s);
+    }
+    *reinterpret_cast<Vec<T, V>*>(du + i) = a;
+    *reinterpret_cast<Vec<T, V>*>(dv + i) = b;
+  }
+}
+
 // Elements per 16 bytes of the widest of the types.
 template <typename... T> constexpr int vec_width() {
   constexpr size_t widest = std::max({sizeof(T)...});
@@ -502,6 +543,46 @@ void gated_residual_backward(const void* dout, DType ot, const void* gate, DType
         static_cast<H*>(dh), dgate, T, static_cast<int>(d), rows_per_chunk(T));
   });
   check_launch("gated residual backward");
+}
+
+// Launches kernel<T, V> over n elements with V = 16 / sizeof(T) where `vec` allows, else V = 1.
+template <typename T, typename Launch> void launch_elementwise(int64_t n, bool vec, Launch&& launch) {
+  constexpr int threads = 256;
+  constexpr int V = 16 / sizeof(T);
+  const bool wide = vec && n % V == 0;
+  const int64_t want = ((wide ? n / V : n) + threads - 1) / threads;
+  const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(want, 65536 * 8)));
+  if (wide) launch(std::integral_constant<int, V>{}, blocks, threads);
+  else launch(std::integral_constant<int, 1>{}, blocks, threads);
+}
+
+void swiglu_forward(const void* u, const void* v, void* p, DType t, int64_t n, void* stream) {
+  if (n < 0) throw std::runtime_error("fused kernels: bad size " + std::to_string(n));
+  if (n == 0) return;
+  with_type(t, [&](auto* tp) {
+    using T = elem<decltype(tp)>;
+    launch_elementwise<T>(n, aligned16(u) && aligned16(v) && aligned16(p), [&](auto V, unsigned blocks, int threads) {
+      swiglu_fwd_kernel<T, decltype(V)::value><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const T*>(u), static_cast<const T*>(v), static_cast<T*>(p), n);
+    });
+  });
+  check_launch("SwiGLU forward");
+}
+
+void swiglu_backward(const void* dp, const void* u, const void* v, void* du, void* dv, DType t,
+                     int64_t n, void* stream) {
+  if (n < 0) throw std::runtime_error("fused kernels: bad size " + std::to_string(n));
+  if (n == 0) return;
+  with_type(t, [&](auto* tp) {
+    using T = elem<decltype(tp)>;
+    const bool vec = aligned16(dp) && aligned16(u) && aligned16(v) && aligned16(du) && aligned16(dv);
+    launch_elementwise<T>(n, vec, [&](auto V, unsigned blocks, int threads) {
+      swiglu_bwd_kernel<T, decltype(V)::value><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const T*>(dp), static_cast<const T*>(u), static_cast<const T*>(v), static_cast<T*>(du),
+          static_cast<T*>(dv), n);
+    });
+  });
+  check_launch("SwiGLU backward");
 }
 
 void set_warp_row_kernels(bool on) { g_warp_rows = on; }

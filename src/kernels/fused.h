@@ -58,6 +58,17 @@ void gated_residual_backward(const void* dout, DType ot, const void* gate, DType
                              DType ht, void* dh, float* dgate, int64_t B, int64_t T, int64_t d,
                              void* stream);
 
+// SwiGLU's elementwise part over n values, u, v and the results all of dtype t (u and v are
+// the two input projections w1 x and w2 x):
+//   forward:  p = silu(u) * v, silu(u) = u * sigmoid(u);
+//   backward: du = dp * v * silu'(u) with silu'(u) = s (1 + u (1 - s)), s = sigmoid(u),
+//             dv = dp * silu(u).
+// LibTorch runs them as 2 and 3 kernels (silu, mul; mul, silu_backward, mul) that round silu(u)
+// and dp * v to t between them; these round once, at the store.
+void swiglu_forward(const void* u, const void* v, void* p, DType t, int64_t n, void* stream);
+void swiglu_backward(const void* dp, const void* u, const void* v, void* du, void* dv, DType t,
+                     int64_t n, void* stream);
+
 // The same kernels on the CPU: same arguments and arithmetic, no stream, float32 and bf16 only
 // (f16 throws). They run on LibTorch's intra-op threads, vectorized for the widest instruction
 // set the CPU has.
@@ -78,6 +89,11 @@ void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DT
 void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
                          const float* mean, const float* rstd, float* s0, float* s1, int64_t B,
                          int64_t T, int64_t d);
+// sigmoid through a polynomial exp that vectorizes (Cephes' expf, about 1 ulp), its argument
+// clamped to [-87, 88]: that moves silu(u) by less than 1e-35.
+void swiglu_forward(const void* u, const void* v, void* p, DType t, int64_t n);
+void swiglu_backward(const void* dp, const void* u, const void* v, void* du, void* dv, DType t,
+                     int64_t n);
 void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt, const void* h,
                             DType ht, void* out, int64_t B, int64_t T, int64_t d);
 void gated_residual_backward(const void* dout, DType ot, const void* gate, DType gt, const void* h,

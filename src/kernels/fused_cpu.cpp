@@ -91,6 +91,10 @@ struct LnSums {
   float *s0, *s1;
   int64_t T, d;
 };
+struct Swiglu {
+  const void *dp, *u, *v;  // forward: dp is null
+  void *out, *dv;          // forward: p (dv null); backward: du and dv
+};
 struct Gated {
   const void *x, *gate, *h;  // backward: x is dout
   void* out;                 // backward: dh
@@ -228,6 +232,61 @@ MD_INLINE void gated_bwd_samples(const Gated& a, int64_t b0, int64_t b1) {
   }
 }
 
+// exp(x) as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2, a degree-7
+// polynomial for exp(r), 2^n from the exponent bits. Branch-free, so the loops vectorize:
+// n is rounded by adding and subtracting 1.5 * 2^23, which leaves n in the low bits of t.
+MD_INLINE float exp_poly(float x) {
+  x = x < -87.0f ? -87.0f : x;  // 2^n stays a normal float; NaN stays NaN
+  x = x > 88.0f ? 88.0f : x;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const float t = x * 1.44269504088896341f + kRound;
+  const float n = t - kRound;
+  float r = x - n * 0.693359375f;  // ln 2 in two parts, the first exact in float
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &t, 4);
+  bits = (bits - 0x4B400000 + 127) << 23;  // n + 127, the exponent of 2^n
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+MD_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
+
+// p[i] = silu(u[i]) * v[i] for i in [i0, i1).
+template <typename T>
+MD_INLINE void swiglu_fwd_range(const Swiglu& a, int64_t i0, int64_t i1) {
+  const T* __restrict u = static_cast<const T*>(a.u);
+  const T* __restrict v = static_cast<const T*>(a.v);
+  T* __restrict p = static_cast<T*>(a.out);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float x = to_f(u[i]);
+    p[i] = from_f<T>(x * sigmoid(x) * to_f(v[i]));
+  }
+}
+
+// du, dv for i in [i0, i1) (kernels/fused.h has the formulas).
+template <typename T>
+MD_INLINE void swiglu_bwd_range(const Swiglu& a, int64_t i0, int64_t i1) {
+  const T* __restrict dp = static_cast<const T*>(a.dp);
+  const T* __restrict u = static_cast<const T*>(a.u);
+  const T* __restrict v = static_cast<const T*>(a.v);
+  T* __restrict du = static_cast<T*>(a.out);
+  T* __restrict dv = static_cast<T*>(a.dv);
+  for (int64_t i = i0; i < i1; ++i) {
+    const float x = to_f(u[i]), g = to_f(dp[i]), s = sigmoid(x);
+    du[i] = from_f<T>(g * to_f(v[i]) * (s * (1.0f + x * (1.0f - s))));
+    dv[i] = from_f<T>(g * x * s);
+  }
+}
+
 // Each body above, compiled for one instruction set: a plain function with a target
 // attribute, into which GCC inlines the body (lambdas would not inherit the attribute).
 #define MD_ISA_FUNCTIONS(SUFFIX, TARGET)                                                                       \
@@ -240,7 +299,11 @@ MD_INLINE void gated_bwd_samples(const Gated& a, int64_t b0, int64_t b1) {
   template <typename X, typename G, typename H>                                                                \
   TARGET void gated_fwd_##SUFFIX(const Gated& a, int64_t i0, int64_t i1) { gated_fwd_rows<X, G, H>(a, i0, i1); } \
   template <typename O, typename G, typename H>                                                                \
-  TARGET void gated_bwd_##SUFFIX(const Gated& a, int64_t i0, int64_t i1) { gated_bwd_samples<O, G, H>(a, i0, i1); }
+  TARGET void gated_bwd_##SUFFIX(const Gated& a, int64_t i0, int64_t i1) { gated_bwd_samples<O, G, H>(a, i0, i1); } \
+  template <typename T>                                                                                        \
+  TARGET void swiglu_fwd_##SUFFIX(const Swiglu& a, int64_t i0, int64_t i1) { swiglu_fwd_range<T>(a, i0, i1); } \
+  template <typename T>                                                                                        \
+  TARGET void swiglu_bwd_##SUFFIX(const Swiglu& a, int64_t i0, int64_t i1) { swiglu_bwd_range<T>(a, i0, i1); }
 
 MD_ISA_FUNCTIONS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))))
 MD_ISA_FUNCTIONS(avx2, __attribute__((target("avx2,fma"))))
@@ -340,6 +403,19 @@ void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, 
   with_types(st, yt, [&](auto* sp, auto* yp) {
     run(MD_PICK(modln_sums, elem<decltype(sp)>, elem<decltype(yp)>), a, B, T * d);
   });
+}
+
+void swiglu_forward(const void* u, const void* v, void* p, DType t, int64_t n) {
+  if (n < 0) throw std::runtime_error("fused CPU kernels: bad size " + std::to_string(n));
+  const Swiglu a{nullptr, u, v, p, nullptr};
+  with_type(t, [&](auto* tp) { run(MD_PICK(swiglu_fwd, elem<decltype(tp)>), a, n, 1); });
+}
+
+void swiglu_backward(const void* dp, const void* u, const void* v, void* du, void* dv, DType t,
+                     int64_t n) {
+  if (n < 0) throw std::runtime_error("fused CPU kernels: bad size " + std::to_string(n));
+  const Swiglu a{dp, u, v, du, dv};
+  with_type(t, [&](auto* tp) { run(MD_PICK(swiglu_bwd, elem<decltype(tp)>), a, n, 1); });
 }
 
 void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt, const void* h,

@@ -30,6 +30,10 @@ void gated_residual_forward(const void*, DType, const void*, DType, const void*,
                             int64_t, int64_t, int64_t, void*) { missing(); }
 void gated_residual_backward(const void*, DType, const void*, DType, const void*, DType, void*,
                              float*, int64_t, int64_t, int64_t, void*) { missing(); }
+void swiglu_forward(const void*, const void*, void*, DType, int64_t, void*) { missing(); }
+void swiglu_backward(const void*, const void*, const void*, void*, void*, DType, int64_t, void*) {
+  missing();
+}
 
 }  // namespace microdit::kernels
 #endif

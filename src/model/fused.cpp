@@ -175,7 +175,50 @@ struct GatedResidualFn : torch::autograd::Function<GatedResidualFn> {
   }
 };
 
+struct SwiGLUFn : torch::autograd::Function<SwiGLUFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& u, const Tensor& v) {
+    ctx->save_for_backward({u, v});
+    return swiglu_product(u, v);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [du, dv] = swiglu_grads(grads[0], saved[0], saved[1]);
+    return {du, dv};
+  }
+};
+
 }  // namespace
+
+bool fused_swiglu_applies(const Tensor& u, const Tensor& v) {
+  return fused_kernels_apply(u) && v.defined() && v.sizes() == u.sizes() &&
+         v.scalar_type() == u.scalar_type() && v.device() == u.device() && v.layout() == at::kStrided;
+}
+
+Tensor fused_swiglu(const Tensor& u, const Tensor& v) {
+  MD_CHECK(fused_swiglu_applies(u, v),
+           "fused SwiGLU: u and v of one shape and dtype (float32 or bf16 on the CPU, or CUDA with the fused "
+           "kernels), got {} {} and {} {}",
+           c10::str(u.sizes()), c10::toString(u.scalar_type()), c10::str(v.sizes()), c10::toString(v.scalar_type()));
+  RECORD_FUNCTION("microdit::fused_swiglu", std::vector<c10::IValue>());
+  return SwiGLUFn::apply(u, v);
+}
+
+Tensor swiglu_product(const Tensor& u_in, const Tensor& v_in) {
+  const DeviceGuard guard(u_in);
+  const Tensor u = u_in.contiguous(), v = v_in.contiguous();
+  auto p = at::empty(u.sizes(), u.options());
+  MD_KERNEL(u, swiglu_forward, u.data_ptr(), v.data_ptr(), p.data_ptr(), kdt(u.scalar_type()), u.numel());
+  return p;
+}
+
+std::pair<Tensor, Tensor> swiglu_grads(const Tensor& dp_in, const Tensor& u_in, const Tensor& v_in) {
+  const DeviceGuard guard(u_in);
+  const Tensor dp = dp_in.to(u_in.scalar_type()).contiguous(), u = u_in.contiguous(), v = v_in.contiguous();
+  auto du = at::empty(u.sizes(), u.options()), dv = at::empty(u.sizes(), u.options());
+  MD_KERNEL(u, swiglu_backward, dp.data_ptr(), u.data_ptr(), v.data_ptr(), du.data_ptr(), dv.data_ptr(),
+            kdt(u.scalar_type()), u.numel());
+  return {du, dv};
+}
 
 bool fused_kernels_apply(const Tensor& x) {
   if (!x.defined() || x.numel() == 0 || x.layout() != at::kStrided) return false;

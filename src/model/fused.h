@@ -27,4 +27,14 @@ Tensor fused_modulated_layer_norm(const Tensor& x, const Tensor& weight, const T
 // h (B, T, d).
 Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h);
 
+// SwiGLU's elementwise part silu(u) * v, for u and v of one shape, dtype and device that
+// fused_kernels_apply takes.
+bool fused_swiglu_applies(const Tensor& u, const Tensor& v);
+// As an autograd function: keeps u and v (LibTorch's silu and mul keep u, silu(u) and v).
+Tensor fused_swiglu(const Tensor& u, const Tensor& v);
+// The kernels alone, for autograd functions with their own backward pass (model/ffn.cpp):
+// silu(u) * v, and the gradients (du, dv) from dp, the gradient of silu(u) * v.
+Tensor swiglu_product(const Tensor& u, const Tensor& v);
+std::pair<Tensor, Tensor> swiglu_grads(const Tensor& dp, const Tensor& u, const Tensor& v);
+
 }  // namespace microdit
