@@ -94,11 +94,17 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
       auto w = c.weight ? (1 + 0.3 * torch::randn({d})).to(cuda).requires_grad_(true) : torch::Tensor();
       auto shift = c.mod ? (0.2 * torch::randn({B, d})).to(cuda, c.out).requires_grad_(true) : torch::Tensor();
       auto scale = c.mod ? (0.2 * torch::randn({B, d})).to(cuda, c.out).requires_grad_(true) : torch::Tensor();
+      const int64_t launches = kernels::warp_row_launches();
       auto y = fused_modulated_layer_norm(x, w, shift, scale, 1e-6, c.out, c.save);
       ASSERT_EQ(y.scalar_type(), c.out);
       ASSERT_EQ(y.sizes(), x.sizes());
       auto dy = torch::randn(y.sizes()).to(cuda, c.out);
       y.backward(dy);
+      // Rows of 8 elements a vector and at most 1,024 wide fit the warp kernels whatever the
+      // dtypes: the forward and dx kernels must have taken them.
+      if (target.warp && d % 8 == 0 && d <= 1024) {
+        EXPECT_EQ(kernels::warp_row_launches() - launches, 2) << "the warp-per-row kernels did not run";
+      }
 
       // The same in float64 from x rounded to the kept precision, by LibTorch's autograd.
       auto x64 = x.detach().to(c.save).to(torch::kFloat64).requires_grad_(true);
@@ -139,8 +145,12 @@ TEST(Fused, GatedResidualMatchesFloat64) {
     auto x = torch::randn({B, T, d}).to(cuda, xt).requires_grad_(true);
     auto gate = torch::randn({B, d}).to(cuda, low).requires_grad_(true);
     auto h = torch::randn({B, T, d}).to(cuda, low).requires_grad_(true);
+    const int64_t launches = kernels::warp_row_launches();
     auto out = fused_gated_residual(x, gate, h);
     ASSERT_EQ(out.scalar_type(), xt);
+    if (target.warp) {
+      EXPECT_EQ(kernels::warp_row_launches() - launches, 1) << "the vectorized forward did not run";
+    }
     auto dout = torch::randn(out.sizes()).to(cuda, xt);
     out.backward(dout);
     auto x64 = x.detach().to(torch::kFloat64).requires_grad_(true);

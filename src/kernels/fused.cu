@@ -170,6 +170,7 @@ __global__ void gated_bwd_kernel(const O* __restrict__ dout, const G* __restrict
 // row of d elements takes d / V chunks, at most 32 * C.
 
 std::atomic<bool> g_warp_rows{false};
+std::atomic<int64_t> g_warp_launches{0};  // warp_row_launches()
 
 // Alignment at most 16: wider vectors load as several 16-byte parts.
 template <typename T, int V> struct alignas(sizeof(T) * V > 16 ? 16 : sizeof(T) * V) Vec {
@@ -445,6 +446,7 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
                   static_cast<const X*>(x), static_cast<int>(ldx), static_cast<S*>(xs), w,
                   static_cast<const Y*>(shift), static_cast<const Y*>(scale), static_cast<Y*>(y), mean, rstd,
                   static_cast<int>(rows), static_cast<int>(T), static_cast<int>(d), eps);
+          g_warp_launches.fetch_add(1, std::memory_order_relaxed);
           return true;
         }))
       return;
@@ -473,6 +475,7 @@ void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DT
                   static_cast<const Y*>(dy), static_cast<const S*>(xs), static_cast<int>(lds), w,
                   static_cast<const Y*>(scale), mean, rstd, static_cast<X*>(dx), static_cast<int>(rows),
                   static_cast<int>(T), static_cast<int>(d));
+          g_warp_launches.fetch_add(1, std::memory_order_relaxed);
           return true;
         }))
       return;
@@ -517,6 +520,7 @@ void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt,
       gated_fwd_vec_kernel<X, G, H, V><<<blocks, threads, 0, static_cast<cudaStream_t>(stream)>>>(
           static_cast<const X*>(x), static_cast<const G*>(gate), static_cast<const H*>(h), static_cast<X*>(out),
           static_cast<int>(n), static_cast<int>(T), static_cast<int>(d));
+      g_warp_launches.fetch_add(1, std::memory_order_relaxed);
       return;
     }
     const int64_t want = (n + threads - 1) / threads;
@@ -587,5 +591,6 @@ void swiglu_backward(const void* dp, const void* u, const void* v, void* du, voi
 
 void set_warp_row_kernels(bool on) { g_warp_rows = on; }
 bool warp_row_kernels() { return g_warp_rows; }
+int64_t warp_row_launches() { return g_warp_launches.load(); }
 
 }  // namespace microdit::kernels

@@ -21,11 +21,15 @@ bool available();
 // Which CUDA kernels the LayerNorm forward and dx and the gated residual forward take:
 //   false (the default): one block of 64-256 threads per row, scalar loads, three passes;
 //   true: one warp per row with 16-byte loads and the row kept in registers, 32-bit indices,
-//     where the shapes allow it (d a multiple of 4 or 8 and at most 2048 wide, 16-byte aligned
-//     pointers; else the block kernels). Written to run at memory bandwidth; not yet measured
-//     on a GPU, so not yet the default (`--fused-kernels warp` turns it on).
+//     where the shapes allow it (d a multiple of 16 bytes' worth of the widest type, 4 or 8
+//     elements; at most 256 such vectors, so d <= 2048 when every tensor is 16-bit and
+//     d <= 1024 when one is float32; 16-byte aligned pointers; else the block kernels).
+//     Written to run at memory bandwidth; not yet measured on a GPU, so not yet the default
+//     (`--fused-kernels warp` turns it on).
 void set_warp_row_kernels(bool on);
 bool warp_row_kernels();
+// How many warp-per-row kernels this process has launched: tests check that a shape took them.
+int64_t warp_row_launches();
 
 // Forward of the (modulated) LayerNorm over the last dimension d.
 //   x: rows x d, row stride ldx, dtype xt. Statistics are taken over x rounded to st.

@@ -10,6 +10,7 @@ namespace microdit::kernels {
 bool available() { return false; }
 void set_warp_row_kernels(bool) {}
 bool warp_row_kernels() { return false; }
+int64_t warp_row_launches() { return 0; }
 
 [[noreturn]] static void missing() {
   throw std::runtime_error("this microdit was built without nvcc: no fused CUDA kernels");
