@@ -11,6 +11,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REF=${1:?usage: $0 REFERENCE_CHECKOUT [MICRODIT_BIN] [MICRODIT_TESTS_BIN]}
 M=${2:-$ROOT/build/microdit}
 MT=${3:-$ROOT/build/microdit_tests}
+# On a lent machine ($OUT set) the whole log also goes to $OUT/bench_gpu.txt: the tool's reply
+# keeps only the last 12,000 characters, and the profile tables at the end are longer.
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee "$OUT/bench_gpu.txt") 2>&1; fi
 T0=$(date +%s)
 el() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -56,9 +59,6 @@ for flags in "--fused-kernels off --low-precision-layernorm" "--low-precision-la
 done
 "${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --fused-adamw \
   --low-precision-layernorm --steps 8 --warmup 2 2>&1 | grep "reference bench"
-el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
-"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --low-precision-layernorm --profile 2 \
-  --profile-rows 45 2>&1 | sed -n '/^GPU activity over/,$p'
 el "memory: unmasked batch 256 with activation checkpointing (must fit 80 GB)"
 "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0 --steps 3 --warmup 1 --checkpoint-activations \
   --low-precision-layernorm 2>&1 | tail -n 1
@@ -66,10 +66,14 @@ el "sampling: Heun 30, guidance 4"
 SX=(--preset MicroDiT_XL_2 --latent-size 32 --caption-len 77 --n 64 --batch 32 --cfg 4)
 SP=(--preset MicroDiT_Pico_2 --latent-size 32 --in-channels 3 --patch-size 4 --caption-channels 384
     --caption-len 21 --n 64 --batch 16 --cfg 4)
-for g in "--fused-kernels off" "" "--cuda-graph"; do
+for g in "--fused-kernels off" "--moe-dispatch index" "" "--fused-kernels warp" "--cuda-graph"; do
   "$M" bench --sample "${SX[@]}" --bf16 --device cuda $g 2>&1 | tail -n 1
 done
 "${RB[@]}" sample "${RA[@]}" "${SX[@]}" --bf16 2>&1 | grep "reference sample"
 for g in "" "--cuda-graph"; do "$M" bench --sample "${SP[@]}" --device cuda $g 2>&1 | tail -n 1; done
 "${RB[@]}" sample "${RA[@]}" "${SP[@]}" 2>&1 | grep "reference sample"
+# Last, as it is the longest output: where the time goes.
+el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
+"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --low-precision-layernorm --profile 2 \
+  --profile-rows 45 2>&1 | sed -n '/^GPU activity over/,$p'
 el "done"
