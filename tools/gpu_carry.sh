@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Packs what a lent GPU machine (the `device` tool) needs to run this build, into
+# .gpu/carry.tar.xz (git ignores .gpu/): stripped microdit and microdit_tests, the Debian
+# shared libraries they link (not glibc's, not LibTorch's or CUDA's: the machine's own torch
+# provides those), and the reference checkout for the side-by-side timings. The binaries and
+# libraries are about 110 MB unpacked, over the tool's 64 MiB for carried files; xz brings them
+# under it.
+#   tools/gpu_carry.sh REFERENCE_CHECKOUT
+# Then, as one device call (carry [".gpu"]; tools/gpu_run.sh unpacks and runs):
+#   bash tools/gpu_run.sh 1      # tests, parity, b256 training rows and memory (~6 min)
+#   bash tools/gpu_run.sh 2      # unmasked rows, sampling, profile (~3.5 min), while still warm
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REF=${1:?usage: $0 REFERENCE_CHECKOUT}
+B="${MICRODIT_BUILD_DIR:-$ROOT/build}"
+[ -d "$REF/micro_diffusion" ] || { echo "error: $REF is no micro_diffusion checkout" >&2; exit 1; }
+STAGE=$(mktemp -d)
+trap 'rm -rf "$STAGE"' EXIT
+mkdir -p "$STAGE/bin" "$STAGE/lib" "$STAGE/ref"
+for b in microdit microdit_tests; do
+  [ -x "$B/$b" ] || { echo "error: $B/$b is not built" >&2; exit 1; }
+  strip -o "$STAGE/bin/$b" "$B/$b"
+done
+# Every library ldd resolves outside the torch wheel, less the C library's own.
+ldd "$B/microdit" "$B/microdit_tests" | awk '/=> \// {print $3}' | sort -u | while read -r lib; do
+  case "$(basename "$lib")" in
+    libc.so.*|libm.so.*|libdl.so.*|librt.so.*|libpthread.so.*|libutil.so.*|ld-linux*) continue ;;
+  esac
+  case "$lib" in */site-packages/*) continue ;; esac
+  cp -L "$lib" "$STAGE/lib/"
+done
+cp -r "$REF/micro_diffusion" "$STAGE/ref/"
+mkdir -p "$ROOT/.gpu"
+tar -C "$STAGE" -cf - bin lib ref | xz -T2 -6 > "$ROOT/.gpu/carry.tar.xz.tmp"
+mv "$ROOT/.gpu/carry.tar.xz.tmp" "$ROOT/.gpu/carry.tar.xz"
+size=$(stat -c %s "$ROOT/.gpu/carry.tar.xz")
+echo ".gpu/carry.tar.xz: $((size / 1024 / 1024)) MiB ($(ls "$STAGE/lib" | wc -l) libraries)"
+[ "$size" -lt $((60 * 1024 * 1024)) ] || { echo "error: over the device tool's 64 MiB for carried files" >&2; exit 1; }
