@@ -7,7 +7,9 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 G="$ROOT/.gpu"
 [ -f "$G/carry.tar.xz" ] || { echo "error: no .gpu/carry.tar.xz: run tools/gpu_carry.sh and carry .gpu" >&2; exit 1; }
-[ -x "$G/bin/microdit" ] || xz -dc "$G/carry.tar.xz" | tar -C "$G" -xf -
+# Python's tarfile, not xz(1): the machine has python3 for its torch, maybe not xz.
+[ -x "$G/bin/microdit" ] || python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+  "$G/carry.tar.xz" "$G" || exit 1
 TP=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')
 # The CUDA libraries of the torch wheel live in site-packages/nvidia/*/lib.
 NV=$(ls -d "$(dirname "$TP")"/nvidia/*/lib 2>/dev/null | paste -sd: -)
