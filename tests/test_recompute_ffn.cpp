@@ -6,6 +6,7 @@
 
 #include "core/autocast.h"
 #include "model/ffn.h"
+#include "model/layers.h"
 #include "test_util.h"
 #include "tiny_step.h"
 
@@ -25,13 +26,13 @@ std::vector<torch::Tensor> run(const std::function<torch::Tensor()>& f, const st
   for (auto t : inputs) t.mutable_grad() = torch::Tensor();
   torch::Tensor y;
   {
-    AutocastGuard autocast(c10::kCPU, bf16);
+    AutocastGuard autocast(inputs[0].device().type(), bf16);
     y = f();
   }
   torch::manual_seed(5);
-  y.backward(torch::randn(y.sizes()).to(y.scalar_type()));
-  std::vector<torch::Tensor> out{y.detach().clone()};
-  for (const auto& t : inputs) out.push_back(t.grad().clone());
+  y.backward(torch::randn(y.sizes()).to(y.device(), y.scalar_type()));
+  std::vector<torch::Tensor> out{y.detach().cpu()};
+  for (const auto& t : inputs) out.push_back(t.grad().cpu());
   return out;
 }
 
@@ -45,33 +46,45 @@ void expect_same(const std::vector<torch::Tensor>& a, const std::vector<torch::T
 
 }  // namespace
 
+// The same operators in the same order: equal on the CPU. On a GPU the plain linear and our
+// batched product may take different cuBLAS kernels, which sum in other orders.
+double same_tol(c10::Device device, bool bf16) { return device.is_cpu() ? 1e-12 : bf16 ? 1e-2 : 1e-5; }
+
 TEST(RecomputeFfn, GeluBmmSameValuesAndGradients) {
+  for (const auto device : test_devices()) {
   torch::manual_seed(0);
-  auto a = torch::randn({3, 20, 48}).requires_grad_(true);
-  auto w = (0.2 * torch::randn({3, 48, 16})).requires_grad_(true);
+  auto a = torch::randn({3, 20, 48}).to(device).requires_grad_(true);
+  auto w = (0.2 * torch::randn({3, 48, 16})).to(device).requires_grad_(true);
   for (bool bf16 : {false, true}) {
-    SCOPED_TRACE(bf16 ? "bf16 autocast" : "float32");
+    SCOPED_TRACE(device.str() + (bf16 ? ", bf16 autocast" : ", float32"));
     const auto plain = run([&] { return gelu_bmm(a, w, false); }, {a, w}, bf16);
     const auto rec = run([&] { return gelu_bmm(a, w, true); }, {a, w}, bf16);
-    expect_same(rec, plain, 1e-12);  // the same operators in the same order: equal
+    expect_same(rec, plain, same_tol(device, bf16));
     EXPECT_EQ(rec[0].scalar_type(), bf16 ? at::kBFloat16 : at::kFloat);
     EXPECT_EQ(rec[2].scalar_type(), at::kFloat);  // the parameter's gradient stays float32
+  }
   }
 }
 
 TEST(RecomputeFfn, SwiGLULinearSameValuesAndGradients) {
+  // With the fused SwiGLU kernels (the default) and with LibTorch's silu and mul.
+  for (const auto device : test_devices())
+  for (bool fused : {true, false})
   for (bool bias : {true, false}) {
+    const ScopedSetting switch_(fused_kernels_enabled, set_fused_kernels, fused);
     torch::manual_seed(1);
     Linear w3(torch::nn::LinearOptions(40, 24).bias(bias));
-    auto u = torch::randn({2, 9, 40}).requires_grad_(true);
-    auto v = torch::randn({2, 9, 40}).requires_grad_(true);
+    w3->to(device);
+    auto u = torch::randn({2, 9, 40}).to(device).requires_grad_(true);
+    auto v = torch::randn({2, 9, 40}).to(device).requires_grad_(true);
     std::vector<torch::Tensor> inputs{u, v, w3->weight};
     if (bias) inputs.push_back(w3->bias);
     for (bool bf16 : {false, true}) {
-      SCOPED_TRACE(std::string(bias ? "bias, " : "no bias, ") + (bf16 ? "bf16 autocast" : "float32"));
+      SCOPED_TRACE(device.str() + (fused ? ", fused" : ", LibTorch") + (bias ? ", bias, " : ", no bias, ") +
+                   (bf16 ? "bf16 autocast" : "float32"));
       const auto plain = run([&] { return swiglu_linear(u, v, w3, false); }, inputs, bf16);
       const auto rec = run([&] { return swiglu_linear(u, v, w3, true); }, inputs, bf16);
-      expect_same(rec, plain, 1e-12);  // the same operators in the same order: equal
+      expect_same(rec, plain, same_tol(device, bf16));
     }
   }
 }

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include <torch/cuda.h>
+
 #include "core/error.h"
 #include "core/fs.h"
 #include "model/config.h"
@@ -31,6 +33,13 @@ struct TempDir {
   TempDir& operator=(const TempDir&) = delete;
   std::string operator/(const std::string& f) const { return path + "/" + f; }
 };
+
+// The CPU, and the first GPU when LibTorch sees one: for tests of code paths that differ there.
+inline std::vector<c10::Device> test_devices() {
+  std::vector<c10::Device> d{c10::Device(c10::kCPU)};
+  if (torch::cuda::is_available()) d.emplace_back(c10::kCUDA, 0);
+  return d;
+}
 
 // A process-wide mode (fused kernels, MoE dispatch, CPU matmul, ...) set for one scope and
 // restored after it, also when an assertion ends the test early:
