@@ -55,6 +55,11 @@ for flags in "--fused-kernels off --recompute-ffn off --low-precision-layernorm 
              "--fused-kernels warp --cuda-graph" "--moe-dispatch index --low-precision-layernorm --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
 done
+el "attention backends (ATen picks cuDNN; the backbone's 64 tokens are short for flash kernels)"
+for b in flash efficient math; do
+  "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 --low-precision-layernorm --cuda-graph \
+    --sdpa $b 2>&1 | tail -n 1
+done
 el "memory of one step against tools/predict_gpu_memory.sh (CPU: 61.3 / 53.3 GiB kept after the forward pass)"
 for r in off cuda; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 2 --warmup 1 --low-precision-layernorm \
