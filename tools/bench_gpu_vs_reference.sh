@@ -55,7 +55,7 @@ for flags in "--fused-kernels off --recompute-ffn off --low-precision-layernorm 
              "--fused-kernels warp --cuda-graph" "--moe-dispatch index --low-precision-layernorm --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
 done
-el "attention backends (ATen picks cuDNN; the backbone's 64 tokens are short for flash kernels)"
+el "attention backends (ATen picks cuDNN; the backbone attends over 64 tokens, the patch mixer over 256)"
 for b in flash efficient math; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 --low-precision-layernorm --cuda-graph \
     --sdpa $b 2>&1 | tail -n 1
