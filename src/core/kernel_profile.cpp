@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <map>
@@ -64,6 +65,12 @@ std::string short_op_name(std::string name) {
   return name;
 }
 
+// "cudaLaunchKernel", "cudaMemcpyAsync", "cuLaunchKernel": a CUDA runtime or driver call.
+bool cuda_api_call(const std::string& name) {
+  return name.rfind("cuda", 0) == 0 ||
+         (name.size() > 2 && name.rfind("cu", 0) == 0 && std::isupper(static_cast<unsigned char>(name[2])));
+}
+
 // The CPU operators, each with its self time (its time less that of the operators it called,
 // on its own thread) and its call site: the outermost operator around it on that thread (what
 // the model code or autograd called) and its own tensor inputs.
@@ -102,9 +109,9 @@ CpuOps cpu_ops(const std::vector<torch::autograd::profiler::KinetoEvent>& events
     ops.site.push_back((root == name ? name : root + " > " + name) + (inputs.empty() ? "" : " " + inputs));
     ops.name.push_back(std::move(name));
     // A kernel's linked correlation id is that of the operator that launched it. The CUDA
-    // runtime's own events (cudaLaunchKernel) are linked to that operator too, and their
-    // correlation ids count separately: they stay out of the map.
-    if (evs[i].e->linkedCorrelationId() == 0) ops.by_correlation.emplace(evs[i].e->correlationId(), i);
+    // runtime's and driver's own events (cudaLaunchKernel, cuLaunchKernel) count their
+    // correlation ids separately: they stay out of the map.
+    if (!cuda_api_call(ops.name.back())) ops.by_correlation.emplace(evs[i].e->correlationId(), i);
     ops.threads.insert(evs[i].thread);
     open.push_back(i);
   }
