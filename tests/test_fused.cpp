@@ -20,8 +20,6 @@ using namespace microdit::test_util;
 
 namespace {
 
-// Sets the process-wide switch for one scope.
-
 bool have_cuda_kernels() { return torch::cuda::is_available() && kernels::available(); }
 
 // One device and, on the CPU, one instruction-set level of the CPU kernels.

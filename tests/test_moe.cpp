@@ -60,8 +60,6 @@ TEST(ExpertChoiceMoE, GradientsReachRouterAndExperts) {
 
 namespace {
 
-// Sets the MoE dispatch for one scope.
-
 double rel(const torch::Tensor& a, const torch::Tensor& b) {
   return (a.to(torch::kFloat64) - b.to(torch::kFloat64)).abs().max().item<double>() /
          std::max(1e-12, b.to(torch::kFloat64).abs().max().item<double>());
