@@ -126,8 +126,11 @@ struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
     ctx->saved_data["dt"] = static_cast<int64_t>(dt);
     const auto B = h.size(0), d = h.size(3);
     // The product follows h's strides (h is a transposed view): cast it into a contiguous tensor.
+    // One kernel on CUDA: the product is taken in float32 (h's dtype promoted with g's) and
+    // rounded to dt on the store, the same values as the product followed by a cast copy.
     const Tensor gh = at::empty({B, h.size(1) * h.size(2), d}, h.options().dtype(dt));  // (B, E*k, d)
-    gh.view(h.sizes()).copy_(h * g.unsqueeze(-1));
+    Tensor gh4 = gh.view(h.sizes());  // (B, E, k, d)
+    at::mul_out(gh4, h, g.unsqueeze(-1));
     return microdit::bmm(P.to(dt).transpose(1, 2), gh);                 // (B, T, d)
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -135,13 +138,17 @@ struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &P = saved[0], &h = saved[1], &g = saved[2];
     const auto dt = static_cast<at::ScalarType>(ctx->saved_data["dt"].toInt());
-    // d(g * h), in the dtype the product had before its cast, as autograd's ToCopyBackward gives it.
-    const Tensor dgh = microdit::bmm(P.to(dt), grads[0].to(dt))
-                           .view(h.sizes())
-                           .to(at::promote_types(h.scalar_type(), g.scalar_type()));  // (B, E, k, d)
+    // d(g * h) in dt; autograd's ToCopyBackward would hand it on in the product's dtype
+    // (float32 under autocast), which holds the same values.
+    const Tensor dgh = microdit::bmm(P.to(dt), grads[0].to(dt)).view(h.sizes());  // (B, E, k, d)
+    const auto pt = at::promote_types(h.scalar_type(), g.scalar_type());
     Tensor dh, dg;
-    if (ctx->needs_input_grad(1)) dh = (dgh * g.unsqueeze(-1)).to(h.scalar_type());
-    if (ctx->needs_input_grad(2)) dg = (dgh * h).sum(-1).to(g.scalar_type());
+    if (ctx->needs_input_grad(1)) {
+      // dgh * g in pt, rounded to h's dtype on the store (one kernel on CUDA, as in forward).
+      dh = at::empty(h.sizes(), h.options());
+      at::mul_out(dh, dgh, g.unsqueeze(-1));
+    }
+    if (ctx->needs_input_grad(2)) dg = (dgh.to(pt) * h).sum(-1).to(g.scalar_type());
     return {Tensor(), dh, dg, Tensor()};
   }
 };
