@@ -30,11 +30,11 @@ int64_t numel(const torch::nn::Module& m) {
 
 // Builds the fixture in the build folder on first use; "" when open_clip is missing.
 std::string fixture() {
-  const std::string py = std::string(MICRODIT_SOURCE_DIR) + "/.venv/bin/python";
+  const std::string py = std::string(microdit::test_util::source_dir()) + "/.venv/bin/python";
   const std::string dir = test_util::build_dir() + "/clip_score_fixture";
   if (is_regular_file(dir + "/clip_expected.safetensors")) return dir;
   if (!is_regular_file(py) || std::system((py + " -c 'import open_clip' 2>/dev/null").c_str()) != 0) return "";
-  const std::string cmd = py + " " + MICRODIT_SOURCE_DIR + "/tools/make_clip_image_fixtures.py " + dir + " >/dev/null 2>&1";
+  const std::string cmd = py + " " + microdit::test_util::source_dir() + "/tools/make_clip_image_fixtures.py " + dir + " >/dev/null 2>&1";
   return std::system(cmd.c_str()) == 0 ? dir : "";
 }
 
@@ -96,9 +96,9 @@ TEST(ClipScore, VitH14ImageTowerShape) {
 
 TEST(ClipScore, RejectsNonClipWeights) {
   const auto err = test_util::error_of(
-      [] { ClipScorer(std::string(MICRODIT_SOURCE_DIR) + "/tests/data/fid_stats_a.npz"); });
+      [] { ClipScorer(std::string(microdit::test_util::source_dir()) + "/tests/data/fid_stats_a.npz"); });
   EXPECT_FALSE(err.empty());
   const auto err2 = test_util::error_of(
-      [] { ClipScorer(std::string(MICRODIT_SOURCE_DIR) + "/tests/data/text_misshaped_clip.safetensors"); });
+      [] { ClipScorer(std::string(microdit::test_util::source_dir()) + "/tests/data/text_misshaped_clip.safetensors"); });
   EXPECT_NE(err2.find("no image tower"), std::string::npos) << err2;
 }

@@ -214,7 +214,7 @@ TEST(Dist, TorchrunSlurmAndHangs) {
   const auto want = read_metrics(dir.path + "/w1/metrics.jsonl");
   ASSERT_EQ(want.size(), 4u);
 
-  const std::string torchrun = std::string(MICRODIT_SOURCE_DIR) + "/.venv/bin/torchrun";
+  const std::string torchrun = std::string(microdit::test_util::source_dir()) + "/.venv/bin/torchrun";
   if (is_regular_file(torchrun)) {
     const std::string bin = std::getenv("MICRODIT_BIN");
     const std::string cmd = "cd " + dir.path + " && OMP_NUM_THREADS=1 '" + torchrun +

@@ -20,7 +20,7 @@ using namespace microdit;
 
 namespace {
 
-const std::string kData = std::string(MICRODIT_SOURCE_DIR) + "/tests/data/";
+const std::string kData = std::string(microdit::test_util::source_dir()) + "/tests/data/";
 
 at::Tensor array(const NpzArrays& a, const std::string& name) {
   for (const auto& [n, t] : a)
@@ -135,12 +135,12 @@ TEST(FidInception, RejectsOtherWeightFiles) {
 // Random-weight parity with pytorch-fid: weights (zip and legacy torch.save, safetensors), PNGs and pytorch-fid's features are made by
 // tools/make_fid_fixtures.py in the build folder (about 180 MB, kept for reruns).
 TEST(FidInception, FeaturesMatchPytorchFid) {
-  const std::string py = std::string(MICRODIT_SOURCE_DIR) + "/.venv/bin/python";
+  const std::string py = std::string(microdit::test_util::source_dir()) + "/.venv/bin/python";
   const std::string dir = test_util::build_dir() + "/fid_inception_fixture";
   if (!is_regular_file(dir + "/fid_inception_random_legacy.pth")) {
     if (!is_regular_file(py) || std::system((py + " -c 'import pytorch_fid' 2>/dev/null").c_str()) != 0)
       GTEST_SKIP() << "pytorch-fid is not installed in " << py << " (scripts/setup_data.sh installs it)";
-    const std::string cmd = py + " " + MICRODIT_SOURCE_DIR + "/tools/make_fid_fixtures.py inception " + dir + " >/dev/null 2>&1";
+    const std::string cmd = py + " " + microdit::test_util::source_dir() + "/tools/make_fid_fixtures.py inception " + dir + " >/dev/null 2>&1";
     ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   }
   const auto want = array(read_npz(dir + "/fid_inception_features.npz"), "features");

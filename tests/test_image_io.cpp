@@ -22,7 +22,7 @@ using microdit::test_util::error_of;
 
 namespace {
 
-const std::string kData = std::string(MICRODIT_SOURCE_DIR) + "/tests/data/";
+const std::string kData = std::string(microdit::test_util::source_dir()) + "/tests/data/";
 
 nlohmann::json fixtures() {
   std::ifstream f(kData + "img_fixtures.json");

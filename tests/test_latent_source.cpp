@@ -130,7 +130,7 @@ TEST(LatentSource, TrainerRunsOnLatentMDSAndRecordsTheLatentSpace) {
 
 // The paper's four stage configs name the reference's dataset mix and the stage's column.
 TEST(LatentSource, PaperConfigsListTheReferenceMix) {
-  const std::string dir = std::string(MICRODIT_SOURCE_DIR) + "/configs/paper/";
+  const std::string dir = std::string(microdit::test_util::source_dir()) + "/configs/paper/";
   for (const auto& [file, n, size] : std::vector<std::tuple<std::string, size_t, int>>{
            {"stage1_256_mask75.yaml", 5, 256}, {"stage2_256_finetune.yaml", 5, 256},
            {"stage3_512_mask75.yaml", 4, 512}, {"stage4_512_finetune.yaml", 4, 512}}) {

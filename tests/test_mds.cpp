@@ -29,7 +29,7 @@ using nlohmann::json;
 
 namespace {
 
-const std::string kData = std::string(MICRODIT_SOURCE_DIR) + "/tests/data/";
+const std::string kData = std::string(microdit::test_util::source_dir()) + "/tests/data/";
 
 std::string slurp(const std::string& path) {
   EXPECT_TRUE(is_regular_file(path)) << path;
@@ -552,7 +552,7 @@ TEST(MdsWriter, StreamingReadsOurOutput) {
   for (const auto& row : fixture_payloads("zstd", z)) wz.write(row);
   wz.finish();
   const std::string out = tmp / "out.json";
-  const std::string cmd = "cd /tmp && '" + py + "' '" + MICRODIT_SOURCE_DIR + "/tools/read_mds_with_streaming.py' '" +
+  const std::string cmd = "cd /tmp && '" + py + "' '" + microdit::test_util::source_dir() + "/tools/read_mds_with_streaming.py' '" +
                           tmp / "lat" + "' '" + tmp / "zstd" + "' > '" + out + "' 2> '" + out + ".err'";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << slurp(out + ".err");
   const json got = json::parse(slurp(out));

@@ -33,7 +33,7 @@ using microdit::test_util::error_of;
 
 namespace {
 
-const std::string kData = std::string(MICRODIT_SOURCE_DIR) + "/tests/data/";
+const std::string kData = std::string(microdit::test_util::source_dir()) + "/tests/data/";
 const std::string kVae = kData + "vae_small";
 
 
@@ -381,7 +381,7 @@ TEST(PrepareLatents, MosaicStreamingReadsTheOutput) {
   const auto r = prepare_latents(tiny_options(d + "/src", d + "/out"));
   ASSERT_EQ(r.written, 7);
   const std::string cmd = fmt::format("cd / && {} {}/tests/prepare_streaming_check.py {}/out 32 384 > {}/py.json 2> {}/py.err",
-                                      py, MICRODIT_SOURCE_DIR, d, d, d);
+                                      py, microdit::test_util::source_dir(), d, d, d);
   ASSERT_EQ(run_status(cmd), 0) << read_file_bytes(d + "/py.err");
   const json got = json::parse(read_file_bytes(d + "/py.json"));
   EXPECT_EQ(got["count"], 7);

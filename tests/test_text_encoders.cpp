@@ -32,7 +32,7 @@ std::string reference(const std::string& name) {
 }
 
 std::vector<std::string> captions(size_t n) {
-  std::ifstream f(std::string(MICRODIT_SOURCE_DIR) + "/tests/data/text_captions.json");
+  std::ifstream f(std::string(microdit::test_util::source_dir()) + "/tests/data/text_captions.json");
   auto j = nlohmann::json::parse(f);
   std::vector<std::string> out;
   for (size_t i = 0; i < n && i < j.size(); ++i) out.push_back(j[i]);

@@ -24,7 +24,7 @@ using namespace microdit::text;
 namespace {
 
 nlohmann::json load_json(const std::string& name) {
-  std::ifstream f(std::string(MICRODIT_SOURCE_DIR) + "/tests/data/" + name);
+  std::ifstream f(std::string(microdit::test_util::source_dir()) + "/tests/data/" + name);
   EXPECT_TRUE(f) << name;
   return nlohmann::json::parse(f);
 }

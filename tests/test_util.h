@@ -18,6 +18,9 @@
 
 namespace microdit::test_util {
 
+// The checkout the tests were built from (tests/source_dir.cpp).
+const char* source_dir();
+
 // A fresh folder under /tmp (mkdtemp), removed with its contents at the end of the scope.
 // Not std::filesystem::remove_all: LibTorch exports a broken copy that can shadow libstdc++'s.
 struct TempDir {

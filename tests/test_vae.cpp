@@ -22,7 +22,7 @@ namespace {
 
 using test_util::error_of;
 
-const std::string kData = std::string(MICRODIT_SOURCE_DIR) + "/tests/data/";
+const std::string kData = std::string(microdit::test_util::source_dir()) + "/tests/data/";
 
 int64_t count_params(torch::nn::Module& m) {
   int64_t n = 0;
