@@ -81,7 +81,15 @@ md_error_test(cli.bad_cpu_matmul "--cpu-matmul: expected auto, onednn or mkl, go
 md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32 or bf16, got .half." bench --cpu-attention half --device cpu)
 md_error_test(cli.bad_moe_dispatch "--moe-dispatch: expected auto, index or gemm, got .scatter." bench --moe-dispatch scatter --device cpu)
 md_error_test(cli.bench_memory_not_for_sampling "--memory reports a training step" bench --sample --memory --device cpu)
-md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on, off or warp, got .maybe." bench --fused-kernels maybe --device cpu)
+md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on, off, block or warp, got .maybe." bench --fused-kernels maybe --device cpu)
+# "block" (the CUDA kernels of a block per row) and "warp" (its name while it was not the
+# default) are accepted everywhere; on the CPU both are the fused CPU kernels.
+foreach(mode block warp)
+  add_test(NAME cli.fused_kernels_${mode} COMMAND microdit bench --sample --preset MicroDiT_Pico_2 --n 2 --batch 2
+           --sampler-steps 2 --caption-len 4 --device cpu --threads 1 --fused-kernels ${mode})
+  set_tests_properties(cli.fused_kernels_${mode} PROPERTIES PASS_REGULAR_EXPRESSION
+                       "fused kernels \\((avx512|avx2|x86-64)\\).*images/s")
+endforeach()
 md_error_test(cli.bad_recompute_ffn "--recompute-ffn: expected off, cuda or always, got .sometimes." bench --recompute-ffn sometimes --device cpu)
 
 # bench --profile on the CPU lists the operators by self time, for training and for sampling,

@@ -28,7 +28,7 @@ struct Target {
   int isa;            // CPU: 2 AVX-512, 1 AVX2, 0 x86-64 (capped by what the CPU has)
   bool warp = false;  // CUDA: the warp-per-row kernels (kernels::set_warp_row_kernels)
   std::string name() const {
-    if (device.is_cuda()) return warp ? "cuda warp rows" : "cuda";
+    if (device.is_cuda()) return warp ? "cuda warp rows" : "cuda block rows";
     return std::string("cpu ") + (isa == 2 ? "avx512" : isa == 1 ? "avx2" : "x86-64");
   }
 };

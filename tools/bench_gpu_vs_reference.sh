@@ -37,28 +37,29 @@ RP=$!
 el "tests on CUDA"
 "$MT" --gtest_filter='Fused.*:CudaGraph.*:FusedAdamW.*:GradClip.*:ExpertChoiceMoE.*:RecomputeFfn.*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|actual"
 el "parity on CUDA"
-for f in "$ROOT"/../shared/reference/*.safetensors "$ROOT"/tests/data/parity_*.safetensors; do
+for f in "$ROOT"/../shared/reference/*.safetensors "$ROOT"/.gpu/vectors/*.safetensors \
+         "$ROOT"/tests/data/parity_*.safetensors; do
   [ -f "$f" ] && "$M" parity --vectors "$f" --device cuda 2>&1 | grep -E "rows:|FAIL|error"
 done
 f=$(ls "$ROOT"/tests/data/parity_*.safetensors | head -1)
 "$M" parity --vectors "$f" --device cuda --cuda-graph 2>&1 | grep -E "sampler|rows:|FAIL|error"
 wait $RP; grep -E "reference bench|compile:" /tmp/ref_compiled.txt
 el "training steps, MicroDiT_XL_2, bf16"
-# The fused CUDA kernels are on by default; "--fused-kernels off" is LibTorch's operators alone,
-# "--fused-kernels warp" the warp-per-row kernels (the Fused.* tests above check both).
+# The fused CUDA kernels are on by default, with a warp per row where the shapes allow (session
+# 14); "--fused-kernels block" takes the block-per-row kernels, "--fused-kernels off" LibTorch's
+# operators alone (the Fused.* tests above check all three).
 # The expert layers take one-hot products on CUDA by default; "--moe-dispatch index" is the
 # index_select / index_add of session 10.
 # Feed-forward recomputation is on by default on CUDA; "--recompute-ffn off" keeps every activation.
 for flags in "--fused-kernels off --recompute-ffn off --low-precision-layernorm --cuda-graph" \
-             "--recompute-ffn off --cuda-graph" "--cuda-graph" "--low-precision-layernorm --cuda-graph" \
-             "--low-precision-layernorm" "--fused-kernels warp --low-precision-layernorm --cuda-graph" \
-             "--fused-kernels warp --cuda-graph" "--moe-dispatch index --low-precision-layernorm --cuda-graph"; do
+             "--fused-kernels block --cuda-graph" "--recompute-ffn off --cuda-graph" "--cuda-graph" \
+             "--low-precision-layernorm --cuda-graph" "--low-precision-layernorm" \
+             "--moe-dispatch index --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
 done
 el "attention backends (ATen picks cuDNN; the backbone attends over 64 tokens, the patch mixer over 256)"
 for b in flash efficient math; do
-  "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 --low-precision-layernorm --cuda-graph \
-    --sdpa $b 2>&1 | tail -n 1
+  "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 --cuda-graph --sdpa $b 2>&1 | tail -n 1
 done
 el "memory of one step against tools/predict_gpu_memory.sh (CPU: 61.3 / 53.3 GiB kept after the forward pass)"
 for r in off cuda; do
@@ -68,8 +69,8 @@ done
 fi
 if part 2; then
 el "unmasked, batch 64"
-for flags in "--fused-kernels off --low-precision-layernorm" "--low-precision-layernorm" \
-             "--low-precision-layernorm --cuda-graph"; do
+for flags in "--fused-kernels off --low-precision-layernorm" "--fused-kernels block --low-precision-layernorm" \
+             "--low-precision-layernorm" "--low-precision-layernorm --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 $flags 2>&1 | tail -n 1
 done
 "${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --fused-adamw \
@@ -81,7 +82,7 @@ el "sampling: Heun 30, guidance 4"
 SX=(--preset MicroDiT_XL_2 --latent-size 32 --caption-len 77 --n 64 --batch 32 --cfg 4)
 SP=(--preset MicroDiT_Pico_2 --latent-size 32 --in-channels 3 --patch-size 4 --caption-channels 384
     --caption-len 21 --n 64 --batch 16 --cfg 4)
-for g in "--fused-kernels off" "--moe-dispatch index" "" "--fused-kernels warp" "--cuda-graph"; do
+for g in "--fused-kernels off" "--fused-kernels block" "--moe-dispatch index" "" "--cuda-graph"; do
   "$M" bench --sample "${SX[@]}" --bf16 --device cuda $g 2>&1 | tail -n 1
 done
 "${RB[@]}" sample "${RA[@]}" "${SX[@]}" --bf16 2>&1 | grep "reference sample"
@@ -90,6 +91,6 @@ for g in "" "--cuda-graph"; do "$M" bench --sample "${SP[@]}" --device cuda $g 2
 # Last, as it is the longest output: where the time goes.
 el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
 "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --low-precision-layernorm --profile 2 \
-  --profile-rows 45 2>&1 | sed -n '/^GPU activity over/,$p'
+  --profile-rows 90 2>&1 | sed -n '/^GPU activity over/,$p'
 fi
 el "done"

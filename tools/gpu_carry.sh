@@ -30,8 +30,12 @@ ldd "$B/microdit" "$B/microdit_tests" | awk '/=> \// {print $3}' | sort -u | whi
   cp -L "$lib" "$STAGE/lib/"
 done
 cp -r "$REF/micro_diffusion" "$STAGE/ref/"
+# The parity vectors beside the checkout (../shared/reference): the device tool carries only
+# the checkout itself.
+mkdir -p "$STAGE/vectors"
+cp "$ROOT"/../shared/reference/*.safetensors "$STAGE/vectors/" 2>/dev/null || true
 mkdir -p "$ROOT/.gpu"
-tar -C "$STAGE" -cf - bin lib ref | xz -T2 -6 > "$ROOT/.gpu/carry.tar.xz.tmp"
+tar -C "$STAGE" -cf - bin lib ref vectors | xz -T2 -6 > "$ROOT/.gpu/carry.tar.xz.tmp"
 mv "$ROOT/.gpu/carry.tar.xz.tmp" "$ROOT/.gpu/carry.tar.xz"
 size=$(stat -c %s "$ROOT/.gpu/carry.tar.xz")
 echo ".gpu/carry.tar.xz: $((size / 1024 / 1024)) MiB ($(ls "$STAGE/lib" | wc -l) libraries)"

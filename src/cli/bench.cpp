@@ -35,7 +35,7 @@ namespace microdit::cli {
 static std::string fused_kernels_text(const c10::Device& device) {
   if (device.is_cuda() && !kernels::available()) return ", no fused kernels (built without nvcc)";
   if (!fused_kernels_enabled()) return ", fused kernels off";
-  if (device.is_cuda()) return kernels::warp_row_kernels() ? ", fused kernels (warp rows)" : ", fused kernels";
+  if (device.is_cuda()) return kernels::warp_row_kernels() ? ", fused kernels" : ", fused kernels (block rows)";
   return fmt::format(", fused kernels ({})", kernels::cpu::instruction_set());
 }
 

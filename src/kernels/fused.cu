@@ -169,7 +169,7 @@ __global__ void gated_bwd_kernel(const O* __restrict__ dout, const G* __restrict
 // c = lane + 32 i of V consecutive elements (V * the widest element type = 16 bytes), so a
 // row of d elements takes d / V chunks, at most 32 * C.
 
-std::atomic<bool> g_warp_rows{false};
+std::atomic<bool> g_warp_rows{true};
 std::atomic<int64_t> g_warp_launches{0};  // warp_row_launches()
 
 // Alignment at most 16: wider vectors load as several 16-byte parts.

@@ -19,13 +19,14 @@ enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
 bool available();
 
 // Which CUDA kernels the LayerNorm forward and dx and the gated residual forward take:
-//   false (the default): one block of 64-256 threads per row, scalar loads, three passes;
-//   true: one warp per row with 16-byte loads and the row kept in registers, 32-bit indices,
-//     where the shapes allow it (d a multiple of 16 bytes' worth of the widest type, 4 or 8
-//     elements; at most 256 such vectors, so d <= 2048 when every tensor is 16-bit and
-//     d <= 1024 when one is float32; 16-byte aligned pointers; else the block kernels).
-//     Written to run at memory bandwidth; not yet measured on a GPU, so not yet the default
-//     (`--fused-kernels warp` turns it on).
+//   true (the default): one warp per row with 16-byte loads and the row kept in registers,
+//     32-bit indices, where the shapes allow it (d a multiple of 16 bytes' worth of the widest
+//     type, 4 or 8 elements; at most 256 such vectors, so d <= 2048 when every tensor is 16-bit
+//     and d <= 1024 when one is float32; 16-byte aligned pointers; else the block kernels).
+//     On an H200 (session 14, XL batch 256, mask 0.75, bf16) a training step took 229 ms with
+//     them against 253 ms with the block kernels; 30-step sampling 5.1 s against 6.2 s;
+//   false (`--fused-kernels block`): one block of 64-256 threads per row, scalar loads, three
+//     passes, for any shape.
 void set_warp_row_kernels(bool on);
 bool warp_row_kernels();
 // How many warp-per-row kernels this process has launched: tests check that a shape took them.
