@@ -9,8 +9,9 @@
 # so it comes in two parts that can run as two calls (the machine stays warm between them):
 #   PART=1: the CUDA tests, parity, the compiled reference and the b256 training rows with
 #           their memory (issue #13's goals 1, 2 and 4), about 6 minutes;
-#   PART=2: unmasked batch 64 and 256, sampling, and the profile, about 3.5 minutes.
-# Without PART, both.
+#   PART=2: unmasked batch 64 and 256, sampling, and the profile, about 3.7 minutes;
+#   PART=3: the compiled reference unmasked at batch 64, about 3 minutes (when device time is left).
+# Without PART, all three.
 set -uo pipefail
 PART=${PART:-all}
 part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
@@ -92,5 +93,13 @@ for g in "" "--cuda-graph"; do "$M" bench --sample "${SP[@]}" --device cuda $g 2
 el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
 "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --low-precision-layernorm --profile 2 \
   --profile-rows 90 2>&1 | sed -n '/^GPU activity over/,$p'
+fi
+if part 3; then
+# Goal 1's second half, never run yet: the compiled reference without mask at batch 64 (about
+# 3 minutes, most of it compiling), against microdit's default in the same call.
+el "unmasked, batch 64: the compiled reference"
+"${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --compile --fused-adamw \
+  --low-precision-layernorm --steps 8 --warmup 2 2>&1 | grep -E "reference bench|compile:"
+"$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 --cuda-graph 2>&1 | tail -n 1
 fi
 el "done"

@@ -8,7 +8,8 @@
 #   tools/gpu_carry.sh REFERENCE_CHECKOUT
 # Then, as one device call (carry [".gpu"]; tools/gpu_run.sh unpacks and runs):
 #   bash tools/gpu_run.sh 1      # tests, parity, b256 training rows and memory (~6 min)
-#   bash tools/gpu_run.sh 2      # unmasked rows, sampling, profile (~3.5 min), while still warm
+#   bash tools/gpu_run.sh 2      # unmasked rows, sampling, profile (~3.7 min), while still warm
+#   bash tools/gpu_run.sh 3      # the compiled reference unmasked at batch 64 (~3 min), if time is left
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REF=${1:?usage: $0 REFERENCE_CHECKOUT}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU machine: unpacks .gpu/carry.tar.xz (tools/gpu_carry.sh), points the loader at
 # the carried libraries, the machine's torch and its CUDA libraries, and runs one part of
-# tools/bench_gpu_vs_reference.sh (1, 2, or all).
-#   bash tools/gpu_run.sh 1|2|all
+# tools/bench_gpu_vs_reference.sh (1, 2, 3, or all).
+#   bash tools/gpu_run.sh 1|2|3|all
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 G="$ROOT/.gpu"
