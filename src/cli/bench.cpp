@@ -26,6 +26,7 @@
 #include "model/masking.h"
 #include "model/stats.h"
 #include "core/cuda_graph.h"
+#include "train/bf16_weights.h"
 #include "train/fused_adamw.h"
 #include "train/parallel_backward.h"
 
@@ -73,6 +74,7 @@ struct BenchOptions {
   bool memory = false;       // one more step that prints where the memory goes
   std::string sdpa;          // only this scaled-dot-product-attention backend (empty: ATen's choice)
   int workers = 0;           // CPU row-slice workers (train/parallel_backward.h); 0: one per thread
+  std::string bf16_weights = "auto";  // bf16 weight copies kept by the optimizer (train/bf16_weights.h)
   // --sample: the sampler instead of training steps
   bool sample = false;
   int n = 32, sampler_steps = 30;
@@ -177,6 +179,11 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   EDMConfig edm;
   const int workers = resolve_cpu_workers(o.workers, device, /*distributed=*/false);
   const auto params = model->parameters();
+  std::unique_ptr<Bf16Weights> copies;
+  if (use_bf16_weights(parse_bf16_weights("--bf16-weights", o.bf16_weights), device, o.bf16, !o.plain_adamw,
+                       /*single_backward=*/true, "--bf16-weights"))
+    copies = std::make_unique<Bf16Weights>(*model);
+  const auto targets = copies ? copies->grad_targets(params) : params;
   AdamWDeviceScalars dev{torch::zeros({}, f32), torch::full({}, 1e-4, f32)};
   // Where the memory goes, read in one untimed step (outside any CUDA graph): bytes alive at
   // the step's start, after the forward pass (with one worker: its saved activations), and
@@ -192,7 +199,9 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
       mem.start = allocated_bytes(device);
       reset_peak_memory(device);
     }
-    parallel_backward(params, o.batch, workers, 1.0, [&](int64_t first, int64_t n) {
+    std::optional<Bf16Weights::Bound> bound;  // the modules use the copies for forward and backward
+    if (copies) bound.emplace(*copies);
+    parallel_backward(targets, o.batch, workers, 1.0, [&](int64_t first, int64_t n) {
       LossDraws d;
       d.rnd_normal = rnd_normal.narrow(0, first, n);
       d.noise = noise.narrow(0, first, n);
@@ -201,13 +210,14 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
       auto loss = edm_loss(*model, x.narrow(0, first, n), y.narrow(0, first, n), d, edm);
       if (mem.measure && workers <= 1) mem.after_forward = allocated_bytes(device);
       return loss;
-    });
+    }, copies ? &params : nullptr);
+    bound.reset();
     if (mem.measure) {
       sync(device);
       mem.peak = peak_memory_bytes(device);
     }
     if (o.plain_adamw) opt.step();
-    else fused_adamw_step(opt, o.cuda_graph ? &dev : nullptr);
+    else fused_adamw_step(opt, o.cuda_graph ? &dev : nullptr, copies.get());
   };
   std::unique_ptr<CudaGraphStep> graph;
   if (o.cuda_graph) graph = std::make_unique<CudaGraphStep>(device, step, o.warmup);
@@ -237,6 +247,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (o.tf32 && device.is_cuda()) split += ", TF32";
   if (graph) split += ", CUDA graph";
   if (o.low_precision_layernorm) split += ", low-precision LayerNorm";
+  if (copies) split += ", bf16 weight copies";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
   split += cpu_attention_text(device, o.bf16, /*grads=*/true) + fused_kernels_text(device) + moe_text(device);
@@ -311,6 +322,10 @@ void register_bench(CLI::App& app) {
                 "recompute each block in the backward pass instead of keeping its activations");
   cmd->add_flag("--tf32", o->tf32, "TF32 for float32 matmuls on NVIDIA GPUs");
   cmd->add_flag("--plain-adamw", o->plain_adamw, "torch::optim::AdamW's step instead of the fused AdamW kernel");
+  cmd->add_option("--bf16-weights", o->bf16_weights,
+                  "with --bf16: the forward pass multiplies bf16 copies of the weights that the AdamW step writes, "
+                  "instead of casting them every step: auto (on CUDA), on or off")
+      ->capture_default_str();
   cmd->add_flag("--low-precision-layernorm", o->low_precision_layernorm,
                 "LayerNorm in bf16 under autocast (Composer's low_precision_layernorm, as the reference trains)");
   cmd->add_flag("--cuda-graph", o->cuda_graph, "record the training step into a CUDA graph once, then replay it");

@@ -1,5 +1,6 @@
 // kernels/fused.h for a build without nvcc: available() is false and model/fused.cpp never
 // calls the rest (it takes LibTorch's operators instead).
+#include "kernels/adamw.h"
 #include "kernels/fused.h"
 
 #if !MICRODIT_HAVE_CUDA_KERNELS
@@ -35,6 +36,7 @@ void swiglu_forward(const void*, const void*, void*, DType, int64_t, void*) { mi
 void swiglu_backward(const void*, const void*, const void*, void*, void*, DType, int64_t, void*) {
   missing();
 }
+void adamw_step(const AdamWSlot*, int64_t, DType, DType, const AdamWHyper&, void*) { missing(); }
 
 }  // namespace microdit::kernels
 #endif

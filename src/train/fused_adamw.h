@@ -8,6 +8,8 @@
 
 namespace microdit {
 
+class Bf16Weights;
+
 // For a step recorded into a CUDA graph (train/cuda_graph.h): the step count and the learning
 // rate come from device tensors, since a replay re-runs kernels, not host code. `step` is
 // float32 () on the parameters' device and is incremented on the device (once per call, for
@@ -22,7 +24,13 @@ struct AdamWDeviceScalars {
 
 // Parameters must be float32 on one device; amsgrad is not supported (never used here).
 // With `dev`, every param group uses dev->lr (one learning rate for the whole model).
-void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev = nullptr);
+// With `copies` (train/bf16_weights.h), the weights that have a bf16 copy take their gradient
+// from the copy (bf16) where it has one, else from their own .grad (float32), are updated by
+// the mixed-precision kernel (kernels/adamw.h), which also writes the copies; `grad_coef`, when
+// defined (a float32 () tensor on the device, from clip_grad_norm), scales those gradients
+// first. The other parameters take ATen's fused kernel as before.
+void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev = nullptr, Bf16Weights* copies = nullptr,
+                      const at::Tensor& grad_coef = {});
 
 // Sets every parameter's AdamW step count (creating zero moments where there are none yet).
 void set_adamw_step_counts(torch::optim::AdamW& opt, int64_t step);

@@ -5,6 +5,8 @@
 #include <ATen/ops/clamp_max.h>
 #include <ATen/ops/stack.h>
 
+#include "train/bf16_weights.h"
+
 namespace microdit {
 
 at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
@@ -16,6 +18,26 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm
   auto total = at::stack(norms).norm(2);                       // ()
   const auto coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);  // () on the device
   at::_foreach_mul_(grads, coef);
+  return total;
+}
+
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, const Bf16Weights& copies,
+                          at::Tensor* coef) {
+  std::vector<at::Tensor> scaled, deferred;
+  for (const auto& p : params) {
+    const at::Tensor* c = copies.copy_of(p);
+    if (c && c->grad().defined()) deferred.push_back(c->grad());
+    else if (p.grad().defined()) scaled.push_back(p.grad());
+  }
+  if (scaled.empty() && deferred.empty()) return {};
+  std::vector<at::Tensor> norms;  // float32, one per gradient
+  if (!scaled.empty()) norms = at::_foreach_norm(scaled, 2);
+  if (!deferred.empty())
+    for (auto& n : at::_foreach_norm(deferred, 2, at::kFloat)) norms.push_back(n);
+  auto total = at::stack(norms).norm(2);
+  const auto c = at::clamp_max(max_norm / (total + 1e-6), 1.0);
+  if (!scaled.empty()) at::_foreach_mul_(scaled, c);
+  if (coef) *coef = c;
   return total;
 }
 

@@ -21,7 +21,9 @@ int resolve_cpu_workers(int requested, c10::Device device, bool distributed) {
 }
 
 at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows, int workers, double scale,
-                         const std::function<at::Tensor(int64_t, int64_t)>& loss_of_rows) {
+                         const std::function<at::Tensor(int64_t, int64_t)>& loss_of_rows,
+                         const std::vector<at::Tensor>* sum_into) {
+  MD_CHECK(!sum_into || sum_into->size() == params.size(), "parallel_backward: sum_into must match params");
   const int64_t parts = std::clamp<int64_t>(workers, 1, rows);
   if (parts == 1) {
     auto loss = loss_of_rows(0, rows);
@@ -46,14 +48,15 @@ at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows
   });
   at::NoGradGuard no_grad;
   for (size_t i = 0; i < params.size(); ++i) {
+    const auto dt = sum_into ? (*sum_into)[i].scalar_type() : params[i].scalar_type();
     at::Tensor sum;
     for (int64_t k = 0; k < parts; ++k) {
-      const auto& g = grads[k][i];
+      const auto g = grads[k][i].defined() ? grads[k][i].to(dt) : at::Tensor();
       if (!g.defined()) continue;
       sum = sum.defined() ? sum + g : g;  // out of place: g may be an expanded view
     }
     if (!sum.defined()) continue;
-    auto& p = const_cast<at::Tensor&>(params[i]);
+    auto& p = const_cast<at::Tensor&>(sum_into ? (*sum_into)[i] : params[i]);
     if (p.mutable_grad().defined()) p.mutable_grad().add_(sum);
     else p.mutable_grad() = sum.contiguous();
   }

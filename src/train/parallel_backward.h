@@ -29,7 +29,12 @@ int resolve_cpu_workers(int requested, c10::Device device, bool distributed);
 // .grad (defining it where undefined), and returns the batch's mean loss: a detached float64
 // scalar on the loss's device, so that a GPU step does not wait for it (read it when logged).
 // workers <= 1 is one ordinary backward over the whole batch.
+// With `sum_into` (as long as params), the slices' gradients with respect to params[i] are
+// summed in the dtype of sum_into[i] and added to its .grad instead: the bf16 weight copies
+// (train/bf16_weights.h) are differentiated, their float32 weights receive the float32 sum,
+// as the plain path sums the float32 gradients autocast's casts give.
 at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows, int workers, double scale,
-                         const std::function<at::Tensor(int64_t first, int64_t n)>& loss_of_rows);
+                         const std::function<at::Tensor(int64_t first, int64_t n)>& loss_of_rows,
+                         const std::vector<at::Tensor>* sum_into = nullptr);
 
 }  // namespace microdit

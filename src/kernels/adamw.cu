@@ -1,0 +1,96 @@
+// The mixed-precision AdamW step of kernels/adamw.h on CUDA.
+#include "kernels/adamw.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace microdit::kernels {
+
+namespace {
+
+__device__ __forceinline__ float load_f(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load_f(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
+__device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half(v); }
+
+// Kernel arguments hold the slots of one launch (by value: a CUDA graph keeps them).
+constexpr int kSlotsPerLaunch = 32;
+struct Launch {
+  AdamWSlot slot[kSlotsPerLaunch];
+};
+
+// blockIdx.y picks the slot; the blocks along x stride over its elements.
+template <typename G, typename C>
+__global__ void adamw_kernel(Launch args, AdamWHyper h) {
+  const AdamWSlot s = args.slot[blockIdx.y];
+  const double lr = h.lr_dev ? static_cast<double>(*h.lr_dev) : h.lr;
+  const double step = h.step_dev ? static_cast<double>(*h.step_dev) : h.step;
+  // As ATen's fused AdamW: the corrections in float32 from float64 powers.
+  const float bc1 = static_cast<float>(1 - std::pow(h.beta1, step));
+  const float bc2_sqrt = std::sqrt(static_cast<float>(1 - std::pow(h.beta2, step)));
+  const float step_size = static_cast<float>(lr / bc1);
+  const float coef = h.grad_coef ? *h.grad_coef : 1.f;
+  const G* grad = static_cast<const G*>(s.grad);
+  C* copy = static_cast<C*>(s.copy);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < s.n; i += stride) {
+    float g = load_f(grad, i);
+    if (h.grad_coef) g *= coef;
+    float p = s.param[i];
+    p -= lr * h.weight_decay * p;
+    const float m = h.beta1 * s.exp_avg[i] + (1 - h.beta1) * g;
+    const float v = h.beta2 * s.exp_avg_sq[i] + (1 - h.beta2) * g * g;
+    const float denom = (std::sqrt(v) / bc2_sqrt) + h.eps;
+    p -= step_size * m / denom;
+    s.param[i] = p;
+    s.exp_avg[i] = m;
+    s.exp_avg_sq[i] = v;
+    if (copy) store(copy, i, p);
+  }
+}
+
+template <typename F> void with_grad_type(DType t, F&& f) {
+  if (t == DType::bf16) return f(static_cast<__nv_bfloat16*>(nullptr));
+  if (t == DType::f32) return f(static_cast<float*>(nullptr));
+  throw std::runtime_error("AdamW: gradients must be bf16 or float32");
+}
+template <typename F> void with_copy_type(DType t, F&& f) {
+  if (t == DType::bf16) return f(static_cast<__nv_bfloat16*>(nullptr));
+  if (t == DType::f16) return f(static_cast<__half*>(nullptr));
+  throw std::runtime_error("AdamW: weight copies must be bf16 or float16");
+}
+
+}  // namespace
+
+void adamw_step(const AdamWSlot* slots, int64_t count, DType gt, DType ct, const AdamWHyper& h, void* stream) {
+  constexpr int threads = 256;
+  with_grad_type(gt, [&](auto* gp) {
+    with_copy_type(ct, [&](auto* cp) {
+      using G = std::remove_pointer_t<decltype(gp)>;
+      using C = std::remove_pointer_t<decltype(cp)>;
+      for (int64_t first = 0; first < count; first += kSlotsPerLaunch) {
+        const int64_t k = std::min<int64_t>(kSlotsPerLaunch, count - first);
+        Launch args{};
+        int64_t most = 1;
+        for (int64_t j = 0; j < k; ++j) {
+          args.slot[j] = slots[first + j];
+          most = std::max(most, slots[first + j].n);
+        }
+        // At least 8 elements per thread, at most 1,024 blocks per slot.
+        const int64_t blocks = std::clamp<int64_t>((most + threads * 8 - 1) / (threads * 8), 1, 1024);
+        adamw_kernel<G, C><<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(k)), threads, 0,
+                             static_cast<cudaStream_t>(stream)>>>(args, h);
+        const cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA kernel AdamW failed: ") + cudaGetErrorString(e));
+      }
+    });
+  });
+}
+
+}  // namespace microdit::kernels
