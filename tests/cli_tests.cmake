@@ -81,6 +81,12 @@ md_error_test(cli.bad_cpu_matmul "--cpu-matmul: expected auto, onednn or mkl, go
 md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32 or bf16, got .half." bench --cpu-attention half --device cpu)
 md_error_test(cli.bad_moe_dispatch "--moe-dispatch: expected auto, index or gemm, got .scatter." bench --moe-dispatch scatter --device cpu)
 md_error_test(cli.bench_memory_not_for_sampling "--memory reports a training step" bench --sample --memory --device cpu)
+# bf16 weight copies (train/bf16_weights.h): on the CPU only when asked for, and only with bf16.
+add_test(NAME cli.bf16_weights_on COMMAND microdit bench --preset MicroDiT_Pico_2 --batch 2 --steps 1 --warmup 1
+         --latent-size 8 --caption-len 4 --bf16 --bf16-weights on --device cpu --threads 1)
+set_tests_properties(cli.bf16_weights_on PROPERTIES PASS_REGULAR_EXPRESSION "bf16 autocast, bf16 weight copies")
+md_error_test(cli.bad_bf16_weights "--bf16-weights: expected auto, on or off, got .yes." bench --bf16-weights yes --device cpu)
+md_error_test(cli.bf16_weights_need_bf16 "--bf16-weights on needs bf16 autocast" bench --bf16-weights on --device cpu)
 md_error_test(cli.bad_fused_kernels "--fused-kernels: expected on, off, block or warp, got .maybe." bench --fused-kernels maybe --device cpu)
 # "block" (the CUDA kernels of a block per row) and "warp" (its name while it was not the
 # default) are accepted everywhere; on the CPU both are the fused CPU kernels.

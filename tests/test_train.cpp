@@ -198,6 +198,54 @@ TEST_P(StoppedAndResumed, RepeatsTheLossCurve) {
   EXPECT_EQ(list_dir(dir.path + "/a/checkpoints").size(), 2u);
   EXPECT_EQ(latest_checkpoint(dir.path + "/a"), dir.path + "/a/checkpoints/step-0000006.safetensors");
 }
+// bf16 weight copies (train.bf16_weights, train/bf16_weights.h) in the trainer: the first loss
+// as without them, to the bit (same bf16 products, same gradients); a stopped and resumed run
+// repeats the straight one (the copies are written again from the loaded weights).
+TEST(Train, Bf16WeightCopiesTrainAndResume) {
+  TinyRun r;
+  const auto& dir = r.dir;
+  const std::vector<std::string> bf16 = {"train.bf16=true", "train.bf16_weights=on", "train.grad_accum=1"};
+  auto with = [&](const std::string& out, std::vector<std::string> more) {
+    more.push_back("run.out=" + dir.path + "/" + out);
+    return load_train_config(r.cfg_path, more);
+  };
+  {
+    Trainer t(with("plain", {"train.bf16=true", "train.bf16_weights=off", "train.grad_accum=1"}), torch::kCPU);
+    EXPECT_EQ(t.precision_summary(), "");
+    t.run();
+  }
+  {
+    Trainer t(with("a", bf16), torch::kCPU);
+    EXPECT_NE(t.precision_summary().find("bf16 weight copies"), std::string::npos);
+    t.run();
+  }
+  {
+    Trainer t(with("b", bf16), torch::kCPU);
+    t.run(/*stop_at=*/3);
+  }
+  {
+    Trainer t(with("b", bf16), torch::kCPU);
+    ASSERT_TRUE(t.resume());
+    t.run();
+  }
+  auto plain = metric_losses(dir.path + "/plain/metrics.jsonl");
+  auto la = metric_losses(dir.path + "/a/metrics.jsonl"), lb = metric_losses(dir.path + "/b/metrics.jsonl");
+  ASSERT_EQ(la.size(), 6u);
+  ASSERT_EQ(lb.size(), 6u);
+  ASSERT_EQ(plain.size(), 6u);
+  EXPECT_DOUBLE_EQ(plain[0], la[0]);
+  for (size_t i = 0; i < la.size(); ++i) {
+    EXPECT_DOUBLE_EQ(la[i], lb[i]) << "step " << i + 1;
+    EXPECT_NEAR(la[i], plain[i], 1e-2 * std::abs(plain[i])) << "step " << i + 1;
+  }
+  // Not with gradient accumulation (bf16 sums between the passes), and a bad value: one-line errors.
+  EXPECT_NE(error_of([&] { Trainer t(with("c", {"train.bf16=true", "train.bf16_weights=on", "train.grad_accum=2"}), torch::kCPU); })
+                .find("train.bf16_weights on needs one backward pass per step in one process"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { with("c", {"train.bf16_weights=always"}); }).find("train.bf16_weights must be auto, on or off"),
+            std::string::npos);
+}
+
 TEST(Train, ResumingUnderOtherSettingsWarns) {
   TinyRun r;  // 8 x 8 images
   const auto& dir = r.dir;

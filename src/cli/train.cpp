@@ -107,6 +107,7 @@ void run_rank(const TrainOptions& o, const dist::Env& env) {
   Trainer trainer(cfg, device, comm.get());
   fmt::print("{}\n", runtime_summary(device));
   if (auto s = trainer.parallel_summary(); !s.empty()) fmt::print("{}\n", s);
+  if (auto s = trainer.precision_summary(); !s.empty()) fmt::print("{}\n", s);
   if (o.resume) {
     if (trainer.resume())
       fmt::print("resumed from {} at step {}\n", latest_checkpoint(cfg.out), trainer.state().step);

@@ -41,6 +41,9 @@ struct TrainConfig {
   int64_t ema_start = 0;
   bool bf16 = false;                 // bf16 autocast
   bool fused_optimizer = true;       // AdamW as one fused kernel (train/fused_adamw.h)
+  // bf16 weight copies kept by the AdamW step instead of autocast's casts (train/bf16_weights.h):
+  // auto (on CUDA where allowed), on or off. Written to a checkpoint's settings unless auto.
+  std::string bf16_weights = "auto";
   bool tf32 = false;                 // TF32 float32 matmuls on NVIDIA GPUs (core/precision.h)
   bool activation_checkpointing = false;  // recompute each block in backward (model/recompute.h)
   // LayerNorm in bf16 under autocast, as the reference trains (Composer's low_precision_layernorm;

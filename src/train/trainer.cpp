@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <thread>
 
 #include "core/autocast.h"
@@ -19,6 +20,7 @@
 #include "io/atomic_file.h"
 #include "io/checkpoint.h"
 #include "core/precision.h"
+#include "train/bf16_weights.h"
 #include "train/fused_adamw.h"
 #include "train/grad_clip.h"
 #include "train/parallel_backward.h"
@@ -282,12 +284,22 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
   }
   workers_ = resolve_cpu_workers(cfg_.cpu_workers, device_, comm_ != nullptr);
   if (!sync_ || !cfg_.shard_optimizer) opt_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), adamw);
+  if (use_bf16_weights(parse_bf16_weights("train.bf16_weights", cfg_.bf16_weights), device_, cfg_.bf16,
+                       opt_ && cfg_.fused_optimizer, cfg_.grad_accum == 1 && !sync_, "train.bf16_weights"))
+    copies_ = std::make_unique<Bf16Weights>(*model_);
   // EMA weights are only written by rank 0.
   if (cfg_.ema_decay > 0 && rank_ == 0) ema_ = std::make_unique<EMA>(*model_, cfg_.ema_decay, cfg_.ema_start);
   if (rank_ == 0) MD_CHECK(make_dirs(checkpoint_dir(cfg_.out)), "{}: cannot create the run folder", cfg_.out);
 }
 
 Trainer::~Trainer() = default;
+
+std::string Trainer::precision_summary() const {
+  if (!copies_) return "";
+  return fmt::format("bf16 weight copies: {} weights ({:.4g} M parameters) multiplied as bf16 copies that the AdamW "
+                     "step writes (train.bf16_weights)",
+                     copies_->size(), copies_->numel() / 1e6);
+}
 
 std::string Trainer::parallel_summary() const {
   if (!comm_)
@@ -384,6 +396,7 @@ bool Trainer::resume() {
     else rest[k] = v;
   }
   load_state_dict(*model_, model, {}, path);
+  if (copies_) copies_->invalidate();
   if (ema_) ema_->load(ema);
   const int64_t adam_step = std::stoll(f.metadata.at("adam_step"));
   if (sync_) sync_->params_changed();
@@ -450,6 +463,11 @@ Tensor Trainer::train_step(const Batch& b) {
   else opt_->zero_grad();
   Tensor total;  // float64 (), on the device: the step does not wait for it
   const auto params = model_->parameters();
+  // With bf16 weight copies (one backward pass, one process) the modules multiply the copies
+  // in this step's forward and backward passes, and their gradients stay on the copies.
+  const auto targets = copies_ ? copies_->grad_targets(params) : params;
+  std::optional<Bf16Weights::Bound> bound;
+  if (copies_) bound.emplace(*copies_);
   for (int64_t m = 0; m < cfg_.grad_accum; ++m) {
     // The mean loss over rows [s, s + n) of micro-batch m. The draws are keyed by each
     // sample's global index, so they do not depend on how the rows are sliced.
@@ -468,7 +486,8 @@ Tensor Trainer::train_step(const Batch& b) {
       return edm_loss(*model_, to_device(x, device_), to_device(y, device_), d, cfg_.edm);
     };
     if (sync_) sync_->begin_backward(/*sync=*/m + 1 == cfg_.grad_accum);
-    auto l = parallel_backward(params, micro, workers_, 1.0 / static_cast<double>(cfg_.grad_accum), loss_of_rows) /
+    auto l = parallel_backward(targets, micro, workers_, 1.0 / static_cast<double>(cfg_.grad_accum), loss_of_rows,
+                               copies_ ? &params : nullptr) /
              static_cast<double>(cfg_.grad_accum);
     total = total.defined() ? total + l : l;
   }
@@ -544,8 +563,11 @@ void Trainer::run(int64_t stop_at) {
     pending_loss.push_back(train_step(b));
     Tensor gnorm;  // global, before clipping; float32 () on the device
     if (opt_) {
-      if (cfg_.grad_clip > 0) gnorm = clip_grad_norm(model_->parameters(), cfg_.grad_clip);
-      if (cfg_.fused_optimizer) fused_adamw_step(*opt_);
+      Tensor coef;  // with bf16 weight copies: the clipping scale, applied as the AdamW step reads them
+      if (cfg_.grad_clip > 0)
+        gnorm = copies_ ? clip_grad_norm(model_->parameters(), cfg_.grad_clip, *copies_, &coef)
+                        : clip_grad_norm(model_->parameters(), cfg_.grad_clip);
+      if (cfg_.fused_optimizer) fused_adamw_step(*opt_, nullptr, copies_.get(), coef);
       else opt_->step();
     } else {
       const double n = sync_->sharded_grad_norm();

@@ -27,6 +27,8 @@ struct TrainState {
 double learning_rate(const TrainConfig& c, int64_t step);
 
 // Exponential moving average of the parameters (shadow copies, same names).
+class Bf16Weights;
+
 class EMA {
  public:
   EMA(torch::nn::Module& model, double decay, int64_t start);
@@ -92,6 +94,8 @@ class Trainer {
   void save_checkpoint();
   bool is_main() const { return rank_ == 0; }
   // One line on the data-parallel setup ("" for a single process).
+  // "bf16 weight copies: N weights (M parameters) ..." when train.bf16_weights took them, else "".
+  std::string precision_summary() const;
   std::string parallel_summary() const;
 
  private:
@@ -101,6 +105,7 @@ class Trainer {
   c10::Device device_;
   MicroDiT model_{nullptr};
   std::unique_ptr<torch::optim::AdamW> opt_;  // null with a sharded optimizer (in sync_)
+  std::unique_ptr<Bf16Weights> copies_;       // bf16 weight copies (train.bf16_weights), or null
   dist::Comm* comm_ = nullptr;
   std::unique_ptr<dist::GradSync> sync_;
   int rank_ = 0, world_ = 1;
