@@ -4,12 +4,15 @@
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
+#include <optional>
+
 #include "core/autocast.h"
 #include "diffusion/edm.h"
 #include "model/masking.h"
 #include "model/microdit.h"
 #include "test_util.h"
 #include "core/cuda_graph.h"
+#include "train/bf16_weights.h"
 #include "train/fused_adamw.h"
 
 using namespace microdit;
@@ -26,7 +29,8 @@ struct Run {
 // `steps` training steps of a tiny MicroDiT (mask 0.5) whose inputs and noise live in tensors
 // that stay put and are refilled from a seeded CPU generator before each step.
 // mode 0: plain fused AdamW; 1: AdamW on device scalars, eager; 2: the same in a CUDA graph.
-Run train_tiny(c10::Device device, int mode, int steps, bool bf16) {
+// copies: bf16 weight copies (train/bf16_weights.h; needs bf16).
+Run train_tiny(c10::Device device, int mode, int steps, bool bf16, bool copies = false) {
   torch::manual_seed(0);
   auto c = tiny_config();
   MicroDiT model(c);
@@ -42,18 +46,24 @@ Run train_tiny(c10::Device device, int mode, int steps, bool bf16) {
   auto mask_noise = torch::empty({B, c.num_tokens()}, on);
   auto loss_out = torch::zeros({}, on);
   AdamWDeviceScalars dev{torch::zeros({}, on), torch::full({}, 3e-3, on)};
+  std::unique_ptr<Bf16Weights> w;
+  if (copies) w = std::make_unique<Bf16Weights>(*model);
   EDMConfig edm;
   auto step = [&] {
     opt.zero_grad();
     LossDraws d{rnd_normal, noise, mask_from_noise(mask_noise, c.kept_tokens(0.5))};
     torch::Tensor loss;
     {
-      AutocastGuard autocast(device.type(), bf16);
-      loss = edm_loss(*model, x, y, d, edm);
+      std::optional<Bf16Weights::Bound> bound;
+      if (w) bound.emplace(*w);
+      {
+        AutocastGuard autocast(device.type(), bf16);
+        loss = edm_loss(*model, x, y, d, edm);
+      }
+      loss.backward();
     }
-    loss.backward();
     loss_out.copy_(loss.detach());
-    fused_adamw_step(opt, mode == 0 ? nullptr : &dev);
+    fused_adamw_step(opt, mode == 0 ? nullptr : &dev, w.get());
   };
   std::unique_ptr<CudaGraphStep> graph;
   if (mode == 2) graph = std::make_unique<CudaGraphStep>(device, step, /*warmup=*/2);
@@ -150,6 +160,26 @@ TEST(CudaGraph, GraphStepEqualsPlainStepBf16Autocast) {
   // and the parameters within 5.5 % of each tensor's largest entry. A replay of stale inputs or
   // a frozen step count would change the losses far more.
   expect_same_run(plain, graph, 2e-2, 0.15);
+}
+
+TEST(CudaGraph, DeviceScalarsWithBf16WeightCopies) {
+  // The mixed-precision AdamW kernel reading the step count and learning rate from tensors
+  // (as a graph replays it), eagerly on the CPU, against its host-scalar form.
+  const auto plain = train_tiny(torch::kCPU, 0, 5, true, true), dev = train_tiny(torch::kCPU, 1, 5, true, true);
+  expect_same_run(plain, dev, 2e-2, 0.15);  // lr in float32 instead of double, then bf16 rounding
+  EXPECT_EQ(dev.host_steps, 5);
+  EXPECT_NE(plain.losses[0], plain.losses[4]);
+}
+
+TEST(CudaGraph, GraphStepWithBf16WeightCopies) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const c10::Device cuda(torch::kCUDA, 0);
+  // The copies' step recorded into a graph (the kernel's arguments, the copies and their
+  // gradients' memory stay put between replays) against the same step run eagerly, and against
+  // the plain bf16 step (tolerances as GraphStepEqualsPlainStepBf16Autocast).
+  const auto eager = train_tiny(cuda, 0, 8, true, true), graph = train_tiny(cuda, 2, 8, true, true);
+  expect_same_run(eager, graph, 2e-2, 0.15);
+  expect_same_run(train_tiny(cuda, 0, 8, true), eager, 2e-2, 0.15);
 }
 
 TEST(CudaGraph, GraphSamplerEqualsEagerSampler) {
