@@ -165,6 +165,60 @@ TEST(Fused, GatedResidualMatchesFloat64) {
   }
 }
 
+// The norm that hands the residual stream on (forward_residual): its backward pass adds the
+// stream's gradient inside the dx kernel. Against the same norm with autograd taking the sum:
+// every gradient equal to the bit (the kernel rounds dx before the add, as autograd does),
+// for float32 and bf16 streams, with and without modulation, and without a residual gradient.
+TEST(Fused, ResidualLayerNormAddsTheStreamGradient) {
+  for (const auto& target : targets())
+  for (const auto xt : {at::kFloat, at::kBFloat16})
+  for (const bool mod : {true, false}) {
+    const IsaCap cap(target);
+    const c10::Device dev = target.device;
+    SCOPED_TRACE(target.name() + ", x " + c10::toString(xt) + (mod ? ", modulated" : ""));
+    torch::manual_seed(3);
+    const int64_t B = 3, T = 40, d = 64;
+    LayerNorm norm(d, 1e-6);
+    norm->to(dev);
+    {
+      torch::NoGradGuard ng;
+      norm->weight.copy_(torch::rand({d}).to(dev) + 0.5);
+    }
+    auto x0 = torch::randn({B, T, d}).to(dev, xt);
+    auto shift = torch::randn({B, d}).to(dev, xt), scale = torch::randn({B, d}).to(dev, xt) * 0.1;
+    auto dres = torch::randn({B, T, d}).to(dev, xt), dy = torch::randn({B, T, d}).to(dev, xt);
+    auto run = [&](bool fused_residual, bool with_res) {
+      norm->weight.mutable_grad().reset();
+      auto x = x0.clone().requires_grad_(true);
+      Tensor stream, y;
+      if (fused_residual) {
+        std::tie(stream, y) = mod ? norm->forward_residual(x, shift, scale) : norm->forward_residual(x);
+      } else {
+        stream = x;
+        y = mod ? norm->forward_modulated(x, shift, scale) : norm->forward(x);
+      }
+      EXPECT_TRUE(torch::equal(stream, x0));
+      auto loss = (y * dy.to(y.scalar_type())).sum();
+      if (with_res) loss = loss + (stream * dres).sum();
+      loss.backward();
+      return std::make_pair(x.grad().clone(), norm->weight.grad().clone());
+    };
+    for (const bool with_res : {true, false}) {
+      const auto [dx_ref, dw_ref] = run(false, with_res);
+      const auto [dx, dw] = run(true, with_res);
+      EXPECT_TRUE(torch::equal(dx, dx_ref)) << (with_res ? "dx with" : "dx without") << " the residual gradient";
+      EXPECT_TRUE(torch::equal(dw, dw_ref)) << "dweight";
+    }
+  }
+  // Without gradients (sampling) it is the plain norm.
+  torch::NoGradGuard ng;
+  LayerNorm norm(8, 1e-6);
+  auto x = torch::randn({2, 3, 8});
+  auto [stream, y] = norm->forward_residual(x);
+  EXPECT_TRUE(stream.is_same(x));
+  EXPECT_TRUE(torch::equal(y, norm->forward(x)));
+}
+
 TEST(Fused, SwiGLUMatchesFloat64) {
   for (const auto& target : targets()) {
     std::vector<at::ScalarType> dtypes = {at::kFloat, at::kBFloat16};

@@ -81,7 +81,8 @@ template <typename X, typename S, typename Y>
 __global__ void modln_bwd_dx_kernel(const Y* __restrict__ dy, const S* __restrict__ xs, int64_t lds,
                                     const float* __restrict__ w, const Y* __restrict__ scale,
                                     const float* __restrict__ mean, const float* __restrict__ rstd,
-                                    X* __restrict__ dx, int64_t T, int d) {
+                                    X* __restrict__ dx, int64_t ldx, const X* __restrict__ dres, int64_t T,
+                                    int d) {
   __shared__ float shared[32];
   const int64_t r = blockIdx.x, b = r / T;
   const Y* dyr = dy + r * d;
@@ -101,10 +102,13 @@ __global__ void modln_bwd_dx_kernel(const Y* __restrict__ dy, const S* __restric
   }
   const float c1 = block_sum(s1, shared) / d;
   const float c2 = block_sum(s2, shared) / d;
-  X* dxr = dx + r * d;
+  X* dxr = dx + r * ldx;
+  const X* resr = dres ? dres + r * d : nullptr;
   for (int j = threadIdx.x; j < d; j += blockDim.x) {
     const float xhat = (to_f(xr[j]) - mu) * rs;
-    dxr[j] = from_f<X>(rs * (g_at(j) - c1 - xhat * c2));
+    const float v = rs * (g_at(j) - c1 - xhat * c2);
+    // __fadd_rn: never contracted into a fused multiply-add with the product in v.
+    dxr[j] = from_f<X>(resr ? __fadd_rn(round_to<X>(v), to_f(resr[j])) : v);
   }
 }
 
@@ -257,7 +261,8 @@ template <typename X, typename S, typename Y, int V, int C>
 __global__ void modln_bwd_dx_warp_kernel(const Y* __restrict__ dy, const S* __restrict__ xs, int lds,
                                          const float* __restrict__ w, const Y* __restrict__ scale,
                                          const float* __restrict__ mean, const float* __restrict__ rstd,
-                                         X* __restrict__ dx, int rows, int T, int d) {
+                                         X* __restrict__ dx, int ldx, const X* __restrict__ dres, int rows,
+                                         int T, int d) {
   const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (r >= rows) return;
   const int lane = threadIdx.x & 31, chunks = d / V, b = r / T;
@@ -296,7 +301,12 @@ __global__ void modln_bwd_dx_warp_kernel(const Y* __restrict__ dy, const S* __re
     Vec<X, V> out;
 #pragma unroll
     for (int k = 0; k < V; ++k) out.v[k] = from_f<X>(rs * (g[i][k] - c1 - xhat[i][k] * c2));
-    *reinterpret_cast<Vec<X, V>*>(dx + row + c * V) = out;
+    if (dres) {
+      const auto rv = load_vec<V>(dres + row + c * V);
+#pragma unroll
+      for (int k = 0; k < V; ++k) out.v[k] = from_f<X>(__fadd_rn(to_f(out.v[k]), to_f(rv.v[k])));
+    }
+    *reinterpret_cast<Vec<X, V>*>(dx + static_cast<size_t>(r) * ldx + c * V) = out;
   }
 }
 
@@ -460,21 +470,23 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
 
 void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
                        const float* w, const void* scale, const float* mean, const float* rstd,
-                       void* dx, DType xt, int64_t rows, int64_t T, int64_t d, void* stream) {
+                       void* dx, int64_t ldx, DType xt, const void* dres, int64_t rows, int64_t T, int64_t d,
+                       void* stream) {
   check_sizes(rows, T, d);
+  if (ldx < d) throw std::runtime_error("fused kernels: dx row stride below d");
   with_types(xt, st, yt, [&](auto* xp, auto* sp, auto* yp) {
     using X = elem<decltype(xp)>;
     using S = elem<decltype(sp)>;
     using Y = elem<decltype(yp)>;
     constexpr int V = vec_width<X, S, Y>();
-    if (warp_rows_fit(rows, d, lds) && d % V == 0 && lds % V == 0 && aligned16(dy) && aligned16(xs) &&
-        aligned16(w) && aligned16(scale) && aligned16(dx) &&
+    if (warp_rows_fit(rows, d, std::max(lds, ldx)) && d % V == 0 && lds % V == 0 && ldx % V == 0 &&
+        aligned16(dy) && aligned16(xs) && aligned16(w) && aligned16(scale) && aligned16(dx) && aligned16(dres) &&
         launch_rows<V>(d, [&](auto c) {
           modln_bwd_dx_warp_kernel<X, S, Y, V, decltype(c)::value>
               <<<warp_row_blocks(rows), kWarpRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(
                   static_cast<const Y*>(dy), static_cast<const S*>(xs), static_cast<int>(lds), w,
-                  static_cast<const Y*>(scale), mean, rstd, static_cast<X*>(dx), static_cast<int>(rows),
-                  static_cast<int>(T), static_cast<int>(d));
+                  static_cast<const Y*>(scale), mean, rstd, static_cast<X*>(dx), static_cast<int>(ldx),
+                  static_cast<const X*>(dres), static_cast<int>(rows), static_cast<int>(T), static_cast<int>(d));
           g_warp_launches.fetch_add(1, std::memory_order_relaxed);
           return true;
         }))
@@ -482,7 +494,8 @@ void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DT
     modln_bwd_dx_kernel<X, S, Y><<<static_cast<unsigned>(rows), row_threads(d), 0,
                                    static_cast<cudaStream_t>(stream)>>>(
         static_cast<const Y*>(dy), static_cast<const S*>(xs), lds, w,
-        static_cast<const Y*>(scale), mean, rstd, static_cast<X*>(dx), T, static_cast<int>(d));
+        static_cast<const Y*>(scale), mean, rstd, static_cast<X*>(dx), ldx, static_cast<const X*>(dres), T,
+        static_cast<int>(d));
   });
   check_launch("modulated LayerNorm backward (dx)");
 }

@@ -43,10 +43,13 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
 
 // dx from dy (rows x d contiguous, yt) and the saved input xs (row stride lds, dtype st):
 //   g = dy * (1 + scale[b]) * w;  dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
-// dx: rows x d contiguous in xt.
+// dx: rows x d with row stride ldx (>= d) in xt. When dres (rows x d contiguous, xt) is not
+// null, dx = round(dx) + dres, rounded: the sum autograd would take of the LayerNorm's input
+// gradient and another gradient of the same input (the residual stream's), in one pass.
 void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
                        const float* w, const void* scale, const float* mean, const float* rstd,
-                       void* dx, DType xt, int64_t rows, int64_t T, int64_t d, void* stream);
+                       void* dx, int64_t ldx, DType xt, const void* dres, int64_t rows, int64_t T, int64_t d,
+                       void* stream);
 
 // Per-sample column sums for the parameter gradients (s0, s1: (B, d) float32, zeroed by the
 // caller): s0[b, j] = sum_t dy[b, t, j], s1[b, j] = sum_t dy[b, t, j] * xhat[b, t, j].
@@ -90,7 +93,7 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
                    int64_t rows, int64_t T, int64_t d, float eps);
 void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
                        const float* w, const void* scale, const float* mean, const float* rstd,
-                       void* dx, DType xt, int64_t rows, int64_t T, int64_t d);
+                       void* dx, int64_t ldx, DType xt, const void* dres, int64_t rows, int64_t T, int64_t d);
 void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
                          const float* mean, const float* rstd, float* s0, float* s1, int64_t B,
                          int64_t T, int64_t d);

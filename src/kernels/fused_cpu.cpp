@@ -82,6 +82,8 @@ struct LnDx {
   const void* scale;
   const float *mean, *rstd;
   void* dx;
+  int64_t ldx;
+  const void* dres;  // null, or rows x d (contiguous, dx's dtype) added to dx
   int64_t T, d;
 };
 struct LnSums {
@@ -173,8 +175,14 @@ MD_INLINE void modln_dx_rows(const LnDx& a, int64_t r0, int64_t r1) {
     }
     const float c1 = lane_sum(g, d) / static_cast<float>(d);
     const float c2 = lane_sum(gx, d) / static_cast<float>(d);
-    X* __restrict dxr = static_cast<X*>(a.dx) + r * d;
+    X* __restrict dxr = static_cast<X*>(a.dx) + r * a.ldx;
     for (int64_t j = 0; j < d; ++j) dxr[j] = from_f<X>(rs * (g[j] - c1 - xh[j] * c2));
+    if (a.dres) {
+      // A loop of its own: dx is rounded (stored) before the add, which therefore cannot be
+      // contracted into a fused multiply-add with the product above.
+      const X* __restrict res = static_cast<const X*>(a.dres) + r * d;
+      for (int64_t j = 0; j < d; ++j) dxr[j] = from_f<X>(to_f(dxr[j]) + to_f(res[j]));
+    }
   }
 }
 
@@ -387,9 +395,10 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
 
 void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
                        const float* w, const void* scale, const float* mean, const float* rstd,
-                       void* dx, DType xt, int64_t rows, int64_t T, int64_t d) {
+                       void* dx, int64_t ldx, DType xt, const void* dres, int64_t rows, int64_t T, int64_t d) {
   check_sizes(rows, T, d);
-  const LnDx a{dy, xs, lds, w, scale, mean, rstd, dx, T, d};
+  if (ldx < d) throw std::runtime_error("fused CPU kernels: dx row stride below d");
+  const LnDx a{dy, xs, lds, w, scale, mean, rstd, dx, ldx, dres, T, d};
   with_types(xt, st, yt, [&](auto* xp, auto* sp, auto* yp) {
     run(MD_PICK(modln_dx, elem<decltype(xp)>, elem<decltype(sp)>, elem<decltype(yp)>), a, rows, d);
   });

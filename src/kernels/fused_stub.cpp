@@ -21,7 +21,8 @@ void modln_forward(const void*, int64_t, DType, void*, DType, const float*, cons
                    const void*, void*, DType, float*, float*, int64_t, int64_t, int64_t, float,
                    void*) { missing(); }
 void modln_backward_dx(const void*, DType, const void*, int64_t, DType, const float*, const void*,
-                       const float*, const float*, void*, DType, int64_t, int64_t, int64_t, void*) {
+                       const float*, const float*, void*, int64_t, DType, const void*, int64_t, int64_t, int64_t,
+                       void*) {
   missing();
 }
 void modln_backward_sums(const void*, DType, const void*, int64_t, DType, const float*,

@@ -29,10 +29,14 @@ DiTBlockImpl::DiTBlockImpl(const BlockSpec& s, int64_t cond_dim, const ModelConf
 
 Tensor DiTBlockImpl::forward(const Tensor& x_in, const CaptionKV& caption, const Tensor& c) {
   auto mod = adaLN_modulation->forward(c).chunk(6, 1);  // 6 x (B, d)
-  auto x = gated_residual(x_in, mod[2], attn(norm1->forward_modulated(x_in, mod[0], mod[1])));
-  x = x + cross_attn(norm2(x), caption);
-  auto h = norm3->forward_modulated(x, mod[3], mod[4]);
-  return gated_residual(x, mod[5], spec.moe ? mlp_moe(h) : mlp_dense(h));
+  // Each norm hands the residual stream on (forward_residual), so that its backward pass adds
+  // the stream's gradient in its own kernel.
+  auto [x1, h1] = norm1->forward_residual(x_in, mod[0], mod[1]);
+  auto x = gated_residual(x1, mod[2], attn(h1));
+  auto [x2, h2] = norm2->forward_residual(x);
+  x = x2 + cross_attn(h2, caption);
+  auto [x3, h3] = norm3->forward_residual(x, mod[3], mod[4]);
+  return gated_residual(x3, mod[5], spec.moe ? mlp_moe(h3) : mlp_dense(h3));
 }
 
 CaptionRefinerImpl::CaptionRefinerImpl(const ModelConfig& cfg) {

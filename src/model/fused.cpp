@@ -70,74 +70,112 @@ Tensor or_empty(const Tensor& t, const Tensor& like) {
 }
 Tensor present(const Tensor& t) { return t.defined() && t.numel() > 0 ? t : Tensor(); }
 
-struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight_in,
-                        const Tensor& shift_in, const Tensor& scale_in, double eps,
-                        at::ScalarType out, at::ScalarType save) {
-    const DeviceGuard guard(x_in);
-    const Tensor weight = present(weight_in), shift = present(shift_in), scale = present(scale_in);
-    const bool mod = shift.defined();
-    const int64_t d = x_in.size(-1);
-    int64_t ld = row_stride(x_in);
-    const Tensor x = ld < 0 ? x_in.contiguous() : x_in;
-    if (ld < 0) ld = d;
-    const int64_t rows = x.numel() / d;
-    const int64_t T = mod ? x.size(1) : rows;  // modulation rows r belong to sample r / T
-    const auto f32 = x.options().dtype(at::kFloat);
-    const Tensor w = weight.defined() ? weight.to(at::kFloat).contiguous() : Tensor();
-    const Tensor sh = mod ? shift.to(out).contiguous() : Tensor();
-    const Tensor sc = mod ? scale.to(out).contiguous() : Tensor();
-    auto y = at::empty(x.sizes(), x.options().dtype(out));  // contiguous
-    auto mean = at::empty({rows}, f32), rstd = at::empty({rows}, f32);
-    const bool copy = save != x.scalar_type();
-    const Tensor xs = copy ? at::empty(x.sizes(), x.options().dtype(save)) : x;
-    MD_KERNEL(x, modln_forward, x.data_ptr(), ld, kdt(x.scalar_type()), copy ? xs.data_ptr() : nullptr,
-              kdt(save), w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(sh), ptr_or_null(sc),
-              y.data_ptr(), kdt(out), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, T, d,
-              static_cast<float>(eps));
-    ctx->save_for_backward({xs, or_empty(w, mean), or_empty(sc, mean), mean, rstd});
-    ctx->saved_data["ld"] = copy ? d : ld;
-    ctx->saved_data["T"] = T;
-    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["w_dtype"] = static_cast<int64_t>(weight.defined() ? weight.scalar_type() : at::kFloat);
-    ctx->saved_data["shift_dtype"] = static_cast<int64_t>(mod ? shift.scalar_type() : at::kFloat);
-    ctx->saved_data["scale_dtype"] = static_cast<int64_t>(mod ? scale.scalar_type() : at::kFloat);
-    return y;
-  }
+// The forward and backward passes of the (modulated) LayerNorm, shared by the two autograd
+// functions below.
+Tensor modln_forward_pass(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight_in, const Tensor& shift_in,
+                          const Tensor& scale_in, double eps, at::ScalarType out, at::ScalarType save) {
+  const DeviceGuard guard(x_in);
+  const Tensor weight = present(weight_in), shift = present(shift_in), scale = present(scale_in);
+  const bool mod = shift.defined();
+  const int64_t d = x_in.size(-1);
+  int64_t ld = row_stride(x_in);
+  const Tensor x = ld < 0 ? x_in.contiguous() : x_in;
+  if (ld < 0) ld = d;
+  const int64_t rows = x.numel() / d;
+  const int64_t T = mod ? x.size(1) : rows;  // modulation rows r belong to sample r / T
+  const auto f32 = x.options().dtype(at::kFloat);
+  const Tensor w = weight.defined() ? weight.to(at::kFloat).contiguous() : Tensor();
+  const Tensor sh = mod ? shift.to(out).contiguous() : Tensor();
+  const Tensor sc = mod ? scale.to(out).contiguous() : Tensor();
+  auto y = at::empty(x.sizes(), x.options().dtype(out));  // contiguous
+  auto mean = at::empty({rows}, f32), rstd = at::empty({rows}, f32);
+  const bool copy = save != x.scalar_type();
+  const Tensor xs = copy ? at::empty(x.sizes(), x.options().dtype(save)) : x;
+  MD_KERNEL(x, modln_forward, x.data_ptr(), ld, kdt(x.scalar_type()), copy ? xs.data_ptr() : nullptr,
+            kdt(save), w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(sh), ptr_or_null(sc),
+            y.data_ptr(), kdt(out), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, T, d,
+            static_cast<float>(eps));
+  ctx->save_for_backward({xs, or_empty(w, mean), or_empty(sc, mean), mean, rstd});
+  ctx->saved_data["ld"] = copy ? d : ld;
+  ctx->saved_data["T"] = T;
+  ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+  ctx->saved_data["w_dtype"] = static_cast<int64_t>(weight.defined() ? weight.scalar_type() : at::kFloat);
+  ctx->saved_data["shift_dtype"] = static_cast<int64_t>(mod ? shift.scalar_type() : at::kFloat);
+  ctx->saved_data["scale_dtype"] = static_cast<int64_t>(mod ? scale.scalar_type() : at::kFloat);
+  return y;
+}
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor xs = saved[0], w = present(saved[1]), sc = present(saved[2]), mean = saved[3], rstd = saved[4];
-    const DeviceGuard guard(xs);
-    const int64_t ld = ctx->saved_data["ld"].toInt(), T = ctx->saved_data["T"].toInt();
-    const auto xt = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-    const auto out = sc.defined() ? sc.scalar_type() : grads[0].scalar_type();
-    const int64_t d = xs.size(-1), rows = xs.numel() / d, B = rows / T;
-    const Tensor dy = grads[0].to(kernel_dtype(out) ? out : at::kFloat).contiguous();
-    const auto yt = dy.scalar_type();
-    const Tensor scy = sc.defined() ? sc.to(yt) : sc;
-    variable_list g(7);
-    if (ctx->needs_input_grad(0)) {
+// Gradients (x, weight, shift, scale, then three empty) from dy. When dres is defined (a
+// gradient of x from elsewhere: the residual stream's), dx includes it, added in the kernel.
+// When dx_out is defined, dx is written into it (a strided view with unit column stride and
+// rows of equal stride, e.g. one third of a q, k, v gradient) and g[0] is that view.
+variable_list modln_backward_pass(AutogradContext* ctx, const Tensor& dy_in, const Tensor& dres_in,
+                                  const Tensor& dx_out = Tensor()) {
+  const auto saved = ctx->get_saved_variables();
+  const Tensor xs = saved[0], w = present(saved[1]), sc = present(saved[2]), mean = saved[3], rstd = saved[4];
+  const DeviceGuard guard(xs);
+  const int64_t ld = ctx->saved_data["ld"].toInt(), T = ctx->saved_data["T"].toInt();
+  const auto xt = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+  const auto out = sc.defined() ? sc.scalar_type() : dy_in.scalar_type();
+  const int64_t d = xs.size(-1), rows = xs.numel() / d, B = rows / T;
+  const Tensor dy = dy_in.to(kernel_dtype(out) ? out : at::kFloat).contiguous();
+  const auto yt = dy.scalar_type();
+  const Tensor scy = sc.defined() ? sc.to(yt) : sc;
+  variable_list g(7);
+  if (ctx->needs_input_grad(0)) {
+    const Tensor dres = dres_in.defined() ? dres_in.to(xt).contiguous() : Tensor();
+    int64_t ldx = d;
+    if (dx_out.defined()) {
+      MD_CHECK(dx_out.scalar_type() == xt && dx_out.numel() == xs.numel() && row_stride(dx_out) >= d,
+               "fused LayerNorm: bad gradient buffer");
+      g[0] = dx_out;
+      ldx = row_stride(dx_out);
+    } else {
       g[0] = at::empty(xs.sizes(), xs.options().dtype(xt));
-      MD_KERNEL(xs, modln_backward_dx, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
-                w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy), mean.data_ptr<float>(),
-                rstd.data_ptr<float>(), g[0].data_ptr(), kdt(xt), rows, T, d);
     }
-    const bool need_w = w.defined() && ctx->needs_input_grad(1);
-    const bool need_mod = sc.defined() && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
-    if (need_w || need_mod) {
-      auto s0 = at::zeros({B, d}, mean.options()), s1 = at::zeros({B, d}, mean.options());
-      MD_KERNEL(xs, modln_backward_sums, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
-                mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), B,
-                T, d);
-      auto dt = [&](const char* k) { return static_cast<at::ScalarType>(ctx->saved_data[k].toInt()); };
-      if (need_w) g[1] = (sc.defined() ? (s1 * (1 + sc.to(at::kFloat))).sum(0) : s1.sum(0)).to(dt("w_dtype"));
-      if (sc.defined()) {
-        g[2] = s0.to(dt("shift_dtype"));
-        g[3] = (w.defined() ? s1 * w : s1).to(dt("scale_dtype"));
-      }
+    MD_KERNEL(xs, modln_backward_dx, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+              w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy), mean.data_ptr<float>(),
+              rstd.data_ptr<float>(), g[0].data_ptr(), ldx, kdt(xt), ptr_or_null(dres), rows, T, d);
+  }
+  const bool need_w = w.defined() && ctx->needs_input_grad(1);
+  const bool need_mod = sc.defined() && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
+  if (need_w || need_mod) {
+    auto s0 = at::zeros({B, d}, mean.options()), s1 = at::zeros({B, d}, mean.options());
+    MD_KERNEL(xs, modln_backward_sums, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+              mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), B,
+              T, d);
+    auto dt = [&](const char* k) { return static_cast<at::ScalarType>(ctx->saved_data[k].toInt()); };
+    if (need_w) g[1] = (sc.defined() ? (s1 * (1 + sc.to(at::kFloat))).sum(0) : s1.sum(0)).to(dt("w_dtype"));
+    if (sc.defined()) {
+      g[2] = s0.to(dt("shift_dtype"));
+      g[3] = (w.defined() ? s1 * w : s1).to(dt("scale_dtype"));
     }
-    return g;
+  }
+  return g;
+}
+
+struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& shift,
+                        const Tensor& scale, double eps, at::ScalarType out, at::ScalarType save) {
+    return modln_forward_pass(ctx, x, weight, shift, scale, eps, out, save);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return modln_backward_pass(ctx, grads[0], Tensor());
+  }
+};
+
+// The same LayerNorm, also handing x on (as a view, for the residual stream): its backward
+// pass receives the gradient of both and adds the residual stream's to dx in the kernel,
+// which autograd would otherwise add in a kernel of its own (x feeds both the norm and the
+// residual add after it).
+struct ResidualLayerNormFn : torch::autograd::Function<ResidualLayerNormFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& shift,
+                               const Tensor& scale, double eps, at::ScalarType out, at::ScalarType save) {
+    Tensor y = modln_forward_pass(ctx, x, weight, shift, scale, eps, out, save);
+    return {x, y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return modln_backward_pass(ctx, grads[1], grads[0]);
   }
 };
 
@@ -242,6 +280,23 @@ Tensor fused_modulated_layer_norm(const Tensor& x, const Tensor& weight, const T
   RECORD_FUNCTION("microdit::fused_modulated_layer_norm", std::vector<c10::IValue>());
   return ModulatedLayerNormFn::apply(x, or_empty(weight, x), or_empty(shift, x), or_empty(scale, x),
                                      eps, out, save);
+}
+
+std::pair<Tensor, Tensor> fused_residual_layer_norm(const Tensor& x, const Tensor& weight, const Tensor& shift,
+                                                    const Tensor& scale, double eps, at::ScalarType out,
+                                                    at::ScalarType save) {
+  MD_CHECK(fused_kernels_apply(x), "fused LayerNorm: needs a float32 or bf16 CPU tensor, or a CUDA tensor and the fused CUDA kernels");
+  MD_CHECK(kernel_dtype(out) && kernel_dtype(save), "fused LayerNorm: bad result or saved dtype");
+  MD_CHECK(shift.defined() == scale.defined(), "fused LayerNorm: shift and scale go together");
+  MD_CHECK(x.dim() == 3 && (!shift.defined() || (shift.dim() == 2 && scale.dim() == 2 && shift.size(0) == x.size(0) &&
+                                                 shift.size(1) == x.size(2) && scale.sizes() == shift.sizes())),
+           "fused LayerNorm: x (B, T, d) with shift, scale (B, d), got {}, {}, {}", c10::str(x.sizes()),
+           c10::str(shift.sizes()), c10::str(scale.sizes()));
+  if (weight.defined())
+    MD_CHECK(weight.dim() == 1 && weight.size(0) == x.size(-1), "fused LayerNorm: weight must be (d)");
+  RECORD_FUNCTION("microdit::fused_residual_layer_norm", std::vector<c10::IValue>());
+  auto r = ResidualLayerNormFn::apply(x, or_empty(weight, x), or_empty(shift, x), or_empty(scale, x), eps, out, save);
+  return {r[0], r[1]};
 }
 
 Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {

@@ -23,6 +23,14 @@ Tensor fused_modulated_layer_norm(const Tensor& x, const Tensor& weight, const T
                                   const Tensor& scale, double eps, at::ScalarType out,
                                   at::ScalarType save);
 
+// The same for x (B, T, d), returning (x, y): x handed on as a view for the residual stream, y
+// the norm. The backward pass adds the gradient that reaches x through the residual stream to
+// the norm's dx in its kernel (autograd would add the two in a kernel of its own). The same
+// values either way.
+std::pair<Tensor, Tensor> fused_residual_layer_norm(const Tensor& x, const Tensor& weight, const Tensor& shift,
+                                                    const Tensor& scale, double eps, at::ScalarType out,
+                                                    at::ScalarType save);
+
 // x + gate[b] * h: x (B, T, d) (the residual stream, and the result's dtype), gate (B, d),
 // h (B, T, d).
 Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h);

@@ -30,15 +30,28 @@ Tensor gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {
   return x + gate.unsqueeze(1) * h;
 }
 
-Tensor LayerNormImpl::forward_fused(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+std::pair<at::ScalarType, at::ScalarType> LayerNormImpl::fused_dtypes(const Tensor& x) const {
   // Under autocast the result goes straight to a matmul or attention that autocast would cast
   // to its dtype: produce that dtype. Low precision also keeps x (and takes its statistics)
   // in that dtype, as the LibTorch path below does.
   const auto dev = x.device().type();
   const bool autocast = at::autocast::is_autocast_enabled(dev);
   const auto out = autocast ? at::autocast::get_autocast_dtype(dev) : x.scalar_type();
-  const auto save = low_precision && autocast ? out : x.scalar_type();
+  return {out, low_precision && autocast ? out : x.scalar_type()};
+}
+
+Tensor LayerNormImpl::forward_fused(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+  const auto [out, save] = fused_dtypes(x);
   return fused_modulated_layer_norm(x, weight, shift, scale, eps, out, save);
+}
+
+std::pair<Tensor, Tensor> LayerNormImpl::forward_residual(const Tensor& x, const Tensor& shift, const Tensor& scale) {
+  if (g_fused_kernels && x.dim() == 3 && fused_kernels_apply(x) && torch::GradMode::is_enabled() &&
+      x.requires_grad()) {
+    const auto [out, save] = fused_dtypes(x);
+    return fused_residual_layer_norm(x, weight, shift, scale, eps, out, save);
+  }
+  return {x, shift.defined() ? forward_modulated(x, shift, scale) : forward(x)};
 }
 
 Tensor LayerNormImpl::forward_modulated(const Tensor& x, const Tensor& shift, const Tensor& scale) {

@@ -27,8 +27,14 @@ struct LayerNormImpl : torch::nn::Module {
   // LN(x) * (1 + scale[b]) + shift[b] for x (B, T, d), shift and scale (B, d): one fused
   // kernel when fused_kernels_enabled() (model/fused.h), else modulate(forward(x), ...).
   Tensor forward_modulated(const Tensor& x, const Tensor& shift, const Tensor& scale);
+  // (x, forward_modulated(x, shift, scale)) for a residual block, or (x, forward(x)) without
+  // shift and scale: x handed on for the residual stream. With the fused kernels and gradients,
+  // the norm's backward pass then also adds the residual stream's gradient of x (one pass
+  // instead of a separate sum; model/fused.h). The same values either way.
+  std::pair<Tensor, Tensor> forward_residual(const Tensor& x, const Tensor& shift = {}, const Tensor& scale = {});
 
  private:
+  std::pair<at::ScalarType, at::ScalarType> fused_dtypes(const Tensor& x) const;  // (result, saved)
   Tensor forward_fused(const Tensor& x, const Tensor& shift, const Tensor& scale);
 };
 TORCH_MODULE(LayerNorm);
