@@ -219,6 +219,45 @@ TEST(Fused, ResidualLayerNormAddsTheStreamGradient) {
   EXPECT_TRUE(torch::equal(y, norm->forward(x)));
 }
 
+// The self-attention's q and k norms as one function (fused_qkv_norm) against the two norms on
+// the unbound parts of qkv, as autograd differentiates them (a cat of dq, dk, dv): the same
+// outputs and the same gradient of qkv, to the bit; also when only some outputs are used.
+TEST(Fused, QkvNormWritesOneGradient) {
+  for (const auto& target : targets())
+  for (const auto xt : {at::kFloat, at::kBFloat16}) {
+    const IsaCap cap(target);
+    const c10::Device dev = target.device;
+    SCOPED_TRACE(target.name() + ", " + c10::toString(xt));
+    torch::manual_seed(4);
+    const int64_t B = 2, N = 24, h = 64;
+    LayerNorm ln(h, 1e-6, /*affine=*/false);
+    auto p0 = torch::randn({B, N, 3 * h}).to(dev, xt);
+    auto dq = torch::randn({B, N, h}).to(dev, xt), dk = torch::randn({B, N, h}).to(dev, xt);
+    auto dv = torch::randn({B, N, h}).to(dev, xt);
+    for (int used = 0; used < 3; ++used) {  // 0: q, k and v; 1: q and v; 2: k only
+      auto loss_of = [&](const Tensor& q, const Tensor& k, const Tensor& v) {
+        Tensor l = torch::zeros({}, q.options().dtype(at::kFloat));
+        if (used != 2) l = l + (q * dq).sum();
+        if (used != 1) l = l + (k * dk).sum();
+        if (used != 2) l = l + (v * dv).sum();
+        return l;
+      };
+      auto pa = p0.clone().requires_grad_(true);
+      auto parts = pa.view({B, N, 3, h}).unbind(2);
+      auto qa = ln(parts[0]), ka = ln(parts[1]);
+      loss_of(qa, ka, parts[2]).backward();
+      auto pb = p0.clone().requires_grad_(true);
+      const auto [out, save] = ln->fused_dtypes(pb);
+      auto [qb, kb, vb] = fused_qkv_norm(pb, 1e-6, out, save);
+      EXPECT_TRUE(torch::equal(qa, qb));
+      EXPECT_TRUE(torch::equal(ka, kb));
+      EXPECT_EQ(vb.data_ptr(), static_cast<char*>(pb.data_ptr()) + 2 * h * pb.element_size()) << "v is a view";
+      loss_of(qb, kb, vb).backward();
+      EXPECT_TRUE(torch::equal(pa.grad(), pb.grad())) << "used " << used;
+    }
+  }
+}
+
 TEST(Fused, SwiGLUMatchesFloat64) {
   for (const auto& target : targets()) {
     std::vector<at::ScalarType> dtypes = {at::kFloat, at::kBFloat16};

@@ -10,6 +10,7 @@
 
 #include "core/choice.h"
 #include "core/error.h"
+#include "model/fused.h"
 
 namespace microdit {
 
@@ -92,11 +93,21 @@ SelfAttentionImpl::SelfAttentionImpl(int64_t d, int64_t h, int64_t heads, bool b
 
 Tensor SelfAttentionImpl::forward(const Tensor& x) {
   const auto B = x.size(0), N = x.size(1), hd = h / heads;
-  auto parts = qkv(x).view({B, N, 3, h}).unbind(2);  // 3 x (B, N, h)
-  auto q = ln_q(parts[0]).view({B, N, heads, hd});
-  auto k = ln_k(parts[1]).view({B, N, heads, hd});
-  auto v = parts[2].view({B, N, heads, hd});
-  return proj(multi_head_attention(q, k, v));
+  const Tensor p = qkv(x);  // (B, N, 3h) = [q | k | v]
+  Tensor q, k, v;           // (B, N, h) each
+  if (fused_kernels_enabled() && fused_kernels_apply(p) && torch::GradMode::is_enabled() && p.requires_grad() &&
+      ln_q->eps == ln_k->eps && ln_q->low_precision == ln_k->low_precision) {
+    // One autograd function for both norms: its backward pass writes dq, dk and dv into one
+    // gradient of p (model/fused.h).
+    const auto [out, save] = ln_q->fused_dtypes(p);
+    std::tie(q, k, v) = fused_qkv_norm(p, ln_q->eps, out, save);
+  } else {
+    auto parts = p.view({B, N, 3, h}).unbind(2);
+    q = ln_q(parts[0]);
+    k = ln_k(parts[1]);
+    v = parts[2];
+  }
+  return proj(multi_head_attention(q.view({B, N, heads, hd}), k.view({B, N, heads, hd}), v.view({B, N, heads, hd})));
 }
 
 CrossAttentionImpl::CrossAttentionImpl(int64_t d, int64_t h, int64_t heads, bool bias, double eps)

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "core/error.h"
 #include "kernels/fused.h"
@@ -72,8 +74,11 @@ Tensor present(const Tensor& t) { return t.defined() && t.numel() > 0 ? t : Tens
 
 // The forward and backward passes of the (modulated) LayerNorm, shared by the two autograd
 // functions below.
-Tensor modln_forward_pass(AutogradContext* ctx, const Tensor& x_in, const Tensor& weight_in, const Tensor& shift_in,
-                          const Tensor& scale_in, double eps, at::ScalarType out, at::ScalarType save) {
+// `key` prefixes its entries in ctx->saved_data; the five tensors the backward pass needs are
+// appended to `to_save` (for one save_for_backward call of the whole function).
+Tensor modln_forward_pass(AutogradContext* ctx, const std::string& key, const Tensor& x_in, const Tensor& weight_in,
+                          const Tensor& shift_in, const Tensor& scale_in, double eps, at::ScalarType out,
+                          at::ScalarType save, std::vector<Tensor>& to_save) {
   const DeviceGuard guard(x_in);
   const Tensor weight = present(weight_in), shift = present(shift_in), scale = present(scale_in);
   const bool mod = shift.defined();
@@ -95,34 +100,37 @@ Tensor modln_forward_pass(AutogradContext* ctx, const Tensor& x_in, const Tensor
             kdt(save), w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(sh), ptr_or_null(sc),
             y.data_ptr(), kdt(out), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, T, d,
             static_cast<float>(eps));
-  ctx->save_for_backward({xs, or_empty(w, mean), or_empty(sc, mean), mean, rstd});
-  ctx->saved_data["ld"] = copy ? d : ld;
-  ctx->saved_data["T"] = T;
-  ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-  ctx->saved_data["w_dtype"] = static_cast<int64_t>(weight.defined() ? weight.scalar_type() : at::kFloat);
-  ctx->saved_data["shift_dtype"] = static_cast<int64_t>(mod ? shift.scalar_type() : at::kFloat);
-  ctx->saved_data["scale_dtype"] = static_cast<int64_t>(mod ? scale.scalar_type() : at::kFloat);
+  for (const Tensor& t : {xs, or_empty(w, mean), or_empty(sc, mean), mean, rstd}) to_save.push_back(t);
+  ctx->saved_data[key + "ld"] = copy ? d : ld;
+  ctx->saved_data[key + "T"] = T;
+  ctx->saved_data[key + "x_dtype"] = static_cast<int64_t>(x.scalar_type());
+  ctx->saved_data[key + "w_dtype"] = static_cast<int64_t>(weight.defined() ? weight.scalar_type() : at::kFloat);
+  ctx->saved_data[key + "shift_dtype"] = static_cast<int64_t>(mod ? shift.scalar_type() : at::kFloat);
+  ctx->saved_data[key + "scale_dtype"] = static_cast<int64_t>(mod ? scale.scalar_type() : at::kFloat);
   return y;
 }
 
-// Gradients (x, weight, shift, scale, then three empty) from dy. When dres is defined (a
-// gradient of x from elsewhere: the residual stream's), dx includes it, added in the kernel.
-// When dx_out is defined, dx is written into it (a strided view with unit column stride and
-// rows of equal stride, e.g. one third of a q, k, v gradient) and g[0] is that view.
-variable_list modln_backward_pass(AutogradContext* ctx, const Tensor& dy_in, const Tensor& dres_in,
+// Gradients (x, weight, shift, scale, then three empty) from dy, for the norm whose saved
+// tensors start at saved[first] and whose saved_data entries start with `key`. When dres is
+// defined (a gradient of x from elsewhere: the residual stream's), dx includes it, added in the
+// kernel. When dx_out is defined, dx is written into it (a strided view with unit column stride
+// and rows of equal stride: a third of a q, k, v gradient) and g[0] is that view; the
+// gradient needs_input_grad(0) asks for then belongs to the caller.
+variable_list modln_backward_pass(AutogradContext* ctx, const std::string& key, const variable_list& saved,
+                                  size_t first, const Tensor& dy_in, const Tensor& dres_in,
                                   const Tensor& dx_out = Tensor()) {
-  const auto saved = ctx->get_saved_variables();
-  const Tensor xs = saved[0], w = present(saved[1]), sc = present(saved[2]), mean = saved[3], rstd = saved[4];
+  const Tensor xs = saved[first], w = present(saved[first + 1]), sc = present(saved[first + 2]),
+               mean = saved[first + 3], rstd = saved[first + 4];
   const DeviceGuard guard(xs);
-  const int64_t ld = ctx->saved_data["ld"].toInt(), T = ctx->saved_data["T"].toInt();
-  const auto xt = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+  const int64_t ld = ctx->saved_data[key + "ld"].toInt(), T = ctx->saved_data[key + "T"].toInt();
+  const auto xt = static_cast<at::ScalarType>(ctx->saved_data[key + "x_dtype"].toInt());
   const auto out = sc.defined() ? sc.scalar_type() : dy_in.scalar_type();
   const int64_t d = xs.size(-1), rows = xs.numel() / d, B = rows / T;
   const Tensor dy = dy_in.to(kernel_dtype(out) ? out : at::kFloat).contiguous();
   const auto yt = dy.scalar_type();
   const Tensor scy = sc.defined() ? sc.to(yt) : sc;
   variable_list g(7);
-  if (ctx->needs_input_grad(0)) {
+  if (dx_out.defined() || ctx->needs_input_grad(0)) {
     const Tensor dres = dres_in.defined() ? dres_in.to(xt).contiguous() : Tensor();
     int64_t ldx = d;
     if (dx_out.defined()) {
@@ -137,14 +145,14 @@ variable_list modln_backward_pass(AutogradContext* ctx, const Tensor& dy_in, con
               w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy), mean.data_ptr<float>(),
               rstd.data_ptr<float>(), g[0].data_ptr(), ldx, kdt(xt), ptr_or_null(dres), rows, T, d);
   }
-  const bool need_w = w.defined() && ctx->needs_input_grad(1);
-  const bool need_mod = sc.defined() && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
+  const bool need_w = w.defined() && !dx_out.defined() && ctx->needs_input_grad(1);
+  const bool need_mod = sc.defined() && !dx_out.defined() && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
   if (need_w || need_mod) {
     auto s0 = at::zeros({B, d}, mean.options()), s1 = at::zeros({B, d}, mean.options());
     MD_KERNEL(xs, modln_backward_sums, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
               mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), B,
               T, d);
-    auto dt = [&](const char* k) { return static_cast<at::ScalarType>(ctx->saved_data[k].toInt()); };
+    auto dt = [&](const char* k) { return static_cast<at::ScalarType>(ctx->saved_data[key + k].toInt()); };
     if (need_w) g[1] = (sc.defined() ? (s1 * (1 + sc.to(at::kFloat))).sum(0) : s1.sum(0)).to(dt("w_dtype"));
     if (sc.defined()) {
       g[2] = s0.to(dt("shift_dtype"));
@@ -157,10 +165,13 @@ variable_list modln_backward_pass(AutogradContext* ctx, const Tensor& dy_in, con
 struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& shift,
                         const Tensor& scale, double eps, at::ScalarType out, at::ScalarType save) {
-    return modln_forward_pass(ctx, x, weight, shift, scale, eps, out, save);
+    std::vector<Tensor> to_save;
+    Tensor y = modln_forward_pass(ctx, "", x, weight, shift, scale, eps, out, save, to_save);
+    ctx->save_for_backward(to_save);
+    return y;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return modln_backward_pass(ctx, grads[0], Tensor());
+    return modln_backward_pass(ctx, "", ctx->get_saved_variables(), 0, grads[0], Tensor());
   }
 };
 
@@ -171,11 +182,48 @@ struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
 struct ResidualLayerNormFn : torch::autograd::Function<ResidualLayerNormFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& shift,
                                const Tensor& scale, double eps, at::ScalarType out, at::ScalarType save) {
-    Tensor y = modln_forward_pass(ctx, x, weight, shift, scale, eps, out, save);
+    std::vector<Tensor> to_save;
+    Tensor y = modln_forward_pass(ctx, "", x, weight, shift, scale, eps, out, save, to_save);
+    ctx->save_for_backward(to_save);
     return {x, y};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    return modln_backward_pass(ctx, grads[1], grads[0]);
+    return modln_backward_pass(ctx, "", ctx->get_saved_variables(), 0, grads[1], grads[0]);
+  }
+};
+
+// The self-attention's q, k and v from its product qkv (..., 3h): LN(q) and LN(k) (LayerNorms
+// without weight) and v as it is (a view). The backward pass writes the two norms' dx and dv
+// into one gradient of qkv, which autograd would assemble with a cat of three tensors.
+struct QkvNormFn : torch::autograd::Function<QkvNormFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& qkv, double eps, at::ScalarType out,
+                               at::ScalarType save) {
+    const int64_t h = qkv.size(-1) / 3;
+    std::vector<Tensor> to_save;
+    const Tensor none;
+    Tensor q = modln_forward_pass(ctx, "q.", qkv.narrow(-1, 0, h), none, none, none, eps, out, save, to_save);
+    Tensor k = modln_forward_pass(ctx, "k.", qkv.narrow(-1, h, h), none, none, none, eps, out, save, to_save);
+    ctx->save_for_backward(to_save);
+    return {q, k, qkv.narrow(-1, 2 * h, h)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& xq = saved[0];
+    const int64_t h = xq.size(-1);
+    auto sizes = xq.sizes().vec();
+    sizes.back() = 3 * h;
+    Tensor d = at::empty(sizes, xq.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["q.x_dtype"].toInt())));
+    for (int part = 0; part < 2; ++part) {
+      Tensor slot = d.narrow(-1, part * h, h);
+      if (grads[part].defined())
+        modln_backward_pass(ctx, part == 0 ? "q." : "k.", saved, 5 * part, grads[part], Tensor(), slot);
+      else
+        slot.zero_();
+    }
+    Tensor dv = d.narrow(-1, 2 * h, h);
+    if (grads[2].defined()) dv.copy_(grads[2]);
+    else dv.zero_();
+    return {d, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -297,6 +345,17 @@ std::pair<Tensor, Tensor> fused_residual_layer_norm(const Tensor& x, const Tenso
   RECORD_FUNCTION("microdit::fused_residual_layer_norm", std::vector<c10::IValue>());
   auto r = ResidualLayerNormFn::apply(x, or_empty(weight, x), or_empty(shift, x), or_empty(scale, x), eps, out, save);
   return {r[0], r[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fused_qkv_norm(const Tensor& qkv, double eps, at::ScalarType out,
+                                                  at::ScalarType save) {
+  MD_CHECK(fused_kernels_apply(qkv), "fused q, k norm: needs a float32 or bf16 CPU tensor, or a CUDA tensor and the fused CUDA kernels");
+  MD_CHECK(kernel_dtype(out) && kernel_dtype(save), "fused q, k norm: bad result or saved dtype");
+  MD_CHECK(qkv.dim() >= 2 && qkv.size(-1) % 3 == 0 && qkv.stride(-1) == 1 && row_stride(qkv) >= 0,
+           "fused q, k norm: qkv (..., 3h) with rows of one stride, got {}", c10::str(qkv.sizes()));
+  RECORD_FUNCTION("microdit::fused_qkv_norm", std::vector<c10::IValue>());
+  auto r = QkvNormFn::apply(qkv, eps, out, save);
+  return {r[0], r[1], r[2]};
 }
 
 Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {

@@ -7,6 +7,9 @@
 #pragma once
 #include <torch/types.h>
 
+#include <tuple>
+#include <utility>
+
 namespace microdit {
 
 using torch::Tensor;
@@ -30,6 +33,12 @@ Tensor fused_modulated_layer_norm(const Tensor& x, const Tensor& weight, const T
 std::pair<Tensor, Tensor> fused_residual_layer_norm(const Tensor& x, const Tensor& weight, const Tensor& shift,
                                                     const Tensor& scale, double eps, at::ScalarType out,
                                                     at::ScalarType save);
+
+// The self-attention's (LN(q), LN(k), v) from its product qkv (..., 3h) = [q | k | v], the norms
+// without weight (the "LN0" of q and k), v a view of qkv. The backward pass writes the norms'
+// dx and dv into one gradient of qkv instead of autograd's cat of three; the same values.
+std::tuple<Tensor, Tensor, Tensor> fused_qkv_norm(const Tensor& qkv, double eps, at::ScalarType out,
+                                                  at::ScalarType save);
 
 // x + gate[b] * h: x (B, T, d) (the residual stream, and the result's dtype), gate (B, d),
 // h (B, T, d).

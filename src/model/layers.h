@@ -32,9 +32,10 @@ struct LayerNormImpl : torch::nn::Module {
   // the norm's backward pass then also adds the residual stream's gradient of x (one pass
   // instead of a separate sum; model/fused.h). The same values either way.
   std::pair<Tensor, Tensor> forward_residual(const Tensor& x, const Tensor& shift = {}, const Tensor& scale = {});
+  // The fused kernels' result and saved dtypes for x (model/fused.h).
+  std::pair<at::ScalarType, at::ScalarType> fused_dtypes(const Tensor& x) const;
 
  private:
-  std::pair<at::ScalarType, at::ScalarType> fused_dtypes(const Tensor& x) const;  // (result, saved)
   Tensor forward_fused(const Tensor& x, const Tensor& shift, const Tensor& scale);
 };
 TORCH_MODULE(LayerNorm);
