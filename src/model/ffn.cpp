@@ -148,7 +148,22 @@ struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
       dh = at::empty(h.sizes(), h.options());
       at::mul_out(dh, dgh, g.unsqueeze(-1));
     }
-    if (ctx->needs_input_grad(2)) dg = (dgh.to(pt) * h).sum(-1).to(g.scalar_type());
+    if (ctx->needs_input_grad(2)) {
+      const int64_t B = h.size(0), E = h.size(1), k = h.size(2), d = h.size(3);
+      const bool half = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
+      if (h.is_cuda() && half && dgh.scalar_type() == h.scalar_type() && pt == at::kFloat) {
+        // dg[b, e, i] = sum_j dgh[b, e, i, j] h[b, e, i, j] in float32: the diagonal of the
+        // (k, k) products dgh[b, e] h[b, e]^T, batched, with float32 results (the products of
+        // 16-bit values are exact in float32, so only the summation order differs from the
+        // expression below). Reads dgh and h (and writes a copy of h, a transposed view) instead
+        // of a float32 copy of dgh, the float32 product and its sum.
+        const Tensor hb = h.reshape({B * E, k, d});                                   // (B*E, k, d)
+        const Tensor prods = at::bmm(dgh.reshape({B * E, k, d}), hb.transpose(1, 2), at::kFloat);  // (B*E, k, k)
+        dg = prods.diagonal(0, 1, 2).reshape({B, E, k}).to(g.scalar_type());
+      } else {
+        dg = (dgh.to(pt) * h).sum(-1).to(g.scalar_type());
+      }
+    }
     return {Tensor(), dh, dg, Tensor()};
   }
 };
