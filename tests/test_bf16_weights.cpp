@@ -135,13 +135,7 @@ Run train(const c10::Device& device, bool copies_on, int steps, int workers = 1,
   return r;
 }
 
-double worst_param_difference(const Run& a, const Run& b) {
-  double worst = 0;
-  for (size_t i = 0; i < a.params.size(); ++i)
-    worst = std::max(worst, (a.params[i] - b.params[i]).abs().max().item<double>() /
-                                std::max(1e-3, a.params[i].abs().max().item<double>()));
-  return worst;
-}
+double worst_param_difference(const Run& a, const Run& b) { return worst_relative_difference(a.params, b.params); }
 
 bool cuda_usable(const c10::Device& d) { return !d.is_cuda() || kernels::available(); }
 

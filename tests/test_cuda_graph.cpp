@@ -89,13 +89,7 @@ Run train_tiny(c10::Device device, int mode, int steps, bool bf16, bool copies =
   return r;
 }
 
-double worst_relative(const Run& a, const Run& b) {
-  double worst = 0;
-  for (size_t i = 0; i < a.params.size(); ++i)
-    worst = std::max(worst, (a.params[i] - b.params[i]).abs().max().item<double>() /
-                                std::max(1e-3, a.params[i].abs().max().item<double>()));
-  return worst;
-}
+double worst_relative(const Run& a, const Run& b) { return worst_relative_difference(a.params, b.params); }
 
 void expect_same_run(const Run& plain, const Run& other, double loss_tol, double param_tol) {
   ASSERT_EQ(plain.losses.size(), other.losses.size());

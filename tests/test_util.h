@@ -2,6 +2,7 @@
 #pragma once
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <functional>
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include <torch/cuda.h>
+#include <torch/types.h>
 
 #include "core/error.h"
 #include "core/fs.h"
@@ -42,6 +44,16 @@ inline std::vector<c10::Device> test_devices() {
   std::vector<c10::Device> d{c10::Device(c10::kCPU)};
   if (torch::cuda::is_available()) d.emplace_back(c10::kCUDA, 0);
   return d;
+}
+
+// The largest difference of two lists of tensors (a[i] against b[i]), relative to each of a's
+// largest magnitude (at least `floor`).
+inline double worst_relative_difference(const std::vector<torch::Tensor>& a, const std::vector<torch::Tensor>& b,
+                                        double floor = 1e-3) {
+  double worst = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    worst = std::max(worst, (a[i] - b[i]).abs().max().item<double>() / std::max(floor, a[i].abs().max().item<double>()));
+  return worst;
 }
 
 // A process-wide mode (fused kernels, MoE dispatch, CPU matmul, ...) set for one scope and
