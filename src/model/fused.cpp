@@ -162,13 +162,19 @@ variable_list modln_backward_pass(AutogradContext* ctx, const std::string& key, 
   return g;
 }
 
+// One norm's forward pass for a function of its own: its tensors saved for the backward pass.
+Tensor modln_forward_saved(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& shift,
+                           const Tensor& scale, double eps, at::ScalarType out, at::ScalarType save) {
+  std::vector<Tensor> to_save;
+  Tensor y = modln_forward_pass(ctx, "", x, weight, shift, scale, eps, out, save, to_save);
+  ctx->save_for_backward(to_save);
+  return y;
+}
+
 struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& shift,
                         const Tensor& scale, double eps, at::ScalarType out, at::ScalarType save) {
-    std::vector<Tensor> to_save;
-    Tensor y = modln_forward_pass(ctx, "", x, weight, shift, scale, eps, out, save, to_save);
-    ctx->save_for_backward(to_save);
-    return y;
+    return modln_forward_saved(ctx, x, weight, shift, scale, eps, out, save);
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return modln_backward_pass(ctx, "", ctx->get_saved_variables(), 0, grads[0], Tensor());
@@ -182,10 +188,7 @@ struct ModulatedLayerNormFn : torch::autograd::Function<ModulatedLayerNormFn> {
 struct ResidualLayerNormFn : torch::autograd::Function<ResidualLayerNormFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const Tensor& shift,
                                const Tensor& scale, double eps, at::ScalarType out, at::ScalarType save) {
-    std::vector<Tensor> to_save;
-    Tensor y = modln_forward_pass(ctx, "", x, weight, shift, scale, eps, out, save, to_save);
-    ctx->save_for_backward(to_save);
-    return {x, y};
+    return {x, modln_forward_saved(ctx, x, weight, shift, scale, eps, out, save)};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     return modln_backward_pass(ctx, "", ctx->get_saved_variables(), 0, grads[1], grads[0]);

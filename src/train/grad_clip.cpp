@@ -9,16 +9,31 @@
 
 namespace microdit {
 
+namespace {
+
+// The global norm of `scaled` and `deferred` together (deferred's bf16 gradients in float32),
+// `scaled` multiplied in place by min(1, max_norm / (norm + 1e-6)), that scale in *coef.
+at::Tensor clip(const std::vector<at::Tensor>& scaled, const std::vector<at::Tensor>& deferred, double max_norm,
+                at::Tensor* coef) {
+  if (scaled.empty() && deferred.empty()) return {};
+  std::vector<at::Tensor> norms;  // float32, one per gradient
+  if (!scaled.empty()) norms = at::_foreach_norm(scaled, 2);
+  if (!deferred.empty())
+    for (auto& n : at::_foreach_norm(deferred, 2, at::kFloat)) norms.push_back(n);
+  auto total = at::stack(norms).norm(2);                         // ()
+  const auto c = at::clamp_max(max_norm / (total + 1e-6), 1.0);  // () on the device
+  if (!scaled.empty()) at::_foreach_mul_(scaled, c);
+  if (coef) *coef = c;
+  return total;
+}
+
+}  // namespace
+
 at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm) {
   std::vector<at::Tensor> grads;
   for (const auto& p : params)
     if (p.grad().defined()) grads.push_back(p.grad());
-  if (grads.empty()) return {};
-  const auto norms = at::_foreach_norm(grads, 2);              // one per gradient
-  auto total = at::stack(norms).norm(2);                       // ()
-  const auto coef = at::clamp_max(max_norm / (total + 1e-6), 1.0);  // () on the device
-  at::_foreach_mul_(grads, coef);
-  return total;
+  return clip(grads, {}, max_norm, nullptr);
 }
 
 at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, const Bf16Weights& copies,
@@ -29,16 +44,7 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm
     if (c && c->grad().defined()) deferred.push_back(c->grad());
     else if (p.grad().defined()) scaled.push_back(p.grad());
   }
-  if (scaled.empty() && deferred.empty()) return {};
-  std::vector<at::Tensor> norms;  // float32, one per gradient
-  if (!scaled.empty()) norms = at::_foreach_norm(scaled, 2);
-  if (!deferred.empty())
-    for (auto& n : at::_foreach_norm(deferred, 2, at::kFloat)) norms.push_back(n);
-  auto total = at::stack(norms).norm(2);
-  const auto c = at::clamp_max(max_norm / (total + 1e-6), 1.0);
-  if (!scaled.empty()) at::_foreach_mul_(scaled, c);
-  if (coef) *coef = c;
-  return total;
+  return clip(scaled, deferred, max_norm, coef);
 }
 
 }  // namespace microdit
