@@ -167,8 +167,10 @@ TEST(Fused, GatedResidualMatchesFloat64) {
 
 // The norm that hands the residual stream on (forward_residual): its backward pass adds the
 // stream's gradient inside the dx kernel. Against the same norm with autograd taking the sum:
-// every gradient equal to the bit (the kernel rounds dx before the add, as autograd does),
-// for float32 and bf16 streams, with and without modulation, and without a residual gradient.
+// dx equal to the bit (the kernel rounds dx before the add, as autograd does), for float32 and
+// bf16 streams, with and without modulation, and without a residual gradient. The weight's
+// gradient too on the CPU; on CUDA its column sums are added by atomics in no fixed order, so
+// two runs of the same kernel differ in the last bits (seen on an H200, session 16).
 TEST(Fused, ResidualLayerNormAddsTheStreamGradient) {
   for (const auto& target : targets())
   for (const auto xt : {at::kFloat, at::kBFloat16})
@@ -207,7 +209,11 @@ TEST(Fused, ResidualLayerNormAddsTheStreamGradient) {
       const auto [dx_ref, dw_ref] = run(false, with_res);
       const auto [dx, dw] = run(true, with_res);
       EXPECT_TRUE(torch::equal(dx, dx_ref)) << (with_res ? "dx with" : "dx without") << " the residual gradient";
-      EXPECT_TRUE(torch::equal(dw, dw_ref)) << "dweight";
+      if (dev.is_cuda()) {
+        EXPECT_LT(rel(dw, dw_ref), 1e-6) << "dweight";
+      } else {
+        EXPECT_TRUE(torch::equal(dw, dw_ref)) << "dweight";
+      }
     }
   }
   // Without gradients (sampling) it is the plain norm.

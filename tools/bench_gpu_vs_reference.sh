@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
 # The GPU checks and side-by-side timings of docs/performance.md ("GPU"), as one script for a
 # lent GPU machine (nothing is downloaded; torch comes from the machine's python3):
-#   [PART=1|2] tools/bench_gpu_vs_reference.sh REFERENCE_CHECKOUT [MICRODIT_BIN] [MICRODIT_TESTS_BIN]
+#   [PART=1|2|3|4|2,3] tools/bench_gpu_vs_reference.sh REFERENCE_CHECKOUT [MICRODIT_BIN] [MICRODIT_TESTS_BIN]
 # REFERENCE_CHECKOUT: a clone of github.com/SonyResearch/micro_diffusion (development only).
 # The binaries default to build/; a stripped binary built elsewhere runs here when
 # LD_LIBRARY_PATH holds the machine's torch/lib and the Debian libraries it links (see `ldd`).
-# About 9-10 minutes on an H200 in all. A lent machine runs one command for at most 10 minutes,
-# so it comes in two parts that can run as two calls (the machine stays warm between them):
+# About 12 minutes on an H200 in all. A lent machine runs one command for at most 10 minutes,
+# so it comes in parts that run as separate calls (the machine stays warm between them):
 #   PART=1: the CUDA tests, parity, the compiled reference and the b256 training rows with
 #           their memory (issue #13's goals 1, 2 and 4), about 6 minutes;
-#   PART=2: unmasked batch 64 and 256, sampling, and the profile, about 3.7 minutes;
-#   PART=3: the compiled reference unmasked at batch 64, about 3 minutes (when device time is left).
-# Without PART, all three.
+#   PART=2: unmasked batch 64 and 256, and the profile, about 2.5 minutes;
+#   PART=3: the compiled reference unmasked at batch 64, about 3 minutes;
+#   PART=4: sampling (goal 5), about 1.5 minutes.
+# PART takes a comma list ("2,3": the usual second call); without PART, all four.
 set -uo pipefail
 PART=${PART:-all}
-part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
+part() { [ "$PART" = all ] || [[ ",$PART," == *",$1,"* ]]; }
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REF=${1:?usage: $0 REFERENCE_CHECKOUT [MICRODIT_BIN] [MICRODIT_TESTS_BIN]}
 M=${2:-$ROOT/build/microdit}
 MT=${3:-$ROOT/build/microdit_tests}
 # On a lent machine ($OUT set) the whole log also goes to $OUT/bench_gpu_$PART.txt: the tool's reply
 # keeps only the last 12,000 characters, and the profile tables at the end are longer.
-if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee "$OUT/bench_gpu_$PART.txt") 2>&1; fi
+# (The tool brings back no file with a comma in its name: "2,3" is written as 2-3.)
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee "$OUT/bench_gpu_${PART//,/-}.txt") 2>&1; fi
 T0=$(date +%s)
 el() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -57,12 +59,12 @@ el "training steps, MicroDiT_XL_2, bf16"
 # "--bf16-weights off" is session 14's default, autocast casting every weight every step.
 for flags in "--fused-kernels off --recompute-ffn off --bf16-weights off --low-precision-layernorm --cuda-graph" \
              "--bf16-weights off --cuda-graph" "--cuda-graph" "--bf16-weights off" "" \
-             "--fused-kernels block --cuda-graph" "--recompute-ffn off --cuda-graph" \
-             "--low-precision-layernorm --cuda-graph" "--moe-dispatch index --cuda-graph"; do
+             "--recompute-ffn off --cuda-graph" "--low-precision-layernorm --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
 done
 # The attention backends (--sdpa flash, efficient, math) were timed in session 14: ATen's choice
-# (cuDNN) was the fastest, so they are no longer rerun here.
+# (cuDNN) was the fastest, so they are no longer rerun here; nor are "--fused-kernels block" and
+# "--moe-dispatch index" at b256 (session 14: both slower than the defaults).
 el "memory of one step: recomputation off, the defaults, bf16 weight copies off"
 for r in "--recompute-ffn off" "" "--bf16-weights off"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 2 --warmup 1 $r --memory 2>&1 | tail -n 2
@@ -70,8 +72,8 @@ done
 fi
 if part 2; then
 el "unmasked, batch 64"
-for flags in "--fused-kernels off --low-precision-layernorm" "--fused-kernels block --low-precision-layernorm" \
-             "--low-precision-layernorm" "--low-precision-layernorm --cuda-graph"; do
+for flags in "--fused-kernels off --low-precision-layernorm --bf16-weights off" \
+             "--low-precision-layernorm --bf16-weights off --cuda-graph" "" "--cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 $flags 2>&1 | tail -n 1
 done
 "${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --fused-adamw \
@@ -79,6 +81,20 @@ done
 el "memory: unmasked batch 256 with activation checkpointing (must fit 80 GB)"
 "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0 --steps 3 --warmup 1 --checkpoint-activations \
   --low-precision-layernorm 2>&1 | tail -n 1
+# Last, as it is the longest output: where the time goes.
+el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
+"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --profile 2 \
+  --profile-rows 90 2>&1 | sed -n '/^GPU activity over/,$p'
+fi
+if part 3; then
+# Goal 1's second half, never run yet: the compiled reference without mask at batch 64 (about
+# 3 minutes, most of it compiling), against microdit's default in the same call.
+el "unmasked, batch 64: the compiled reference"
+"${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --compile --fused-adamw \
+  --low-precision-layernorm --steps 8 --warmup 2 2>&1 | grep -E "reference bench|compile:"
+"$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 --cuda-graph 2>&1 | tail -n 1
+fi
+if part 4; then
 el "sampling: Heun 30, guidance 4"
 SX=(--preset MicroDiT_XL_2 --latent-size 32 --caption-len 77 --n 64 --batch 32 --cfg 4)
 SP=(--preset MicroDiT_Pico_2 --latent-size 32 --in-channels 3 --patch-size 4 --caption-channels 384
@@ -89,17 +105,5 @@ done
 "${RB[@]}" sample "${RA[@]}" "${SX[@]}" --bf16 2>&1 | grep "reference sample"
 for g in "" "--cuda-graph"; do "$M" bench --sample "${SP[@]}" --device cuda $g 2>&1 | tail -n 1; done
 "${RB[@]}" sample "${RA[@]}" "${SP[@]}" 2>&1 | grep "reference sample"
-# Last, as it is the longest output: where the time goes.
-el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
-"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --low-precision-layernorm --profile 2 \
-  --profile-rows 90 2>&1 | sed -n '/^GPU activity over/,$p'
-fi
-if part 3; then
-# Goal 1's second half, never run yet: the compiled reference without mask at batch 64 (about
-# 3 minutes, most of it compiling), against microdit's default in the same call.
-el "unmasked, batch 64: the compiled reference"
-"${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --compile --fused-adamw \
-  --low-precision-layernorm --steps 8 --warmup 2 2>&1 | grep -E "reference bench|compile:"
-"$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 --cuda-graph 2>&1 | tail -n 1
 fi
 el "done"
