@@ -69,8 +69,10 @@ void kernel_adamw(torch::optim::AdamW& opt, const c10::Device& device, const Bf1
 
 enum class Optimizer { aten, torch, kernel };
 
+// accum: backward passes per step (gradient accumulation over equal row slices); with copies,
+// their gradients are then summed in float32 on the weights.
 Run train(const c10::Device& device, bool copies_on, int steps, int workers = 1, double clip = 0,
-          Optimizer optimizer = Optimizer::aten) {
+          Optimizer optimizer = Optimizer::aten, int accum = 1) {
   torch::manual_seed(0);
   const auto c = tiny_config();
   MicroDiT model(c);
@@ -84,6 +86,7 @@ Run train(const c10::Device& device, bool copies_on, int steps, int workers = 1,
   auto y = torch::randn({B, 1, 5, c.caption_channels}, cpu).to(device);
   std::unique_ptr<Bf16Weights> copies;
   if (copies_on) copies = std::make_unique<Bf16Weights>(*model);
+  if (copies && accum > 1) copies->sum_gradients_in_float32();
   const auto params = model->parameters();
   const auto targets = copies ? copies->grad_targets(params) : params;
   std::unique_ptr<Bf16Weights> which;  // Optimizer::kernel: the weights the copies' path has copies of
@@ -100,16 +103,20 @@ Run train(const c10::Device& device, bool copies_on, int steps, int workers = 1,
     opt.zero_grad();
     std::optional<Bf16Weights::Bound> bound;
     if (copies) bound.emplace(*copies);
-    auto loss = parallel_backward(targets, B, workers, 1.0, [&](int64_t s, int64_t n) {
-      LossDraws d;
-      d.rnd_normal = rnd.narrow(0, s, n);
-      d.noise = noise.narrow(0, s, n);
-      d.mask = mask_from_noise(mask_noise.narrow(0, s, n), c.kept_tokens(0.5));
-      AutocastGuard autocast(device.type(), true);
-      return edm_loss(*model, x.narrow(0, s, n), y.narrow(0, s, n), d, edm);
-    }, copies ? &params : nullptr);
+    double loss = 0;
+    const int64_t micro = B / accum;
+    for (int m = 0; m < accum; ++m)
+      loss += parallel_backward(targets, micro, workers, 1.0 / accum, [&](int64_t s, int64_t n) {
+        s += m * micro;
+        LossDraws d;
+        d.rnd_normal = rnd.narrow(0, s, n);
+        d.noise = noise.narrow(0, s, n);
+        d.mask = mask_from_noise(mask_noise.narrow(0, s, n), c.kept_tokens(0.5));
+        AutocastGuard autocast(device.type(), true);
+        return edm_loss(*model, x.narrow(0, s, n), y.narrow(0, s, n), d, edm);
+      }, copies ? &params : nullptr).item<double>() / accum;
     bound.reset();
-    r.losses.push_back(loss.item<double>());
+    r.losses.push_back(loss);
     if (i == 0)
       for (size_t k = 0; k < params.size(); ++k) {
         const auto* cp = copies ? copies->copy_of(params[k]) : nullptr;
@@ -249,6 +256,36 @@ TEST(Bf16Weights, CpuWorkersAndClipping) {
   }
 }
 
+// Gradient accumulation (and, in the trainer, data parallelism): each copy's gradient is added
+// to its weight's float32 .grad after each backward pass, so the sums are the plain path's to
+// the bit, and with the same AdamW arithmetic whole runs are equal to the bit, clipped or not.
+TEST(Bf16Weights, SumsInFloat32WithAccumulation) {
+  for (const auto& device : test_devices()) {
+    if (!cuda_usable(device)) continue;
+    SCOPED_TRACE(device.str());
+    const auto plain = train(device, false, 1, 1, 0, Optimizer::aten, 2);
+    const auto mixed = train(device, true, 1, 1, 0, Optimizer::aten, 2);
+    EXPECT_EQ(plain.losses[0], mixed.losses[0]);
+    EXPECT_TRUE(same_gradients(plain, mixed)) << "float32 sums of the two passes";
+    // Summing in bf16 instead (the copies' own accumulation) would round: a negative control.
+    EXPECT_FALSE(same_gradients(plain, train(device, false, 1, 1, 0, Optimizer::aten, 1)));
+    const auto same_math = train(device, false, 3, 1, 0, Optimizer::kernel, 2);
+    const auto mixed3 = train(device, true, 3, 1, 0, Optimizer::aten, 2);
+    EXPECT_EQ(same_math.losses, mixed3.losses);
+    EXPECT_EQ(worst_param_difference(same_math, mixed3), 0.0);
+    // Clipped: the float32 sums are scaled once, by the kernel (not also in place).
+    const auto pc = train(device, false, 2, 1, 1e-3, Optimizer::kernel, 2);
+    const auto mc = train(device, true, 2, 1, 1e-3, Optimizer::aten, 2);
+    EXPECT_EQ(worst_param_difference(pc, mc), 0.0);
+    EXPECT_GT(worst_param_difference(pc, train(device, false, 2, 1, 0, Optimizer::kernel, 2)), 1e-3)
+        << "the clipping must bite";
+  }
+  // CPU workers also sum into the float32 weights: clipped, the same single scaling.
+  const c10::Device cpu(c10::kCPU);
+  const auto pw = train(cpu, false, 2, 2, 1e-3, Optimizer::kernel), mw = train(cpu, true, 2, 2, 1e-3);
+  EXPECT_EQ(worst_param_difference(pw, mw), 0.0);
+}
+
 TEST(Bf16Weights, AdamWKernelMatchesATen) {
   // One tensor, bf16 gradients: the kernel against ATen's fused AdamW on their float32 values.
   for (const auto& device : test_devices()) {
@@ -292,14 +329,14 @@ TEST(Bf16Weights, AdamWKernelMatchesATen) {
 
 TEST(Bf16Weights, Settings) {
   const c10::Device cpu(c10::kCPU), gpu(c10::kCUDA, 0);
-  EXPECT_FALSE(use_bf16_weights(Bf16WeightsMode::automatic, cpu, true, true, true, "--x"));
-  EXPECT_TRUE(use_bf16_weights(Bf16WeightsMode::on, cpu, true, true, true, "--x"));
-  EXPECT_FALSE(use_bf16_weights(Bf16WeightsMode::off, gpu, true, true, true, "--x"));
-  EXPECT_EQ(use_bf16_weights(Bf16WeightsMode::automatic, gpu, true, true, true, "--x"), kernels::available());
-  EXPECT_FALSE(use_bf16_weights(Bf16WeightsMode::automatic, gpu, false, true, true, "--x"));
-  EXPECT_FALSE(use_bf16_weights(Bf16WeightsMode::automatic, gpu, true, true, false, "--x"));
-  EXPECT_THROW(use_bf16_weights(Bf16WeightsMode::on, cpu, false, true, true, "--x"), std::exception);
-  EXPECT_THROW(use_bf16_weights(Bf16WeightsMode::on, cpu, true, false, true, "--x"), std::exception);
-  EXPECT_THROW(use_bf16_weights(Bf16WeightsMode::on, cpu, true, true, false, "--x"), std::exception);
+  EXPECT_FALSE(use_bf16_weights(Bf16WeightsMode::automatic, cpu, true, true, false, "--x"));
+  EXPECT_TRUE(use_bf16_weights(Bf16WeightsMode::on, cpu, true, true, false, "--x"));
+  EXPECT_FALSE(use_bf16_weights(Bf16WeightsMode::off, gpu, true, true, false, "--x"));
+  EXPECT_EQ(use_bf16_weights(Bf16WeightsMode::automatic, gpu, true, true, false, "--x"), kernels::available());
+  EXPECT_FALSE(use_bf16_weights(Bf16WeightsMode::automatic, gpu, false, true, false, "--x"));
+  EXPECT_FALSE(use_bf16_weights(Bf16WeightsMode::automatic, gpu, true, true, true, "--x"));
+  EXPECT_THROW(use_bf16_weights(Bf16WeightsMode::on, cpu, false, true, false, "--x"), std::exception);
+  EXPECT_THROW(use_bf16_weights(Bf16WeightsMode::on, cpu, true, false, false, "--x"), std::exception);
+  EXPECT_THROW(use_bf16_weights(Bf16WeightsMode::on, cpu, true, true, true, "--x"), std::exception);
   EXPECT_THROW(parse_bf16_weights("--x", "yes"), std::exception);
 }

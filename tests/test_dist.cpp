@@ -181,6 +181,32 @@ TEST(Dist, TwoGlooWorkersReproduceOneProcess) {
     expect_same(name, 50);
   }
 
+  // bf16 weight copies with two processes: each copy's gradient goes into the float32 buckets
+  // (train.bf16_weights, Bf16Weights::sum_gradients_in_float32), so the first step's loss and
+  // gradient norm are those without copies; later steps differ by the AdamW kernels' rounding.
+  // With the sharded optimizer the copies are refused.
+  const std::string bf16 = two + " train.bf16=true train.steps=8 train.unmasked_steps=2";
+  auto plain16 = run(dir.path, "w2_bf16", bf16 + " train.bf16_weights=off");
+  auto copies16 = run(dir.path, "w2_bf16_copies", bf16 + " train.bf16_weights=on");
+  ASSERT_EQ(plain16.rc, 0) << plain16.output;
+  ASSERT_EQ(copies16.rc, 0) << copies16.output;
+  EXPECT_NE(copies16.output.find("their gradients summed in float32"), std::string::npos) << copies16.output;
+  {
+    const auto p = read_metrics(dir.path + "/w2_bf16/metrics.jsonl"), c = read_metrics(dir.path + "/w2_bf16_copies/metrics.jsonl");
+    ASSERT_EQ(p.size(), 8u);
+    ASSERT_EQ(c.size(), 8u);
+    EXPECT_EQ(p[0].loss, c[0].loss);
+    EXPECT_NEAR(p[0].grad_norm, c[0].grad_norm, 1e-6 * p[0].grad_norm);
+    const auto [l, g] = max_rel(p, c, 8);
+    std::printf("w2 bf16 with and without weight copies: max relative difference loss %.2e, grad norm %.2e\n", l, g);
+    EXPECT_LT(l, 1e-2);
+    EXPECT_LT(g, 5e-2);
+  }
+  auto sharded16 = run(dir.path, "w2_bf16_sharded", bf16 + " train.bf16_weights=on train.shard_optimizer=true");
+  EXPECT_NE(sharded16.rc, 0);
+  EXPECT_NE(sharded16.output.find("train.bf16_weights on needs an unsharded optimizer"), std::string::npos)
+      << sharded16.output;
+
   // A rank dies before step 31: the job ends promptly with a line naming it; the checkpoint of
   // step 25 (sharded moments gathered by rank 0) resumes on ONE process and continues the curve.
   auto crash = run(dir.path, "crash", two + " train.shard_optimizer=true",

@@ -181,7 +181,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   const auto params = model->parameters();
   std::unique_ptr<Bf16Weights> copies;
   if (use_bf16_weights(parse_bf16_weights("--bf16-weights", o.bf16_weights), device, o.bf16, !o.plain_adamw,
-                       /*single_backward=*/true, "--bf16-weights"))
+                       /*sharded=*/false, "--bf16-weights"))
     copies = std::make_unique<Bf16Weights>(*model);
   const auto targets = copies ? copies->grad_targets(params) : params;
   AdamWDeviceScalars dev{torch::zeros({}, f32), torch::full({}, 1e-4, f32)};

@@ -1,5 +1,7 @@
 #include "train/bf16_weights.h"
 
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 
@@ -15,12 +17,12 @@ Bf16WeightsMode parse_bf16_weights(const std::string& option, const std::string&
       option, name, {{"auto", Bf16WeightsMode::automatic}, {"on", Bf16WeightsMode::on}, {"off", Bf16WeightsMode::off}});
 }
 
-bool use_bf16_weights(Bf16WeightsMode mode, c10::Device device, bool bf16, bool fused_adamw, bool single_backward,
+bool use_bf16_weights(Bf16WeightsMode mode, c10::Device device, bool bf16, bool fused_adamw, bool sharded,
                       const std::string& option) {
   if (mode == Bf16WeightsMode::off) return false;
   const char* missing = !bf16                                      ? "bf16 autocast"
+                        : sharded                                  ? "an unsharded optimizer (not train.shard_optimizer)"
                         : !fused_adamw                             ? "the fused AdamW step"
-                        : !single_backward                         ? "one backward pass per step in one process"
                         : device.is_cuda() && !kernels::available() ? "the fused CUDA kernels (built with nvcc)"
                                                                     : nullptr;
   if (mode == Bf16WeightsMode::on) {
@@ -52,6 +54,34 @@ Bf16Weights::Bf16Weights(torch::nn::Module& model) {
     entries_.push_back(std::move(e));
   }
   fresh_ = true;  // the copies were just made
+}
+
+namespace {
+
+// On a copy: its accumulated bf16 gradient into the float32 weight's .grad, then the weight's
+// own post-accumulate hook (if any).
+struct SumIntoWeight : torch::autograd::PostAccumulateGradHook {
+  explicit SumIntoWeight(at::Tensor w) : weight(std::move(w)) {}
+  void operator()(const torch::autograd::Variable& copy) override {
+    at::NoGradGuard no_grad;
+    at::Tensor& g = copy.mutable_grad();  // bf16
+    if (!g.defined()) return;
+    at::Tensor& wg = weight.mutable_grad();
+    if (wg.defined()) wg.add_(g);  // float32 += bf16, in float32: the plain path's accumulation
+    else wg = g.to(at::kFloat);
+    g.reset();  // freed now: the float32 sum holds it
+    if (auto& hook = torch::autograd::impl::post_acc_grad_hooks(weight)) (*hook)(weight);
+  }
+  at::Tensor weight;
+};
+
+}  // namespace
+
+void Bf16Weights::sum_gradients_in_float32() {
+  if (float32_sums_) return;
+  for (auto& e : entries_)
+    torch::autograd::impl::set_post_acc_grad_hooks(e.copy, std::make_unique<SumIntoWeight>(e.weight));
+  float32_sums_ = true;
 }
 
 int64_t Bf16Weights::numel() const {

@@ -12,8 +12,10 @@
 //
 // The float32 weights stay the model's parameters (checkpoints, EMA, the optimizer state,
 // sampling); the modules see the copies only inside a `Bound` scope around one training step's
-// forward and backward pass. Not for gradient accumulation over several backward passes (the
-// sums would be rounded to bf16 in between) nor for gradients reduced across processes.
+// forward and backward pass. With gradient accumulation over several backward passes, or
+// gradients reduced across processes, the copies' gradients would be rounded to bf16 between
+// the passes or in the sums: there `sum_gradients_in_float32()` adds each copy's gradient to its
+// weight's float32 .grad as soon as autograd has it (the float32 sum the plain path takes).
 #pragma once
 #include <torch/nn/module.h>
 
@@ -28,11 +30,11 @@ namespace microdit {
 enum class Bf16WeightsMode { automatic, on, off };
 Bf16WeightsMode parse_bf16_weights(const std::string& option, const std::string& name);
 
-// Whether a training step takes the copies. They need bf16 autocast, the fused AdamW step,
-// one backward pass per step (no gradient accumulation) and no gradient reduction across
-// processes (`single_backward`), and on CUDA the fused kernels (built with nvcc). `on` where
-// one of these is missing fails with a one-line error naming it.
-bool use_bf16_weights(Bf16WeightsMode mode, c10::Device device, bool bf16, bool fused_adamw, bool single_backward,
+// Whether a training step takes the copies. They need bf16 autocast, the fused AdamW step on
+// whole weights (not the sharded optimizer, whose slices are all-gathered into the float32
+// weights after the step), and on CUDA the fused kernels (built with nvcc). `on` where one of
+// these is missing fails with a one-line error naming it.
+bool use_bf16_weights(Bf16WeightsMode mode, c10::Device device, bool bf16, bool fused_adamw, bool sharded,
                       const std::string& option);
 
 class Bf16Weights {
@@ -64,6 +66,13 @@ class Bf16Weights {
   // The bf16 copy of a float32 weight, or nullptr when it has none.
   const at::Tensor* copy_of(const at::Tensor& weight) const;
 
+  // From now on each copy's gradient, once a backward pass has accumulated it, is added to its
+  // weight's float32 .grad (set to it when undefined) and the copy's .grad is cleared; then the
+  // weight's own post-accumulate hook runs (the data-parallel buckets count it as ready). For
+  // gradient accumulation and data parallelism: the sums stay float32, as on the plain path.
+  void sum_gradients_in_float32();
+  bool sums_in_float32() const { return float32_sums_; }
+
   // The float32 weights changed outside the optimizer (a checkpoint was loaded): the next
   // bind() copies them again.
   void invalidate() { fresh_ = false; }
@@ -84,6 +93,7 @@ class Bf16Weights {
   std::unordered_map<const c10::TensorImpl*, size_t> index_;
   bool fresh_ = false;
   bool bound_ = false;
+  bool float32_sums_ = false;
 };
 
 }  // namespace microdit

@@ -40,8 +40,11 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm
                           at::Tensor* coef) {
   std::vector<at::Tensor> scaled, deferred;
   for (const auto& p : params) {
+    // A weight with a copy: its gradient (bf16 on the copy, or float32 on the weight when summed
+    // there) is scaled by the AdamW kernel, which applies *coef to every such weight.
     const at::Tensor* c = copies.copy_of(p);
     if (c && c->grad().defined()) deferred.push_back(c->grad());
+    else if (c && p.grad().defined()) deferred.push_back(p.grad());
     else if (p.grad().defined()) scaled.push_back(p.grad());
   }
   return clip(scaled, deferred, max_norm, coef);

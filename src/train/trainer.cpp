@@ -285,8 +285,13 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
   workers_ = resolve_cpu_workers(cfg_.cpu_workers, device_, comm_ != nullptr);
   if (!sync_ || !cfg_.shard_optimizer) opt_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), adamw);
   if (use_bf16_weights(parse_bf16_weights("train.bf16_weights", cfg_.bf16_weights), device_, cfg_.bf16,
-                       opt_ && cfg_.fused_optimizer, cfg_.grad_accum == 1 && !sync_, "train.bf16_weights"))
+                       cfg_.fused_optimizer, sync_ && cfg_.shard_optimizer, "train.bf16_weights")) {
     copies_ = std::make_unique<Bf16Weights>(*model_);
+    // Several backward passes per step, or the buckets' reduction across processes: the copies'
+    // gradients are summed in float32 on the weights (each weight's .grad, a view into the
+    // buckets when data-parallel), as soon as each is complete.
+    if (cfg_.grad_accum > 1 || sync_) copies_->sum_gradients_in_float32();
+  }
   // EMA weights are only written by rank 0.
   if (cfg_.ema_decay > 0 && rank_ == 0) ema_ = std::make_unique<EMA>(*model_, cfg_.ema_decay, cfg_.ema_start);
   if (rank_ == 0) MD_CHECK(make_dirs(checkpoint_dir(cfg_.out)), "{}: cannot create the run folder", cfg_.out);
@@ -298,7 +303,8 @@ std::string Trainer::precision_summary() const {
   if (!copies_) return "";
   return fmt::format("bf16 weight copies: {} weights ({:.4g} M parameters) multiplied as bf16 copies that the AdamW "
                      "step writes (train.bf16_weights)",
-                     copies_->size(), copies_->numel() / 1e6);
+                     copies_->size(), copies_->numel() / 1e6) +
+         (copies_->sums_in_float32() ? ", their gradients summed in float32" : "");
 }
 
 std::string Trainer::parallel_summary() const {
@@ -463,8 +469,9 @@ Tensor Trainer::train_step(const Batch& b) {
   else opt_->zero_grad();
   Tensor total;  // float64 (), on the device: the step does not wait for it
   const auto params = model_->parameters();
-  // With bf16 weight copies (one backward pass, one process) the modules multiply the copies
-  // in this step's forward and backward passes, and their gradients stay on the copies.
+  // With bf16 weight copies the modules multiply the copies in this step's forward and backward
+  // passes; their gradients stay on the copies, or (accumulation, data parallelism) are summed
+  // into the float32 weights' .grad as each backward pass completes them.
   const auto targets = copies_ ? copies_->grad_targets(params) : params;
   std::optional<Bf16Weights::Bound> bound;
   if (copies_) bound.emplace(*copies_);
