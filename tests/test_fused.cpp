@@ -227,7 +227,8 @@ TEST(Fused, ResidualLayerNormAddsTheStreamGradient) {
 
 // The self-attention's q and k norms as one function (fused_qkv_norm) against the two norms on
 // the unbound parts of qkv, as autograd differentiates them (a cat of dq, dk, dv): the same
-// outputs and the same gradient of qkv, to the bit; also when only some outputs are used.
+// outputs and the same gradient of qkv, to the bit; also when only some outputs are used. The
+// same for the cross-attention's k norm on [k | v] (fused_kv_norm).
 TEST(Fused, QkvNormWritesOneGradient) {
   for (const auto& target : targets())
   for (const auto xt : {at::kFloat, at::kBFloat16}) {
@@ -260,6 +261,27 @@ TEST(Fused, QkvNormWritesOneGradient) {
       EXPECT_EQ(vb.data_ptr(), static_cast<char*>(pb.data_ptr()) + 2 * h * pb.element_size()) << "v is a view";
       loss_of(qb, kb, vb).backward();
       EXPECT_TRUE(torch::equal(pa.grad(), pb.grad())) << "used " << used;
+    }
+    // The cross-attention's [k | v] (fused_kv_norm): k normalized, v a view, one gradient.
+    for (int used = 0; used < 3; ++used) {  // 0: k and v; 1: k only; 2: v only
+      auto loss_of = [&](const Tensor& k, const Tensor& v) {
+        Tensor l = torch::zeros({}, k.options().dtype(at::kFloat));
+        if (used != 2) l = l + (k * dk).sum();
+        if (used != 1) l = l + (v * dv).sum();
+        return l;
+      };
+      auto kv0 = p0.narrow(-1, 0, 2 * h).contiguous();
+      auto pa = kv0.clone().requires_grad_(true);
+      auto parts = pa.view({B, N, 2, h}).unbind(2);
+      auto ka = ln(parts[0]);
+      loss_of(ka, parts[1]).backward();
+      auto pb = kv0.clone().requires_grad_(true);
+      const auto [out, save] = ln->fused_dtypes(pb);
+      auto [kb, vb] = fused_kv_norm(pb, 1e-6, out, save);
+      EXPECT_TRUE(torch::equal(ka, kb));
+      EXPECT_EQ(vb.data_ptr(), static_cast<char*>(pb.data_ptr()) + h * pb.element_size()) << "v is a view";
+      loss_of(kb, vb).backward();
+      EXPECT_TRUE(torch::equal(pa.grad(), pb.grad())) << "kv, used " << used;
     }
   }
 }

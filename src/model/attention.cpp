@@ -121,8 +121,18 @@ CrossAttentionImpl::CrossAttentionImpl(int64_t d, int64_t h, int64_t heads, bool
 
 CaptionKV CrossAttentionImpl::caption_kv(const Tensor& cond) {
   const auto B = cond.size(0), L = cond.size(1), hd = h / heads;
-  auto kv = kv_linear(cond).view({B, L, 2, h}).unbind(2);  // 2 x (B, L, h)
-  return {ln_k(kv[0]).view({B, L, heads, hd}), kv[1].view({B, L, heads, hd})};
+  const Tensor p = kv_linear(cond);  // (B, L, 2h) = [k | v]
+  Tensor k, v;                       // (B, L, h) each
+  if (fused_kernels_enabled() && fused_kernels_apply(p) && torch::GradMode::is_enabled() && p.requires_grad()) {
+    // One autograd function: its backward pass writes dk and dv into one gradient of p.
+    const auto [out, save] = ln_k->fused_dtypes(p);
+    std::tie(k, v) = fused_kv_norm(p, ln_k->eps, out, save);
+  } else {
+    auto parts = p.view({B, L, 2, h}).unbind(2);
+    k = ln_k(parts[0]);
+    v = parts[1];
+  }
+  return {k.view({B, L, heads, hd}), v.view({B, L, heads, hd})};
 }
 
 Tensor CrossAttentionImpl::forward(const Tensor& x, const CaptionKV& kv) {

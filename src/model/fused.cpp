@@ -198,35 +198,41 @@ struct ResidualLayerNormFn : torch::autograd::Function<ResidualLayerNormFn> {
 // The self-attention's q, k and v from its product qkv (..., 3h): LN(q) and LN(k) (LayerNorms
 // without weight) and v as it is (a view). The backward pass writes the two norms' dx and dv
 // into one gradient of qkv, which autograd would assemble with a cat of three tensors.
-struct QkvNormFn : torch::autograd::Function<QkvNormFn> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& qkv, double eps, at::ScalarType out,
-                               at::ScalarType save) {
-    const int64_t h = qkv.size(-1) / 3;
+// p (..., parts * h) cut into `parts` slices of h: the first `normed` ones normalized (LN0), the
+// others views of p. The backward pass writes every slice's gradient into one gradient of p.
+struct SplitNormFn : torch::autograd::Function<SplitNormFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& p, int64_t parts, int64_t normed, double eps,
+                               at::ScalarType out, at::ScalarType save) {
+    const int64_t h = p.size(-1) / parts;
     std::vector<Tensor> to_save;
     const Tensor none;
-    Tensor q = modln_forward_pass(ctx, "q.", qkv.narrow(-1, 0, h), none, none, none, eps, out, save, to_save);
-    Tensor k = modln_forward_pass(ctx, "k.", qkv.narrow(-1, h, h), none, none, none, eps, out, save, to_save);
+    variable_list r;
+    for (int64_t i = 0; i < parts; ++i) {
+      const Tensor slice = p.narrow(-1, i * h, h);
+      r.push_back(i < normed ? modln_forward_pass(ctx, fmt::format("n{}.", i), slice, none, none, none, eps, out,
+                                                  save, to_save)
+                             : slice);
+    }
     ctx->save_for_backward(to_save);
-    return {q, k, qkv.narrow(-1, 2 * h, h)};
+    ctx->saved_data["parts"] = parts;
+    ctx->saved_data["normed"] = normed;
+    return r;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor& xq = saved[0];
-    const int64_t h = xq.size(-1);
-    auto sizes = xq.sizes().vec();
-    sizes.back() = 3 * h;
-    Tensor d = at::empty(sizes, xq.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["q.x_dtype"].toInt())));
-    for (int part = 0; part < 2; ++part) {
-      Tensor slot = d.narrow(-1, part * h, h);
-      if (grads[part].defined())
-        modln_backward_pass(ctx, part == 0 ? "q." : "k.", saved, 5 * part, grads[part], Tensor(), slot);
-      else
-        slot.zero_();
+    const int64_t parts = ctx->saved_data["parts"].toInt(), normed = ctx->saved_data["normed"].toInt();
+    const Tensor& x0 = saved[0];
+    const int64_t h = x0.size(-1);
+    auto sizes = x0.sizes().vec();
+    sizes.back() = parts * h;
+    Tensor d = at::empty(sizes, x0.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["n0.x_dtype"].toInt())));
+    for (int64_t i = 0; i < parts; ++i) {
+      Tensor slot = d.narrow(-1, i * h, h);
+      if (!grads[i].defined()) slot.zero_();
+      else if (i < normed) modln_backward_pass(ctx, fmt::format("n{}.", i), saved, 5 * i, grads[i], Tensor(), slot);
+      else slot.copy_(grads[i]);
     }
-    Tensor dv = d.narrow(-1, 2 * h, h);
-    if (grads[2].defined()) dv.copy_(grads[2]);
-    else dv.zero_();
-    return {d, Tensor(), Tensor(), Tensor()};
+    return {d, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -350,15 +356,30 @@ std::pair<Tensor, Tensor> fused_residual_layer_norm(const Tensor& x, const Tenso
   return {r[0], r[1]};
 }
 
+namespace {
+
+variable_list split_norm(const char* what, const Tensor& p, int64_t parts, int64_t normed, double eps,
+                         at::ScalarType out, at::ScalarType save) {
+  MD_CHECK(fused_kernels_apply(p), "fused {} norm: needs a float32 or bf16 CPU tensor, or a CUDA tensor and the fused CUDA kernels", what);
+  MD_CHECK(kernel_dtype(out) && kernel_dtype(save), "fused {} norm: bad result or saved dtype", what);
+  MD_CHECK(p.dim() >= 2 && p.size(-1) % parts == 0 && p.stride(-1) == 1 && row_stride(p) >= 0,
+           "fused {} norm: a (..., {}h) tensor with rows of one stride, got {}", what, parts, c10::str(p.sizes()));
+  return SplitNormFn::apply(p, parts, normed, eps, out, save);
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor, Tensor> fused_qkv_norm(const Tensor& qkv, double eps, at::ScalarType out,
                                                   at::ScalarType save) {
-  MD_CHECK(fused_kernels_apply(qkv), "fused q, k norm: needs a float32 or bf16 CPU tensor, or a CUDA tensor and the fused CUDA kernels");
-  MD_CHECK(kernel_dtype(out) && kernel_dtype(save), "fused q, k norm: bad result or saved dtype");
-  MD_CHECK(qkv.dim() >= 2 && qkv.size(-1) % 3 == 0 && qkv.stride(-1) == 1 && row_stride(qkv) >= 0,
-           "fused q, k norm: qkv (..., 3h) with rows of one stride, got {}", c10::str(qkv.sizes()));
   RECORD_FUNCTION("microdit::fused_qkv_norm", std::vector<c10::IValue>());
-  auto r = QkvNormFn::apply(qkv, eps, out, save);
+  auto r = split_norm("q, k", qkv, 3, 2, eps, out, save);
   return {r[0], r[1], r[2]};
+}
+
+std::pair<Tensor, Tensor> fused_kv_norm(const Tensor& kv, double eps, at::ScalarType out, at::ScalarType save) {
+  RECORD_FUNCTION("microdit::fused_kv_norm", std::vector<c10::IValue>());
+  auto r = split_norm("k", kv, 2, 1, eps, out, save);
+  return {r[0], r[1]};
 }
 
 Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {

@@ -40,6 +40,9 @@ std::pair<Tensor, Tensor> fused_residual_layer_norm(const Tensor& x, const Tenso
 std::tuple<Tensor, Tensor, Tensor> fused_qkv_norm(const Tensor& qkv, double eps, at::ScalarType out,
                                                   at::ScalarType save);
 
+// The cross-attention's (LN(k), v) from its product kv (..., 2h) = [k | v], as fused_qkv_norm.
+std::pair<Tensor, Tensor> fused_kv_norm(const Tensor& kv, double eps, at::ScalarType out, at::ScalarType save);
+
 // x + gate[b] * h: x (B, T, d) (the residual stream, and the result's dtype), gate (B, d),
 // h (B, T, d).
 Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h);
