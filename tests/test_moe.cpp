@@ -126,7 +126,7 @@ TEST(ExpertChoiceMoE, DispatchModes) {
 }
 
 TEST(ExpertChoiceMoE, CombineEqualsItsExpression) {
-  // moe_combine against P^T (g * h) under LibTorch's autograd: the same values and gradients, in
+  // moe_combine against P^T (g * h^T) under LibTorch's autograd: the same values and gradients, in
   // float32 and under bf16 autocast (h in bf16 as the expert products give it there, g float32
   // as the router's softmax gives it). moe_combine takes the product and its rounding to bf16 in
   // one operator (mul_out into a bf16 tensor), the expression in two: on the CPU the same
@@ -140,11 +140,8 @@ TEST(ExpertChoiceMoE, CombineEqualsItsExpression) {
       const auto opt = torch::TensorOptions().device(device);
       auto idx = torch::randint(T, {B, E * k, 1}, opt.dtype(torch::kLong));
       auto P = torch::zeros({B, E * k, T}, opt).scatter_(2, idx, 1.0);
-      // h as the layer passes it: a transposed view of the experts' (E, B*k, d) output.
-      auto h_experts =
-          torch::randn({E, B, k, d}, opt).to(bf16 ? torch::kBFloat16 : torch::kFloat).requires_grad_(true);
-      auto h = h_experts.transpose(0, 1);
-      h.retain_grad();
+      // h as the layer passes it: the experts' (E, B*k, d) output viewed (E, B, k, d).
+      auto h = torch::randn({E, B, k, d}, opt).to(bf16 ? torch::kBFloat16 : torch::kFloat).requires_grad_(true);
       auto g = torch::rand({B, E, k}, opt).requires_grad_(true);
       auto dout = torch::randn({B, T, d}, opt);
       std::vector<torch::Tensor> plain, fused;
@@ -155,10 +152,18 @@ TEST(ExpertChoiceMoE, CombineEqualsItsExpression) {
         {
           AutocastGuard autocast(device.type(), bf16);
           out = use_fn ? moe_combine(P, h, g)
-                       : torch::bmm(P.transpose(1, 2), (h * g.unsqueeze(-1)).reshape({B, E * k, d}));
+                       : torch::bmm(P.transpose(1, 2), (h.transpose(0, 1) * g.unsqueeze(-1)).reshape({B, E * k, d}));
         }
         out.backward(dout.to(out.scalar_type()));
         (use_fn ? fused : plain) = {out.detach(), h.grad(), g.grad()};
+      }
+      {
+        // moe_combine hands on h's gradient in h's own layout (autograd::grad returns it as
+        // the function made it): nothing left for a copy between the layouts.
+        AutocastGuard autocast(device.type(), bf16);
+        auto out = moe_combine(P, h, g);
+        auto dh = torch::autograd::grad({out}, {h}, {dout.to(out.scalar_type())})[0];
+        EXPECT_TRUE(dh.is_contiguous());
       }
       const char* names[] = {"output", "dh", "dg"};
       for (size_t i = 0; i < plain.size(); ++i) {

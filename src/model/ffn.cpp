@@ -115,22 +115,22 @@ struct SwiGLULinearFn : torch::autograd::Function<SwiGLULinearFn> {
   }
 };
 
-// The expert-choice combine out = P^T (g * h) as the reference's einsum computes it under
+// The expert-choice combine out = P^T (g * h^T) as the reference's einsum computes it under
 // autocast (the product in the autocast dtype `dt`), but keeping P, h and g for the backward
-// pass, not the product g * h and its cast copy: at XL batch 256 that is 67 MB per expert layer.
-// P (B, E*k, T) one-hot, h (B, E, k, d), g (B, E, k) -> (B, T, d).
+// pass, not the product g * h^T and its cast copy: at XL batch 256 that is 67 MB per expert layer.
+// P (B, E*k, T) one-hot, h (E, B, k, d) contiguous (the experts' output), g (B, E, k) -> (B, T, d).
 struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& P, const Tensor& h, const Tensor& g, at::ScalarType dt) {
     const NoAutocast no_autocast;
     ctx->save_for_backward({P, h, g});
     ctx->saved_data["dt"] = static_cast<int64_t>(dt);
-    const auto B = h.size(0), d = h.size(3);
-    // The product follows h's strides (h is a transposed view): cast it into a contiguous tensor.
-    // One kernel on CUDA: the product is taken in float32 (h's dtype promoted with g's) and
-    // rounded to dt on the store, the same values as the product followed by a cast copy.
-    const Tensor gh = at::empty({B, h.size(1) * h.size(2), d}, h.options().dtype(dt));  // (B, E*k, d)
-    Tensor gh4 = gh.view(h.sizes());  // (B, E, k, d)
-    at::mul_out(gh4, h, g.unsqueeze(-1));
+    const auto E = h.size(0), B = h.size(1), k = h.size(2), d = h.size(3);
+    // The product reads h through a transposed view and writes (B, E, k, d) in dt. One kernel on
+    // CUDA: the product is taken in float32 (h's dtype promoted with g's) and rounded to dt on
+    // the store, the same values as the product followed by a cast copy.
+    const Tensor gh = at::empty({B, E * k, d}, h.options().dtype(dt));  // (B, E*k, d)
+    Tensor gh4 = gh.view({B, E, k, d});
+    at::mul_out(gh4, h.transpose(0, 1), g.unsqueeze(-1));
     return microdit::bmm(P.to(dt).transpose(1, 2), gh);                 // (B, T, d)
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -138,30 +138,36 @@ struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &P = saved[0], &h = saved[1], &g = saved[2];
     const auto dt = static_cast<at::ScalarType>(ctx->saved_data["dt"].toInt());
-    // d(g * h) in dt; autograd's ToCopyBackward would hand it on in the product's dtype
+    const int64_t E = h.size(0), B = h.size(1), k = h.size(2), d = h.size(3);
+    const Tensor ht = h.transpose(0, 1);  // (B, E, k, d), a view
+    // d(g * h^T) in dt; autograd's ToCopyBackward would hand it on in the product's dtype
     // (float32 under autocast), which holds the same values.
-    const Tensor dgh = microdit::bmm(P.to(dt), grads[0].to(dt)).view(h.sizes());  // (B, E, k, d)
+    const Tensor dgh = microdit::bmm(P.to(dt), grads[0].to(dt)).view({B, E, k, d});  // (B, E, k, d)
     const auto pt = at::promote_types(h.scalar_type(), g.scalar_type());
     Tensor dh, dg;
     if (ctx->needs_input_grad(1)) {
-      // dgh * g in pt, rounded to h's dtype on the store (one kernel on CUDA, as in forward).
+      // dgh * g in pt, rounded to h's dtype on the store (one kernel on CUDA, as in forward),
+      // written through a transposed view into h's own layout (E, B, k, d).
       dh = at::empty(h.sizes(), h.options());
-      at::mul_out(dh, dgh, g.unsqueeze(-1));
+      Tensor dht = dh.transpose(0, 1);
+      at::mul_out(dht, dgh, g.unsqueeze(-1));
     }
     if (ctx->needs_input_grad(2)) {
-      const int64_t B = h.size(0), E = h.size(1), k = h.size(2), d = h.size(3);
       const bool half = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
       if (h.is_cuda() && half && dgh.scalar_type() == h.scalar_type() && pt == at::kFloat) {
-        // dg[b, e, i] = sum_j dgh[b, e, i, j] h[b, e, i, j] in float32: the diagonal of the
-        // (k, k) products dgh[b, e] h[b, e]^T, batched, with float32 results (the products of
-        // 16-bit values are exact in float32, so only the summation order differs from the
-        // expression below). Reads dgh and h (and writes a copy of h, a transposed view) instead
-        // of a float32 copy of dgh, the float32 product and its sum.
-        const Tensor hb = h.reshape({B * E, k, d});                                   // (B*E, k, d)
-        const Tensor prods = at::bmm(dgh.reshape({B * E, k, d}), hb.transpose(1, 2), at::kFloat);  // (B*E, k, k)
-        dg = prods.diagonal(0, 1, 2).reshape({B, E, k}).to(g.scalar_type());
+        // dg[b, e, i] = sum_j dgh[b, e, i, j] h[e, b, i, j] in float32: per expert e, the diagonal
+        // of the (k, k) products dgh[b, e] h[e, b]^T batched over b, with float32 results (the
+        // products of 16-bit values are exact in float32, so only the summation order differs
+        // from the expression below). Both operands are read where they are (batch strides
+        // E*k*d and k*d): no float32 copy of dgh, no product tensor, no copy of h.
+        std::vector<Tensor> per_expert;
+        per_expert.reserve(static_cast<size_t>(E));
+        for (int64_t e = 0; e < E; ++e)
+          per_expert.push_back(
+              at::bmm(dgh.select(1, e), h.select(0, e).transpose(1, 2), at::kFloat).diagonal(0, 1, 2));  // (B, k)
+        dg = at::stack(per_expert, 1).to(g.scalar_type());  // (B, E, k)
       } else {
-        dg = (dgh.to(pt) * h).sum(-1).to(g.scalar_type());
+        dg = (dgh.to(pt) * ht).sum(-1).to(g.scalar_type());
       }
     }
     return {Tensor(), dh, dg, Tensor()};
@@ -246,7 +252,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
     auto xin = microdit::bmm(P, x);                                              // (B, E*k, d)
     auto h = xin.view({B, E, k, d}).transpose(0, 1).reshape({E, B * k, d});
     h = gelu_bmm(microdit::bmm(h, w1), w2, recompute_ffn_for(x));               // (E, B*k, d)
-    return moe_combine(P, h.view({E, B, k, d}).transpose(0, 1), g);  // (B, T, d)
+    return moe_combine(P, h.view({E, B, k, d}), g);  // (B, T, d)
   }
   // Flat token index into (B*T) so one gather / one index_add covers the batch.
   auto flat = (idx + torch::arange(B, idx.options()).view({B, 1, 1}) * T).reshape(-1);  // (B*E*k)

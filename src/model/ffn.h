@@ -31,9 +31,11 @@ MoeDispatch moe_dispatch();
 MoeDispatch parse_moe_dispatch(const std::string& name);  // "auto", "index", "gemm"
 bool moe_gemm_on(c10::DeviceType device);  // the dispatch on tensors of this device
 bool moe_gemm_for(const Tensor& x);
-// The gemm dispatch's combine: P^T (g * h) for the one-hot P (B, E*k, T), h (B, E, k, d) and
-// g (B, E, k), -> (B, T, d). The same values and gradients as that expression under autograd
-// (and autocast), but its backward pass keeps P, h and g instead of g * h and its cast copy.
+// The gemm dispatch's combine: P^T (g * h^T) for the one-hot P (B, E*k, T), the experts' output
+// h (E, B, k, d) as they write it and g (B, E, k), -> (B, T, d), where h^T (B, E, k, d) swaps
+// h's first two dims. The same values and gradients as that expression under autograd (and
+// autocast), but its backward pass keeps P, h and g instead of g * h^T and its cast copy, and
+// writes h's gradient in h's own layout (no copies between the two layouts either way).
 Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g);
 
 // gelu(a) @ w per expert: a (E, M, n), w (E, n, d) -> (E, M, d), in the autocast dtype under
