@@ -195,11 +195,10 @@ struct ResidualLayerNormFn : torch::autograd::Function<ResidualLayerNormFn> {
   }
 };
 
-// The self-attention's q, k and v from its product qkv (..., 3h): LN(q) and LN(k) (LayerNorms
-// without weight) and v as it is (a view). The backward pass writes the two norms' dx and dv
-// into one gradient of qkv, which autograd would assemble with a cat of three tensors.
-// p (..., parts * h) cut into `parts` slices of h: the first `normed` ones normalized (LN0), the
-// others views of p. The backward pass writes every slice's gradient into one gradient of p.
+// p (..., parts * h) cut into `parts` slices of h: the first `normed` ones normalized (LayerNorms
+// without weight), the others views of p. The self-attention's [q | k | v] (3, 2) and the
+// cross-attention's [k | v] (2, 1). The backward pass writes every slice's gradient into one
+// gradient of p, which autograd would assemble with a cat of the slices' gradients.
 struct SplitNormFn : torch::autograd::Function<SplitNormFn> {
   static variable_list forward(AutogradContext* ctx, const Tensor& p, int64_t parts, int64_t normed, double eps,
                                at::ScalarType out, at::ScalarType save) {
