@@ -16,6 +16,7 @@ using namespace microdit;
 using microdit::test_util::error_of;
 using microdit::test_util::TempDir;
 using microdit::test_util::metric_losses;
+using microdit::test_util::metric_values;
 
 namespace {
 
@@ -239,7 +240,8 @@ TEST(Train, Bf16WeightCopiesTrainAndResume) {
     EXPECT_NEAR(la[i], plain[i], 1e-2 * std::abs(plain[i])) << "step " << i + 1;
   }
   // With gradient accumulation the copies' gradients are summed in float32 on the weights: the
-  // first loss as without copies, to the bit, and the curves close (the AdamW kernels differ).
+  // first loss as without copies, to the bit, the first step's gradient norm (the sums of the
+  // two passes) to float rounding of the norm, and the curves close (the AdamW kernels differ).
   {
     Trainer t(with("accum_plain", {"train.bf16=true", "train.bf16_weights=off", "train.grad_accum=2"}), torch::kCPU);
     t.run();
@@ -254,6 +256,11 @@ TEST(Train, Bf16WeightCopiesTrainAndResume) {
   ASSERT_EQ(ac.size(), 6u);
   EXPECT_DOUBLE_EQ(ap[0], ac[0]);
   for (size_t i = 0; i < ac.size(); ++i) EXPECT_NEAR(ac[i], ap[i], 1e-2 * std::abs(ap[i])) << "step " << i + 1;
+  const auto gp = metric_values(dir.path + "/accum_plain/metrics.jsonl", "grad_norm"),
+             gc = metric_values(dir.path + "/accum/metrics.jsonl", "grad_norm");
+  ASSERT_EQ(gp.size(), 6u);
+  ASSERT_EQ(gc.size(), 6u);
+  EXPECT_NEAR(gc[0], gp[0], 1e-6 * gp[0]) << "the first step's gradient norm";
   // A bad value: a one-line error (the sharded optimizer's is in Dist.TwoGlooWorkersReproduceOneProcess).
   EXPECT_NE(error_of([&] { with("c", {"train.bf16_weights=always"}); }).find("train.bf16_weights must be auto, on or off"),
             std::string::npos);

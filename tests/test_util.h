@@ -98,14 +98,18 @@ inline std::string read_file_bytes(const std::string& path) {
   return std::string((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
 }
 
-// The "loss" of every training line of a metrics.jsonl, in order.
-inline std::vector<double> metric_losses(const std::string& metrics) {
+// The value of `key` ("loss", "grad_norm", ...) in every line of a metrics.jsonl that has it, in order.
+inline std::vector<double> metric_values(const std::string& metrics, const std::string& key) {
   std::ifstream in(metrics);
   std::vector<double> out;
+  const std::string field = "\"" + key + "\": ";
   for (std::string line; std::getline(in, line);)
-    if (auto p = line.find("\"loss\": "); p != std::string::npos) out.push_back(std::stod(line.substr(p + 8)));
+    if (auto p = line.find(field); p != std::string::npos) out.push_back(std::stod(line.substr(p + field.size())));
   return out;
 }
+
+// The "loss" of every training line of a metrics.jsonl, in order.
+inline std::vector<double> metric_losses(const std::string& metrics) { return metric_values(metrics, "loss"); }
 
 // Python of the mosaicml-streaming venv made by scripts/setup_data.sh ($MICRODIT_STREAMING_VENV,
 // else the finished one in the per-user cache), or "" when there is none.
