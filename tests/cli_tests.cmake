@@ -14,10 +14,13 @@ foreach(vec ${MD_VECTOR_FILES})
   endif()
 endforeach()
 
-# The expert layers' one-hot products (--moe-dispatch gemm, the CUDA default) on the CPU.
+# The expert layers' other dispatches on the CPU: the one-hot products (--moe-dispatch gemm, the
+# CUDA default without the fused kernels) and the gathers (the CUDA default).
 if(EXISTS "${MD_SHARED}/microdit_parity_a.safetensors")
   add_test(NAME parity.moe_gemm_dispatch COMMAND microdit parity --vectors "${MD_SHARED}/microdit_parity_a.safetensors"
            --device cpu --moe-dispatch gemm)
+  add_test(NAME parity.moe_gather_dispatch COMMAND microdit parity --vectors "${MD_SHARED}/microdit_parity_a.safetensors"
+           --device cpu --moe-dispatch gather)
 endif()
 
 add_test(NAME info.xl_params COMMAND microdit info --preset MicroDiT_XL_2)
@@ -79,7 +82,7 @@ md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" ben
 md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)
 md_error_test(cli.bad_cpu_matmul "--cpu-matmul: expected auto, onednn or mkl, got 'blas'" bench --cpu-matmul blas --device cpu)
 md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32 or bf16, got .half." bench --cpu-attention half --device cpu)
-md_error_test(cli.bad_moe_dispatch "--moe-dispatch: expected auto, index or gemm, got .scatter." bench --moe-dispatch scatter --device cpu)
+md_error_test(cli.bad_moe_dispatch "--moe-dispatch: expected auto, index, gemm or gather, got .scatter." bench --moe-dispatch scatter --device cpu)
 md_error_test(cli.bench_memory_not_for_sampling "--memory reports a training step" bench --sample --memory --device cpu)
 # bf16 weight copies (train/bf16_weights.h): on the CPU only when asked for, and only with bf16.
 add_test(NAME cli.bf16_weights_on COMMAND microdit bench --preset MicroDiT_Pico_2 --batch 2 --steps 1 --warmup 1

@@ -2,7 +2,9 @@
 #include <torch/torch.h>
 
 #include "core/autocast.h"
+#include "kernels/fused.h"
 #include "model/ffn.h"
+#include "model/fused.h"
 #include "test_util.h"
 
 using namespace microdit;
@@ -110,18 +112,95 @@ TEST(ExpertChoiceMoE, GemmDispatchEqualsIndexDispatch) {
   }
 }
 
+TEST(ExpertChoiceMoE, GatherDispatchEqualsGemmDispatch) {
+  // The gathers and per-token sums (the CUDA default) against the one-hot products: the same
+  // values in the same dtypes, with each term rounded as the products round it; only the
+  // float32 order of a token's few expert terms may differ (cuBLAS). Gradients of x, the router
+  // and both expert weights too, in float32 and under bf16 autocast.
+  for (const auto device : test_util::test_devices())
+  for (bool bf16 : {false, true}) {
+    SCOPED_TRACE(device.str() + (bf16 ? ", bf16 autocast" : ", float32"));
+    const auto gemm = moe_run(MoeDispatch::gemm, bf16, device);
+    const auto gather = moe_run(MoeDispatch::gather, bf16, device);
+    const char* names[] = {"output", "dx", "dgate", "dw1", "dw2"};
+    for (size_t i = 0; i < gemm.size(); ++i) {
+      ASSERT_TRUE(gemm[i].defined() && gather[i].defined()) << names[i];
+      EXPECT_EQ(gather[i].scalar_type(), gemm[i].scalar_type()) << names[i];
+      EXPECT_GT(gemm[i].abs().max().item<double>(), 1e-4) << names[i];
+      // x is float32 here (in the model it is the norm's bf16 output): under autocast the products
+      // take it in bf16 and hand dx back rounded to bf16, the gathers keep its float32 sum.
+      if (bf16 && i == 1) EXPECT_LT(rel(gather[i], gemm[i]), 8e-3) << names[i];
+      // On the CPU the same sums in the same order: to the bit. cuBLAS may order them otherwise.
+      else if (device.is_cpu()) EXPECT_TRUE(torch::equal(gather[i], gemm[i])) << names[i];
+      else EXPECT_LT(rel(gather[i], gemm[i]), bf16 ? 8e-3 : 1e-5) << names[i];
+    }
+  }
+}
+
+TEST(ExpertChoiceMoE, ExpertSumIsTheWeightedSumOfEachTokensSlots) {
+  // moe_expert_sum against a loop over its definition: weighted and unweighted, float32 and
+  // bf16 (terms rounded to the result's dtype, summed in float32), tokens picked by no expert,
+  // one expert, or several; to the bit on the CPU (the same order), 1e-6 on CUDA.
+  for (const auto device : test_util::test_devices())
+  for (const auto st : {at::kFloat, at::kBFloat16})
+  for (const auto dt : {at::kFloat, at::kBFloat16})
+  for (const bool weighted : {false, true}) {
+    SCOPED_TRACE(device.str() + " " + c10::toString(st) + " -> " + c10::toString(dt) + (weighted ? ", weighted" : ""));
+    torch::manual_seed(5);
+    const int64_t E = 3, B = 2, T = 7, k = 3, d = 37;
+    const auto src = torch::randn({E, B, k, d}).to(st);
+    const auto w = torch::rand({B, E, k});
+    auto idx = torch::empty({B, E, k}, torch::kLong);  // distinct tokens per (b, e)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t e = 0; e < E; ++e) idx[b][e] = torch::randperm(T).narrow(0, 0, k);
+    auto inv = torch::full({B, T, E}, -1, torch::kInt);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t e = 0; e < E; ++e)
+        for (int64_t i = 0; i < k; ++i) inv[b][idx[b][e][i].item<int64_t>()][e] = static_cast<int>(i);
+    auto want = torch::zeros({B, T, d}, torch::kFloat);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t e = 0; e < E; ++e) {
+          const int s = inv[b][t][e].item<int>();
+          if (s < 0) continue;
+          auto term = src[e][b][s].to(torch::kFloat);
+          if (weighted) term = term * w[b][e][s];
+          want[b][t] += term.to(dt).to(torch::kFloat);
+        }
+    want = want.to(dt);
+    const auto got =
+        moe_expert_sum(src.to(device), weighted ? w.to(device) : torch::Tensor(), inv.to(device), dt).cpu();
+    ASSERT_EQ(got.scalar_type(), dt);
+    EXPECT_GT(want.abs().max().item<double>(), 0.1);
+    EXPECT_EQ((inv == -1).all(2).any().item<bool>(), true);           // some token no expert picked ...
+    EXPECT_EQ(((inv >= 0).sum(2) > 1).any().item<bool>(), true);      // ... and some picked twice or more
+    if (device.is_cpu()) EXPECT_TRUE(torch::equal(got, want));
+    else EXPECT_LT(rel(got, want), 1e-6);
+  }
+  // One-line errors for bad shapes.
+  const auto src = torch::zeros({2, 1, 2, 4});
+  EXPECT_THROW(moe_expert_sum(src, torch::Tensor(), torch::full({1, 3, 3}, -1, torch::kInt), at::kFloat),
+               std::exception);  // inv names 3 experts, src has 2
+  EXPECT_THROW(moe_expert_sum(src, torch::Tensor(), torch::full({1, 3, 2}, -1, torch::kLong), at::kFloat),
+               std::exception);  // int64 slots
+}
+
 TEST(ExpertChoiceMoE, DispatchModes) {
   const test_util::ScopedSetting keep(moe_dispatch, set_moe_dispatch, moe_dispatch());
-  const auto cpu = torch::ones({2});
+  const test_util::ScopedSetting fused(fused_kernels_enabled, set_fused_kernels, true);
   set_moe_dispatch(parse_moe_dispatch("auto"));
-  EXPECT_FALSE(moe_gemm_for(cpu));  // CUDA tensors only
-  EXPECT_TRUE(moe_gemm_on(c10::kCUDA));
-  set_moe_dispatch(parse_moe_dispatch("gemm"));
-  EXPECT_TRUE(moe_gemm_for(cpu));
-  EXPECT_TRUE(moe_gemm_on(c10::kCUDA));
-  set_moe_dispatch(parse_moe_dispatch("index"));
-  EXPECT_FALSE(moe_gemm_for(cpu));
-  EXPECT_FALSE(moe_gemm_on(c10::kCUDA));
+  EXPECT_EQ(moe_dispatch_on(c10::kCPU), MoeDispatch::index);
+  // On CUDA the gathers when the fused kernels are compiled in and on, else the products.
+  EXPECT_EQ(moe_dispatch_on(c10::kCUDA), kernels::available() ? MoeDispatch::gather : MoeDispatch::gemm);
+  set_fused_kernels(false);
+  EXPECT_EQ(moe_dispatch_on(c10::kCUDA), MoeDispatch::gemm);
+  set_fused_kernels(true);
+  for (const auto& [name, mode] : {std::pair{"gemm", MoeDispatch::gemm}, std::pair{"index", MoeDispatch::index},
+                                   std::pair{"gather", MoeDispatch::gather}}) {
+    set_moe_dispatch(parse_moe_dispatch(name));
+    EXPECT_EQ(moe_dispatch_on(c10::kCPU), mode) << name;
+    EXPECT_EQ(moe_dispatch_on(c10::kCUDA), mode) << name;
+  }
   EXPECT_THROW(parse_moe_dispatch("scatter"), std::exception);
 }
 

@@ -50,9 +50,14 @@ static std::string cpu_attention_text(const c10::Device& device, bool bf16, bool
   return cpu_bf16_attention_applies() ? ", bf16 attention" : ", float32 attention";
 }
 
-// ", MoE by one-hot products" where the expert layers take them on this device (model/ffn.h).
+// How the expert layers move tokens on this device (model/ffn.h), where it is not the index
+// dispatch (the CPU's).
 static std::string moe_text(const c10::Device& device) {
-  return moe_gemm_on(device.type()) ? ", MoE by one-hot products" : "";
+  switch (moe_dispatch_on(device.type())) {
+    case MoeDispatch::gemm: return ", MoE by one-hot products";
+    case MoeDispatch::gather: return ", MoE by gathers";
+    default: return "";
+  }
 }
 
 namespace {

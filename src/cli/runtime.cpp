@@ -40,8 +40,10 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
       ->default_str("on");
   cmd.add_option_function<std::string>(
          "--moe-dispatch", [](const std::string& v) { set_moe_dispatch(parse_moe_dispatch(v)); },
-         "how expert-choice layers gather tokens and sum the experts' outputs: auto (gemm on CUDA, index "
-         "on the CPU), index (index_select / index_add) or gemm (products with the one-hot routing matrix)")
+         "how expert-choice layers gather tokens and sum the experts' outputs: auto (gather on CUDA, or gemm "
+         "without the fused kernels; index on the CPU), index (index_select / index_add), gemm (products "
+         "with the one-hot routing matrix) or gather (a gather into the experts' layout and one sum per "
+         "token, no atomics)")
       ->default_str("auto");
   cmd.add_option_function<std::string>(
          "--recompute-ffn", [](const std::string& v) { set_recompute_ffn(parse_recompute_ffn(v)); },

@@ -1,5 +1,5 @@
 // One command-line or config value out of a fixed set of names, with the one-line error a user
-// sees for anything else: "--moe-dispatch: expected auto, index or gemm, got 'scatter'".
+// sees for anything else: "--moe-dispatch: expected auto, index, gemm or gather, got 'scatter'".
 #pragma once
 #include <initializer_list>
 #include <string>

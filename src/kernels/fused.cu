@@ -168,6 +168,34 @@ __global__ void gated_bwd_kernel(const O* __restrict__ dout, const G* __restrict
   atomicAdd(dgate + b * d + j, acc);
 }
 
+// moe_scatter_sum: one block per token row r = b * T + t; the row's slots and weights in
+// shared memory, then each thread sums its columns over the experts in order.
+template <typename S, typename D>
+__global__ void moe_sum_kernel(const S* __restrict__ src, const float* __restrict__ w,
+                               const int32_t* __restrict__ inv, D* __restrict__ dst, int64_t B, int64_t T,
+                               int E, int64_t k, int d) {
+  __shared__ int slot[64];
+  __shared__ float weight[64];
+  const int64_t r = blockIdx.x, b = r / T;
+  if (threadIdx.x < E) {
+    const int e = threadIdx.x;
+    const int s = inv[r * E + e];
+    slot[e] = s;
+    weight[e] = (s >= 0 && w != nullptr) ? w[(b * E + e) * k + s] : 1.f;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    float acc = 0.f;
+    for (int e = 0; e < E; ++e) {
+      const int s = slot[e];
+      if (s < 0) continue;
+      const float v = to_f(src[((e * B + b) * k + s) * int64_t(d) + j]);
+      acc += round_to<D>(w != nullptr ? __fmul_rn(weight[e], v) : v);  // no FMA into the sum
+    }
+    dst[r * d + j] = from_f<D>(acc);
+  }
+}
+
 // ---- Warp-per-row kernels (set_warp_row_kernels): one warp per row, 16-byte loads and stores,
 // the row kept in registers between the passes, 32-bit indices. Each lane owns chunks
 // c = lane + 32 i of V consecutive elements (V * the widest element type = 16 bytes), so a
@@ -600,6 +628,24 @@ void swiglu_backward(const void* dp, const void* u, const void* v, void* du, voi
     });
   });
   check_launch("SwiGLU backward");
+}
+
+void moe_scatter_sum(const void* src, DType st, const float* w, const int32_t* inv, void* dst, DType dt,
+                     int64_t B, int64_t T, int64_t E, int64_t k, int64_t d, void* stream) {
+  if (B <= 0 || T <= 0 || E <= 0 || E > 64 || k <= 0 || d <= 0 || d > (int64_t(1) << 30) ||
+      B * T > (int64_t(1) << 31) - 1)
+    throw std::runtime_error("fused kernels: bad expert sum sizes (B " + std::to_string(B) + ", T " +
+                             std::to_string(T) + ", E " + std::to_string(E) + ", k " + std::to_string(k) +
+                             ", d " + std::to_string(d) + ")");
+  with_types(st, dt, [&](auto* sp, auto* dp) {
+    using S = elem<decltype(sp)>;
+    using D = elem<decltype(dp)>;
+    const int threads = d <= 256 ? 64 : 128;  // >= E
+    moe_sum_kernel<S, D><<<static_cast<unsigned>(B * T), threads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const S*>(src), w, inv, static_cast<D*>(dst), B, T, static_cast<int>(E), k,
+        static_cast<int>(d));
+  });
+  check_launch("expert-choice sum");
 }
 
 void set_warp_row_kernels(bool on) { g_warp_rows = on; }

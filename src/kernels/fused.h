@@ -77,6 +77,18 @@ void swiglu_forward(const void* u, const void* v, void* p, DType t, int64_t n, v
 void swiglu_backward(const void* dp, const void* u, const void* v, void* du, void* dv, DType t,
                      int64_t n, void* stream);
 
+// Expert-choice routing's sums (model/ffn.cpp, the gather dispatch): for each token row (b, t),
+//   dst[b, t, :] = sum over experts e in 0..E-1 with slot s = inv[b, t, e] >= 0 of
+//                  round_dt(w[b, e, s] * src[e, b, s, :])      (w null: round_dt(src[e, b, s, :])),
+// summed in float32 in expert order and rounded to dt; a row no expert picked is zero. The
+// combine (src the experts' output, w the router weights) and the backward pass of the gather
+// of the picked tokens (src their gradient, w null): each output row summed by one thread
+// block, with no atomics, so the same inputs give the same bits every time.
+// src (E, B, k, d) contiguous in st; w (B, E, k) float32 or null; inv (B, T, E) int32 (-1 or a
+// slot in [0, k)); dst (B, T, d) contiguous in dt. E <= 64.
+void moe_scatter_sum(const void* src, DType st, const float* w, const int32_t* inv, void* dst, DType dt,
+                     int64_t B, int64_t T, int64_t E, int64_t k, int64_t d, void* stream);
+
 // The same kernels on the CPU: same arguments and arithmetic, no stream, float32 and bf16 only
 // (f16 throws). They run on LibTorch's intra-op threads, vectorized for the widest instruction
 // set the CPU has.
@@ -106,6 +118,8 @@ void gated_residual_forward(const void* x, DType xt, const void* gate, DType gt,
                             DType ht, void* out, int64_t B, int64_t T, int64_t d);
 void gated_residual_backward(const void* dout, DType ot, const void* gate, DType gt, const void* h,
                              DType ht, void* dh, float* dgate, int64_t B, int64_t T, int64_t d);
+void moe_scatter_sum(const void* src, DType st, const float* w, const int32_t* inv, void* dst, DType dt,
+                     int64_t B, int64_t T, int64_t E, int64_t k, int64_t d);
 
 }  // namespace cpu
 

@@ -97,6 +97,13 @@ struct Swiglu {
   const void *dp, *u, *v;  // forward: dp is null
   void *out, *dv;          // forward: p (dv null); backward: du and dv
 };
+struct MoeSum {
+  const void* src;  // (E, B, k, d)
+  const float* w;   // (B, E, k) or null
+  const int32_t* inv;  // (B, T, E)
+  void* dst;        // (B, T, d)
+  int64_t B, T, E, k, d;
+};
 struct Gated {
   const void *x, *gate, *h;  // backward: x is dout
   void* out;                 // backward: dh
@@ -297,6 +304,34 @@ MD_INLINE void swiglu_bwd_range(const Swiglu& a, int64_t i0, int64_t i1) {
 
 // Each body above, compiled for one instruction set: a plain function with a target
 // attribute, into which GCC inlines the body (lambdas would not inherit the attribute).
+// Token rows r0..r1 (r = b * T + t) of moe_scatter_sum: the experts' rows summed in float32 in
+// expert order, each rounded to D first.
+template <typename S, typename D>
+MD_INLINE void moe_sum_rows(const MoeSum& a, int64_t r0, int64_t r1) {
+  const int64_t d = a.d;
+  std::vector<float> buf(static_cast<size_t>(2 * d));
+  float* __restrict acc = buf.data();
+  float* __restrict prod = acc + d;  // the products, stored so that no FMA fuses them into the sum
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t b = r / a.T;
+    for (int64_t j = 0; j < d; ++j) acc[j] = 0.f;
+    for (int64_t e = 0; e < a.E; ++e) {
+      const int32_t s = a.inv[r * a.E + e];
+      if (s < 0) continue;
+      const S* __restrict row = static_cast<const S*>(a.src) + ((e * a.B + b) * a.k + s) * d;
+      if (a.w) {
+        const float g = a.w[(b * a.E + e) * a.k + s];
+        for (int64_t j = 0; j < d; ++j) prod[j] = g * to_f(row[j]);
+        for (int64_t j = 0; j < d; ++j) acc[j] += round_to<D>(prod[j]);
+      } else {
+        for (int64_t j = 0; j < d; ++j) acc[j] += round_to<D>(to_f(row[j]));
+      }
+    }
+    D* __restrict out = static_cast<D*>(a.dst) + r * d;
+    for (int64_t j = 0; j < d; ++j) out[j] = from_f<D>(acc[j]);
+  }
+}
+
 #define MD_ISA_FUNCTIONS(SUFFIX, TARGET)                                                                       \
   template <typename X, typename S, typename Y>                                                                 \
   TARGET void modln_fwd_##SUFFIX(const LnFwd& a, int64_t i0, int64_t i1) { modln_fwd_rows<X, S, Y>(a, i0, i1); } \
@@ -311,7 +346,9 @@ MD_INLINE void swiglu_bwd_range(const Swiglu& a, int64_t i0, int64_t i1) {
   template <typename T>                                                                                        \
   TARGET void swiglu_fwd_##SUFFIX(const Swiglu& a, int64_t i0, int64_t i1) { swiglu_fwd_range<T>(a, i0, i1); } \
   template <typename T>                                                                                        \
-  TARGET void swiglu_bwd_##SUFFIX(const Swiglu& a, int64_t i0, int64_t i1) { swiglu_bwd_range<T>(a, i0, i1); }
+  TARGET void swiglu_bwd_##SUFFIX(const Swiglu& a, int64_t i0, int64_t i1) { swiglu_bwd_range<T>(a, i0, i1); } \
+  template <typename S, typename D>                                                                            \
+  TARGET void moe_sum_##SUFFIX(const MoeSum& a, int64_t i0, int64_t i1) { moe_sum_rows<S, D>(a, i0, i1); }
 
 MD_ISA_FUNCTIONS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))))
 MD_ISA_FUNCTIONS(avx2, __attribute__((target("avx2,fma"))))
@@ -442,6 +479,18 @@ void gated_residual_backward(const void* dout, DType ot, const void* gate, DType
   const Gated a{dout, gate, h, dh, dgate, T, d};
   with_types(ot, gt, ht, [&](auto* op, auto* gp, auto* hp) {
     run(MD_PICK(gated_bwd, elem<decltype(op)>, elem<decltype(gp)>, elem<decltype(hp)>), a, B, T * d);
+  });
+}
+
+void moe_scatter_sum(const void* src, DType st, const float* w, const int32_t* inv, void* dst, DType dt,
+                     int64_t B, int64_t T, int64_t E, int64_t k, int64_t d) {
+  if (B <= 0 || T <= 0 || E <= 0 || E > 64 || k <= 0 || d <= 0)
+    throw std::runtime_error("fused CPU kernels: bad expert sum sizes (B " + std::to_string(B) + ", T " +
+                             std::to_string(T) + ", E " + std::to_string(E) + ", k " + std::to_string(k) +
+                             ", d " + std::to_string(d) + ")");
+  const MoeSum a{src, w, inv, dst, B, T, E, k, d};
+  with_types(st, dt, [&](auto* sp, auto* dp) {
+    run(MD_PICK(moe_sum, elem<decltype(sp)>, elem<decltype(dp)>), a, B * T, E * d);
   });
 }
 

@@ -37,6 +37,10 @@ void swiglu_forward(const void*, const void*, void*, DType, int64_t, void*) { mi
 void swiglu_backward(const void*, const void*, const void*, void*, void*, DType, int64_t, void*) {
   missing();
 }
+void moe_scatter_sum(const void*, DType, const float*, const int32_t*, void*, DType, int64_t, int64_t, int64_t,
+                     int64_t, int64_t, void*) {
+  missing();
+}
 void adamw_step(const AdamWSlot*, int64_t, DType, DType, const AdamWHyper&, void*) { missing(); }
 
 }  // namespace microdit::kernels

@@ -12,6 +12,7 @@
 #include "core/cpu_matmul.h"
 #include "core/error.h"
 #include "model/config.h"
+#include "kernels/fused.h"
 #include "model/fused.h"
 
 namespace microdit {
@@ -174,6 +175,81 @@ struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
   }
 };
 
+// The gather dispatch (MoeDispatch::gather). `flat` (E*B*k) int64 is each slot's token row in x
+// seen as (B*T, d), in the experts' order (e, b, i); `inv` (B, T, E) int32 the slot each expert
+// gave each token (expert_slots).
+
+// xin[e, b, i] = x[b, idx[b, e, i]]: x (B, T, d) -> (E, B*k, d). The backward pass sums each
+// token's slot gradients (moe_expert_sum, weight 1) in x's dtype: the gemm dispatch's P^T dxin.
+struct MoeGatherFn : torch::autograd::Function<MoeGatherFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& flat, const Tensor& inv) {
+    const auto B = x.size(0), T = x.size(1), d = x.size(2), E = inv.size(2);
+    ctx->save_for_backward({inv});
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    return x.reshape({B * T, d}).index_select(0, flat).view({E, -1, d});  // (E, B*k, d)
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor inv = ctx->get_saved_variables()[0];
+    const auto E = inv.size(2), B = inv.size(0), d = grads[0].size(2);
+    const auto xt = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+    return {moe_expert_sum(grads[0].view({E, B, -1, d}), Tensor(), inv, xt), Tensor(), Tensor()};
+  }
+};
+
+// out[b, t] = sum over the experts e that picked t of round_dt(g[b, e, s] h[e, b, s]) summed in
+// float32, s their slot: the gemm dispatch's P^T (g * h^T) (MoeCombineFn) to float32 summation
+// order, in one kernel. h (E, B, k, d), g (B, E, k) -> (B, T, d) in dt. The backward pass gathers
+// dout's rows into the experts' layout (the gemm dispatch's P dout) and takes dh and dg from them
+// as MoeCombineFn does.
+struct MoeCombineGatherFn : torch::autograd::Function<MoeCombineGatherFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& h, const Tensor& g, const Tensor& flat,
+                        const Tensor& inv, at::ScalarType dt) {
+    const NoAutocast no_autocast;
+    ctx->save_for_backward({h, g, flat});
+    ctx->saved_data["dt"] = static_cast<int64_t>(dt);
+    return moe_expert_sum(h, g, inv, dt);  // (B, T, d)
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const NoAutocast no_autocast;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &h = saved[0], &g = saved[1], &flat = saved[2];
+    const auto dt = static_cast<at::ScalarType>(ctx->saved_data["dt"].toInt());
+    const int64_t E = h.size(0), B = h.size(1), k = h.size(2), d = h.size(3);
+    const Tensor dgh = grads[0].to(dt).reshape({-1, d}).index_select(0, flat).view({E, B, k, d});  // (E, B, k, d)
+    const Tensor ge = g.permute({1, 0, 2});  // (E, B, k), a view
+    const auto pt = at::promote_types(h.scalar_type(), g.scalar_type());
+    Tensor dh, dg;
+    if (ctx->needs_input_grad(0)) {
+      dh = at::empty(h.sizes(), h.options());  // dgh * g in pt, rounded to h's dtype on the store
+      at::mul_out(dh, dgh, ge.unsqueeze(-1));
+    }
+    if (ctx->needs_input_grad(1)) {
+      const bool half = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
+      Tensor dge;  // (E, B, k)
+      if (h.is_cuda() && half && dgh.scalar_type() == h.scalar_type() && pt == at::kFloat) {
+        // The diagonals of the (k, k) products dgh[e, b] h[e, b]^T with float32 results (see
+        // MoeCombineFn): one batched product over the E*B (expert, sample) pairs.
+        dge = at::bmm(dgh.view({E * B, k, d}), h.view({E * B, k, d}).transpose(1, 2), at::kFloat)
+                  .diagonal(0, 1, 2)
+                  .view({E, B, k});
+      } else {
+        dge = (dgh.to(pt) * h).sum(-1);
+      }
+      dg = dge.permute({1, 0, 2}).to(g.scalar_type()).contiguous();  // (B, E, k)
+    }
+    return {dh, dg, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// inv[b, idx[b, e, i], e] = i, and -1 where expert e did not pick the token: (B, T, E) int32
+// from idx (B, E, k). Each expert picks a token at most once, so no two writes meet.
+Tensor expert_slots(const Tensor& idx, int64_t T) {
+  const auto B = idx.size(0), E = idx.size(1), k = idx.size(2);
+  auto inv = at::full({B, T, E}, -1, idx.options().dtype(at::kInt));
+  const auto slots = at::arange(k, inv.options()).view({1, k, 1}).expand({B, k, E});
+  return inv.scatter_(1, idx.transpose(1, 2), slots);  // (B, k, E) index: row idx[b, e, i] of column e
+}
+
 }  // namespace
 
 void set_recompute_ffn(RecomputeFfn mode) { g_recompute = mode; }
@@ -197,15 +273,18 @@ MoeDispatch moe_dispatch() { return g_moe_dispatch; }
 MoeDispatch parse_moe_dispatch(const std::string& name) {
   return parse_choice<MoeDispatch>(
       "--moe-dispatch", name,
-      {{"auto", MoeDispatch::automatic}, {"index", MoeDispatch::index}, {"gemm", MoeDispatch::gemm}});
+      {{"auto", MoeDispatch::automatic},
+       {"index", MoeDispatch::index},
+       {"gemm", MoeDispatch::gemm},
+       {"gather", MoeDispatch::gather}});
 }
 
-bool moe_gemm_on(c10::DeviceType device) {
+MoeDispatch moe_dispatch_on(c10::DeviceType device) {
   const auto m = g_moe_dispatch.load();
-  return m == MoeDispatch::gemm || (m == MoeDispatch::automatic && device == c10::kCUDA);
+  if (m != MoeDispatch::automatic) return m;
+  if (device != c10::kCUDA) return MoeDispatch::index;
+  return fused_kernels_enabled() && kernels::available() ? MoeDispatch::gather : MoeDispatch::gemm;
 }
-
-bool moe_gemm_for(const Tensor& x) { return moe_gemm_on(x.device().type()); }
 
 Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g) {
   return MoeCombineFn::apply(P, h, g, compute_dtype(h));
@@ -246,7 +325,15 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   if (k <= 0) return torch::zeros_like(x);
   auto probs = torch::softmax(gate(x), -1);              // (B, T, E)
   auto [g, idx] = probs.transpose(1, 2).topk(k, -1);     // (B, E, k) each
-  if (moe_gemm_for(x)) {
+  const auto dispatch = moe_dispatch_on(x.device().type());
+  if (dispatch == MoeDispatch::gather) {
+    auto inv = expert_slots(idx, T);                                                       // (B, T, E)
+    auto flat = (idx.transpose(0, 1) + torch::arange(B, idx.options()).view({1, B, 1}) * T).reshape(-1);  // (E*B*k)
+    auto h = MoeGatherFn::apply(x, flat, inv);                                             // (E, B*k, d)
+    h = gelu_bmm(microdit::bmm(h, w1), w2, recompute_ffn_for(x));                          // (E, B*k, d)
+    return MoeCombineGatherFn::apply(h.view({E, B, k, d}), g, flat, inv, compute_dtype(h));  // (B, T, d)
+  }
+  if (dispatch == MoeDispatch::gemm) {
     // One-hot routing matrix: P[b, e*k + i, idx[b, e, i]] = 1.
     auto P = torch::zeros({B, E * k, T}, x.options()).scatter_(2, idx.reshape({B, E * k, 1}), 1.0);
     auto xin = microdit::bmm(P, x);                                              // (B, E*k, d)

@@ -24,13 +24,19 @@ bool recompute_ffn_for(const Tensor& x);
 //     reference's einsums do: xin = P x, out = P^T (g * h). No atomics, and under autocast the
 //     products and their output are bf16, as the reference's are. 2*B*T*E*k*d more FLOPs per
 //     product: under 0.1 % of an XL step on a GPU; a Nano step on the CPU ran 1 % slower;
-//   automatic (the default): gemm on CUDA tensors, index on the CPU.
-enum class MoeDispatch { automatic, index, gemm };
+//   gather: the gemm dispatch's values without its products or layout copies: one index_select
+//     writes the picked tokens straight in the experts' layout (E, B, k, d), and one kernel per
+//     token row (moe_expert_sum) sums the experts' weighted outputs, and the gather's gradient,
+//     in float32 in expert order with each term rounded as the products round it. No atomics.
+//     Needs the fused kernels (CUDA: compiled with nvcc);
+//   automatic (the default): gather on CUDA tensors when the fused kernels are on and compiled
+//     in (else gemm), index on the CPU.
+enum class MoeDispatch { automatic, index, gemm, gather };
 void set_moe_dispatch(MoeDispatch mode);
 MoeDispatch moe_dispatch();
-MoeDispatch parse_moe_dispatch(const std::string& name);  // "auto", "index", "gemm"
-bool moe_gemm_on(c10::DeviceType device);  // the dispatch on tensors of this device
-bool moe_gemm_for(const Tensor& x);
+MoeDispatch parse_moe_dispatch(const std::string& name);  // "auto", "index", "gemm", "gather"
+// The dispatch for tensors of this device (never automatic).
+MoeDispatch moe_dispatch_on(c10::DeviceType device);
 // The gemm dispatch's combine: P^T (g * h^T) for the one-hot P (B, E*k, T), the experts' output
 // h (E, B, k, d) as they write it and g (B, E, k), -> (B, T, d), where h^T (B, E, k, d) swaps
 // h's first two dims. The same values and gradients as that expression under autograd (and

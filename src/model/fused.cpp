@@ -392,4 +392,28 @@ Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h
   return GatedResidualFn::apply(x, gate, h);
 }
 
+
+Tensor moe_expert_sum(const Tensor& src_in, const Tensor& w_in, const Tensor& inv_in, at::ScalarType dt) {
+  MD_CHECK(fused_kernels_apply(src_in) && (!src_in.is_cpu() || dt == at::kFloat || dt == at::kBFloat16) &&
+               kernel_dtype(dt),
+           "expert sum: needs a float32 or bf16 CPU tensor, or a CUDA tensor and the fused CUDA kernels");
+  MD_CHECK(src_in.dim() == 4 && inv_in.dim() == 3 && inv_in.size(0) == src_in.size(1) &&
+               inv_in.size(2) == src_in.size(0) && inv_in.scalar_type() == at::kInt &&
+               inv_in.device() == src_in.device() && src_in.size(0) <= 64,
+           "expert sum: src (E, B, k, d) with E <= 64 and inv (B, T, E) int32 on its device, got {} and {}",
+           c10::str(src_in.sizes()), c10::str(inv_in.sizes()));
+  const int64_t E = src_in.size(0), B = src_in.size(1), k = src_in.size(2), d = src_in.size(3), T = inv_in.size(1);
+  MD_CHECK(!w_in.defined() || (w_in.sizes() == at::IntArrayRef{B, E, k} && w_in.device() == src_in.device()),
+           "expert sum: weights (B, E, k) = ({}, {}, {}) on the experts' device, got {}", B, E, k,
+           c10::str(w_in.sizes()));
+  const DeviceGuard device(src_in);
+  const Tensor src = src_in.contiguous(), inv = inv_in.contiguous();
+  const Tensor w = w_in.defined() ? w_in.to(at::kFloat).contiguous() : Tensor();
+  auto dst = at::empty({B, T, d}, src.options().dtype(dt));
+  RECORD_FUNCTION("microdit::moe_expert_sum", std::vector<c10::IValue>());
+  MD_KERNEL(src, moe_scatter_sum, src.data_ptr(), kdt(src.scalar_type()), w.defined() ? w.data_ptr<float>() : nullptr,
+            inv.data_ptr<int32_t>(), dst.data_ptr(), kdt(dt), B, T, E, k, d);
+  return dst;
+}
+
 }  // namespace microdit

@@ -57,4 +57,12 @@ Tensor fused_swiglu(const Tensor& u, const Tensor& v);
 Tensor swiglu_product(const Tensor& u, const Tensor& v);
 std::pair<Tensor, Tensor> swiglu_grads(const Tensor& dp, const Tensor& u, const Tensor& v);
 
+// The expert-choice layer's sums (kernels::moe_scatter_sum) on src's device, not an autograd
+// function (model/ffn.cpp wraps it): src (E, B, k, d) rows of the experts' slots, w (B, E, k)
+// their weights (float32, or undefined for weight 1), inv (B, T, E) int32 the slot expert e gave
+// token t of sample b (-1: none). Returns (B, T, d) in dt, row (b, t) the sum over the experts
+// e that picked it of round_dt(w[b, e, s] src[e, b, s]) in float32 (s = inv[b, t, e]), in
+// expert order; zero for a token no expert picked.
+Tensor moe_expert_sum(const Tensor& src, const Tensor& w, const Tensor& inv, at::ScalarType dt);
+
 }  // namespace microdit
