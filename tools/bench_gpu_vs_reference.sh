@@ -52,13 +52,14 @@ el "training steps, MicroDiT_XL_2, bf16"
 # The fused CUDA kernels are on by default, with a warp per row where the shapes allow (session
 # 14); "--fused-kernels block" takes the block-per-row kernels, "--fused-kernels off" LibTorch's
 # operators alone (the Fused.* tests above check all three).
-# The expert layers take one-hot products on CUDA by default; "--moe-dispatch index" is the
+# The expert layers take the gathers and per-token sums on CUDA by default (session 17);
+# "--moe-dispatch gemm" is the one-hot products (sessions 11-16), "--moe-dispatch index" the
 # index_select / index_add of session 10.
 # Feed-forward recomputation is on by default on CUDA; "--recompute-ffn off" keeps every activation.
 # bf16 weight copies written by the AdamW step are on by default on CUDA (session 15);
 # "--bf16-weights off" is session 14's default, autocast casting every weight every step.
 for flags in "--fused-kernels off --recompute-ffn off --bf16-weights off --low-precision-layernorm --cuda-graph" \
-             "--bf16-weights off --cuda-graph" "--cuda-graph" "--bf16-weights off" "" \
+             "--bf16-weights off --cuda-graph" "--moe-dispatch gemm --cuda-graph" "--cuda-graph" "" \
              "--recompute-ffn off --cuda-graph" "--low-precision-layernorm --cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 8 $flags 2>&1 | tail -n 1
 done
@@ -73,7 +74,7 @@ fi
 if part 2; then
 el "unmasked, batch 64"
 for flags in "--fused-kernels off --low-precision-layernorm --bf16-weights off" \
-             "--low-precision-layernorm --bf16-weights off --cuda-graph" "" "--cuda-graph"; do
+             "--low-precision-layernorm --bf16-weights off --cuda-graph" "--moe-dispatch gemm --cuda-graph" "--cuda-graph"; do
   "$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 $flags 2>&1 | tail -n 1
 done
 "${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --fused-adamw \
@@ -91,7 +92,9 @@ if part 3; then
 # 3 minutes, most of it compiling), against microdit's default in the same call.
 # microdit's row first: in session 16 the call's time ran out after the reference's.
 el "unmasked, batch 64: the compiled reference"
-"$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 --cuda-graph 2>&1 | tail -n 1
+for flags in "--moe-dispatch gemm --cuda-graph" "--cuda-graph"; do
+  "$M" bench "${XL[@]}" --batch 64 --mask-ratio 0 --steps 8 $flags 2>&1 | tail -n 1
+done
 "${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 64 --mask-ratio 0 --bf16 --compile --fused-adamw \
   --low-precision-layernorm --steps 8 --warmup 2 2>&1 | grep -E "reference bench|compile:"
 fi
