@@ -355,6 +355,73 @@ __global__ void gated_fwd_vec_kernel(const X* __restrict__ x, const G* __restric
   }
 }
 
+// The two column kernels above with V = 4 consecutive columns per thread (8- or 16-byte loads
+// instead of 2- or 4-byte ones), for d % 4 == 0 and aligned rows; the same sums in the same order
+// per column.
+template <typename S, typename Y, int V>
+__global__ void modln_bwd_sums_vec_kernel(const Y* __restrict__ dy, const S* __restrict__ xs, int64_t lds,
+                                          const float* __restrict__ mean, const float* __restrict__ rstd,
+                                          float* __restrict__ s0, float* __restrict__ s1, int64_t T, int d,
+                                          int64_t chunk) {
+  const int j = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (j >= d) return;
+  const int64_t b = blockIdx.y;
+  const int64_t t0 = int64_t(blockIdx.z) * chunk;
+  const int64_t t1 = t0 + chunk < T ? t0 + chunk : T;
+  float a0[V], a1[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) a0[k] = a1[k] = 0.f;
+#pragma unroll 4
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t r = b * T + t;
+    const auto gv = load_vec<V>(dy + r * d + j);
+    const auto xv = load_vec<V>(xs + r * lds + j);
+    const float mu = mean[r], rs = rstd[r];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float g = to_f(gv.v[k]);
+      a0[k] += g;
+      a1[k] += g * (to_f(xv.v[k]) - mu) * rs;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    atomicAdd(s0 + b * d + j + k, a0[k]);
+    atomicAdd(s1 + b * d + j + k, a1[k]);
+  }
+}
+
+template <typename O, typename G, typename H, int V>
+__global__ void gated_bwd_vec_kernel(const O* __restrict__ dout, const G* __restrict__ gate,
+                                     const H* __restrict__ h, H* __restrict__ dh, float* __restrict__ dgate,
+                                     int64_t T, int d, int64_t chunk) {
+  const int j = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+  if (j >= d) return;
+  const int64_t b = blockIdx.y;
+  const int64_t t0 = int64_t(blockIdx.z) * chunk;
+  const int64_t t1 = t0 + chunk < T ? t0 + chunk : T;
+  const auto gatev = load_vec<V>(gate + b * d + j);
+  float acc[V];
+#pragma unroll
+  for (int k = 0; k < V; ++k) acc[k] = 0.f;
+#pragma unroll 4
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t i = (b * T + t) * d + j;
+    const auto dv = load_vec<V>(dout + i);
+    const auto hv = load_vec<V>(h + i);
+    Vec<H, V> o;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float g = to_f(dv.v[k]);
+      o.v[k] = from_f<H>(g * to_f(gatev.v[k]));
+      acc[k] += g * to_f(hv.v[k]);
+    }
+    *reinterpret_cast<Vec<H, V>*>(dh + i) = o;
+  }
+#pragma unroll
+  for (int k = 0; k < V; ++k) atomicAdd(dgate + b * d + j + k, acc[k]);
+}
+
 // SwiGLU's elementwise part (kernels/fused.h), V consecutive elements per thread: V = 16 bytes
 // when the pointers are 16-byte aligned and n % V == 0, else V = 1.
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + expf(-x)); }
@@ -536,6 +603,17 @@ void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, 
     using S = elem<decltype(sp)>;
     using Y = elem<decltype(yp)>;
     constexpr int threads = 128;
+    constexpr int V = 4;
+    auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+    if (g_warp_rows.load() && d % V == 0 && lds % V == 0 && aligned(dy, V * sizeof(Y)) &&
+        aligned(xs, V * sizeof(S))) {
+      modln_bwd_sums_vec_kernel<S, Y, V><<<column_grid(B, T, d / V, threads), threads, 0,
+                                           static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const Y*>(dy), static_cast<const S*>(xs), lds, mean, rstd, s0, s1, T,
+          static_cast<int>(d), rows_per_chunk(T));
+      g_warp_launches.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
     modln_bwd_sums_kernel<S, Y><<<column_grid(B, T, d, threads), threads, 0,
                                   static_cast<cudaStream_t>(stream)>>>(
         static_cast<const Y*>(dy), static_cast<const S*>(xs), lds, mean, rstd, s0, s1, T,
@@ -582,6 +660,17 @@ void gated_residual_backward(const void* dout, DType ot, const void* gate, DType
     using G = elem<decltype(gp)>;
     using H = elem<decltype(hp)>;
     constexpr int threads = 128;
+    constexpr int V = 4;
+    auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+    if (g_warp_rows.load() && d % V == 0 && aligned(dout, V * sizeof(O)) && aligned(gate, V * sizeof(G)) &&
+        aligned(h, V * sizeof(H)) && aligned(dh, V * sizeof(H))) {
+      gated_bwd_vec_kernel<O, G, H, V><<<column_grid(B, T, d / V, threads), threads, 0,
+                                         static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const O*>(dout), static_cast<const G*>(gate), static_cast<const H*>(h),
+          static_cast<H*>(dh), dgate, T, static_cast<int>(d), rows_per_chunk(T));
+      g_warp_launches.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
     gated_bwd_kernel<O, G, H><<<column_grid(B, T, d, threads), threads, 0,
                                 static_cast<cudaStream_t>(stream)>>>(
         static_cast<const O*>(dout), static_cast<const G*>(gate), static_cast<const H*>(h),
