@@ -9,6 +9,7 @@
 #include "core/autocast.h"
 #include "diffusion/edm.h"
 #include "kernels/fused.h"
+#include "model/attention.h"
 #include "model/fused.h"
 #include "model/layers.h"
 #include "model/masking.h"
@@ -411,6 +412,69 @@ TEST(Fused, ModelStepEqualsLibTorchPath) {
     EXPECT_LT(norm_error(fused, exact), 3 * norm_error(plain, exact) + 1e-2)
         << "LibTorch bf16: " << norm_error(plain, exact);
   }
+  }
+}
+
+TEST(Fused, CaptionKvsEqualOneProductPerLayer) {
+  // The cross-attentions' keys and values from one product with their [k | v] weights side by
+  // side (caption_kvs, what the model takes) against one product per layer: the same keys and
+  // values, and the same gradients of the caption and of every layer's weight, with the fused
+  // kernels (one k-norm function for all layers) and without, in float32 and bf16 autocast.
+  for (const auto device : test_devices())
+  for (const bool fused : {false, true})
+  for (const bool bf16 : {false, true}) {
+    SCOPED_TRACE(device.str() + (fused ? ", fused" : ", LibTorch") + (bf16 ? ", bf16 autocast" : ", float32"));
+    const ScopedSetting kernels(fused_kernels_enabled, set_fused_kernels, fused);
+    torch::manual_seed(4);
+    const int64_t n = 3, B = 2, L = 5, d = 48, h = 32, heads = 4;
+    std::vector<CrossAttention> layers;
+    std::vector<CrossAttentionImpl*> ptrs;
+    for (int64_t i = 0; i < n; ++i) {
+      layers.emplace_back(d, h, heads, /*bias=*/true, 1e-6);
+      layers.back()->to(device);
+      ptrs.push_back(layers.back().get());
+    }
+    const auto cond = torch::randn({B, L, d}).to(device);
+    std::vector<torch::Tensor> rk, rv;  // the loss: sum_i <k_i, rk_i> + <v_i, rv_i>
+    for (int64_t i = 0; i < n; ++i) {
+      rk.push_back(torch::randn({B, L, heads, h / heads}).to(device));
+      rv.push_back(torch::randn({B, L, heads, h / heads}).to(device));
+    }
+    auto run = [&](bool together) {
+      for (auto& l : layers) l->zero_grad();
+      const auto c = cond.clone().requires_grad_(true);
+      std::vector<CaptionKV> kv;
+      torch::Tensor loss = torch::zeros({}, torch::kDouble).to(device);
+      {
+        AutocastGuard autocast(device.type(), bf16);
+        if (together) {
+          kv = caption_kvs(ptrs, c);
+        } else {
+          for (auto* l : ptrs) kv.push_back(l->caption_kv(c));
+        }
+      }
+      std::vector<torch::Tensor> out;
+      for (int64_t i = 0; i < n; ++i) {
+        loss = loss + (kv[i].k.to(torch::kDouble) * rk[i]).sum() + (kv[i].v.to(torch::kDouble) * rv[i]).sum();
+        out.push_back(kv[i].k.detach().to(torch::kFloat));
+        out.push_back(kv[i].v.detach().to(torch::kFloat));
+      }
+      loss.backward();
+      out.push_back(c.grad());
+      for (auto& l : layers) {
+        out.push_back(l->kv_linear->weight.grad().clone());
+        out.push_back(l->kv_linear->bias.grad().clone());
+      }
+      return out;
+    };
+    const auto one = run(false), all = run(true);
+    ASSERT_EQ(one.size(), all.size());
+    for (size_t i = 0; i < one.size(); ++i) {
+      EXPECT_GT(one[i].abs().max().item<double>(), 1e-3) << i;
+      // float32: one product sums in another order; bf16: the caption's gradient is rounded to
+      // bf16 once (in one product) instead of once per layer before the sum.
+      EXPECT_LT(rel(all[i], one[i]), bf16 ? 1e-2 : 1e-5) << "tensor " << i;
+    }
   }
 }
 

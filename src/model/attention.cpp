@@ -1,6 +1,7 @@
 #include "model/attention.h"
 
 #include <ATen/autocast_mode.h>
+#include <torch/nn/functional/linear.h>
 #include <ATen/cpu/Utils.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -119,10 +120,11 @@ CrossAttentionImpl::CrossAttentionImpl(int64_t d, int64_t h, int64_t heads, bool
   ln_k = register_module("ln_k", LayerNorm(h, eps, false));
 }
 
-CaptionKV CrossAttentionImpl::caption_kv(const Tensor& cond) {
-  const auto B = cond.size(0), L = cond.size(1), hd = h / heads;
-  const Tensor p = kv_linear(cond);  // (B, L, 2h) = [k | v]
-  Tensor k, v;                       // (B, L, h) each
+CaptionKV CrossAttentionImpl::caption_kv(const Tensor& cond) { return caption_kv_from_product(kv_linear(cond)); }
+
+CaptionKV CrossAttentionImpl::caption_kv_from_product(const Tensor& p) {
+  const auto B = p.size(0), L = p.size(1), hd = h / heads;  // p (B, L, 2h) = [k | v]
+  Tensor k, v;                                              // (B, L, h) each
   if (fused_kernels_enabled() && fused_kernels_apply(p) && torch::GradMode::is_enabled() && p.requires_grad()) {
     // One autograd function: its backward pass writes dk and dv into one gradient of p.
     const auto [out, save] = ln_k->fused_dtypes(p);
@@ -133,6 +135,38 @@ CaptionKV CrossAttentionImpl::caption_kv(const Tensor& cond) {
     v = parts[1];
   }
   return {k.view({B, L, heads, hd}), v.view({B, L, heads, hd})};
+}
+
+std::vector<CaptionKV> caption_kvs(const std::vector<CrossAttentionImpl*>& layers, const Tensor& cond) {
+  std::vector<CaptionKV> out;
+  if (layers.empty()) return out;
+  const CrossAttentionImpl& a0 = *layers[0];
+  const bool bias = a0.kv_linear->bias.defined();
+  bool alike = true;
+  for (const auto* a : layers)
+    alike = alike && a->h == a0.h && a->heads == a0.heads && a->kv_linear->bias.defined() == bias &&
+            a->ln_k->eps == a0.ln_k->eps && a->ln_k->low_precision == a0.ln_k->low_precision;
+  if (layers.size() == 1 || !alike) {
+    for (auto* a : layers) out.push_back(a->caption_kv(cond));
+    return out;
+  }
+  const auto n = static_cast<int64_t>(layers.size()), B = cond.size(0), L = cond.size(1), hd = a0.h / a0.heads;
+  std::vector<Tensor> w, b;
+  for (auto* a : layers) {
+    w.push_back(a->kv_linear->weight);  // (2h, d): the bf16 copy inside a Bf16Weights scope
+    if (bias) b.push_back(a->kv_linear->bias);
+  }
+  const Tensor p = torch::nn::functional::linear(cond, at::cat(w), bias ? at::cat(b) : Tensor());  // (B, L, n*2h)
+  if (fused_kernels_enabled() && fused_kernels_apply(p) && torch::GradMode::is_enabled() && p.requires_grad()) {
+    const auto [o, save] = a0.ln_k->fused_dtypes(p);
+    const auto kv = fused_kv_norms(p, n, a0.ln_k->eps, o, save);  // LN(k0), v0, LN(k1), v1, ...
+    for (int64_t i = 0; i < n; ++i)
+      out.push_back({kv[2 * i].view({B, L, a0.heads, hd}), kv[2 * i + 1].view({B, L, a0.heads, hd})});
+    return out;
+  }
+  const auto parts = p.split(2 * a0.h, -1);  // n x (B, L, 2h), views
+  for (int64_t i = 0; i < n; ++i) out.push_back(layers[i]->caption_kv_from_product(parts[i]));
+  return out;
 }
 
 Tensor CrossAttentionImpl::forward(const Tensor& x, const CaptionKV& kv) {

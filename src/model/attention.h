@@ -4,6 +4,7 @@
 #include "model/layers.h"
 
 #include <string>
+#include <vector>
 
 namespace microdit {
 
@@ -26,12 +27,23 @@ struct CaptionKV {
 struct CrossAttentionImpl : torch::nn::Module {
   CrossAttentionImpl(int64_t d, int64_t h, int64_t heads, bool bias, double eps);
   CaptionKV caption_kv(const Tensor& cond);              // cond (B, L, d)
+  // From the product p = kv_linear(cond) (B, L, 2h) = [k | v], which may be a column slice of a
+  // wider product (caption_kvs).
+  CaptionKV caption_kv_from_product(const Tensor& p);
   Tensor forward(const Tensor& x, const CaptionKV& kv);   // x (B, N, d) -> (B, N, d)
   int64_t h, heads;
   Linear q_linear{nullptr}, kv_linear{nullptr}, proj{nullptr};  // kv: [k | v]
   LayerNorm ln_q{nullptr}, ln_k{nullptr};
 };
 TORCH_MODULE(CrossAttention);
+
+// The keys and values of several cross-attentions from one caption cond (B, L, d): one product
+// with their [k | v] weights side by side, (B, L, n * 2h), instead of one per layer, so that
+// under autocast cond is cast once and its gradient comes out of one product (summed inside it)
+// instead of n products, casts and adds; with the fused kernels one function takes all the k
+// norms and writes their gradients into one gradient of that product. Each layer keeps its own
+// parameters (checkpoints, optimizer). Layers of unequal widths or norms take one product each.
+std::vector<CaptionKV> caption_kvs(const std::vector<CrossAttentionImpl*>& layers, const Tensor& cond);
 
 // Scaled dot-product attention over heads: q (B, N, H, hd), k/v (B, M, H, hd) -> (B, N, H*hd).
 // On the CPU under bf16 autocast it computes in float32 (on bf16-rounded inputs) and returns

@@ -195,43 +195,50 @@ struct ResidualLayerNormFn : torch::autograd::Function<ResidualLayerNormFn> {
   }
 };
 
-// p (..., parts * h) cut into `parts` slices of h: the first `normed` ones normalized (LayerNorms
-// without weight), the others views of p. The self-attention's [q | k | v] (3, 2) and the
-// cross-attention's [k | v] (2, 1). The backward pass writes every slice's gradient into one
-// gradient of p, which autograd would assemble with a cat of the slices' gradients.
+// p (..., parts * h) cut into `parts` slices of h, in groups of `group` slices whose first
+// `normed` ones are normalized (LayerNorms without weight) and the others views of p. The
+// self-attention's [q | k | v] (3, 3, 2), the cross-attention's [k | v] (2, 2, 1), and the
+// [k | v] of n cross-attentions side by side (2n, 2, 1). The backward pass writes every slice's
+// gradient into one gradient of p, which autograd would assemble with a cat of the slices'.
 struct SplitNormFn : torch::autograd::Function<SplitNormFn> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& p, int64_t parts, int64_t normed, double eps,
-                               at::ScalarType out, at::ScalarType save) {
+  static bool is_normed(int64_t i, int64_t group, int64_t normed) { return i % group < normed; }
+  static variable_list forward(AutogradContext* ctx, const Tensor& p, int64_t parts, int64_t group, int64_t normed,
+                               double eps, at::ScalarType out, at::ScalarType save) {
     const int64_t h = p.size(-1) / parts;
     std::vector<Tensor> to_save;
     const Tensor none;
     variable_list r;
     for (int64_t i = 0; i < parts; ++i) {
       const Tensor slice = p.narrow(-1, i * h, h);
-      r.push_back(i < normed ? modln_forward_pass(ctx, fmt::format("n{}.", i), slice, none, none, none, eps, out,
-                                                  save, to_save)
-                             : slice);
+      r.push_back(is_normed(i, group, normed) ? modln_forward_pass(ctx, fmt::format("n{}.", i), slice, none, none,
+                                                                   none, eps, out, save, to_save)
+                                              : slice);
     }
     ctx->save_for_backward(to_save);
     ctx->saved_data["parts"] = parts;
+    ctx->saved_data["group"] = group;
     ctx->saved_data["normed"] = normed;
     return r;
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const int64_t parts = ctx->saved_data["parts"].toInt(), normed = ctx->saved_data["normed"].toInt();
+    const int64_t parts = ctx->saved_data["parts"].toInt(), group = ctx->saved_data["group"].toInt(),
+                  normed = ctx->saved_data["normed"].toInt();
     const Tensor& x0 = saved[0];
     const int64_t h = x0.size(-1);
     auto sizes = x0.sizes().vec();
     sizes.back() = parts * h;
     Tensor d = at::empty(sizes, x0.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["n0.x_dtype"].toInt())));
+    size_t first = 0;  // the slice's five saved tensors, for a normed slice
     for (int64_t i = 0; i < parts; ++i) {
       Tensor slot = d.narrow(-1, i * h, h);
+      const bool norm = is_normed(i, group, normed);
       if (!grads[i].defined()) slot.zero_();
-      else if (i < normed) modln_backward_pass(ctx, fmt::format("n{}.", i), saved, 5 * i, grads[i], Tensor(), slot);
+      else if (norm) modln_backward_pass(ctx, fmt::format("n{}.", i), saved, first, grads[i], Tensor(), slot);
       else slot.copy_(grads[i]);
+      if (norm) first += 5;
     }
-    return {d, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {d, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -357,13 +364,13 @@ std::pair<Tensor, Tensor> fused_residual_layer_norm(const Tensor& x, const Tenso
 
 namespace {
 
-variable_list split_norm(const char* what, const Tensor& p, int64_t parts, int64_t normed, double eps,
-                         at::ScalarType out, at::ScalarType save) {
+variable_list split_norm(const char* what, const Tensor& p, int64_t parts, int64_t group, int64_t normed,
+                         double eps, at::ScalarType out, at::ScalarType save) {
   MD_CHECK(fused_kernels_apply(p), "fused {} norm: needs a float32 or bf16 CPU tensor, or a CUDA tensor and the fused CUDA kernels", what);
   MD_CHECK(kernel_dtype(out) && kernel_dtype(save), "fused {} norm: bad result or saved dtype", what);
   MD_CHECK(p.dim() >= 2 && p.size(-1) % parts == 0 && p.stride(-1) == 1 && row_stride(p) >= 0,
            "fused {} norm: a (..., {}h) tensor with rows of one stride, got {}", what, parts, c10::str(p.sizes()));
-  return SplitNormFn::apply(p, parts, normed, eps, out, save);
+  return SplitNormFn::apply(p, parts, group, normed, eps, out, save);
 }
 
 }  // namespace
@@ -371,14 +378,20 @@ variable_list split_norm(const char* what, const Tensor& p, int64_t parts, int64
 std::tuple<Tensor, Tensor, Tensor> fused_qkv_norm(const Tensor& qkv, double eps, at::ScalarType out,
                                                   at::ScalarType save) {
   RECORD_FUNCTION("microdit::fused_qkv_norm", std::vector<c10::IValue>());
-  auto r = split_norm("q, k", qkv, 3, 2, eps, out, save);
+  auto r = split_norm("q, k", qkv, 3, 3, 2, eps, out, save);
   return {r[0], r[1], r[2]};
 }
 
 std::pair<Tensor, Tensor> fused_kv_norm(const Tensor& kv, double eps, at::ScalarType out, at::ScalarType save) {
   RECORD_FUNCTION("microdit::fused_kv_norm", std::vector<c10::IValue>());
-  auto r = split_norm("k", kv, 2, 1, eps, out, save);
+  auto r = split_norm("k", kv, 2, 2, 1, eps, out, save);
   return {r[0], r[1]};
+}
+
+std::vector<Tensor> fused_kv_norms(const Tensor& kv, int64_t n, double eps, at::ScalarType out, at::ScalarType save) {
+  RECORD_FUNCTION("microdit::fused_kv_norms", std::vector<c10::IValue>());
+  MD_CHECK(n >= 1, "fused k norms: need at least one [k | v] pair, got {}", n);
+  return split_norm("k", kv, 2 * n, 2, 1, eps, out, save);
 }
 
 Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {

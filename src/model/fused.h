@@ -9,6 +9,7 @@
 
 #include <tuple>
 #include <utility>
+#include <vector>
 
 namespace microdit {
 
@@ -42,6 +43,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_qkv_norm(const Tensor& qkv, double eps,
 
 // The cross-attention's (LN(k), v) from its product kv (..., 2h) = [k | v], as fused_qkv_norm.
 std::pair<Tensor, Tensor> fused_kv_norm(const Tensor& kv, double eps, at::ScalarType out, at::ScalarType save);
+// The same for n cross-attentions' products side by side, kv (..., 2nh) = [k0 | v0 | k1 | v1 ...]:
+// (LN(k0), v0, LN(k1), v1, ...), their gradients written into one gradient of kv.
+std::vector<Tensor> fused_kv_norms(const Tensor& kv, int64_t n, double eps, at::ScalarType out, at::ScalarType save);
 
 // x + gate[b] * h: x (B, T, d) (the residual stream, and the result's dtype), gate (B, d),
 // h (B, T, d).

@@ -65,9 +65,13 @@ CaptionContext MicroDiTImpl::encode_caption(const Tensor& y_in, bool with_null) 
   ctx.y = y_emb_preprocess(y_embedder(y));                     // (B, L, D)
   ctx.pooled = pooled_y_emb_process(ctx.y.mean(-2));           // (B, D)
   auto y_mixer = patch_mixer_map_y ? patch_mixer_map_y->forward(ctx.y) : ctx.y;  // (B, L, Dm)
-  for (const auto& m : *patch_mixer)
-    ctx.mixer_kv.push_back(m->as<DiTBlockImpl>()->cross_attn->caption_kv(y_mixer));
-  for (const auto& m : *blocks) ctx.block_kv.push_back(m->as<DiTBlockImpl>()->cross_attn->caption_kv(ctx.y));
+  auto cross = [](torch::nn::ModuleList& list) {
+    std::vector<CrossAttentionImpl*> layers;
+    for (const auto& m : *list) layers.push_back(m->as<DiTBlockImpl>()->cross_attn.get());
+    return layers;
+  };
+  ctx.mixer_kv = caption_kvs(cross(patch_mixer), y_mixer);  // one product for all mixer blocks
+  ctx.block_kv = caption_kvs(cross(blocks), ctx.y);         // and one for the backbone's
   return ctx;
 }
 
