@@ -90,6 +90,7 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                 {"bf16_weights", bind(c.bf16_weights, "auto, on or off")},
                 {"cpu_workers", bind(c.cpu_workers, "an integer >= 0")},
                 {"activation_checkpointing", bind(c.activation_checkpointing, "true or false")},
+                {"cuda_graph", bind(c.cuda_graph, "true or false")},
                 {"tf32", bind(c.tf32, "true or false")},
                 {"low_precision_layernorm", bind(c.low_precision_layernorm, "true or false")},
                 {"seed", bind(c.seed, "a non-negative integer")},
@@ -135,6 +136,10 @@ void TrainConfig::validate() const {
            "train config: stage.init_weights must be raw or ema, got '{}'", init_weights);
   MD_CHECK(bf16_weights == "auto" || bf16_weights == "on" || bf16_weights == "off",
            "train config: train.bf16_weights must be auto, on or off, got '{}'", bf16_weights);
+  MD_CHECK(!cuda_graph || fused_optimizer,
+           "train config: train.cuda_graph records the fused AdamW step: it needs train.fused_optimizer: true");
+  MD_CHECK(!cuda_graph || !activation_checkpointing,
+           "train config: train.cuda_graph does not record train.activation_checkpointing's recomputation; use one");
   MD_CHECK(schedule == "cosine" || schedule == "constant",
            "train config: train.schedule must be cosine or constant, got '{}'", schedule);
   MD_CHECK(caption_dropout >= 0 && caption_dropout <= 1, "train config: data.caption_dropout must be in [0, 1]");
@@ -263,6 +268,7 @@ std::string train_config_to_yaml(const TrainConfig& c) {
     << YAML::Key << "activation_checkpointing" << YAML::Value << c.activation_checkpointing
     << YAML::Key << "tf32" << YAML::Value << c.tf32;
   if (c.low_precision_layernorm) e << YAML::Key << "low_precision_layernorm" << YAML::Value << true;
+  if (c.cuda_graph) e << YAML::Key << "cuda_graph" << YAML::Value << true;
   if (c.bf16_weights != "auto") e << YAML::Key << "bf16_weights" << YAML::Value << c.bf16_weights;
   e << YAML::Key << "seed" << YAML::Value << c.seed << YAML::Key << "shard_optimizer" << YAML::Value
     << c.shard_optimizer << YAML::Key << "bucket_mb" << YAML::Value << c.bucket_mb << YAML::EndMap;

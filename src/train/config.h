@@ -46,6 +46,9 @@ struct TrainConfig {
   std::string bf16_weights = "auto";
   bool tf32 = false;                 // TF32 float32 matmuls on NVIDIA GPUs (core/precision.h)
   bool activation_checkpointing = false;  // recompute each block in backward (model/recompute.h)
+  // Record the training step (forward, backward, clipping, AdamW) into a CUDA graph once per
+  // masking phase and replay it (core/cuda_graph.h): one process on one GPU, the fused AdamW.
+  bool cuda_graph = false;
   // LayerNorm in bf16 under autocast, as the reference trains (Composer's low_precision_layernorm;
   // model/layers.h). Written to a checkpoint's settings only when on.
   bool low_precision_layernorm = false;

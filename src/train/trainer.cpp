@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "core/autocast.h"
+#include "core/cuda_graph.h"
 #include "core/error.h"
 #include "core/fs.h"
 #include "dist/dist.h"
@@ -222,6 +223,10 @@ Tensor Trainer::downsampled(const Tensor& images) const {
 Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
     : cfg_(std::move(cfg)), device_(device), comm_(comm) {
   cfg_.validate();
+  MD_CHECK(!cfg_.cuda_graph || device_.is_cuda(), "train.cuda_graph needs a CUDA device (this run is on {})",
+           device_.str());
+  MD_CHECK(!cfg_.cuda_graph || comm == nullptr,
+           "train.cuda_graph records one process's step: not with several processes");
   if (comm_) rank_ = comm_->rank(), world_ = comm_->world();
   MD_CHECK(cfg_.batch_size % (world_ * cfg_.grad_accum) == 0,
            "train.batch_size {} is not divisible by {} ranks x train.grad_accum {}", cfg_.batch_size,
@@ -506,6 +511,97 @@ Tensor Trainer::train_step(const Batch& b) {
   return total;
 }
 
+// ---- the step as a CUDA graph (train.cuda_graph) ------------------------------------------
+
+// The buffers the recorded step reads (refilled before each replay: this step's batch and its
+// draws), what it writes, and the graph. The shapes are one masking phase's.
+struct Trainer::StepGraph {
+  bool masked = false;
+  Tensor images, captions;                   // the batch as the loader gives it, on the device
+  Tensor keep, rnd_normal, noise, mask_noise;  // draw_samples' draws for the whole batch
+  AdamWDeviceScalars adamw;                  // step count and learning rate, on the device
+  Tensor loss, grad_norm;                    // written by each replay
+  std::unique_ptr<CudaGraphStep> graph;
+};
+
+void Trainer::graph_body() {
+  StepGraph& g = *graph_;
+  const int64_t B = g.images.size(0), micro = B / cfg_.grad_accum;
+  opt_->zero_grad();
+  const auto params = model_->parameters();
+  const auto targets = copies_ ? copies_->grad_targets(params) : params;
+  std::optional<Bf16Weights::Bound> bound;
+  if (copies_) bound.emplace(*copies_);
+  Tensor total;
+  for (int64_t m = 0; m < cfg_.grad_accum; ++m) {
+    // As train_step, with every input read from the buffers.
+    auto loss_of_rows = [&](int64_t s, int64_t n) {
+      const int64_t row = m * micro + s;
+      LossDraws d;
+      d.rnd_normal = g.rnd_normal.narrow(0, row, n);
+      d.noise = g.noise.narrow(0, row, n);
+      if (g.masked) d.mask = mask_from_noise(g.mask_noise.narrow(0, row, n), cfg_.model.kept_tokens(cfg_.mask_ratio));
+      const auto y = g.captions.narrow(0, row, n).unsqueeze(1) * g.keep.narrow(0, row, n).view({n, 1, 1, 1});
+      AutocastGuard autocast(device_.type(), cfg_.bf16);
+      return edm_loss(*model_, g.images.narrow(0, row, n), y, d, cfg_.edm);
+    };
+    auto l = parallel_backward(targets, micro, /*workers=*/1, 1.0 / static_cast<double>(cfg_.grad_accum),
+                               loss_of_rows, copies_ ? &params : nullptr) /
+             static_cast<double>(cfg_.grad_accum);
+    total = total.defined() ? total + l : l;
+  }
+  bound.reset();
+  Tensor coef;
+  if (cfg_.grad_clip > 0)
+    g.grad_norm = copies_ ? clip_grad_norm(params, cfg_.grad_clip, *copies_, &coef)
+                          : clip_grad_norm(params, cfg_.grad_clip);
+  fused_adamw_step(*opt_, &g.adamw, copies_.get(), coef);
+  g.loss = total;
+}
+
+std::pair<Tensor, Tensor> Trainer::graph_step(const Batch& b, double lr) {
+  const bool masked = cfg_.mask_ratio > 0 && state_.step < cfg_.steps - cfg_.unmasked_steps;
+  const int64_t B = b.images.size(0), T = cfg_.model.num_tokens();
+  if (!graph_ || graph_->masked != masked) {
+    graph_.reset();  // the previous phase's graph and its memory go first
+    auto g = std::make_unique<StepGraph>();
+    const auto on = torch::TensorOptions().device(device_);
+    g->masked = masked;
+    g->images = at::empty(b.images.sizes(), on.dtype(b.images.scalar_type()));
+    g->captions = at::empty(b.captions.sizes(), on.dtype(b.captions.scalar_type()));
+    g->keep = at::empty({B}, on.dtype(at::kFloat));
+    g->rnd_normal = at::empty({B, 1, 1, 1}, on.dtype(at::kFloat));
+    g->noise = at::empty(b.images.sizes(), on.dtype(at::kFloat));
+    if (masked) g->mask_noise = at::empty({B, T}, on.dtype(at::kFloat));
+    // The device step count continues from the steps taken so far (resume, the earlier phase).
+    g->adamw = {at::full({}, static_cast<double>(state_.step), on.dtype(at::kFloat)),
+                at::full({}, lr, on.dtype(at::kFloat))};
+    graph_ = std::move(g);
+    if (rank_ == 0)
+      fmt::print("{}recording the training step into a CUDA graph ({} phase) after 2 eager steps\n",
+                 ::isatty(::fileno(stdout)) ? "\n" : "", masked ? "masked" : "unmasked");
+    graph_->graph = std::make_unique<CudaGraphStep>(device_, [this] { graph_body(); }, /*warmup=*/2);
+  }
+  StepGraph& g = *graph_;
+  MD_CHECK(b.images.sizes() == g.images.sizes() && b.images.scalar_type() == g.images.scalar_type() &&
+               b.captions.sizes() == g.captions.sizes() && b.captions.scalar_type() == g.captions.scalar_type(),
+           "train.cuda_graph: every batch must have the first one's shapes and dtypes");
+  // This step's inputs into the buffers: asynchronous copies from pinned memory, ordered before
+  // the replay on the current stream (the pinned blocks stay reserved until the copies are done).
+  auto put = [](Tensor& dst, const Tensor& src) { dst.copy_(src.pin_memory(), /*non_blocking=*/true); };
+  const auto r = draw_samples(cfg_.seed, state_.step, /*first=*/0, B, b.images.sizes().slice(1), T, masked,
+                              cfg_.caption_dropout);
+  put(g.images, b.images);
+  put(g.captions, b.captions);
+  put(g.keep, r.keep);
+  put(g.rnd_normal, r.rnd_normal);
+  put(g.noise, r.noise);
+  if (masked) put(g.mask_noise, r.mask_noise);
+  g.adamw.lr.fill_(lr);
+  g.graph->run();
+  return {g.loss.clone(), g.grad_norm.defined() ? g.grad_norm.clone() : Tensor()};
+}
+
 double Trainer::validation_loss() {
   if (val_.size() == 0) return NAN;
   torch::NoGradGuard ng;
@@ -567,20 +663,26 @@ void Trainer::run(int64_t stop_at) {
       for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     Batch b = loader->next();
     b.images = downsampled(b.images);
-    pending_loss.push_back(train_step(b));
     Tensor gnorm;  // global, before clipping; float32 () on the device
-    if (opt_) {
-      Tensor coef;  // with bf16 weight copies: the clipping scale, applied as the AdamW step reads them
-      if (cfg_.grad_clip > 0)
-        gnorm = copies_ ? clip_grad_norm(model_->parameters(), cfg_.grad_clip, *copies_, &coef)
-                        : clip_grad_norm(model_->parameters(), cfg_.grad_clip);
-      if (cfg_.fused_optimizer) fused_adamw_step(*opt_, nullptr, copies_.get(), coef);
-      else opt_->step();
+    if (cfg_.cuda_graph) {
+      auto [loss, norm] = graph_step(b, lr);
+      pending_loss.push_back(loss);
+      gnorm = norm;
     } else {
-      const double n = sync_->sharded_grad_norm();
-      gnorm = at::scalar_tensor(n);
-      if (cfg_.grad_clip > 0) sync_->sharded_clip(cfg_.grad_clip, n);
-      sync_->sharded_step(lr);
+      pending_loss.push_back(train_step(b));
+      if (opt_) {
+        Tensor coef;  // with bf16 weight copies: the clipping scale, applied as the AdamW step reads them
+        if (cfg_.grad_clip > 0)
+          gnorm = copies_ ? clip_grad_norm(model_->parameters(), cfg_.grad_clip, *copies_, &coef)
+                          : clip_grad_norm(model_->parameters(), cfg_.grad_clip);
+        if (cfg_.fused_optimizer) fused_adamw_step(*opt_, nullptr, copies_.get(), coef);
+        else opt_->step();
+      } else {
+        const double n = sync_->sharded_grad_norm();
+        gnorm = at::scalar_tensor(n);
+        if (cfg_.grad_clip > 0) sync_->sharded_clip(cfg_.grad_clip, n);
+        sync_->sharded_step(lr);
+      }
     }
     ++state_.step;
     state_.epoch = b.epoch;
@@ -630,7 +732,11 @@ void Trainer::run(int64_t stop_at) {
       model_->train();
       if (ema_) ema_->swap_into(*model_);
     }
-    if (save_now) save_checkpoint();
+    if (save_now) {
+      // Replays step the optimizer on the device only: its host-side step counts first.
+      if (cfg_.cuda_graph) set_adamw_step_counts(*opt_, state_.step);
+      save_checkpoint();
+    }
   }
   if (tty) fmt::print("\n");
   if (rank_ == 0 && on_finish && state_.step == cfg_.steps) on_finish(cfg_.out + "/metrics.jsonl");

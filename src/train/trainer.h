@@ -9,6 +9,7 @@
 
 #include <functional>
 #include <memory>
+#include <utility>
 
 #include "data/latent_source.h"
 #include "data/shards.h"
@@ -100,6 +101,13 @@ class Trainer {
 
  private:
   Tensor train_step(const Batch& b);  // the mean loss, float64 () on the device
+  // train.cuda_graph: the step recorded into a CUDA graph (one per masking phase) and replayed.
+  // Returns this step's loss and gradient norm (before clipping; undefined without clipping),
+  // copies on the device that later replays do not overwrite.
+  struct StepGraph;
+  std::unique_ptr<StepGraph> graph_;
+  std::pair<Tensor, Tensor> graph_step(const Batch& b, double lr);
+  void graph_body();  // what the graph records: reads the graph's input buffers only
   void log_metrics(const std::string& json_line);
   TrainConfig cfg_;
   c10::Device device_;
