@@ -192,7 +192,7 @@ struct MoeGatherFn : torch::autograd::Function<MoeGatherFn> {
     const Tensor inv = ctx->get_saved_variables()[0];
     const auto E = inv.size(2), B = inv.size(0), d = grads[0].size(2);
     const auto xt = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-    return {moe_expert_sum(grads[0].view({E, B, -1, d}), Tensor(), inv, xt), Tensor(), Tensor()};
+    return {moe_expert_sum(grads[0].reshape({E, B, -1, d}), Tensor(), inv, xt), Tensor(), Tensor()};
   }
 };
 
@@ -229,7 +229,7 @@ struct MoeCombineGatherFn : torch::autograd::Function<MoeCombineGatherFn> {
       if (h.is_cuda() && half && dgh.scalar_type() == h.scalar_type() && pt == at::kFloat) {
         // The diagonals of the (k, k) products dgh[e, b] h[e, b]^T with float32 results (see
         // MoeCombineFn): one batched product over the E*B (expert, sample) pairs.
-        dge = at::bmm(dgh.view({E * B, k, d}), h.view({E * B, k, d}).transpose(1, 2), at::kFloat)
+        dge = at::bmm(dgh.view({E * B, k, d}), h.reshape({E * B, k, d}).transpose(1, 2), at::kFloat)
                   .diagonal(0, 1, 2)
                   .view({E, B, k});
       } else {
