@@ -116,6 +116,18 @@ struct SwiGLULinearFn : torch::autograd::Function<SwiGLULinearFn> {
   }
 };
 
+// The router weights' gradient: sum_j a[n, i, j] b[n, i, j] in `pt`, a and b (N, k, d), -> (N, k).
+// On CUDA with 16-bit a and b and a float32 result: the diagonals of the (k, k) products
+// a[n] b[n]^T with float32 results (the products of 16-bit values are exact in float32, so only
+// the summation order differs from the expression), read where a and b are (any batch stride):
+// no float32 copy, no product tensor.
+Tensor slot_dots(const Tensor& a, const Tensor& b, at::ScalarType pt) {
+  const bool half = b.scalar_type() == at::kBFloat16 || b.scalar_type() == at::kHalf;
+  if (b.is_cuda() && half && a.scalar_type() == b.scalar_type() && pt == at::kFloat)
+    return at::bmm(a, b.transpose(1, 2), at::kFloat).diagonal(0, 1, 2);
+  return (a.to(pt) * b).sum(-1);
+}
+
 // The expert-choice combine out = P^T (g * h^T) as the reference's einsum computes it under
 // autocast (the product in the autocast dtype `dt`), but keeping P, h and g for the backward
 // pass, not the product g * h^T and its cast copy: at XL batch 256 that is 67 MB per expert layer.
@@ -140,7 +152,6 @@ struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
     const Tensor &P = saved[0], &h = saved[1], &g = saved[2];
     const auto dt = static_cast<at::ScalarType>(ctx->saved_data["dt"].toInt());
     const int64_t E = h.size(0), B = h.size(1), k = h.size(2), d = h.size(3);
-    const Tensor ht = h.transpose(0, 1);  // (B, E, k, d), a view
     // d(g * h^T) in dt; autograd's ToCopyBackward would hand it on in the product's dtype
     // (float32 under autocast), which holds the same values.
     const Tensor dgh = microdit::bmm(P.to(dt), grads[0].to(dt)).view({B, E, k, d});  // (B, E, k, d)
@@ -154,22 +165,11 @@ struct MoeCombineFn : torch::autograd::Function<MoeCombineFn> {
       at::mul_out(dht, dgh, g.unsqueeze(-1));
     }
     if (ctx->needs_input_grad(2)) {
-      const bool half = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
-      if (h.is_cuda() && half && dgh.scalar_type() == h.scalar_type() && pt == at::kFloat) {
-        // dg[b, e, i] = sum_j dgh[b, e, i, j] h[e, b, i, j] in float32: per expert e, the diagonal
-        // of the (k, k) products dgh[b, e] h[e, b]^T batched over b, with float32 results (the
-        // products of 16-bit values are exact in float32, so only the summation order differs
-        // from the expression below). Both operands are read where they are (batch strides
-        // E*k*d and k*d): no float32 copy of dgh, no product tensor, no copy of h.
-        std::vector<Tensor> per_expert;
-        per_expert.reserve(static_cast<size_t>(E));
-        for (int64_t e = 0; e < E; ++e)
-          per_expert.push_back(
-              at::bmm(dgh.select(1, e), h.select(0, e).transpose(1, 2), at::kFloat).diagonal(0, 1, 2));  // (B, k)
-        dg = at::stack(per_expert, 1).to(g.scalar_type());  // (B, E, k)
-      } else {
-        dg = (dgh.to(pt) * ht).sum(-1).to(g.scalar_type());
-      }
+      // dg[b, e, i] = sum_j dgh[b, e, i, j] h[e, b, i, j], per expert e (the two layouts differ).
+      std::vector<Tensor> per_expert;
+      per_expert.reserve(static_cast<size_t>(E));
+      for (int64_t e = 0; e < E; ++e) per_expert.push_back(slot_dots(dgh.select(1, e), h.select(0, e), pt));  // (B, k)
+      dg = at::stack(per_expert, 1).to(g.scalar_type());  // (B, E, k)
     }
     return {Tensor(), dh, dg, Tensor()};
   }
@@ -223,18 +223,8 @@ struct MoeCombineGatherFn : torch::autograd::Function<MoeCombineGatherFn> {
       dh = at::empty(h.sizes(), h.options());  // dgh * g in pt, rounded to h's dtype on the store
       at::mul_out(dh, dgh, ge.unsqueeze(-1));
     }
-    if (ctx->needs_input_grad(1)) {
-      const bool half = h.scalar_type() == at::kBFloat16 || h.scalar_type() == at::kHalf;
-      Tensor dge;  // (E, B, k)
-      if (h.is_cuda() && half && dgh.scalar_type() == h.scalar_type() && pt == at::kFloat) {
-        // The diagonals of the (k, k) products dgh[e, b] h[e, b]^T with float32 results (see
-        // MoeCombineFn): one batched product over the E*B (expert, sample) pairs.
-        dge = at::bmm(dgh.view({E * B, k, d}), h.reshape({E * B, k, d}).transpose(1, 2), at::kFloat)
-                  .diagonal(0, 1, 2)
-                  .view({E, B, k});
-      } else {
-        dge = (dgh.to(pt) * h).sum(-1);
-      }
+    if (ctx->needs_input_grad(1)) {  // one batch over the E*B (expert, sample) pairs: the layouts agree
+      const Tensor dge = slot_dots(dgh.view({E * B, k, d}), h.reshape({E * B, k, d}), pt).view({E, B, k});
       dg = dge.permute({1, 0, 2}).to(g.scalar_type()).contiguous();  // (B, E, k)
     }
     return {dh, dg, Tensor(), Tensor(), Tensor()};

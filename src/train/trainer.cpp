@@ -486,16 +486,11 @@ Tensor Trainer::train_step(const Batch& b) {
     auto loss_of_rows = [&](int64_t s, int64_t n) {
       const int64_t row = m * micro + s;
       auto x = b.images.narrow(0, row, n);
-      auto y = b.captions.narrow(0, row, n).unsqueeze(1);  // (n, 1, L, W)
       auto r = draw_samples(cfg_.seed, state_.step, first + row, n, x.sizes().slice(1), T, masked,
                             cfg_.caption_dropout);
-      LossDraws d;
-      d.rnd_normal = to_device(r.rnd_normal, device_);
-      d.noise = to_device(r.noise, device_);
-      if (masked) d.mask = mask_from_noise(to_device(r.mask_noise, device_), cfg_.model.kept_tokens(cfg_.mask_ratio));
-      y = y * r.keep.view({n, 1, 1, 1});
-      AutocastGuard autocast(device_.type(), cfg_.bf16);
-      return edm_loss(*model_, to_device(x, device_), to_device(y, device_), d, cfg_.edm);
+      auto dev = [&](const Tensor& t) { return t.defined() ? to_device(t, device_) : t; };
+      return sample_loss(dev(x), dev(b.captions.narrow(0, row, n)), dev(r.keep), dev(r.rnd_normal), dev(r.noise),
+                         dev(r.mask_noise));
     };
     if (sync_) sync_->begin_backward(/*sync=*/m + 1 == cfg_.grad_accum);
     auto l = parallel_backward(targets, micro, workers_, 1.0 / static_cast<double>(cfg_.grad_accum), loss_of_rows,
@@ -509,6 +504,28 @@ Tensor Trainer::train_step(const Batch& b) {
     total = at::scalar_tensor(comm_->sum(total.item<double>()) / world_, at::kDouble);
   }
   return total;
+}
+
+Tensor Trainer::sample_loss(const Tensor& x, const Tensor& captions, const Tensor& keep, const Tensor& rnd_normal,
+                            const Tensor& noise, const Tensor& mask_noise) {
+  const int64_t n = x.size(0);
+  LossDraws d;
+  d.rnd_normal = rnd_normal;
+  d.noise = noise;
+  if (mask_noise.defined()) d.mask = mask_from_noise(mask_noise, cfg_.model.kept_tokens(cfg_.mask_ratio));
+  const auto y = captions.unsqueeze(1) * keep.view({n, 1, 1, 1});  // (n, 1, L, W), dropped captions zero
+  AutocastGuard autocast(device_.type(), cfg_.bf16);  // the forward pass only
+  return edm_loss(*model_, x, y, d, cfg_.edm);
+}
+
+Tensor Trainer::clip_and_step(AdamWDeviceScalars* dev) {
+  Tensor gnorm, coef;  // coef, with bf16 weight copies: the clipping scale, applied as the AdamW step reads them
+  if (cfg_.grad_clip > 0)
+    gnorm = copies_ ? clip_grad_norm(model_->parameters(), cfg_.grad_clip, *copies_, &coef)
+                    : clip_grad_norm(model_->parameters(), cfg_.grad_clip);
+  if (cfg_.fused_optimizer) fused_adamw_step(*opt_, dev, copies_.get(), coef);
+  else opt_->step();
+  return gnorm;
 }
 
 // ---- the step as a CUDA graph (train.cuda_graph) ------------------------------------------
@@ -537,13 +554,9 @@ void Trainer::graph_body() {
     // As train_step, with every input read from the buffers.
     auto loss_of_rows = [&](int64_t s, int64_t n) {
       const int64_t row = m * micro + s;
-      LossDraws d;
-      d.rnd_normal = g.rnd_normal.narrow(0, row, n);
-      d.noise = g.noise.narrow(0, row, n);
-      if (g.masked) d.mask = mask_from_noise(g.mask_noise.narrow(0, row, n), cfg_.model.kept_tokens(cfg_.mask_ratio));
-      const auto y = g.captions.narrow(0, row, n).unsqueeze(1) * g.keep.narrow(0, row, n).view({n, 1, 1, 1});
-      AutocastGuard autocast(device_.type(), cfg_.bf16);
-      return edm_loss(*model_, g.images.narrow(0, row, n), y, d, cfg_.edm);
+      auto rows = [&](const Tensor& t) { return t.defined() ? t.narrow(0, row, n) : t; };
+      return sample_loss(rows(g.images), rows(g.captions), rows(g.keep), rows(g.rnd_normal), rows(g.noise),
+                         rows(g.mask_noise));
     };
     auto l = parallel_backward(targets, micro, /*workers=*/1, 1.0 / static_cast<double>(cfg_.grad_accum),
                                loss_of_rows, copies_ ? &params : nullptr) /
@@ -551,11 +564,7 @@ void Trainer::graph_body() {
     total = total.defined() ? total + l : l;
   }
   bound.reset();
-  Tensor coef;
-  if (cfg_.grad_clip > 0)
-    g.grad_norm = copies_ ? clip_grad_norm(params, cfg_.grad_clip, *copies_, &coef)
-                          : clip_grad_norm(params, cfg_.grad_clip);
-  fused_adamw_step(*opt_, &g.adamw, copies_.get(), coef);
+  g.grad_norm = clip_and_step(&g.adamw);
   g.loss = total;
 }
 
@@ -671,12 +680,7 @@ void Trainer::run(int64_t stop_at) {
     } else {
       pending_loss.push_back(train_step(b));
       if (opt_) {
-        Tensor coef;  // with bf16 weight copies: the clipping scale, applied as the AdamW step reads them
-        if (cfg_.grad_clip > 0)
-          gnorm = copies_ ? clip_grad_norm(model_->parameters(), cfg_.grad_clip, *copies_, &coef)
-                          : clip_grad_norm(model_->parameters(), cfg_.grad_clip);
-        if (cfg_.fused_optimizer) fused_adamw_step(*opt_, nullptr, copies_.get(), coef);
-        else opt_->step();
+        gnorm = clip_and_step(nullptr);
       } else {
         const double n = sync_->sharded_grad_norm();
         gnorm = at::scalar_tensor(n);

@@ -29,6 +29,7 @@ double learning_rate(const TrainConfig& c, int64_t step);
 
 // Exponential moving average of the parameters (shadow copies, same names).
 class Bf16Weights;
+struct AdamWDeviceScalars;
 
 class EMA {
  public:
@@ -108,6 +109,13 @@ class Trainer {
   std::unique_ptr<StepGraph> graph_;
   std::pair<Tensor, Tensor> graph_step(const Batch& b, double lr);
   void graph_body();  // what the graph records: reads the graph's input buffers only
+  // The EDM loss of rows x with their captions, caption-keep flags and draws, all on the device
+  // (mask_noise undefined: unmasked).
+  Tensor sample_loss(const Tensor& x, const Tensor& captions, const Tensor& keep, const Tensor& rnd_normal,
+                     const Tensor& noise, const Tensor& mask_noise);
+  // Gradient clipping (train.grad_clip) and the AdamW step, with device scalars in a CUDA graph;
+  // returns the gradient norm before clipping (undefined without clipping).
+  Tensor clip_and_step(AdamWDeviceScalars* dev);
   void log_metrics(const std::string& json_line);
   TrainConfig cfg_;
   c10::Device device_;
