@@ -165,9 +165,11 @@ TEST(CpuMatmul, TrainingStepMatchesMkl) {
 }
 
 TEST(CpuAttention, Float32UnderAutocast) {
-  // ATen's bf16 attention is the slow one on the CPU, so under autocast attention runs in
-  // float32 (model/attention.cpp): the result is float32 SDPA of the inputs rounded to bf16 (as
-  // autocast would have cast them), and the gradients are attention's, in the inputs' dtypes.
+  // Without AMX ATen's bf16 attention is the slow one on the CPU, so under autocast attention
+  // runs in float32 (model/attention.cpp): the result is float32 SDPA of the inputs rounded to
+  // bf16 (as autocast would have cast them), and the gradients are attention's, in the inputs'
+  // dtypes. (Head size 8 keeps `auto` at float32 on AMX CPUs too; the setting makes it sure.)
+  const test_util::ScopedSetting mode(cpu_attention, set_cpu_attention, CpuAttention::float32);
   torch::manual_seed(5);
   auto q = torch::randn({2, 6, 4, 8}).to(torch::kBFloat16).requires_grad_();  // (B, N, H, hd)
   auto k = torch::randn({2, 5, 4, 8}).requires_grad_();                       // float32, as LN gives
@@ -212,43 +214,4 @@ TEST(CpuAttention, Bf16WithoutAutocastStaysBf16) {
   auto t = [](const torch::Tensor& x) { return x.transpose(1, 2); };
   const auto ref = at::scaled_dot_product_attention(t(q), t(k), t(v)).transpose(1, 2).reshape({2, 6, 32});
   EXPECT_LT((o.to(torch::kFloat) - ref.to(torch::kFloat)).abs().max().item<double>(), 2e-2);
-}
-
-TEST(CpuAttention, SamplersOnAmxTakeAtenBf16) {
-  // A sampler's evaluations (a SamplingScope, no gradients) under autocast on a CPU with AMX
-  // take ATen's bf16 attention; with gradients, outside a sampler (a checkpointed block's
-  // forward also runs without gradients), or without AMX, the float32 attention above. Either
-  // way the values are attention's, to bf16 rounding.
-  torch::manual_seed(6);
-  auto q = torch::randn({2, 9, 4, 16}).to(torch::kBFloat16), k = torch::randn({2, 7, 4, 16}).to(torch::kBFloat16),
-       v = torch::randn({2, 7, 4, 16}).to(torch::kBFloat16);
-  auto t = [](const torch::Tensor& x) { return x.to(torch::kDouble).transpose(1, 2); };
-  const auto p = torch::softmax(torch::matmul(t(q), t(k).transpose(-1, -2)) / 4.0, -1);
-  const auto expect = torch::matmul(p, t(v)).transpose(1, 2).reshape({2, 9, 64});
-  torch::Tensor with_grad, no_grad;
-  bool applies = false;
-  {
-    AutocastGuard ac(c10::kCPU, true);
-    with_grad = multi_head_attention(q, k, v);
-    const SamplingScope sampling;
-    EXPECT_FALSE(cpu_bf16_attention_applies());  // gradients on
-    torch::NoGradGuard ng;
-    applies = cpu_bf16_attention_applies();
-    no_grad = multi_head_attention(q, k, v);
-  }
-  {
-    AutocastGuard ac(c10::kCPU, true);
-    torch::NoGradGuard ng;
-    EXPECT_FALSE(cpu_bf16_attention_applies());  // no gradients, but no sampler either
-  }
-  EXPECT_EQ(applies, cpu_has_amx_bf16());
-  EXPECT_EQ(with_grad.scalar_type(), torch::kFloat);
-  EXPECT_EQ(no_grad.scalar_type(), applies ? torch::kBFloat16 : torch::kFloat);
-  EXPECT_LT((with_grad.to(torch::kDouble) - expect).abs().max().item<double>(), 1e-5);
-  EXPECT_LT((no_grad.to(torch::kDouble) - expect).abs().max().item<double>(), 2e-2);
-  {
-    const SamplingScope sampling;
-    torch::NoGradGuard ng;
-    EXPECT_FALSE(cpu_bf16_attention_applies());  // autocast off
-  }
 }

@@ -40,14 +40,12 @@ static std::string fused_kernels_text(const c10::Device& device) {
   return fmt::format(", fused kernels ({})", kernels::cpu::instruction_set());
 }
 
-// ", bf16 attention" / ", float32 attention" for a CPU line under bf16 autocast (model/attention.h).
-static std::string cpu_attention_text(const c10::Device& device, bool bf16, bool grads) {
+// ", bf16 AMX attention" / ", float32 attention" ... for a CPU line under bf16 autocast
+// (model/attention.h).
+static std::string cpu_attention_text(const c10::Device& device, bool bf16, int head_dim) {
   if (device.is_cuda() || !bf16) return "";
   AutocastGuard autocast(c10::kCPU, true);
-  const torch::AutoGradMode grad_mode(grads);
-  std::optional<SamplingScope> sampling;
-  if (!grads) sampling.emplace();
-  return cpu_bf16_attention_applies() ? ", bf16 attention" : ", float32 attention";
+  return fmt::format(", {} attention", cpu_attention_kernel_name(cpu_attention_kernel(head_dim)));
 }
 
 // How the expert layers move tokens on this device (model/ffn.h), where it is not the index
@@ -139,7 +137,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
              o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "",
              !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
              std::string(o.low_precision_layernorm ? ", low-precision LayerNorm" : "") +
-                 cpu_attention_text(device, o.bf16, /*grads=*/false) + fused_kernels_text(device) +
+                 cpu_attention_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) +
                  moe_text(device),
              o.n / s, s,
              peak_memory_text(device));
@@ -255,7 +253,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (copies) split += ", bf16 weight copies";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
-  split += cpu_attention_text(device, o.bf16, /*grads=*/true) + fused_kernels_text(device) + moe_text(device);
+  split += cpu_attention_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) + moe_text(device);
   if (recompute_ffn() == RecomputeFfn::always || (recompute_ffn() == RecomputeFfn::cuda && device.is_cuda()))
     split += ", FFN activations recomputed";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "

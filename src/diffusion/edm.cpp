@@ -8,7 +8,6 @@
 #include <ATen/autocast_mode.h>
 
 #include "core/cuda_graph.h"
-#include "model/attention.h"
 #include "core/error.h"
 
 namespace microdit {
@@ -90,7 +89,6 @@ Solver parse_solver(const std::string& name) {
 Tensor edm_sample(MicroDiTImpl& model, const Tensor& z, const Tensor& y, const EDMConfig& edm,
                   const SamplerOptions& opt, const std::function<void(int, int)>& progress) {
   torch::NoGradGuard no_grad;
-  const SamplingScope sampling;  // CPU attention may take its inference kernel (model/attention.h)
   const auto t = sampler_sigmas(opt.steps, edm);
   const double cfg = opt.cfg > 1.0 ? opt.cfg : 1.0;
   auto f32 = z.options().dtype(torch::kFloat32);

@@ -2,36 +2,44 @@
 
 #include <ATen/autocast_mode.h>
 #include <torch/nn/functional/linear.h>
-#include <ATen/cpu/Utils.h>
+#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
 #include <atomic>
+#include <cmath>
 
 #include "core/choice.h"
 #include "core/error.h"
+#include "kernels/attention_cpu.h"
 #include "model/fused.h"
 
 namespace microdit {
 
-bool cpu_has_amx_bf16() {
-  // The CPU's flag, and the kernel's leave to use AMX state (at::cpu::init_amx asks for it;
-  // a kernel or VM without it leaves oneDNN on AVX-512, where bf16 attention is the slow one).
-  static const bool amx = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("amx-bf16") != 0 && at::cpu::init_amx();
-  }();
-  return amx;
-}
-
 namespace {
 std::atomic<CpuAttention> g_cpu_attention{CpuAttention::automatic};
-thread_local bool t_sampling = false;
-}  // namespace
 
-SamplingScope::SamplingScope() : was(t_sampling) { t_sampling = true; }
-SamplingScope::~SamplingScope() { t_sampling = was; }
+// ATen's bf16 flash attention forward, and microdit's AMX backward pass for it. q (B, H, N, hd),
+// k and v (B, H, L, hd), bf16; the output (B, H, N, hd) bf16.
+struct AmxAttentionFn : torch::autograd::Function<AmxAttentionFn> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v) {
+    auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);  // lse (B, H, N) float32
+    ctx->save_for_backward({q, k, v, o, lse});
+    return o;
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const auto s = ctx->get_saved_variables();
+    Tensor dout = grads[0].to(at::kBFloat16);
+    if (dout.stride(3) != 1) dout = dout.contiguous();
+    const double scale = 1.0 / std::sqrt(static_cast<double>(s[0].size(3)));
+    auto [dq, dk, dv] = kernels::cpu::attention_backward_bf16(s[0], s[1], s[2], s[3], s[4], dout, scale);
+    return {dq, dk, dv};
+  }
+};
+}  // namespace
 
 void set_cpu_attention(CpuAttention mode) { g_cpu_attention = mode; }
 CpuAttention cpu_attention() { return g_cpu_attention; }
@@ -43,44 +51,62 @@ CpuAttention parse_cpu_attention(const std::string& name) {
                                      {"bf16", CpuAttention::bf16}});
 }
 
-bool cpu_bf16_attention_applies() {
-  if (!at::autocast::is_autocast_enabled(at::kCPU)) return false;
+CpuAttentionKernel cpu_attention_kernel(int64_t hd) {
+  if (!at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::get_autocast_dtype(at::kCPU) != at::kBFloat16)
+    return CpuAttentionKernel::float32;
   switch (g_cpu_attention.load()) {
-    case CpuAttention::float32: return false;
-    case CpuAttention::bf16: return true;
+    case CpuAttention::float32: return CpuAttentionKernel::float32;
+    case CpuAttention::bf16: return CpuAttentionKernel::aten_bf16;
     case CpuAttention::automatic: break;
   }
-  // Gradients off is not enough: a checkpointed block's forward also runs without them, and
-  // must compute what its recomputation (with gradients) computes again.
-  return cpu_has_amx_bf16() && t_sampling && !torch::GradMode::is_enabled();
+  return kernels::cpu::amx_attention_available() && kernels::cpu::amx_attention_applies(hd)
+             ? CpuAttentionKernel::amx_bf16
+             : CpuAttentionKernel::float32;
+}
+
+const char* cpu_attention_kernel_name(CpuAttentionKernel kernel) {
+  switch (kernel) {
+    case CpuAttentionKernel::aten_bf16: return "bf16";
+    case CpuAttentionKernel::amx_bf16: return "bf16 AMX";
+    default: return "float32";
+  }
 }
 
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   const auto B = q.size(0), N = q.size(1), H = q.size(2), hd = q.size(3);
-  const bool autocast = q.device().is_cpu() && at::autocast::is_autocast_enabled(at::kCPU);
-  // In a sampler on a CPU with AMX, ATen's bf16 attention is the fast one: its
-  // forward runs on AMX tiles, and bf16 sampling of the emoji model took 14 % less time than
-  // with the float32 attention below on a Xeon. Its backward is 2.5x slower than float32's on
-  // the same CPU, so training steps keep the float32 attention.
-  const bool aten_bf16 = autocast && cpu_bf16_attention_applies();
-  if (q.device().is_cpu() && !aten_bf16 &&
-      (autocast || q.scalar_type() != at::kFloat || k.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat)) {
-    // Otherwise on the CPU, ATen's bf16 attention is the slow one: without AMX its flash
-    // kernel's bf16 products go through MKL's bf16 GEMM, and forward + backward ran 4-10x slower
-    // than in float32 on MicroDiT's shapes (docs/performance.md). So here attention steps past autocast
-    // (which would cast it to bf16) and computes in float32 on the inputs autocast would have
-    // given it, rounded to bf16 (under autocast q, k and v arrive in bf16 already). Under
-    // autocast the float32 result goes on to the output projection, which autocast casts as
-    // before; without autocast it comes back in q's dtype, as ATen's attention returns it.
-    const auto low = at::autocast::get_autocast_dtype(at::kCPU);
-    const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
-    auto f = [&](const Tensor& t) { return (autocast ? t.to(low) : t).to(at::kFloat).transpose(1, 2); };
-    auto o = at::scaled_dot_product_attention(f(q), f(k), f(v));  // (B, H, N, hd) float32
-    if (!autocast) o = o.to(q.scalar_type());
-    return o.transpose(1, 2).reshape({B, N, H * hd});
+  auto heads = [](const Tensor& t) { return t.transpose(1, 2); };  // (B, seq, H, hd) -> (B, H, seq, hd)
+  if (q.device().is_cpu()) {
+    const bool autocast = at::autocast::is_autocast_enabled(at::kCPU);
+    const auto kernel = cpu_attention_kernel(hd);
+    if (kernel == CpuAttentionKernel::amx_bf16) {
+      // On AMX both passes run on bf16 tiles: ATen's forward, microdit's backward
+      // (kernels/attention_cpu.h); 1.6x float32's time for the mixer's 256-token attention
+      // (docs/performance.md). The inputs are those autocast would give ATen's attention.
+      const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+      auto b = [&](const Tensor& t) { return heads(t.to(at::kBFloat16)); };
+      const bool grads = torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+      const Tensor o = grads ? AmxAttentionFn::apply(b(q), b(k), b(v))
+                             : std::get<0>(at::_scaled_dot_product_flash_attention_for_cpu(b(q), b(k), b(v)));
+      return o.transpose(1, 2).reshape({B, N, H * hd});  // bf16
+    }
+    if (kernel == CpuAttentionKernel::float32 &&
+        (autocast || q.scalar_type() != at::kFloat || k.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat)) {
+      // ATen's bf16 attention is the slow one on CPUs without AMX: its flash kernel's bf16
+      // products go through MKL's bf16 GEMM, and forward + backward ran 4-10x slower than in
+      // float32 on MicroDiT's shapes (docs/performance.md). So here attention steps past
+      // autocast (which would cast it to bf16) and computes in float32 on the inputs autocast
+      // would have given it, rounded to bf16. Under autocast the float32 result goes on to the
+      // output projection, which autocast casts as before; without autocast it comes back in
+      // q's dtype, as ATen's attention returns it.
+      const auto low = at::autocast::get_autocast_dtype(at::kCPU);
+      const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
+      auto f = [&](const Tensor& t) { return heads((autocast ? t.to(low) : t).to(at::kFloat)); };
+      auto o = at::scaled_dot_product_attention(f(q), f(k), f(v));  // (B, H, N, hd) float32
+      if (!autocast) o = o.to(q.scalar_type());
+      return o.transpose(1, 2).reshape({B, N, H * hd});
+    }
   }
-  auto o = at::scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                            v.transpose(1, 2));  // (B, H, N, hd)
+  auto o = at::scaled_dot_product_attention(heads(q), heads(k), heads(v));  // (B, H, N, hd)
   return o.transpose(1, 2).reshape({B, N, H * hd});
 }
 

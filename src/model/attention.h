@@ -46,29 +46,27 @@ TORCH_MODULE(CrossAttention);
 std::vector<CaptionKV> caption_kvs(const std::vector<CrossAttentionImpl*>& layers, const Tensor& cond);
 
 // Scaled dot-product attention over heads: q (B, N, H, hd), k/v (B, M, H, hd) -> (B, N, H*hd).
-// On the CPU under bf16 autocast it computes in float32 (on bf16-rounded inputs) and returns
-// float32, except where cpu_bf16_attention_applies: then ATen's bf16 attention, returning bf16.
+// On the CPU under bf16 autocast it takes the kernel cpu_attention_kernel(hd) names: float32 (on
+// the bf16-rounded inputs) returns float32, the bf16 kernels return bf16.
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v);
-// The CPU has AMX with bf16 (Intel Xeon since Sapphire Rapids).
-bool cpu_has_amx_bf16();
-// Attention on the CPU under bf16 autocast (--cpu-attention): `automatic` is float32, except
-// in a sampler (a SamplingScope without gradients) on a CPU with AMX; `bf16` is always ATen's
-// bf16 attention (slow on the CPU but what a GPU keeps for the backward pass: `bench --memory`
-// with it predicts GPU memory).
+
+// Attention on the CPU under bf16 autocast (--cpu-attention):
+//   automatic: the AMX kernels where the CPU has AMX for bf16 and the head size is a multiple
+//     of 16 (kernels/attention_cpu.h), else float32 (ATen's bf16 backward pass is the slow one);
+//   float32: always float32;
+//   bf16: always ATen's bf16 attention, both ways (slow on the CPU, but it keeps what a GPU keeps
+//     for the backward pass: `bench --memory` with it predicts GPU memory).
 enum class CpuAttention { automatic, float32, bf16 };
 void set_cpu_attention(CpuAttention mode);
 CpuAttention cpu_attention();
 CpuAttention parse_cpu_attention(const std::string& name);  // auto, float32 or bf16
-// Whether CPU attention takes ATen's bf16 kernel now (autocast on, and the setting above).
-bool cpu_bf16_attention_applies();
-// Marks, on this thread, a sampler's network evaluations (edm_sample): results that no
-// backward pass will recompute, so `automatic` may pick the faster attention kernel there.
-struct SamplingScope {
-  SamplingScope();
-  ~SamplingScope();
-  SamplingScope(const SamplingScope&) = delete;
-  SamplingScope& operator=(const SamplingScope&) = delete;
-  bool was;
-};
+// The kernels of CPU attention:
+//   float32: ATen's float32 attention on the inputs rounded to the autocast dtype;
+//   aten_bf16: ATen's bf16 attention, forward and backward;
+//   amx_bf16: ATen's bf16 forward pass (AMX tiles) and microdit's AMX backward pass.
+enum class CpuAttentionKernel { float32, aten_bf16, amx_bf16 };
+// The kernel CPU attention with head size hd takes now: float32 unless bf16 autocast is on.
+CpuAttentionKernel cpu_attention_kernel(int64_t hd);
+const char* cpu_attention_kernel_name(CpuAttentionKernel kernel);  // "float32", "bf16", "bf16 AMX"
 
 }  // namespace microdit

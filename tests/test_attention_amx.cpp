@@ -1,0 +1,183 @@
+// bf16 attention on AMX (kernels/attention_cpu.h, model/attention.cpp): which kernel CPU attention
+// takes, the backward kernel against attention's gradient in float64 on the same bf16 values (odd
+// and long sequences, strided heads), its one-line errors, and the model's attention and a whole
+// training step through it. The kernel tests skip on CPUs without AMX for bf16.
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <string>
+
+#include "core/autocast.h"
+#include "kernels/attention_cpu.h"
+#include "model/attention.h"
+#include "test_util.h"
+#include "tiny_step.h"
+
+using namespace microdit;
+
+namespace {
+
+// A (B, H, seq, hd) bf16 view of a (B, seq, H, hd) tensor, as the model's heads are.
+torch::Tensor heads(int64_t B, int64_t seq, int64_t H, int64_t hd) {
+  return torch::randn({B, seq, H, hd}).to(torch::kBFloat16).transpose(1, 2);
+}
+
+// Norm-wise relative difference of a to the float64 reference.
+double rel(const torch::Tensor& a, const torch::Tensor& ref) {
+  return ((a.to(torch::kDouble) - ref).norm() / ref.norm()).item<double>();
+}
+
+struct Mode : test_util::ScopedSetting<CpuAttention> {
+  explicit Mode(CpuAttention m) : ScopedSetting(cpu_attention, set_cpu_attention, m) {}
+};
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(AmxAttention, ChoiceOfKernel) {
+  const Mode automatic(CpuAttention::automatic);
+  EXPECT_EQ(cpu_attention_kernel(32), CpuAttentionKernel::float32);  // no autocast
+  AutocastGuard ac(c10::kCPU, true);
+  const auto amx = kernels::cpu::amx_attention_available() ? CpuAttentionKernel::amx_bf16 : CpuAttentionKernel::float32;
+  EXPECT_EQ(cpu_attention_kernel(16), amx);
+  EXPECT_EQ(cpu_attention_kernel(32), amx);
+  EXPECT_EQ(cpu_attention_kernel(64), amx);
+  EXPECT_EQ(cpu_attention_kernel(8), CpuAttentionKernel::float32);  // brgemm's column blocks
+  EXPECT_EQ(cpu_attention_kernel(24), CpuAttentionKernel::float32);
+  {
+    const Mode float32(CpuAttention::float32);
+    EXPECT_EQ(cpu_attention_kernel(32), CpuAttentionKernel::float32);
+  }
+  const Mode bf16(CpuAttention::bf16);
+  EXPECT_EQ(cpu_attention_kernel(32), CpuAttentionKernel::aten_bf16);
+  EXPECT_EQ(cpu_attention_kernel(8), CpuAttentionKernel::aten_bf16);
+  EXPECT_STREQ(cpu_attention_kernel_name(CpuAttentionKernel::amx_bf16), "bf16 AMX");
+}
+
+TEST(AmxAttention, BackwardEqualsAttentionsGradient) {
+  if (!kernels::cpu::amx_attention_available()) GTEST_SKIP() << "no AMX for bf16 on this CPU";
+  torch::manual_seed(11);
+  struct Shape {
+    int64_t B, H, N, L, hd;
+  };
+  // The mixer's self-attention, a cross-attention over 77 caption tokens, odd lengths (padding of
+  // brgemm's K and column blocks), more keys than one column block, the widest head.
+  for (const Shape s : {Shape{2, 4, 256, 256, 32}, Shape{2, 4, 64, 77, 32}, Shape{3, 2, 33, 5, 64},
+                        Shape{1, 2, 7, 300, 16}, Shape{2, 1, 17, 17, 128}}) {
+    SCOPED_TRACE("B " + std::to_string(s.B) + " H " + std::to_string(s.H) + " N " + std::to_string(s.N) + " L " +
+                 std::to_string(s.L) + " hd " + std::to_string(s.hd));
+    const auto q = heads(s.B, s.N, s.H, s.hd), k = heads(s.B, s.L, s.H, s.hd), v = heads(s.B, s.L, s.H, s.hd);
+    const auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
+    const auto g = heads(s.B, s.N, s.H, s.hd);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(s.hd));
+    const auto [dq, dk, dv] = kernels::cpu::attention_backward_bf16(q, k, v, o, lse, g, scale);
+    ASSERT_EQ(dq.sizes(), q.sizes());
+    ASSERT_EQ(dk.sizes(), k.sizes());
+    ASSERT_EQ(dv.sizes(), v.sizes());
+    EXPECT_EQ(dq.scalar_type(), torch::kBFloat16);
+    // Attention written out in float64 on the same bf16 values.
+    auto qd = q.to(torch::kDouble).requires_grad_(), kd = k.to(torch::kDouble).requires_grad_(),
+         vd = v.to(torch::kDouble).requires_grad_();
+    const auto od = torch::matmul(torch::softmax(torch::matmul(qd, kd.transpose(-1, -2)) * scale, -1), vd);
+    const auto ref = torch::autograd::grad({od}, {qd, kd, vd}, {g.to(torch::kDouble)});
+    // bf16 results: their own rounding is 2^-9 (0.2 %) per value; measured 0.22-0.31 %.
+    EXPECT_LT(rel(dq, ref[0]), 6e-3);
+    EXPECT_LT(rel(dk, ref[1]), 6e-3);
+    EXPECT_LT(rel(dv, ref[2]), 6e-3);
+    EXPECT_LT(rel(o, od.detach()), 6e-3);  // ATen's forward, whose lse the backward pass takes
+  }
+}
+
+TEST(AmxAttention, OneLineErrors) {
+  const auto q = heads(1, 8, 2, 16), k = heads(1, 8, 2, 16);
+  const auto lse = torch::zeros({1, 2, 8});
+  if (!kernels::cpu::amx_attention_available()) {
+    const auto e = error_of([&] { kernels::cpu::attention_backward_bf16(q, k, k, q, lse, q, 0.25); });
+    EXPECT_NE(e.find("no AMX"), std::string::npos) << e;
+    GTEST_SKIP() << "no AMX for bf16 on this CPU";
+  }
+  auto expect = [](const std::function<void()>& f, const std::string& what) {
+    const auto e = error_of(f);
+    EXPECT_NE(e.find("CPU bf16 attention backward: "), std::string::npos) << e;
+    EXPECT_NE(e.find(what), std::string::npos) << e;
+    EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+  };
+  const auto f = q.to(torch::kFloat);
+  expect([&] { kernels::cpu::attention_backward_bf16(f, k, k, q, lse, q, 0.25); }, "bf16");
+  const auto q8 = heads(1, 8, 2, 8);
+  expect([&] { kernels::cpu::attention_backward_bf16(q8, q8, q8, q8, lse, q8, 0.25); }, "head size 8");
+  expect([&] { kernels::cpu::attention_backward_bf16(q, k, k, q, torch::zeros({1, 8, 2}), q, 0.25); }, "lse");
+  expect([&] { kernels::cpu::attention_backward_bf16(q, heads(1, 8, 2, 32), k, q, lse, q, 0.25); }, "(B, H, L, hd)");
+}
+
+TEST(AmxAttention, ModelAttentionWithAndWithoutGradients) {
+  // Under bf16 autocast multi_head_attention takes the AMX kernels: bf16 output, the same bits
+  // with and without gradients (a checkpointed block's forward runs without them and its
+  // recomputation with them), and attention's gradients in the inputs' dtypes.
+  if (!kernels::cpu::amx_attention_available()) GTEST_SKIP() << "no AMX for bf16 on this CPU";
+  const Mode automatic(CpuAttention::automatic);
+  torch::manual_seed(12);
+  auto q = torch::randn({2, 40, 4, 16}).requires_grad_();  // (B, N, H, hd) float32, as LN gives
+  auto k = torch::randn({2, 23, 4, 16}).to(torch::kBFloat16).requires_grad_();
+  auto v = torch::randn({2, 23, 4, 16}).to(torch::kBFloat16).requires_grad_();
+  torch::Tensor o, o_no_grad;
+  {
+    AutocastGuard ac(c10::kCPU, true);
+    o = multi_head_attention(q, k, v);  // (B, N, H * hd)
+    torch::NoGradGuard ng;
+    o_no_grad = multi_head_attention(q, k, v);
+  }
+  EXPECT_EQ(o.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(torch::equal(o.detach(), o_no_grad));
+  auto bf16_values = [](const torch::Tensor& t) { return t.detach().to(torch::kBFloat16).to(torch::kDouble); };
+  auto qd = bf16_values(q).requires_grad_(), kd = bf16_values(k).requires_grad_(), vd = bf16_values(v).requires_grad_();
+  auto t = [](const torch::Tensor& x) { return x.transpose(1, 2); };
+  const auto p = torch::softmax(torch::matmul(t(qd), t(kd).transpose(-1, -2)) / 4.0, -1);
+  const auto od = torch::matmul(p, t(vd)).transpose(1, 2).reshape({2, 40, 64});
+  EXPECT_LT(rel(o, od.detach()), 6e-3);
+  const auto r = torch::randn(o.sizes());
+  (o.to(torch::kFloat) * r).sum().backward();
+  (od * r.to(torch::kDouble)).sum().backward();
+  EXPECT_EQ(q.grad().scalar_type(), torch::kFloat);
+  EXPECT_EQ(k.grad().scalar_type(), torch::kBFloat16);
+  EXPECT_LT(rel(q.grad(), qd.grad()), 1e-2);
+  EXPECT_LT(rel(k.grad(), kd.grad()), 1e-2);
+  EXPECT_LT(rel(v.grad(), vd.grad()), 1e-2);
+}
+
+TEST(AmxAttention, TrainingStepNearFloat32Attention) {
+  // A whole tiny bf16 step (Pico, hd 32) with the AMX kernels against the same step with float32
+  // attention: the loss and every gradient as close as bf16 attention allows.
+  if (!kernels::cpu::amx_attention_available()) GTEST_SKIP() << "no AMX for bf16 on this CPU";
+  test_util::TinyStepOptions opt;
+  opt.bf16 = true;
+  test_util::TinyStep amx, f32;
+  {
+    const Mode automatic(CpuAttention::automatic);
+    amx = test_util::tiny_step(opt);
+  }
+  {
+    const Mode float32(CpuAttention::float32);
+    f32 = test_util::tiny_step(opt);
+  }
+  EXPECT_NEAR(amx.loss, f32.loss, 2e-3 * std::abs(f32.loss));
+  ASSERT_EQ(amx.grads.size(), f32.grads.size());
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < f32.grads.size(); ++i) {
+    diff += (amx.grads[i] - f32.grads[i]).pow(2).sum().item<double>();
+    norm += f32.grads[i].pow(2).sum().item<double>();
+  }
+  ASSERT_GT(norm, 0);
+  EXPECT_LT(std::sqrt(diff / norm), 2e-2);
+  EXPECT_GT(diff, 0);  // the step did take the other kernels
+}
