@@ -9,10 +9,14 @@
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu_math.h"
@@ -42,55 +46,129 @@ void gemm(int64_t M, int64_t N, int64_t K, const u16* A, int64_t lda, const u16*
   }
 }
 
+// The softmax passes below: AVX-512 with its bf16 conversion, which every AMX CPU has.
+#define MD_AMX_CPU_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+// exp of 16 floats: exp_poly's Cephes polynomial (kernels/cpu_math.h) with fused multiply-adds.
+MD_AMX_CPU_TARGET inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 round = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round);
+  const __m512 n = _mm512_sub_ps(t, round);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000)), 23);  // 2^n
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// Stores the first lanes (mask) of v rounded to bf16 (nearest even).
+MD_AMX_CPU_TARGET inline __attribute__((always_inline)) void store_bf16(u16* dst, __mmask16 mask, __m512 v) {
+  _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+MD_AMX_CPU_TARGET inline __attribute__((always_inline)) __mmask16 lanes(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
+}
+
+// One (batch, head)'s softmax of the (N, Lc) scores S, rows i < N (columns past L are padding
+// and get zeros): m = scale max_j s, p = exp(scale s - m), P = bf16(p), l[i] = sum_j p, and
+// lse[i] = m + log(l[i]) for the backward pass.
+MD_AMX_CPU_TARGET void softmax_forward_rows(const float* S, int64_t N, int64_t L, int64_t Lc, float scale, u16* P,
+                                            float* l, float* lse) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < N; ++i) {
+    const float* s = S + i * Lc;
+    u16* p_out = P + i * Lc;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < L; j += 16) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, lanes(L - j), s + j));
+    const float m = _mm512_reduce_max_ps(vmax) * scale;  // scale > 0
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < Lc; j += 16) {  // Lc is a multiple of 16
+      const __mmask16 k = lanes(L - j);
+      const __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), vs, vm)));
+      vsum = _mm512_add_ps(vsum, p);
+      store_bf16(p_out + j, 0xFFFF, p);  // zeros past L
+    }
+    const float sum = _mm512_reduce_add_ps(vsum);
+    l[i] = sum;
+    lse[i] = m + std::log(sum);
+  }
+}
+
 // One (batch, head)'s softmax gradient on the transposed (L, Nc) score matrices, key rows j < L
 // (query columns past N are padding and get zeros):
 //   p = exp(scale s - lse[i]),  P^T = bf16(p),  dS^T = bf16(p (dp - D[i])).
-// AMX CPUs all have AVX-512: this one function is compiled for it.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void softmax_backward_rows(
-    const float* ST, const float* dPT, const float* lse, const float* D, int64_t L, int64_t N, int64_t Nc,
-    float scale, u16* PT, u16* dST) {
+MD_AMX_CPU_TARGET void softmax_backward_rows(const float* ST, const float* dPT, const float* lse, const float* D,
+                                             int64_t L, int64_t N, int64_t Nc, float scale, u16* PT, u16* dST) {
+  const __m512 vs = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < L; ++j) {
-    const float* __restrict s = ST + j * Nc;
-    const float* __restrict dp = dPT + j * Nc;
-    const float* __restrict m = lse;
-    const float* __restrict d = D;
-    u16* __restrict p_out = PT + j * Nc;
-    u16* __restrict ds_out = dST + j * Nc;
-    for (int64_t i = 0; i < N; ++i) {
-      const float p = exp_poly(s[i] * scale - m[i]);
-      p_out[i] = float_to_bf16_bits(p);
-      ds_out[i] = float_to_bf16_bits(p * (dp[i] - d[i]));
+    const float* s = ST + j * Nc;
+    const float* dp = dPT + j * Nc;
+    for (int64_t i = 0; i < Nc; i += 16) {  // Nc is a multiple of 16
+      const __mmask16 k = lanes(N - i);
+      const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vs, _mm512_maskz_loadu_ps(k, lse + i));
+      const __m512 p = _mm512_maskz_mov_ps(k, exp16(x));
+      const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + i), _mm512_maskz_loadu_ps(k, D + i)));
+      store_bf16(PT + j * Nc + i, 0xFFFF, p);  // zeros past N
+      store_bf16(dST + j * Nc + i, 0xFFFF, ds);
     }
-    for (int64_t i = N; i < Nc; ++i) p_out[i] = ds_out[i] = 0;
   }
 }
 
 // The scratch of one thread, sized for one head. Padding (rows past N or L, columns past N or
-// L) is zeroed once here and never written.
+// L) is zeroed once here and never written. q and dO are copied (with a zero row) only when N
+// is odd: brgemm's inner dimension must be even.
 struct Scratch {
-  std::vector<u16> q, qt, dout, doutt, k, kt, v, pt, dst, packed;
+  std::vector<u16> q, dout, qt, doutt, kt, pt, dst, packed;
   std::vector<float> st, dpt, d, lse, dqt, dk, dv;
-  Scratch(int64_t N, int64_t Nc, int64_t L, int64_t Lk, int64_t hd)
-      : q(Nc * hd, 0), qt(hd * Nc, 0), dout(Nc * hd, 0), doutt(hd * Nc, 0), k(L * hd), kt(hd * Lk, 0), v(L * hd),
-        pt(Lk * Nc, 0), dst(Lk * Nc, 0), packed(std::max({hd, Nc, Lk}) * kColumnBlock), st(L * Nc), dpt(L * Nc),
-        d(N), lse(N), dqt(hd * Nc), dk(L * hd), dv(L * hd) {}
+  Scratch(int64_t N, int64_t Nk, int64_t Nc, int64_t L, int64_t Lk, int64_t hd)
+      : q(N == Nk ? 0 : Nk * hd, 0), dout(N == Nk ? 0 : Nk * hd, 0), qt(hd * Nc, 0), doutt(hd * Nc, 0),
+        kt(hd * Lk, 0), pt(Lk * Nc, 0), dst(Lk * Nc, 0), packed(std::max({hd, Nc, Lk}) * kColumnBlock),
+        st(L * Nc), dpt(L * Nc), d(N), lse(N), dqt(hd * Nc), dk(L * hd), dv(L * hd) {}
 };
 
-// dst (cols x rows, row stride ldd) = src (rows x cols, contiguous) transposed, in 16 x 16 tiles;
-// cols is a multiple of 16. Inlined into backward_head.
+// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds) transposed, in 16 x 16
+// tiles; cols is a multiple of 16. Inlined into the head functions.
 inline __attribute__((always_inline)) void transpose(const u16* __restrict src, int64_t rows, int64_t cols,
-                                                    u16* __restrict dst, int64_t ldd) {
+                                                    int64_t lds, u16* __restrict dst, int64_t ldd) {
   constexpr int64_t t = 16;
   u16 tile[t][t];
   for (int64_t r0 = 0; r0 < rows; r0 += t) {
     const int64_t nr = std::min(t, rows - r0);
     for (int64_t c0 = 0; c0 < cols; c0 += t) {
       for (int64_t r = 0; r < nr; ++r)
-        for (int64_t c = 0; c < t; ++c) tile[c][r] = src[(r0 + r) * cols + c0 + c];
+        for (int64_t c = 0; c < t; ++c) tile[c][r] = src[(r0 + r) * lds + c0 + c];
       for (int64_t c = 0; c < t; ++c)
         for (int64_t r = 0; r < nr; ++r) dst[(c0 + c) * ldd + r0 + r] = tile[c][r];
     }
   }
+}
+
+// Copies rows x cols (row stride lds) into dst (row stride cols) and returns dst.
+inline const u16* copy_rows(const u16* src, int64_t rows, int64_t cols, int64_t lds, u16* dst) {
+  for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * cols, src + r * lds, cols * sizeof(u16));
+  return dst;
+}
+
+// 16 bf16 values as floats.
+MD_AMX_CPU_TARGET inline __attribute__((always_inline)) __m512 load_bf16(const u16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+// sum_c a[c] b[c] over bf16 values, n a multiple of 16.
+MD_AMX_CPU_TARGET inline __attribute__((always_inline)) float dot_bf16(const u16* a, const u16* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) acc = _mm512_fmadd_ps(load_bf16(a + c), load_bf16(b + c), acc);
+  return _mm512_reduce_add_ps(acc);
 }
 
 // One call's tensors: row i of head (b, h) of x starts at x + b * s0 + h * s1 + i * s2.
@@ -104,49 +182,70 @@ struct Args {
   const float* lse;
   int64_t lse_s0, lse_s1, lse_s2;
   u16 *dq, *dk, *dv;  // (B, seq, H, hd) contiguous
-  int64_t H, N, L, hd, Nc, Lk;
+  int64_t H, N, L, hd, Nk, Nc, Lk;
   float scale;
 };
 
-// The gradients of head (b, h). Compiled for AVX-512 (every AMX CPU has it) so that the copies
-// and conversions around the products vectorize.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void backward_head(const Args& a, Scratch& x,
-                                                                                            int64_t b, int64_t h) {
-  const int64_t N = a.N, L = a.L, hd = a.hd, Nc = a.Nc, Lk = a.Lk;
-  for (int64_t i = 0; i < N; ++i) {  // q, dO, D = rowsum(dO o), lse
-    const u16 *__restrict qr = a.q.row(b, h, i), *__restrict gr = a.dout.row(b, h, i),
-                          *__restrict orow = a.out.row(b, h, i);
-    u16 *__restrict qs = &x.q[i * hd], *__restrict gs = &x.dout[i * hd];
-    float acc[16] = {};
-    for (int64_t c = 0; c < hd; c += 16)  // hd is a multiple of 16
-      for (int64_t l = 0; l < 16; ++l) {
-        qs[c + l] = qr[c + l];
-        gs[c + l] = gr[c + l];
-        acc[l] += bf16_bits_to_float(gr[c + l]) * bf16_bits_to_float(orow[c + l]);
-      }
-    float sum = 0.f;
-    for (int64_t l = 0; l < 16; ++l) sum += acc[l];
-    x.d[i] = sum;
+struct ForwardArgs {
+  Operand q, k, v;
+  u16* out;    // (B, N, H, hd) contiguous
+  float* lse;  // (B, H, N) contiguous
+  int64_t H, N, L, hd, Lk, Lc;
+  float scale;
+};
+
+// v is copied (with a zero row) only when L is odd, as q and dO above.
+struct ForwardScratch {
+  std::vector<u16> kt, v, p, packed;
+  std::vector<float> s, o, l;
+  ForwardScratch(int64_t N, int64_t L, int64_t Lk, int64_t Lc, int64_t hd)
+      : kt(hd * Lc, 0), v(L == Lk ? 0 : Lk * hd, 0), p(N * Lc), packed(std::max(hd, Lc) * kColumnBlock), s(N * Lc),
+        o(N * hd), l(N) {}
+};
+
+// Head (b, h) of the forward pass: S = q k^T (N, Lc), P = exp(scale S - m) in bf16, O = P v / l.
+// q, k and v are brgemm's operands where they lie (rows of the (B, seq, H, hd) products).
+MD_AMX_CPU_TARGET void forward_head(const ForwardArgs& a, ForwardScratch& x, int64_t b, int64_t h) {
+  const int64_t N = a.N, L = a.L, hd = a.hd, Lk = a.Lk, Lc = a.Lc;
+  const u16 *q = a.q.row(b, h, 0), *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
+  int64_t ldv = a.v.s2;
+  if (L != Lk) v = copy_rows(v, L, hd, std::exchange(ldv, hd), x.v.data());
+  transpose(k, L, hd, a.k.s2, x.kt.data(), Lc);  // k^T (hd, Lc)
+  u16* pk = x.packed.data();
+  gemm(N, Lc, hd, q, a.q.s2, x.kt.data(), Lc, x.s.data(), Lc, pk);  // S = q k^T (N, Lc)
+  softmax_forward_rows(x.s.data(), N, L, Lc, a.scale, x.p.data(), x.l.data(), a.lse + (b * a.H + h) * N);
+  gemm(N, hd, Lk, x.p.data(), Lc, v, ldv, x.o.data(), hd, pk);  // O l = P v (N, hd)
+  for (int64_t i = 0; i < N; ++i) {
+    u16* __restrict o = a.out + ((b * N + i) * a.H + h) * hd;
+    const float* __restrict src = &x.o[i * hd];
+    const float inv = 1.0f / x.l[i];
+    for (int64_t c = 0; c < hd; ++c) o[c] = float_to_bf16_bits(src[c] * inv);
+  }
+}
+
+// The gradients of head (b, h). q, k, v and dO are brgemm's operands where they lie.
+MD_AMX_CPU_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, int64_t h) {
+  const int64_t N = a.N, L = a.L, hd = a.hd, Nk = a.Nk, Nc = a.Nc, Lk = a.Lk;
+  const u16 *q = a.q.row(b, h, 0), *g = a.dout.row(b, h, 0), *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
+  int64_t ldq = a.q.s2, ldg = a.dout.s2;
+  if (N != Nk) {
+    q = copy_rows(q, N, hd, std::exchange(ldq, hd), x.q.data());
+    g = copy_rows(g, N, hd, std::exchange(ldg, hd), x.dout.data());
+  }
+  for (int64_t i = 0; i < N; ++i) {  // D = rowsum(dO o), lse
+    x.d[i] = dot_bf16(g + i * ldg, a.out.row(b, h, i), hd);
     x.lse[i] = a.lse[b * a.lse_s0 + h * a.lse_s1 + i * a.lse_s2];
   }
-  for (int64_t j = 0; j < L; ++j) {  // k, v
-    const u16 *__restrict kr = a.k.row(b, h, j), *__restrict vr = a.v.row(b, h, j);
-    u16 *__restrict ks = &x.k[j * hd], *__restrict vs = &x.v[j * hd];
-    for (int64_t c = 0; c < hd; ++c) {
-      ks[c] = kr[c];
-      vs[c] = vr[c];
-    }
-  }
-  transpose(x.q.data(), N, hd, x.qt.data(), Nc);      // q^T  (hd, Nc)
-  transpose(x.dout.data(), N, hd, x.doutt.data(), Nc);  // dO^T (hd, Nc)
-  transpose(x.k.data(), L, hd, x.kt.data(), Lk);      // k^T  (hd, Lk)
+  transpose(q, N, hd, ldq, x.qt.data(), Nc);     // q^T  (hd, Nc)
+  transpose(g, N, hd, ldg, x.doutt.data(), Nc);  // dO^T (hd, Nc)
+  transpose(k, L, hd, a.k.s2, x.kt.data(), Lk);  // k^T  (hd, Lk)
   u16* pk = x.packed.data();
-  gemm(L, Nc, hd, x.k.data(), hd, x.qt.data(), Nc, x.st.data(), Nc, pk);      // S^T = k q^T     (L, Nc)
-  gemm(L, Nc, hd, x.v.data(), hd, x.doutt.data(), Nc, x.dpt.data(), Nc, pk);  // dP^T = v dO^T   (L, Nc)
+  gemm(L, Nc, hd, k, a.k.s2, x.qt.data(), Nc, x.st.data(), Nc, pk);      // S^T = k q^T     (L, Nc)
+  gemm(L, Nc, hd, v, a.v.s2, x.doutt.data(), Nc, x.dpt.data(), Nc, pk);  // dP^T = v dO^T   (L, Nc)
   softmax_backward_rows(x.st.data(), x.dpt.data(), x.lse.data(), x.d.data(), L, N, Nc, a.scale, x.pt.data(),
                         x.dst.data());
-  gemm(L, hd, Nc, x.pt.data(), Nc, x.dout.data(), hd, x.dv.data(), hd, pk);   // dV = P^T dO     (L, hd)
-  gemm(L, hd, Nc, x.dst.data(), Nc, x.q.data(), hd, x.dk.data(), hd, pk);     // dK = dS^T q     (L, hd)
+  gemm(L, hd, Nk, x.pt.data(), Nc, g, ldg, x.dv.data(), hd, pk);              // dV = P^T dO     (L, hd)
+  gemm(L, hd, Nk, x.dst.data(), Nc, q, ldq, x.dk.data(), hd, pk);             // dK = dS^T q     (L, hd)
   gemm(hd, Nc, Lk, x.kt.data(), Lk, x.dst.data(), Nc, x.dqt.data(), Nc, pk);  // dQ^T = k^T dS^T (hd, Nc)
   const float sc = a.scale;
   for (int64_t i = 0; i < N; ++i) {
@@ -164,7 +263,25 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void back
 }
 
 void check(bool ok, const std::string& what) {
-  if (!ok) throw std::runtime_error("CPU bf16 attention backward: " + what);
+  if (!ok) throw std::runtime_error("CPU bf16 attention: " + what);
+}
+
+// The checks both passes make of q (B, H, N, hd) and k, v (B, H, L, hd).
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check(amx_attention_available(), "this CPU has no AMX for bf16");
+  check(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
+            k.size(1) == q.size(1) && k.size(3) == q.size(3),
+        "q must be (B, H, N, hd) and k, v (B, H, L, hd)");
+  check(amx_attention_applies(q.size(3)),
+        "head size " + std::to_string(q.size(3)) + " is not a multiple of 16 up to 256");
+  check(q.size(2) > 0 && k.size(2) > 0, "empty sequence");
+  for (const at::Tensor* t : {&q, &k, &v})
+    check(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->stride(3) == 1,
+          "q, k, v must be bf16 CPU tensors with contiguous rows");
+}
+
+Operand operand(const at::Tensor& t) {
+  return Operand{reinterpret_cast<const u16*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
 }
 
 }  // namespace
@@ -172,44 +289,56 @@ void check(bool ok, const std::string& what) {
 bool amx_attention_available() {
   static const bool ok = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("amx-bf16") != 0 && at::cpu::init_amx() && cb::could_pack(at::kBFloat16);
+    return __builtin_cpu_supports("amx-bf16") != 0 && __builtin_cpu_supports("avx512bf16") != 0 &&
+           at::cpu::init_amx() && cb::could_pack(at::kBFloat16);
   }();
   return ok;
 }
 
 bool amx_attention_applies(int64_t head_dim) { return head_dim > 0 && head_dim % 16 == 0 && head_dim <= 256; }
 
+std::tuple<at::Tensor, at::Tensor> attention_forward_bf16(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, double scale) {
+  check_inputs(q, k, v);
+  check(scale > 0, "scale must be positive");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
+  at::Tensor out = at::empty({B, N, H, hd}, q.options().memory_format(c10::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat).memory_format(c10::MemoryFormat::Contiguous));
+  const ForwardArgs args{operand(q), operand(k), operand(v), reinterpret_cast<u16*>(out.data_ptr()),
+                         lse.data_ptr<float>(), H, N, L, hd, round_up(L, 2), round_up(L, 16),
+                         static_cast<float>(scale)};
+  at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
+    ForwardScratch x(N, L, args.Lk, args.Lc, hd);
+    for (int64_t w = w0; w < w1; ++w) forward_head(args, x, w / H, w % H);
+    cb::brgemm_release();
+  });
+  return {out.transpose(1, 2), lse};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at::Tensor& q, const at::Tensor& k,
                                                                        const at::Tensor& v, const at::Tensor& out,
                                                                        const at::Tensor& lse, const at::Tensor& dout,
                                                                        double scale) {
-  check(amx_attention_available(), "this CPU has no AMX for bf16");
-  check(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && out.sizes() == q.sizes() && dout.sizes() == q.sizes() &&
-            k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
-        "q, out, dout must be (B, H, N, hd) and k, v (B, H, L, hd)");
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
-  check(amx_attention_applies(hd), "head size " + std::to_string(hd) + " is not a multiple of 16 up to 256");
-  check(N > 0 && L > 0, "empty sequence");
-  for (const at::Tensor* t : {&q, &k, &v, &out, &dout})
+  check_inputs(q, k, v);
+  check(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "out and dout must have q's shape");
+  for (const at::Tensor* t : {&out, &dout})
     check(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->stride(3) == 1,
-          "q, k, v, out and dout must be bf16 CPU tensors with contiguous rows");
+          "out and dout must be bf16 CPU tensors with contiguous rows");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
   check(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B &&
             lse.size(1) == H && lse.size(2) == N,
         "lse must be float32 (B, H, N)");
 
-  const int64_t Nc = round_up(N, 16), Lk = round_up(L, 2);
+  const int64_t Nk = round_up(N, 2), Nc = round_up(N, 16), Lk = round_up(L, 2);
   const auto opts = q.options().memory_format(c10::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty({B, N, H, hd}, opts), dk = at::empty({B, L, H, hd}, opts),
              dv = at::empty({B, L, H, hd}, opts);  // (B, seq, H, hd): the products' layout
-  auto operand = [](const at::Tensor& t) {
-    return Operand{reinterpret_cast<const u16*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
-  };
   const Args args{operand(q), operand(k), operand(v), operand(out), operand(dout),
                   lse.data_ptr<float>(), lse.stride(0), lse.stride(1), lse.stride(2),
                   reinterpret_cast<u16*>(dq.data_ptr()), reinterpret_cast<u16*>(dk.data_ptr()),
-                  reinterpret_cast<u16*>(dv.data_ptr()), H, N, L, hd, Nc, Lk, static_cast<float>(scale)};
+                  reinterpret_cast<u16*>(dv.data_ptr()), H, N, L, hd, Nk, Nc, Lk, static_cast<float>(scale)};
   at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
-    Scratch x(N, Nc, L, Lk, hd);
+    Scratch x(N, Nk, Nc, L, Lk, hd);
     for (int64_t w = w0; w < w1; ++w) backward_head(args, x, w / H, w % H);
     cb::brgemm_release();
   });

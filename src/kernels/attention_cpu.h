@@ -1,10 +1,13 @@
-// The backward pass of bf16 attention on CPUs with AMX (model/attention.cpp takes it under bf16
-// autocast). ATen's bf16 attention runs its forward pass on AMX tiles (oneDNN's brgemm), but its
-// backward pass through plain bf16 GEMMs, 2.5x slower than the float32 kernel on a Xeon
-// (docs/performance.md); so training kept float32 attention, 30 % of a Nano step. This is the
-// flash-attention backward pass (FlashAttention-2's arithmetic) with its five products on AMX
-// through the same brgemm, one head at a time with the whole (N, L) score matrix in the cache:
-//   P = exp(scale q k^T - lse)          (recomputed from ATen's forward's log-sum-exp)
+// bf16 attention on CPUs with AMX (model/attention.cpp takes it under bf16 autocast). ATen's bf16
+// attention runs its forward pass on AMX tiles (oneDNN's brgemm), but its backward pass through
+// plain bf16 GEMMs, 2.5x slower than the float32 kernel on a Xeon (docs/performance.md); so
+// training kept float32 attention, 30 % of a Nano step. These are both passes with their
+// products on AMX through the same brgemm, one head at a time with the whole (N, L) score
+// matrix in the cache (MicroDiT's sequences are at most a few hundred tokens):
+//   forward:  m = max scale q k^T,  P = bf16(exp(scale q k^T - m)),  o = P v / rowsum(exp(...)),
+//             lse = m + log(rowsum)  (kept for the backward pass);
+//   backward (FlashAttention-2's arithmetic):
+//   P = exp(scale q k^T - lse)          (recomputed from the forward pass's log-sum-exp)
 //   dV = P^T dO,  dP = dO v^T,  dS = P (dP - rowsum(dO o)),  dQ = scale dS k,  dK = scale dS^T q
 // bf16 operands, float32 accumulation and softmax arithmetic; P and dS are rounded to bf16 for
 // their products, as a GPU's flash kernels round them.
@@ -22,9 +25,15 @@ bool amx_attention_available();
 // Whether the shapes suit it: head size a multiple of 16 (brgemm's column blocks), at most 256.
 bool amx_attention_applies(int64_t head_dim);
 
+// q (B, H, N, hd), k and v (B, H, L, hd): bf16 CPU tensors with the last dimension contiguous.
+// Returns the output (B, H, N, hd) bf16, laid out as (B, N, H, hd), and lse (B, H, N) float32.
+std::tuple<at::Tensor, at::Tensor> attention_forward_bf16(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, double scale);
+
 // q, out, dout (B, H, N, hd); k, v (B, H, L, hd): bf16 CPU tensors with the last dimension
 // contiguous (any other strides, as the heads are views of (B, N, H, hd) products); lse (B, H, N)
-// float32, the natural log-sum-exp of each row of scale q k^T (ATen's flash forward returns it).
+// float32, the natural log-sum-exp of each row of scale q k^T (attention_forward_bf16's, or ATen's
+// flash forward's).
 // Returns dq, dk, dv in bf16, shaped as q, k, v and laid out as (B, N, H, hd) in memory.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at::Tensor& q, const at::Tensor& k,
                                                                        const at::Tensor& v, const at::Tensor& out,

@@ -2,7 +2,6 @@
 
 #include <ATen/autocast_mode.h>
 #include <torch/nn/functional/linear.h>
-#include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -21,11 +20,13 @@ namespace microdit {
 namespace {
 std::atomic<CpuAttention> g_cpu_attention{CpuAttention::automatic};
 
-// ATen's bf16 flash attention forward, and microdit's AMX backward pass for it. q (B, H, N, hd),
-// k and v (B, H, L, hd), bf16; the output (B, H, N, hd) bf16.
+double attention_scale(const Tensor& q) { return 1.0 / std::sqrt(static_cast<double>(q.size(-1))); }
+
+// bf16 attention on AMX, both passes microdit's (kernels/attention_cpu.h). q (B, H, N, hd), k and
+// v (B, H, L, hd), bf16; the output (B, H, N, hd) bf16.
 struct AmxAttentionFn : torch::autograd::Function<AmxAttentionFn> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v) {
-    auto [o, lse] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);  // lse (B, H, N) float32
+    auto [o, lse] = kernels::cpu::attention_forward_bf16(q, k, v, attention_scale(q));  // lse (B, H, N) float32
     ctx->save_for_backward({q, k, v, o, lse});
     return o;
   }
@@ -34,8 +35,8 @@ struct AmxAttentionFn : torch::autograd::Function<AmxAttentionFn> {
     const auto s = ctx->get_saved_variables();
     Tensor dout = grads[0].to(at::kBFloat16);
     if (dout.stride(3) != 1) dout = dout.contiguous();
-    const double scale = 1.0 / std::sqrt(static_cast<double>(s[0].size(3)));
-    auto [dq, dk, dv] = kernels::cpu::attention_backward_bf16(s[0], s[1], s[2], s[3], s[4], dout, scale);
+    auto [dq, dk, dv] =
+        kernels::cpu::attention_backward_bf16(s[0], s[1], s[2], s[3], s[4], dout, attention_scale(s[0]));
     return {dq, dk, dv};
   }
 };
@@ -79,14 +80,14 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
     const bool autocast = at::autocast::is_autocast_enabled(at::kCPU);
     const auto kernel = cpu_attention_kernel(hd);
     if (kernel == CpuAttentionKernel::amx_bf16) {
-      // On AMX both passes run on bf16 tiles: ATen's forward, microdit's backward
-      // (kernels/attention_cpu.h); 1.6x float32's time for the mixer's 256-token attention
-      // (docs/performance.md). The inputs are those autocast would give ATen's attention.
+      // On AMX both passes run on bf16 tiles (kernels/attention_cpu.h; docs/performance.md). The
+      // inputs are those autocast would give ATen's attention; with and without gradients the
+      // same forward kernel, so a checkpointed block's recomputation gives the same bits.
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
       auto b = [&](const Tensor& t) { return heads(t.to(at::kBFloat16)); };
       const bool grads = torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
       const Tensor o = grads ? AmxAttentionFn::apply(b(q), b(k), b(v))
-                             : std::get<0>(at::_scaled_dot_product_flash_attention_for_cpu(b(q), b(k), b(v)));
+                             : std::get<0>(kernels::cpu::attention_forward_bf16(b(q), b(k), b(v), attention_scale(q)));
       return o.transpose(1, 2).reshape({B, N, H * hd});  // bf16
     }
     if (kernel == CpuAttentionKernel::float32 &&
