@@ -7,7 +7,8 @@
 #                   Heun 30 steps, guidance 4 (random weights on both sides)
 #   tools/bench_cpu_vs_reference.sh REFERENCE_CHECKOUT [STEPS]
 # microdit's float32 rows also run with each library for the products (--cpu-matmul onednn and
-# mkl; the default, auto, takes MKL on Intel CPUs and oneDNN on others), and with the fused
+# mkl; the default, auto, takes MKL on Intel CPUs and oneDNN on others), its bf16 rows with
+# float32 attention (the default takes the AMX kernels on CPUs with AMX), and all with the fused
 # kernels off, to show what each gives.
 # REFERENCE_CHECKOUT: a clone of github.com/SonyResearch/micro_diffusion (development only).
 set -euo pipefail
@@ -24,6 +25,7 @@ for prec in fp32 bf16; do
   flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
   runs=("--workers 0" "--workers 1")  # 0: side-by-side workers, one per thread (the default); 1: one stream
   [ "$prec" = fp32 ] && runs+=("--workers 0 --cpu-matmul onednn" "--workers 0 --cpu-matmul mkl")
+  [ "$prec" = bf16 ] && runs+=("--workers 0 --cpu-attention float32")
   runs+=("--workers 0 --fused-kernels off")
   for r in "${runs[@]}"; do
     # shellcheck disable=SC2086  # $r is a list of options
@@ -42,10 +44,13 @@ done
 # weights on both sides; both rates are of the sampler loop only.
 for prec in fp32 bf16; do
   flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
-  for fused in on off; do
+  runs=("--fused-kernels on" "--fused-kernels off")
+  [ "$prec" = bf16 ] && runs+=("--cpu-attention float32")
+  for r in "${runs[@]}"; do
+    # shellcheck disable=SC2086  # $r is a list of options
     "$BIN" bench --sample --preset MicroDiT_Pico_2 --latent-size 32 --in-channels 3 --patch-size 4 \
       --caption-channels 384 --caption-len 21 --n 32 --batch 16 --sampler-steps 30 --cfg 4 --threads "$T" \
-      --device cpu --fused-kernels "$fused" "${flag[@]}" | tail -n 1
+      --device cpu $r "${flag[@]}" | tail -n 1
   done
   ref_sample=("$ROOT/tools/bench_reference.py" sample --reference "$REF" --preset MicroDiT_Pico_2 --latent-size 32
     --in-channels 3 --patch-size 4 --caption-channels 384 --caption-len 21 --n 32 --batch 16 --steps 30 --cfg 4
