@@ -288,16 +288,24 @@ TEST(Bf16Weights, SumsInFloat32WithAccumulation) {
 
 TEST(Bf16Weights, AdamWKernelMatchesATen) {
   // One tensor, bf16 gradients: the kernel against ATen's fused AdamW on their float32 values.
-  for (const auto& device : test_devices()) {
+  // Offset 1 puts every tensor one element past an aligned address: the CUDA kernel's 4-wide
+  // loads must then fall back to its scalar loop (n is not a multiple of 4 either: the tail).
+  for (const auto& device : test_devices())
+  for (const int64_t offset : {0, 1}) {
     if (!cuda_usable(device)) continue;
-    SCOPED_TRACE(device.str());
+    SCOPED_TRACE(device.str() + " offset " + std::to_string(offset));
     torch::manual_seed(1);
     auto opts = torch::TensorOptions().device(device);
     const int64_t n = 100003;  // not a multiple of any block
+    auto at_offset = [&](const torch::Tensor& t) {  // the same values, `offset` elements into a buffer
+      auto buffer = torch::zeros({n + offset}, t.options());
+      buffer.narrow(0, offset, n).copy_(t);
+      return buffer.narrow(0, offset, n);
+    };
     auto p0 = torch::randn({n}, opts), m0 = torch::randn({n}, opts) * 0.1, v0 = torch::rand({n}, opts) * 0.01;
-    auto g = torch::randn({n}, opts).to(at::kBFloat16);
-    auto p = p0.clone(), m = m0.clone(), v = v0.clone();
-    auto copy = torch::empty({n}, opts.dtype(at::kBFloat16));
+    auto g = at_offset(torch::randn({n}, opts).to(at::kBFloat16));
+    auto p = at_offset(p0), m = at_offset(m0), v = at_offset(v0);
+    auto copy = at_offset(torch::empty({n}, opts.dtype(at::kBFloat16)));
     auto coef = torch::full({}, 0.5f, opts);
     kernels::AdamWSlot slot{p.data_ptr<float>(), g.data_ptr(), m.data_ptr<float>(), v.data_ptr<float>(),
                             copy.data_ptr(), n};
