@@ -1,7 +1,8 @@
-// bf16 attention's backward pass on AMX (kernels/attention_cpu.h). One (batch, head) at a time:
-// its rows are copied into padded bf16 buffers, the five products run through oneDNN's brgemm
-// (ATen's at::native::cpublas, the same entry point as ATen's AMX attention forward), and one
-// vectorized pass over the (N, L) scores turns S and dP into P and dS.
+// bf16 attention on AMX (kernels/attention_cpu.h), both passes. One (batch, head) at a time: the
+// products run through oneDNN's brgemm (ATen's at::native::cpublas, the entry point of ATen's own
+// AMX attention forward) on q, k, v and dO where they lie (copied, with a zero row, only where
+// brgemm's even inner dimension needs it; the transposed operands into padded buffers), and one
+// AVX-512 pass over the scores turns S into P (forward), or S and dP into P and dS (backward).
 #include "kernels/attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -46,7 +47,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const u16* A, int64_t lda, const u16*
   }
 }
 
-// The softmax passes below: AVX-512 with its bf16 conversion, which every AMX CPU has.
+// The head functions and softmax passes below: AVX-512 with its bf16 conversion, which every AMX
+// CPU has (amx_attention_available checks both).
 #define MD_AMX_CPU_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
 // exp of 16 floats: exp_poly's Cephes polynomial (kernels/cpu_math.h) with fused multiply-adds.
