@@ -53,21 +53,18 @@ void gemm(int64_t M, int64_t N, int64_t K, const u16* A, int64_t lda, const u16*
 
 // exp of 16 floats: exp_poly's Cephes polynomial (kernels/cpu_math.h) with fused multiply-adds.
 MD_AMX_CPU_TARGET inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 round = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), round);
+  using E = ExpPoly;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(E::lo)), _mm512_set1_ps(E::hi));
+  const __m512 round = _mm512_set1_ps(E::round);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(E::log2e), round);
   const __m512 n = _mm512_sub_ps(t, round);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_lo), r);
+  __m512 p = _mm512_set1_ps(E::c[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(E::c[i]));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000)), 23);  // 2^n
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(E::exponent_bias)), 23);  // 2^n
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 

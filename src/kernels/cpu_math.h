@@ -24,24 +24,31 @@ inline __attribute__((always_inline)) uint16_t float_to_bf16_bits(float v) {
 // exp(x) as Cephes' expf computes it: x = n ln2 + r with |r| <= ln2 / 2, a degree-7
 // polynomial for exp(r), 2^n from the exponent bits. Branch-free, so the loops vectorize:
 // n is rounded by adding and subtracting 1.5 * 2^23, which leaves n in the low bits of t.
+// Its constants, shared with the AVX-512 form in kernels/attention_cpu.cpp.
+struct ExpPoly {
+  static constexpr float lo = -87.0f, hi = 88.0f;  // clamp: 2^n stays a normal float
+  static constexpr float round = 12582912.0f;       // 1.5 * 2^23
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;  // ln 2 in two parts, the first exact
+  static constexpr float c[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  static constexpr int32_t exponent_bias = 127 - 0x4B400000;  // t's bits + this = n + 127
+};
+
 inline __attribute__((always_inline)) float exp_poly(float x) {
-  x = x < -87.0f ? -87.0f : x;  // 2^n stays a normal float; NaN stays NaN
-  x = x > 88.0f ? 88.0f : x;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-  const float t = x * 1.44269504088896341f + kRound;
-  const float n = t - kRound;
-  float r = x - n * 0.693359375f;  // ln 2 in two parts, the first exact in float
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  using E = ExpPoly;
+  x = x < E::lo ? E::lo : x;  // NaN stays NaN
+  x = x > E::hi ? E::hi : x;
+  const float t = x * E::log2e + E::round;
+  const float n = t - E::round;
+  float r = x - n * E::ln2_hi;
+  r = r - n * E::ln2_lo;
+  float p = E::c[0];
+  for (int i = 1; i < 6; ++i) p = p * r + E::c[i];
   p = p * r * r + r + 1.0f;
   int32_t bits;
   std::memcpy(&bits, &t, 4);
-  bits = (bits - 0x4B400000 + 127) << 23;  // n + 127, the exponent of 2^n
+  bits = (bits + E::exponent_bias) << 23;  // n + 127, the exponent of 2^n
   float scale;
   std::memcpy(&scale, &bits, 4);
   return p * scale;
