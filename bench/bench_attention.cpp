@@ -15,18 +15,22 @@
 
 namespace {
 
-enum Kernel { kAmx, kAtenFloat32, kAtenBf16 };
+enum Kernel { kAmx, kFloat32, kAtenFloat32, kAtenBf16 };
 
 void Attention(benchmark::State& state, Kernel kernel) {
   if (kernel == kAmx && !microdit::kernels::cpu::amx_attention_available()) {
     state.SkipWithError("no AMX for bf16 on this CPU");
     return;
   }
+  if (kernel == kFloat32 && !microdit::kernels::cpu::avx512_attention_available()) {
+    state.SkipWithError("no AVX-512 on this CPU");
+    return;
+  }
   const int64_t B = 16, H = 8, hd = 32, N = state.range(0), L = state.range(1);
   const int threads = at::get_num_threads();
   at::set_num_threads(1);
   torch::manual_seed(0);
-  const auto dt = kernel == kAtenFloat32 ? at::kFloat : at::kBFloat16;
+  const auto dt = kernel == kAtenFloat32 || kernel == kFloat32 ? at::kFloat : at::kBFloat16;
   // (B, H, seq, hd) views of (B, seq, H, hd) tensors, as the model's heads are.
   auto heads = [&](int64_t seq) { return torch::randn({B, seq, H, hd}).to(dt).transpose(1, 2); };
   auto q = heads(N).requires_grad_(), k = heads(L).requires_grad_(), v = heads(L).requires_grad_();
@@ -37,6 +41,11 @@ void Attention(benchmark::State& state, Kernel kernel) {
       namespace kc = microdit::kernels::cpu;
       auto [o, lse] = kc::attention_forward_bf16(q.detach(), k.detach(), v.detach(), scale);
       auto grads = kc::attention_backward_bf16(q.detach(), k.detach(), v.detach(), o, lse, dout, scale);
+      benchmark::DoNotOptimize(std::get<0>(grads).data_ptr());
+    } else if (kernel == kFloat32) {
+      namespace kc = microdit::kernels::cpu;
+      auto [o, lse] = kc::attention_forward_f32(q.detach(), k.detach(), v.detach(), scale);
+      auto grads = kc::attention_backward_f32(q.detach(), k.detach(), v.detach(), o, lse, dout, scale);
       benchmark::DoNotOptimize(std::get<0>(grads).data_ptr());
     } else {
       auto o = at::scaled_dot_product_attention(q, k, v);
@@ -56,5 +65,6 @@ void Shapes(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK_CAPTURE(Attention, amx_bf16, kAmx)->Apply(Shapes);
+BENCHMARK_CAPTURE(Attention, float32, kFloat32)->Apply(Shapes);
 BENCHMARK_CAPTURE(Attention, aten_float32, kAtenFloat32)->Apply(Shapes);
 BENCHMARK_CAPTURE(Attention, aten_bf16, kAtenBf16)->Apply(Shapes);

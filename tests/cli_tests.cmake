@@ -81,7 +81,7 @@ md_error_test(cli.bench_no_profile_rows "--profile-rows must be >= 1, got 0" ben
 md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" bench --cuda-graph --device cpu)
 md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)
 md_error_test(cli.bad_cpu_matmul "--cpu-matmul: expected auto, onednn or mkl, got 'blas'" bench --cpu-matmul blas --device cpu)
-md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32 or bf16, got .half." bench --cpu-attention half --device cpu)
+md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32, aten-float32 or bf16, got .half." bench --cpu-attention half --device cpu)
 md_error_test(cli.bad_moe_dispatch "--moe-dispatch: expected auto, index, gemm or gather, got .scatter." bench --moe-dispatch scatter --device cpu)
 md_error_test(cli.bench_memory_not_for_sampling "--memory reports a training step" bench --sample --memory --device cpu)
 # bf16 weight copies (train/bf16_weights.h): on the CPU only when asked for, and only with bf16.
@@ -119,5 +119,5 @@ foreach(att float32 bf16)
   add_test(NAME cli.bench_memory_cpu_${att} COMMAND microdit bench --preset MicroDiT_Pico_2 --batch 4 --steps 1
            --warmup 1 --caption-len 4 --device cpu --threads 1 --workers 1 --bf16 --cpu-attention ${att} --memory)
   set_tests_properties(cli.bench_memory_cpu_${att} PROPERTIES PASS_REGULAR_EXPRESSION
-                       "${att} attention.*peak memory [0-9.]+ GiB \\(CPU tensors allocated; process peak RSS [0-9.]+ GiB\\).*memory of one step: [0-9.]+ GiB at its start .* \\+[0-9.e-]+ GiB kept by the forward pass .*peak [0-9.]+ GiB in forward \\+ backward")
+                       "${att}( ATen)? attention.*peak memory [0-9.]+ GiB \\(CPU tensors allocated; process peak RSS [0-9.]+ GiB\\).*memory of one step: [0-9.]+ GiB at its start .* \\+[0-9.e-]+ GiB kept by the forward pass .*peak [0-9.]+ GiB in forward \\+ backward")
 endforeach()

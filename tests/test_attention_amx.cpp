@@ -47,22 +47,35 @@ std::string error_of(const std::function<void()>& f) {
 
 TEST(AmxAttention, ChoiceOfKernel) {
   const Mode automatic(CpuAttention::automatic);
-  EXPECT_EQ(cpu_attention_kernel(32), CpuAttentionKernel::float32);  // no autocast
+  const auto f32 =
+      kernels::cpu::avx512_attention_available() ? CpuAttentionKernel::float32 : CpuAttentionKernel::aten_float32;
+  EXPECT_EQ(cpu_attention_kernel(32), f32);  // no autocast
+  {
+    const Mode aten(CpuAttention::aten_float32);
+    EXPECT_EQ(cpu_attention_kernel(32), CpuAttentionKernel::aten_float32);
+  }
   AutocastGuard ac(c10::kCPU, true);
-  const auto amx = kernels::cpu::amx_attention_available() ? CpuAttentionKernel::amx_bf16 : CpuAttentionKernel::float32;
+  const auto amx = kernels::cpu::amx_attention_available() ? CpuAttentionKernel::amx_bf16 : f32;
   EXPECT_EQ(cpu_attention_kernel(16), amx);
   EXPECT_EQ(cpu_attention_kernel(32), amx);
   EXPECT_EQ(cpu_attention_kernel(64), amx);
-  EXPECT_EQ(cpu_attention_kernel(8), CpuAttentionKernel::float32);  // brgemm's column blocks
-  EXPECT_EQ(cpu_attention_kernel(24), CpuAttentionKernel::float32);
+  EXPECT_EQ(cpu_attention_kernel(8), f32);  // brgemm's column blocks
+  EXPECT_EQ(cpu_attention_kernel(24), f32);
   {
     const Mode float32(CpuAttention::float32);
-    EXPECT_EQ(cpu_attention_kernel(32), CpuAttentionKernel::float32);
+    EXPECT_EQ(cpu_attention_kernel(32), f32);
+  }
+  {
+    const Mode aten(CpuAttention::aten_float32);
+    EXPECT_EQ(cpu_attention_kernel(32), CpuAttentionKernel::aten_float32);
   }
   const Mode bf16(CpuAttention::bf16);
   EXPECT_EQ(cpu_attention_kernel(32), CpuAttentionKernel::aten_bf16);
   EXPECT_EQ(cpu_attention_kernel(8), CpuAttentionKernel::aten_bf16);
   EXPECT_STREQ(cpu_attention_kernel_name(CpuAttentionKernel::amx_bf16), "bf16 AMX");
+  EXPECT_STREQ(cpu_attention_kernel_name(CpuAttentionKernel::aten_bf16), "bf16 ATen");
+  EXPECT_STREQ(cpu_attention_kernel_name(CpuAttentionKernel::float32), "float32");
+  EXPECT_STREQ(cpu_attention_kernel_name(CpuAttentionKernel::aten_float32), "float32 ATen");
 }
 
 TEST(AmxAttention, PassesEqualAttentionInFloat64) {

@@ -40,11 +40,10 @@ static std::string fused_kernels_text(const c10::Device& device) {
   return fmt::format(", fused kernels ({})", kernels::cpu::instruction_set());
 }
 
-// ", bf16 AMX attention" / ", float32 attention" ... for a CPU line under bf16 autocast
-// (model/attention.h).
+// ", bf16 AMX attention" / ", float32 attention" ... for a CPU line (model/attention.h).
 static std::string cpu_attention_text(const c10::Device& device, bool bf16, int head_dim) {
-  if (device.is_cuda() || !bf16) return "";
-  AutocastGuard autocast(c10::kCPU, true);
+  if (device.is_cuda()) return "";
+  AutocastGuard autocast(c10::kCPU, bf16);
   return fmt::format(", {} attention", cpu_attention_kernel_name(cpu_attention_kernel(head_dim)));
 }
 

@@ -47,12 +47,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const u16* A, int64_t lda, const u16*
   }
 }
 
-// The head functions and softmax passes below: AVX-512 with its bf16 conversion, which every AMX
-// CPU has (amx_attention_available checks both).
+// The head functions and softmax passes below: AVX-512, with its bf16 conversion for the bf16
+// kernels, which every AMX CPU has (amx_attention_available checks both).
+#define MD_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define MD_AMX_CPU_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
 // exp of 16 floats: exp_poly's Cephes polynomial (kernels/cpu_math.h) with fused multiply-adds.
-MD_AMX_CPU_TARGET inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
+MD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
   using E = ExpPoly;
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(E::lo)), _mm512_set1_ps(E::hi));
   const __m512 round = _mm512_set1_ps(E::round);
@@ -73,7 +74,7 @@ MD_AMX_CPU_TARGET inline __attribute__((always_inline)) void store_bf16(u16* dst
   _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-MD_AMX_CPU_TARGET inline __attribute__((always_inline)) __mmask16 lanes(int64_t n) {
+MD_AVX512_TARGET inline __attribute__((always_inline)) __mmask16 lanes(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
 }
 
@@ -171,11 +172,13 @@ MD_AMX_CPU_TARGET inline __attribute__((always_inline)) float dot_bf16(const u16
 }
 
 // One call's tensors: row i of head (b, h) of x starts at x + b * s0 + h * s1 + i * s2.
-struct Operand {
-  const u16* p;
+template <class T>
+struct OperandOf {
+  const T* p;
   int64_t s0, s1, s2;
-  const u16* row(int64_t b, int64_t h, int64_t i) const { return p + b * s0 + h * s1 + i * s2; }
+  const T* row(int64_t b, int64_t h, int64_t i) const { return p + b * s0 + h * s1 + i * s2; }
 };
+using Operand = OperandOf<u16>;
 struct Args {
   Operand q, k, v, out, dout;
   const float* lse;
@@ -261,26 +264,226 @@ MD_AMX_CPU_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, int64
   }
 }
 
-void check(bool ok, const std::string& what) {
-  if (!ok) throw std::runtime_error("CPU bf16 attention: " + what);
+// ---- float32 ----------------------------------------------------------------------------------
+// The same passes in float32 on any AVX-512 CPU: brgemm's float32 kernels take B row-major (no
+// packing, no even inner dimension), so the operands are used where they lie and the products
+// write the outputs' rows directly; only k^T (forward), q^T, dO^T, k^T (backward) are copied.
+
+// C (M x N, row stride ldc) = A (M x K) @ B (K x N), float32, row strides lda and ldb.
+void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+              int64_t ldc) {
+  cb::brgemm(M, N, K, lda, ldb, ldc, /*add_C=*/false, A, B, C, /*is_vnni=*/false);
 }
 
-// The checks both passes make of q (B, H, N, hd) and k, v (B, H, L, hd).
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  check(amx_attention_available(), "this CPU has no AMX for bf16");
+// As softmax_forward_rows, in place in float32: row i of S (N, ld) becomes p = exp(scale s - m)
+// over its first L columns; x[i] = 1 / sum_j p (the output's row scale) and lse[i] = m + log(sum).
+MD_AVX512_TARGET void softmax_forward_rows_f32(float* S, int64_t N, int64_t L, int64_t ld, float scale, float* inv,
+                                               float* lse) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < N; ++i) {
+    float* s = S + i * ld;
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < L; j += 16) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, lanes(L - j), s + j));
+    const float m = _mm512_reduce_max_ps(vmax) * scale;  // scale > 0
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < L; j += 16) {
+      const __mmask16 k = lanes(L - j);
+      const __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), vs, vm)));
+      vsum = _mm512_add_ps(vsum, p);
+      _mm512_mask_storeu_ps(s + j, k, p);
+    }
+    const float sum = _mm512_reduce_add_ps(vsum);
+    inv[i] = 1.0f / sum;
+    lse[i] = m + std::log(sum);
+  }
+}
+
+// As softmax_backward_rows, in place in float32 on the transposed (L, ld) matrices, query
+// columns i < N: S^T becomes P^T = exp(scale s - lse[i]), dP^T becomes
+// scale dS^T = scale p (dp - D[i]) (the scale of dQ and dK taken here).
+MD_AVX512_TARGET void softmax_backward_rows_f32(float* ST, float* dPT, const float* lse, const float* D, int64_t L,
+                                                int64_t N, int64_t ld, float scale) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t j = 0; j < L; ++j) {
+    float* s = ST + j * ld;
+    float* dp = dPT + j * ld;
+    for (int64_t i = 0; i < N; i += 16) {
+      const __mmask16 k = lanes(N - i);
+      const __m512 p = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vs, _mm512_maskz_loadu_ps(k, lse + i)));
+      const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + i), _mm512_maskz_loadu_ps(k, D + i)));
+      _mm512_mask_storeu_ps(s + i, k, p);
+      _mm512_mask_storeu_ps(dp + i, k, _mm512_mul_ps(ds, vs));
+    }
+  }
+}
+
+// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds) transposed, float32, in
+// 16 x 16 tiles held in registers (rows and columns past the ends masked off).
+MD_AVX512_TARGET inline __attribute__((always_inline)) void transpose_f32(const float* __restrict src, int64_t rows,
+                                                                          int64_t cols, int64_t lds,
+                                                                          float* __restrict dst, int64_t ldd) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t nr = std::min<int64_t>(16, rows - r0);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, cols - c0);
+      __m512 r[16], t[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = i < nr ? _mm512_maskz_loadu_ps(lanes(nc), src + (r0 + i) * lds + c0) : _mm512_setzero_ps();
+      // Pairs of floats, then pairs of pairs, then 128-bit quarters: vector c ends as column c.
+      for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      for (int i = 0; i < 4; ++i) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]),
+                      c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+      }
+      for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j) {
+          t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
+          t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
+        }
+      for (int j = 0; j < 8; ++j) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
+        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
+      }
+      for (int64_t c = 0; c < nc; ++c) _mm512_mask_storeu_ps(dst + (c0 + c) * ldd + r0, lanes(nr), r[c]);
+    }
+  }
+}
+
+// sum_c a[c] b[c], float32.
+MD_AVX512_TARGET inline __attribute__((always_inline)) float dot_f32(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = lanes(n - c);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + c), _mm512_maskz_loadu_ps(k, b + c), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// x[0, n) *= f.
+MD_AVX512_TARGET inline __attribute__((always_inline)) void scale_row(float* x, int64_t n, float f) {
+  const __m512 vf = _mm512_set1_ps(f);
+  for (int64_t c = 0; c < n; c += 16) {
+    const __mmask16 k = lanes(n - c);
+    _mm512_mask_storeu_ps(x + c, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + c), vf));
+  }
+}
+
+using OperandF = OperandOf<float>;
+
+// Outputs are (B, seq, H, hd) contiguous: row i of head (b, h) at ((b seq + i) H + h) hd, stride H hd.
+struct ForwardArgsF32 {
+  OperandF q, k, v;
+  float* out;  // (B, N, H, hd)
+  float* lse;  // (B, H, N)
+  int64_t H, N, L, hd, Lc;
+  float scale;
+};
+
+struct ForwardScratchF32 {
+  std::vector<float> kt, s, inv;
+  ForwardScratchF32(int64_t N, int64_t Lc, int64_t hd) : kt(hd * Lc), s(N * Lc), inv(N) {}
+};
+
+// Head (b, h) of the forward pass: S = q k^T (N, L), P = exp(scale S - m), O = P v / rowsum(P),
+// the product written into the output's rows and scaled there.
+MD_AVX512_TARGET void forward_head_f32(const ForwardArgsF32& a, ForwardScratchF32& x, int64_t b, int64_t h) {
+  const int64_t N = a.N, L = a.L, hd = a.hd, Lc = a.Lc, ldo = a.H * hd;
+  transpose_f32(a.k.row(b, h, 0), L, hd, a.k.s2, x.kt.data(), Lc);                          // k^T (hd, L)
+  gemm_f32(N, L, hd, a.q.row(b, h, 0), a.q.s2, x.kt.data(), Lc, x.s.data(), Lc);        // S (N, L)
+  softmax_forward_rows_f32(x.s.data(), N, L, Lc, a.scale, x.inv.data(), a.lse + (b * a.H + h) * N);
+  float* o = a.out + (b * N * a.H + h) * hd;
+  gemm_f32(N, hd, L, x.s.data(), Lc, a.v.row(b, h, 0), a.v.s2, o, ldo);                // P v (N, hd)
+  for (int64_t i = 0; i < N; ++i) scale_row(o + i * ldo, hd, x.inv[i]);
+}
+
+struct ArgsF32 {
+  OperandF q, k, v, out, dout;
+  const float* lse;
+  int64_t lse_s0, lse_s1, lse_s2;
+  float *dq, *dk, *dv;  // (B, seq, H, hd)
+  int64_t H, N, L, hd, Nc, Lc;
+  float scale;
+};
+
+struct ScratchF32 {
+  std::vector<float> qt, doutt, kt, st, dpt, dqt, d, lse;
+  ScratchF32(int64_t N, int64_t Nc, int64_t L, int64_t Lc, int64_t hd)
+      : qt(hd * Nc), doutt(hd * Nc), kt(hd * Lc), st(L * Nc), dpt(L * Nc), dqt(hd * Nc), d(N), lse(N) {}
+};
+
+// The gradients of head (b, h), on the transposed scores as in backward_head; dK and dV are
+// written into the outputs' rows, dQ^T transposed into them.
+MD_AVX512_TARGET void backward_head_f32(const ArgsF32& a, ScratchF32& x, int64_t b, int64_t h) {
+  const int64_t N = a.N, L = a.L, hd = a.hd, Nc = a.Nc, Lc = a.Lc, ldo = a.H * hd;
+  const float *q = a.q.row(b, h, 0), *g = a.dout.row(b, h, 0), *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
+  for (int64_t i = 0; i < N; ++i) {  // D = rowsum(dO o), lse
+    x.d[i] = dot_f32(g + i * a.dout.s2, a.out.row(b, h, i), hd);
+    x.lse[i] = a.lse[b * a.lse_s0 + h * a.lse_s1 + i * a.lse_s2];
+  }
+  transpose_f32(q, N, hd, a.q.s2, x.qt.data(), Nc);        // q^T  (hd, N)
+  transpose_f32(g, N, hd, a.dout.s2, x.doutt.data(), Nc);  // dO^T (hd, N)
+  transpose_f32(k, L, hd, a.k.s2, x.kt.data(), Lc);    // k^T  (hd, L)
+  gemm_f32(L, N, hd, k, a.k.s2, x.qt.data(), Nc, x.st.data(), Nc);      // S^T = k q^T    (L, N)
+  gemm_f32(L, N, hd, v, a.v.s2, x.doutt.data(), Nc, x.dpt.data(), Nc);  // dP^T = v dO^T  (L, N)
+  softmax_backward_rows_f32(x.st.data(), x.dpt.data(), x.lse.data(), x.d.data(), L, N, Nc, a.scale);
+  const int64_t at = (b * L * a.H + h) * hd;
+  gemm_f32(L, hd, N, x.st.data(), Nc, g, a.dout.s2, a.dv + at, ldo);           // dV = P^T dO            (L, hd)
+  gemm_f32(L, hd, N, x.dpt.data(), Nc, q, a.q.s2, a.dk + at, ldo);             // dK = scale dS^T q      (L, hd)
+  gemm_f32(hd, N, L, x.kt.data(), Lc, x.dpt.data(), Nc, x.dqt.data(), Nc);     // dQ^T = scale k^T dS^T  (hd, N)
+  transpose_f32(x.dqt.data(), hd, N, Nc, a.dq + (b * N * a.H + h) * hd, ldo);
+}
+
+// Throws "CPU <dtype> attention: what" unless ok.
+void check(bool ok, at::ScalarType dt, const std::string& what) {
+  if (!ok) throw std::runtime_error(std::string("CPU ") + (dt == at::kBFloat16 ? "bf16" : "float32") + " attention: " + what);
+}
+
+// The checks both passes make of q (B, H, N, hd) and k, v (B, H, L, hd) in dtype dt.
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dt) {
+  if (dt == at::kBFloat16) {
+    check(amx_attention_available(), dt, "this CPU has no AMX for bf16");
+  } else {
+    check(avx512_attention_available(), dt, "this CPU has no AVX-512");
+  }
   check(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
             k.size(1) == q.size(1) && k.size(3) == q.size(3),
-        "q must be (B, H, N, hd) and k, v (B, H, L, hd)");
-  check(amx_attention_applies(q.size(3)),
-        "head size " + std::to_string(q.size(3)) + " is not a multiple of 16 up to 256");
-  check(q.size(2) > 0 && k.size(2) > 0, "empty sequence");
+        dt, "q must be (B, H, N, hd) and k, v (B, H, L, hd)");
+  if (dt == at::kBFloat16)
+    check(amx_attention_applies(q.size(3)), dt,
+          "head size " + std::to_string(q.size(3)) + " is not a multiple of 16 up to 256");
+  check(q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0, dt, "empty sequence or head");
+  const char* what = dt == at::kBFloat16 ? "q, k, v must be bf16 CPU tensors with contiguous rows"
+                                         : "q, k, v must be float32 CPU tensors with contiguous rows";
   for (const at::Tensor* t : {&q, &k, &v})
-    check(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->stride(3) == 1,
-          "q, k, v must be bf16 CPU tensors with contiguous rows");
+    check(t->device().is_cpu() && t->scalar_type() == dt && t->stride(3) == 1, dt, what);
+}
+
+// The checks of the backward pass's other inputs: out and dout shaped as q, lse (B, H, N) float32.
+void check_backward_inputs(const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
+                           at::ScalarType dt) {
+  check(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), dt, "out and dout must have q's shape");
+  for (const at::Tensor* t : {&out, &dout})
+    check(t->device().is_cpu() && t->scalar_type() == dt && t->stride(3) == 1, dt,
+          std::string("out and dout must be ") + (dt == at::kBFloat16 ? "bf16" : "float32") +
+              " CPU tensors with contiguous rows");
+  check(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q.size(0) &&
+            lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+        dt, "lse must be float32 (B, H, N)");
 }
 
 Operand operand(const at::Tensor& t) {
   return Operand{reinterpret_cast<const u16*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+OperandF operand_f32(const at::Tensor& t) {
+  return OperandF{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
 }  // namespace
@@ -296,10 +499,20 @@ bool amx_attention_available() {
 
 bool amx_attention_applies(int64_t head_dim) { return head_dim > 0 && head_dim % 16 == 0 && head_dim <= 256; }
 
+bool avx512_attention_available() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512bw") != 0 &&
+           __builtin_cpu_supports("avx512vl") != 0 && __builtin_cpu_supports("avx512dq") != 0 &&
+           __builtin_cpu_supports("fma") != 0;
+  }();
+  return ok;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_forward_bf16(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale) {
-  check_inputs(q, k, v);
-  check(scale > 0, "scale must be positive");
+  check_inputs(q, k, v, at::kBFloat16);
+  check(scale > 0, at::kBFloat16, "scale must be positive");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
   at::Tensor out = at::empty({B, N, H, hd}, q.options().memory_format(c10::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat).memory_format(c10::MemoryFormat::Contiguous));
@@ -318,15 +531,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at:
                                                                        const at::Tensor& v, const at::Tensor& out,
                                                                        const at::Tensor& lse, const at::Tensor& dout,
                                                                        double scale) {
-  check_inputs(q, k, v);
-  check(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), "out and dout must have q's shape");
-  for (const at::Tensor* t : {&out, &dout})
-    check(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->stride(3) == 1,
-          "out and dout must be bf16 CPU tensors with contiguous rows");
+  check_inputs(q, k, v, at::kBFloat16);
+  check_backward_inputs(q, out, lse, dout, at::kBFloat16);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
-  check(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == B &&
-            lse.size(1) == H && lse.size(2) == N,
-        "lse must be float32 (B, H, N)");
 
   const int64_t Nk = round_up(N, 2), Nc = round_up(N, 16), Lk = round_up(L, 2);
   const auto opts = q.options().memory_format(c10::MemoryFormat::Contiguous);
@@ -340,6 +547,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at:
     Scratch x(N, Nk, Nc, L, Lk, hd);
     for (int64_t w = w0; w < w1; ++w) backward_head(args, x, w / H, w % H);
     cb::brgemm_release();
+  });
+  return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_f32(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, double scale) {
+  check_inputs(q, k, v, at::kFloat);
+  check(scale > 0, at::kFloat, "scale must be positive");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
+  at::Tensor out = at::empty({B, N, H, hd}, q.options().memory_format(c10::MemoryFormat::Contiguous));
+  at::Tensor lse = at::empty({B, H, N}, q.options().memory_format(c10::MemoryFormat::Contiguous));
+  const ForwardArgsF32 args{operand_f32(q), operand_f32(k), operand_f32(v), out.data_ptr<float>(),
+                            lse.data_ptr<float>(), H, N, L, hd, round_up(L, 16), static_cast<float>(scale)};
+  at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
+    ForwardScratchF32 x(N, args.Lc, hd);
+    for (int64_t w = w0; w < w1; ++w) forward_head_f32(args, x, w / H, w % H);
+  });
+  return {out.transpose(1, 2), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_f32(const at::Tensor& q, const at::Tensor& k,
+                                                                      const at::Tensor& v, const at::Tensor& out,
+                                                                      const at::Tensor& lse, const at::Tensor& dout,
+                                                                      double scale) {
+  check_inputs(q, k, v, at::kFloat);
+  check_backward_inputs(q, out, lse, dout, at::kFloat);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
+  const auto opts = q.options().memory_format(c10::MemoryFormat::Contiguous);
+  at::Tensor dq = at::empty({B, N, H, hd}, opts), dk = at::empty({B, L, H, hd}, opts),
+             dv = at::empty({B, L, H, hd}, opts);  // (B, seq, H, hd)
+  const ArgsF32 args{operand_f32(q), operand_f32(k), operand_f32(v), operand_f32(out), operand_f32(dout),
+                     lse.data_ptr<float>(), lse.stride(0), lse.stride(1), lse.stride(2),
+                     dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                     H, N, L, hd, round_up(N, 16), round_up(L, 16), static_cast<float>(scale)};
+  at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
+    ScratchF32 x(N, args.Nc, L, args.Lc, hd);
+    for (int64_t w = w0; w < w1; ++w) backward_head_f32(args, x, w / H, w % H);
   });
   return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
 }

@@ -1,4 +1,8 @@
-// bf16 attention on CPUs with AMX (model/attention.cpp takes it under bf16 autocast). ATen's bf16
+// CPU attention, both passes: bf16 on CPUs with AMX (model/attention.cpp takes it under bf16
+// autocast), and float32 on CPUs with AVX-512 (float32 training and sampling; under bf16
+// autocast where there is no AMX).
+//
+// bf16: ATen's bf16
 // attention runs its forward pass on AMX tiles (oneDNN's brgemm), but its backward pass through
 // plain bf16 GEMMs, 2.5x slower than the float32 kernel on a Xeon (docs/performance.md); so
 // training kept float32 attention, 30 % of a Nano step. These are both passes with their
@@ -11,6 +15,10 @@
 //   dV = P^T dO,  dP = dO v^T,  dS = P (dP - rowsum(dO o)),  dQ = scale dS k,  dK = scale dS^T q
 // bf16 operands, float32 accumulation and softmax arithmetic; P and dS are rounded to bf16 for
 // their products, as a GPU's flash kernels round them.
+//
+// float32: the same passes with brgemm's float32 kernels and float32 P and dS. ATen's float32
+// flash kernels reach 20-100 GFLOP/s on MicroDiT's short sequences and 32-wide heads on one
+// Xeon core, its products alone 140-170 (docs/performance.md).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -39,5 +47,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at:
                                                                        const at::Tensor& v, const at::Tensor& out,
                                                                        const at::Tensor& lse, const at::Tensor& dout,
                                                                        double scale);
+
+// Whether the float32 kernels can run here: a CPU with AVX-512 (F, BW, VL, DQ) and FMA.
+bool avx512_attention_available();
+
+// As the bf16 functions, in float32 (any head size): q (B, H, N, hd), k and v (B, H, L, hd)
+// float32 CPU tensors with the last dimension contiguous; the output laid out as (B, N, H, hd),
+// lse (B, H, N) float32.
+std::tuple<at::Tensor, at::Tensor> attention_forward_f32(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_f32(const at::Tensor& q, const at::Tensor& k,
+                                                                      const at::Tensor& v, const at::Tensor& out,
+                                                                      const at::Tensor& lse, const at::Tensor& dout,
+                                                                      double scale);
 
 }  // namespace microdit::kernels::cpu

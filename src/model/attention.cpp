@@ -3,6 +3,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/nn/functional/linear.h>
 #include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/record_function.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/grad_mode.h>
@@ -22,24 +23,43 @@ std::atomic<CpuAttention> g_cpu_attention{CpuAttention::automatic};
 
 double attention_scale(const Tensor& q) { return 1.0 / std::sqrt(static_cast<double>(q.size(-1))); }
 
-// bf16 attention on AMX, both passes microdit's (kernels/attention_cpu.h). q (B, H, N, hd), k and
-// v (B, H, L, hd), bf16; the output (B, H, N, hd) bf16.
-struct AmxAttentionFn : torch::autograd::Function<AmxAttentionFn> {
+// microdit's CPU attention kernels (kernels/attention_cpu.h) in q's dtype: bf16 (AMX) or float32
+// (AVX-512). q (B, H, N, hd), k and v (B, H, L, hd); returns the output (B, H, N, hd) and lse (B, H, N).
+std::tuple<Tensor, Tensor> cpu_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v) {
+  RECORD_FUNCTION(q.scalar_type() == at::kBFloat16 ? "microdit::attention_forward_bf16" : "microdit::attention_forward_f32",
+                  std::vector<c10::IValue>({q, k, v}));
+  return q.scalar_type() == at::kBFloat16 ? kernels::cpu::attention_forward_bf16(q, k, v, attention_scale(q))
+                                          : kernels::cpu::attention_forward_f32(q, k, v, attention_scale(q));
+}
+
+// Both passes microdit's, for gradients.
+struct CpuAttentionFn : torch::autograd::Function<CpuAttentionFn> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v) {
-    auto [o, lse] = kernels::cpu::attention_forward_bf16(q, k, v, attention_scale(q));  // lse (B, H, N) float32
+    auto [o, lse] = cpu_attention_forward(q, k, v);  // lse (B, H, N) float32
     ctx->save_for_backward({q, k, v, o, lse});
     return o;
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
     const auto s = ctx->get_saved_variables();
-    Tensor dout = grads[0].to(at::kBFloat16);
+    const Tensor &q = s[0], &k = s[1], &v = s[2], &o = s[3], &lse = s[4];
+    Tensor dout = grads[0].to(q.scalar_type());
     if (dout.stride(3) != 1) dout = dout.contiguous();
-    auto [dq, dk, dv] =
-        kernels::cpu::attention_backward_bf16(s[0], s[1], s[2], s[3], s[4], dout, attention_scale(s[0]));
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+    RECORD_FUNCTION(bf16 ? "microdit::attention_backward_bf16" : "microdit::attention_backward_f32",
+                    std::vector<c10::IValue>({q, k, v}));
+    auto [dq, dk, dv] = bf16 ? kernels::cpu::attention_backward_bf16(q, k, v, o, lse, dout, attention_scale(q))
+                             : kernels::cpu::attention_backward_f32(q, k, v, o, lse, dout, attention_scale(q));
     return {dq, dk, dv};
   }
 };
+
+// The output (B, H, N, hd) of microdit's kernels, with gradients where the inputs need them; the
+// same forward kernel either way, so a checkpointed block's recomputation gives the same bits.
+Tensor cpu_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const bool grads = torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+  return grads ? CpuAttentionFn::apply(q, k, v) : std::get<0>(cpu_attention_forward(q, k, v));
+}
 }  // namespace
 
 void set_cpu_attention(CpuAttention mode) { g_cpu_attention = mode; }
@@ -49,28 +69,36 @@ CpuAttention parse_cpu_attention(const std::string& name) {
   return parse_choice<CpuAttention>("--cpu-attention", name,
                                     {{"auto", CpuAttention::automatic},
                                      {"float32", CpuAttention::float32},
+                                     {"aten-float32", CpuAttention::aten_float32},
                                      {"bf16", CpuAttention::bf16}});
 }
 
 CpuAttentionKernel cpu_attention_kernel(int64_t hd) {
+  const auto mode = g_cpu_attention.load();
+  const auto f32 = mode != CpuAttention::aten_float32 && kernels::cpu::avx512_attention_available()
+                       ? CpuAttentionKernel::float32
+                       : CpuAttentionKernel::aten_float32;
   if (!at::autocast::is_autocast_enabled(at::kCPU) || at::autocast::get_autocast_dtype(at::kCPU) != at::kBFloat16)
-    return CpuAttentionKernel::float32;
-  switch (g_cpu_attention.load()) {
-    case CpuAttention::float32: return CpuAttentionKernel::float32;
+    return f32;
+  switch (mode) {
+    case CpuAttention::float32:
+    case CpuAttention::aten_float32: return f32;
     case CpuAttention::bf16: return CpuAttentionKernel::aten_bf16;
     case CpuAttention::automatic: break;
   }
   return kernels::cpu::amx_attention_available() && kernels::cpu::amx_attention_applies(hd)
              ? CpuAttentionKernel::amx_bf16
-             : CpuAttentionKernel::float32;
+             : f32;
 }
 
 const char* cpu_attention_kernel_name(CpuAttentionKernel kernel) {
   switch (kernel) {
-    case CpuAttentionKernel::aten_bf16: return "bf16";
+    case CpuAttentionKernel::aten_bf16: return "bf16 ATen";
     case CpuAttentionKernel::amx_bf16: return "bf16 AMX";
-    default: return "float32";
+    case CpuAttentionKernel::aten_float32: return "float32 ATen";
+    case CpuAttentionKernel::float32: break;
   }
+  return "float32";
 }
 
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -80,30 +108,28 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
     const bool autocast = at::autocast::is_autocast_enabled(at::kCPU);
     const auto kernel = cpu_attention_kernel(hd);
     if (kernel == CpuAttentionKernel::amx_bf16) {
-      // On AMX both passes run on bf16 tiles (kernels/attention_cpu.h; docs/performance.md). The
-      // inputs are those autocast would give ATen's attention; with and without gradients the
-      // same forward kernel, so a checkpointed block's recomputation gives the same bits.
+      // On AMX both passes run on bf16 tiles (kernels/attention_cpu.h; docs/performance.md), on
+      // the inputs autocast would give ATen's attention.
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
       auto b = [&](const Tensor& t) { return heads(t.to(at::kBFloat16)); };
-      const bool grads = torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
-      const Tensor o = grads ? AmxAttentionFn::apply(b(q), b(k), b(v))
-                             : std::get<0>(kernels::cpu::attention_forward_bf16(b(q), b(k), b(v), attention_scale(q)));
-      return o.transpose(1, 2).reshape({B, N, H * hd});  // bf16
+      return cpu_attention(b(q), b(k), b(v)).transpose(1, 2).reshape({B, N, H * hd});  // bf16
     }
-    if (kernel == CpuAttentionKernel::float32 &&
-        (autocast || q.scalar_type() != at::kFloat || k.scalar_type() != at::kFloat || v.scalar_type() != at::kFloat)) {
-      // ATen's bf16 attention is the slow one on CPUs without AMX: its flash kernel's bf16
-      // products go through MKL's bf16 GEMM, and forward + backward ran 4-10x slower than in
-      // float32 on MicroDiT's shapes (docs/performance.md). So here attention steps past
-      // autocast (which would cast it to bf16) and computes in float32 on the inputs autocast
-      // would have given it, rounded to bf16. Under autocast the float32 result goes on to the
-      // output projection, which autocast casts as before; without autocast it comes back in
-      // q's dtype, as ATen's attention returns it.
+    if (kernel == CpuAttentionKernel::float32 || kernel == CpuAttentionKernel::aten_float32) {
+      // Float32 attention: microdit's kernels on AVX-512 CPUs (2-3x ATen's float32 flash kernels
+      // on MicroDiT's shapes), else ATen's. Under bf16 autocast on CPUs without AMX it stays in
+      // float32 too: ATen's bf16 attention is the slow one there (its flash kernel's bf16
+      // products go through MKL's bf16 GEMM, forward + backward 4-10x slower than float32 on
+      // MicroDiT's shapes; docs/performance.md). So attention steps past autocast (which would
+      // cast it to bf16) and computes in float32 on the inputs autocast would have given it,
+      // rounded to bf16. Under autocast the float32 result goes on to the output projection,
+      // which autocast casts as before; without autocast it comes back in q's dtype, as ATen's
+      // attention returns it.
       const auto low = at::autocast::get_autocast_dtype(at::kCPU);
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
       auto f = [&](const Tensor& t) { return heads((autocast ? t.to(low) : t).to(at::kFloat)); };
-      auto o = at::scaled_dot_product_attention(f(q), f(k), f(v));  // (B, H, N, hd) float32
-      if (!autocast) o = o.to(q.scalar_type());
+      auto o = kernel == CpuAttentionKernel::float32 ? cpu_attention(f(q), f(k), f(v))
+                                                     : at::scaled_dot_product_attention(f(q), f(k), f(v));
+      if (!autocast) o = o.to(q.scalar_type());  // (B, H, N, hd)
       return o.transpose(1, 2).reshape({B, N, H * hd});
     }
   }

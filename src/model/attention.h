@@ -46,27 +46,33 @@ TORCH_MODULE(CrossAttention);
 std::vector<CaptionKV> caption_kvs(const std::vector<CrossAttentionImpl*>& layers, const Tensor& cond);
 
 // Scaled dot-product attention over heads: q (B, N, H, hd), k/v (B, M, H, hd) -> (B, N, H*hd).
-// On the CPU under bf16 autocast it takes the kernel cpu_attention_kernel(hd) names: float32 (on
-// the bf16-rounded inputs) returns float32, the bf16 kernels return bf16.
+// On the CPU it takes the kernel cpu_attention_kernel(hd) names: under bf16 autocast the float32
+// kernels (on the bf16-rounded inputs) return float32, the bf16 kernels bf16.
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v);
 
-// Attention on the CPU under bf16 autocast (--cpu-attention):
-//   automatic: the AMX kernels where the CPU has AMX for bf16 and the head size is a multiple
-//     of 16 (kernels/attention_cpu.h), else float32 (ATen's bf16 backward pass is the slow one);
+// Attention on the CPU (--cpu-attention):
+//   automatic: under bf16 autocast the AMX kernels where the CPU has AMX for bf16 and the head
+//     size is a multiple of 16, else float32 (ATen's bf16 backward pass is the slow one);
 //   float32: always float32;
-//   bf16: always ATen's bf16 attention, both ways (slow on the CPU, but it keeps what a GPU keeps
-//     for the backward pass: `bench --memory` with it predicts GPU memory).
-enum class CpuAttention { automatic, float32, bf16 };
+//   aten_float32: always float32, ATen's kernels (for comparison);
+//   bf16: under bf16 autocast ATen's bf16 attention, both ways (slow on the CPU, but it keeps
+//     what a GPU keeps for the backward pass: `bench --memory` with it predicts GPU memory).
+// Float32 is microdit's kernels (kernels/attention_cpu.h) on CPUs with AVX-512, else ATen's.
+enum class CpuAttention { automatic, float32, aten_float32, bf16 };
 void set_cpu_attention(CpuAttention mode);
 CpuAttention cpu_attention();
-CpuAttention parse_cpu_attention(const std::string& name);  // auto, float32 or bf16
+CpuAttention parse_cpu_attention(const std::string& name);  // auto, float32, aten-float32 or bf16
 // The kernels of CPU attention:
-//   float32: ATen's float32 attention on the inputs rounded to the autocast dtype;
+//   float32: microdit's float32 kernels (AVX-512), without autocast and under it on the inputs
+//     rounded to the autocast dtype;
+//   aten_float32: the same with ATen's float32 attention;
 //   aten_bf16: ATen's bf16 attention, forward and backward;
-//   amx_bf16: ATen's bf16 forward pass (AMX tiles) and microdit's AMX backward pass.
-enum class CpuAttentionKernel { float32, aten_bf16, amx_bf16 };
-// The kernel CPU attention with head size hd takes now: float32 unless bf16 autocast is on.
+//   amx_bf16: microdit's bf16 kernels on AMX tiles.
+enum class CpuAttentionKernel { float32, aten_float32, aten_bf16, amx_bf16 };
+// The kernel CPU attention with head size hd takes now (float32 or aten_float32 unless bf16
+// autocast is on).
 CpuAttentionKernel cpu_attention_kernel(int64_t hd);
-const char* cpu_attention_kernel_name(CpuAttentionKernel kernel);  // "float32", "bf16", "bf16 AMX"
+// "float32", "float32 ATen", "bf16 ATen", "bf16 AMX"
+const char* cpu_attention_kernel_name(CpuAttentionKernel kernel);
 
 }  // namespace microdit

@@ -1,0 +1,180 @@
+// float32 attention on AVX-512 (kernels/attention_cpu.h, model/attention.cpp): both passes against
+// attention written out in float64 (odd lengths, head sizes that are not multiples of 16, strided
+// heads, more keys than fit a tile), against ATen's float32 attention, their one-line errors, and
+// the model's attention and a whole training step through them. Skips on CPUs without AVX-512.
+#include <gtest/gtest.h>
+
+#include <torch/torch.h>
+
+#include <cmath>
+#include <functional>
+#include <string>
+
+#include "core/autocast.h"
+#include "kernels/attention_cpu.h"
+#include "model/attention.h"
+#include "test_util.h"
+#include "tiny_step.h"
+
+using namespace microdit;
+
+namespace {
+
+// A (B, H, seq, hd) float32 view of a (B, seq, H, hd) tensor, as the model's heads are.
+torch::Tensor heads(int64_t B, int64_t seq, int64_t H, int64_t hd) {
+  return torch::randn({B, seq, H, hd}).transpose(1, 2);
+}
+
+// Norm-wise relative difference of a to the reference.
+double rel(const torch::Tensor& a, const torch::Tensor& ref) {
+  return ((a.to(torch::kDouble) - ref.to(torch::kDouble)).norm() / ref.to(torch::kDouble).norm()).item<double>();
+}
+
+struct Mode : test_util::ScopedSetting<CpuAttention> {
+  explicit Mode(CpuAttention m) : ScopedSetting(cpu_attention, set_cpu_attention, m) {}
+};
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST(CpuAttentionF32, PassesEqualAttentionInFloat64) {
+  if (!kernels::cpu::avx512_attention_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  torch::manual_seed(21);
+  struct Shape {
+    int64_t B, H, N, L, hd;
+  };
+  // The mixer's self-attention, a cross-attention over 77 caption tokens, odd lengths and head
+  // sizes (the 16-wide tiles' edges), more keys than one tile, one query, the widest head.
+  for (const Shape s : {Shape{2, 4, 256, 256, 32}, Shape{2, 4, 64, 77, 32}, Shape{3, 2, 33, 5, 24},
+                        Shape{1, 2, 7, 300, 8}, Shape{2, 1, 1, 19, 40}, Shape{1, 2, 17, 17, 128}}) {
+    SCOPED_TRACE("B " + std::to_string(s.B) + " H " + std::to_string(s.H) + " N " + std::to_string(s.N) + " L " +
+                 std::to_string(s.L) + " hd " + std::to_string(s.hd));
+    const auto q = heads(s.B, s.N, s.H, s.hd), k = heads(s.B, s.L, s.H, s.hd), v = heads(s.B, s.L, s.H, s.hd);
+    const double scale = 1.0 / std::sqrt(static_cast<double>(s.hd));
+    const auto [o, lse] = kernels::cpu::attention_forward_f32(q, k, v, scale);
+    ASSERT_EQ(o.sizes(), q.sizes());
+    EXPECT_EQ(o.scalar_type(), torch::kFloat);
+    ASSERT_EQ(lse.sizes(), (std::vector<int64_t>{s.B, s.H, s.N}));
+    const auto g = heads(s.B, s.N, s.H, s.hd);
+    const auto [dq, dk, dv] = kernels::cpu::attention_backward_f32(q, k, v, o, lse, g, scale);
+    ASSERT_EQ(dq.sizes(), q.sizes());
+    ASSERT_EQ(dk.sizes(), k.sizes());
+    ASSERT_EQ(dv.sizes(), v.sizes());
+    EXPECT_EQ(dq.scalar_type(), torch::kFloat);
+    auto qd = q.to(torch::kDouble).requires_grad_(), kd = k.to(torch::kDouble).requires_grad_(),
+         vd = v.to(torch::kDouble).requires_grad_();
+    const auto logits = torch::matmul(qd, kd.transpose(-1, -2)) * scale;
+    const auto od = torch::matmul(torch::softmax(logits, -1), vd);
+    EXPECT_LT((lse.to(torch::kDouble) - torch::logsumexp(logits.detach(), -1)).abs().max().item<double>(), 1e-5);
+    const auto ref = torch::autograd::grad({od}, {qd, kd, vd}, {g.to(torch::kDouble)});
+    // float32 arithmetic: measured about 1e-7 norm-wise.
+    EXPECT_LT(rel(o, od.detach()), 2e-6);
+    EXPECT_LT(rel(dq, ref[0]), 2e-6);
+    EXPECT_LT(rel(dk, ref[1]), 2e-6);
+    EXPECT_LT(rel(dv, ref[2]), 2e-6);
+    // ATen's float32 forward pass gives the same log-sum-exp: the backward pass takes either.
+    const auto [o_aten, lse_aten] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
+    EXPECT_LT((lse_aten - lse).abs().max().item<double>(), 1e-5);
+  }
+}
+
+TEST(CpuAttentionF32, OneLineErrors) {
+  const auto q = heads(1, 8, 2, 16), k = heads(1, 8, 2, 16);
+  const auto lse = torch::zeros({1, 2, 8});
+  if (!kernels::cpu::avx512_attention_available()) {
+    const auto e = error_of([&] { kernels::cpu::attention_forward_f32(q, k, k, 0.25); });
+    EXPECT_NE(e.find("no AVX-512"), std::string::npos) << e;
+    GTEST_SKIP() << "no AVX-512 on this CPU";
+  }
+  auto expect = [](const std::function<void()>& f, const std::string& what) {
+    const auto e = error_of(f);
+    EXPECT_NE(e.find("CPU float32 attention: "), std::string::npos) << e;
+    EXPECT_NE(e.find(what), std::string::npos) << e;
+    EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+  };
+  const auto d = q.to(torch::kDouble);
+  expect([&] { kernels::cpu::attention_forward_f32(d, k, k, 0.25); }, "float32 CPU tensors");
+  expect([&] { kernels::cpu::attention_forward_f32(q, k, k, 0.0); }, "scale");
+  expect([&] { kernels::cpu::attention_forward_f32(q, heads(1, 8, 2, 32), k, 0.25); }, "(B, H, L, hd)");
+  expect([&] { kernels::cpu::attention_forward_f32(torch::randn({1, 2, 16, 8}).transpose(2, 3), k, k, 0.25); },
+         "contiguous rows");
+  expect([&] { kernels::cpu::attention_backward_f32(q, k, k, q, torch::zeros({1, 8, 2}), q, 0.25); }, "lse");
+  expect([&] { kernels::cpu::attention_backward_f32(q, k, k, heads(1, 9, 2, 16), lse, q, 0.25); }, "q's shape");
+  expect([&] { kernels::cpu::attention_backward_f32(q, k, k, q, lse, q.to(torch::kBFloat16), 0.25); }, "float32");
+}
+
+TEST(CpuAttentionF32, ModelAttentionEqualsAtenAttention) {
+  // In float32 multi_head_attention takes microdit's kernels: ATen's float32 attention's output
+  // and gradients to float32's rounding, the same bits with and without gradients (a
+  // checkpointed block's forward runs without them and its recomputation with them).
+  if (!kernels::cpu::avx512_attention_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  torch::manual_seed(22);
+  const auto q0 = torch::randn({2, 40, 4, 24}), k0 = torch::randn({2, 23, 4, 24}), v0 = torch::randn({2, 23, 4, 24});
+  const auto r = torch::randn({2, 40, 96});
+  struct Out {
+    torch::Tensor o, o_no_grad, dq, dk, dv;
+  };
+  auto run = [&](CpuAttention mode) {
+    const Mode m(mode);
+    EXPECT_EQ(cpu_attention_kernel(24), mode == CpuAttention::float32 ? CpuAttentionKernel::float32
+                                                                      : CpuAttentionKernel::aten_float32);
+    auto q = q0.clone().requires_grad_(), k = k0.clone().requires_grad_(), v = v0.clone().requires_grad_();
+    Out out;
+    out.o = multi_head_attention(q, k, v);  // (B, N, H * hd)
+    {
+      torch::NoGradGuard ng;
+      out.o_no_grad = multi_head_attention(q, k, v);
+    }
+    (out.o * r).sum().backward();
+    out.dq = q.grad(), out.dk = k.grad(), out.dv = v.grad();
+    return out;
+  };
+  const Out ours = run(CpuAttention::float32), aten = run(CpuAttention::aten_float32);
+  EXPECT_EQ(ours.o.scalar_type(), torch::kFloat);
+  EXPECT_TRUE(torch::equal(ours.o.detach(), ours.o_no_grad));
+  EXPECT_LT(rel(ours.o, aten.o), 2e-6);
+  EXPECT_LT(rel(ours.dq, aten.dq), 2e-6);
+  EXPECT_LT(rel(ours.dk, aten.dk), 2e-6);
+  EXPECT_LT(rel(ours.dv, aten.dv), 2e-6);
+  EXPECT_FALSE(torch::equal(ours.dq, aten.dq));  // the other kernels did run
+}
+
+TEST(CpuAttentionF32, TrainingStepsEqualAtenAttention) {
+  // A whole tiny step (Pico, hd 32), float32 and under bf16 autocast (on CPUs without AMX, where
+  // attention stays float32), with microdit's kernels against ATen's float32 attention.
+  if (!kernels::cpu::avx512_attention_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  for (const bool bf16 : {false, true}) {
+    if (bf16 && kernels::cpu::amx_attention_available()) continue;  // AmxAttention's tests
+    SCOPED_TRACE(bf16 ? "bf16 autocast" : "float32");
+    test_util::TinyStepOptions opt;
+    opt.bf16 = bf16;
+    test_util::TinyStep ours, aten;
+    {
+      const Mode float32(CpuAttention::float32);
+      ours = test_util::tiny_step(opt);
+    }
+    {
+      const Mode aten_float32(CpuAttention::aten_float32);
+      aten = test_util::tiny_step(opt);
+    }
+    const double tol = bf16 ? 1e-2 : 1e-4;  // under autocast bf16 rounding of what follows
+    EXPECT_NEAR(ours.loss, aten.loss, tol * std::abs(aten.loss));
+    ASSERT_EQ(ours.grads.size(), aten.grads.size());
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < aten.grads.size(); ++i) {
+      diff += (ours.grads[i] - aten.grads[i]).pow(2).sum().item<double>();
+      norm += aten.grads[i].pow(2).sum().item<double>();
+    }
+    ASSERT_GT(norm, 0);
+    EXPECT_LT(std::sqrt(diff / norm), tol);
+    EXPECT_GT(diff, 0);  // the step did take the other kernels
+  }
+}
