@@ -8,6 +8,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/precision.h"
 #include "data/shards.h"
 #include "io/safetensors.h"
 #include "test_util.h"
@@ -162,6 +163,35 @@ TEST(Train, ConfigOverridesAndUnknownKeys) {
   EXPECT_EQ(c.cpu_workers, 3);
   EXPECT_TRUE(c.activation_checkpointing);
   EXPECT_TRUE(c.tf32);
+}
+
+// train.bf16: auto: undecided in the parsed config (and so written), decided for the run's
+// device by resolve_bf16 (bf16 on CUDA and on CPUs that multiply bf16), once.
+TEST(Train, Bf16AutoIsDecidedForTheDevice) {
+  TempDir dir;
+  const auto cfg = write_config(dir.path, dir.path + "/shards");
+  auto c = load_train_config(cfg, {"train.bf16=auto"});
+  EXPECT_TRUE(c.bf16_auto);
+  EXPECT_NE(train_config_to_yaml(c).find("bf16: auto"), std::string::npos);
+  auto gpu = c;
+  EXPECT_NE(resolve_bf16(gpu, /*cuda=*/true).find("bf16 autocast (CUDA)"), std::string::npos);
+  EXPECT_TRUE(gpu.bf16);
+  EXPECT_FALSE(gpu.bf16_auto);
+  EXPECT_NE(train_config_to_yaml(gpu).find("bf16: true"), std::string::npos);
+  EXPECT_EQ(resolve_bf16(gpu, true), "") << "decided once";
+  const std::string why = resolve_bf16(c, /*cuda=*/false);
+  EXPECT_EQ(c.bf16, bf16_native(false));
+  EXPECT_NE(why.find(c.bf16 ? "AVX-512 BF16 or AMX" : "-> float32"), std::string::npos) << why;
+  auto fixed = load_train_config(cfg, {"train.bf16=true"});
+  EXPECT_EQ(resolve_bf16(fixed, false), "");
+  EXPECT_TRUE(fixed.bf16);
+  EXPECT_NE(error_of([&] { load_train_config(cfg, {"train.bf16=maybe"}); }).find("'train.bf16' must be true, false or auto"),
+            std::string::npos);
+  // What needs bf16 is checked once auto is decided.
+  auto lpln = load_train_config(cfg, {"train.bf16=auto", "train.low_precision_layernorm=true"});
+  const auto e = error_of([&] { resolve_bf16(lpln, false); });
+  EXPECT_EQ(e.empty(), bf16_native(false)) << e;
+  if (!e.empty()) EXPECT_NE(e.find("set train.bf16: true to force it"), std::string::npos) << e;
 }
 
 class StoppedAndResumed : public ::testing::TestWithParam<std::string> {};

@@ -7,9 +7,10 @@
 #                   Heun 30 steps, guidance 4 (random weights on both sides)
 #   tools/bench_cpu_vs_reference.sh REFERENCE_CHECKOUT [STEPS]
 # microdit's float32 rows also run with each library for the products (--cpu-matmul onednn and
-# mkl; the default, auto, takes MKL on Intel CPUs and oneDNN on others), its bf16 rows with
-# float32 attention (the default takes the AMX kernels on CPUs with AMX), and all with the fused
-# kernels off, to show what each gives.
+# mkl; the default, auto, takes MKL on Intel CPUs and oneDNN on others), with ATen's float32
+# attention (--cpu-attention aten-float32; the default takes microdit's kernels: bf16 on AMX tiles
+# under bf16 autocast on CPUs with AMX, else float32 on AVX-512 CPUs), its bf16 rows also with
+# microdit's float32 attention, and all with the fused kernels off, to show what each gives.
 # REFERENCE_CHECKOUT: a clone of github.com/SonyResearch/micro_diffusion (development only).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,6 +27,7 @@ for prec in fp32 bf16; do
   runs=("--workers 0" "--workers 1")  # 0: side-by-side workers, one per thread (the default); 1: one stream
   [ "$prec" = fp32 ] && runs+=("--workers 0 --cpu-matmul onednn" "--workers 0 --cpu-matmul mkl")
   [ "$prec" = bf16 ] && runs+=("--workers 0 --cpu-attention float32")
+  runs+=("--workers 0 --cpu-attention aten-float32")
   runs+=("--workers 0 --fused-kernels off")
   for r in "${runs[@]}"; do
     # shellcheck disable=SC2086  # $r is a list of options
@@ -44,7 +46,7 @@ done
 # weights on both sides; both rates are of the sampler loop only.
 for prec in fp32 bf16; do
   flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
-  runs=("--fused-kernels on" "--fused-kernels off")
+  runs=("--fused-kernels on" "--fused-kernels off" "--cpu-attention aten-float32")
   [ "$prec" = bf16 ] && runs+=("--cpu-attention float32")
   for r in "${runs[@]}"; do
     # shellcheck disable=SC2086  # $r is a list of options

@@ -133,7 +133,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
   fmt::print("bench sample {} latent {}x{}x{} patch {} n {} batch {} Heun {} cfg {} {}{}{}{}: {:.2f} images/s, "
              "{:.2f} s, peak memory {}\n",
              o.preset, c.in_channels, c.input_size, c.input_size, c.patch_size, o.n, o.batch, o.sampler_steps,
-             o.cfg, o.bf16 ? "bf16 autocast" : "fp32", o.cuda_graph ? ", CUDA graph" : "",
+             o.cfg, o.bf16 ? bf16_autocast_text(device.is_cuda()) : "fp32", o.cuda_graph ? ", CUDA graph" : "",
              !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
              std::string(o.low_precision_layernorm ? ", low-precision LayerNorm" : "") +
                  cpu_attention_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) +
@@ -257,7 +257,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
     split += ", FFN activations recomputed";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "
              "peak memory {}, {:.1f} s before the timed steps\n",
-             o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? "bf16 autocast" : "fp32",
+             o.preset, c.input_size, o.batch, o.mask_ratio, o.bf16 ? bf16_autocast_text(device.is_cuda()) : "fp32",
              o.plain_adamw ? ", plain AdamW" : "", split, 1e3 * s / o.steps, ips, rate, peak_memory_text(device),
              warm_s);
   if (o.profile > 0) {

@@ -8,6 +8,7 @@
 #include "core/autocast.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/precision.h"
 #include "core/progress.h"
 #include "data/image.h"
 #include "eval/sampling.h"
@@ -88,7 +89,7 @@ void run(const SampleOptions& o) {
   so.cuda_graph = o.cuda_graph;
   fmt::print("{}\nsampling {} image(s): {} steps ({}), guidance {}, seed {}, {} weights{}\n",
              runtime_summary(device), rows.size(), o.steps, o.solver, o.cfg, o.seed,
-             sm.ema ? "EMA" : "raw", o.bf16 ? ", bf16 autocast" : "");
+             sm.ema ? "EMA" : "raw", o.bf16 ? std::string(", ") + bf16_autocast_text(device.is_cuda()) : "");
   ProgressBar bar("sample", static_cast<int64_t>(rows.size()), "img");
   Tensor images;
   {

@@ -94,6 +94,7 @@ void run_rank(const TrainOptions& o, const dist::Env& env) {
   const auto device = dist::rank_device(env, resolve_device(o.rt.device));
   if (device.is_cpu()) track_cpu_allocations();  // peak memory as the bytes of live tensors
   auto cfg = load_train_config(o.config, o.overrides);
+  const std::string bf16_choice = resolve_bf16(cfg, device.is_cuda());  // before settings are compared
   if (o.print_final) {  // for scripts: where the finished run's checkpoint is (or will be)
     fmt::print("{}\n", final_checkpoint_path(cfg));
     return;
@@ -106,6 +107,7 @@ void run_rank(const TrainOptions& o, const dist::Env& env) {
   if (env.distributed()) comm = dist::Comm::connect(env, device, std::chrono::seconds(o.dist_timeout));
   Trainer trainer(cfg, device, comm.get());
   fmt::print("{}\n", runtime_summary(device));
+  if (!bf16_choice.empty()) fmt::print("{}\n", bf16_choice);
   if (auto s = trainer.parallel_summary(); !s.empty()) fmt::print("{}\n", s);
   if (auto s = trainer.precision_summary(); !s.empty()) fmt::print("{}\n", s);
   if (o.resume) {

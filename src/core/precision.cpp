@@ -10,6 +10,20 @@ void set_tf32(bool on) {
   at::globalContext().setFloat32Precision(at::Float32Backend::CUDA, at::Float32Op::CONV, p);
 }
 
+bool bf16_native(bool cuda) {
+  if (cuda) return true;
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") != 0 || __builtin_cpu_supports("amx-bf16") != 0;
+#else
+  return false;
+#endif
+}
+
+const char* bf16_autocast_text(bool cuda) {
+  return bf16_native(cuda) ? "bf16 autocast" : "bf16 autocast (emulated: this CPU has no AVX-512 BF16 or AMX)";
+}
+
 bool tf32_enabled() {
   return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
          at::Float32Precision::TF32;

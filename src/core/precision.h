@@ -9,4 +9,13 @@ namespace microdit {
 void set_tf32(bool on);  // process-wide (CUDA matmul and convolution precision)
 bool tf32_enabled();     // what cuBLAS matmuls currently use
 
+// Whether bf16 autocast pays on this device: on CUDA, and on CPUs whose cores multiply bf16
+// (AVX-512 BF16 or AMX: Zen 4, Sapphire Rapids and later). Elsewhere oneDNN emulates bf16 and a
+// training step ran 3x slower than in float32 (docs/performance.md): train.bf16: auto then
+// trains in float32.
+bool bf16_native(bool cuda);
+// "bf16 autocast", with "(emulated: ...)" where bf16_native(cuda) is false, for the lines that
+// say how a command runs.
+const char* bf16_autocast_text(bool cuda);
+
 }  // namespace microdit

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/precision.h"
 
 namespace microdit {
 
@@ -85,7 +86,11 @@ std::map<std::string, std::map<std::string, Setter>> bindings(TrainConfig& c) {
                 {"grad_clip", bind(c.grad_clip, "a number")},
                 {"ema_decay", bind(c.ema_decay, "a number")},
                 {"ema_start", bind(c.ema_start, "an integer")},
-                {"bf16", bind(c.bf16, "true or false")},
+                {"bf16",
+                 [&c](const YAML::Node& v, const std::string& key) {
+                   c.bf16_auto = v.IsScalar() && v.Scalar() == "auto";
+                   if (!c.bf16_auto) c.bf16 = as<bool>(v, key, "true, false or auto");
+                 }},
                 {"fused_optimizer", bind(c.fused_optimizer, "true or false")},
                 {"bf16_weights", bind(c.bf16_weights, "auto, on or off")},
                 {"cpu_workers", bind(c.cpu_workers, "an integer >= 0")},
@@ -130,7 +135,7 @@ void TrainConfig::validate() const {
   MD_CHECK(unmasked_steps >= 0 && unmasked_steps <= steps,
            "train config: train.unmasked_steps must be in [0, train.steps]");
   MD_CHECK(lr > 0, "train config: train.lr must be positive");
-  MD_CHECK(!low_precision_layernorm || bf16,
+  MD_CHECK(!low_precision_layernorm || bf16 || bf16_auto,
            "train config: train.low_precision_layernorm runs LayerNorm in bf16 under autocast: it needs train.bf16: true");
   MD_CHECK(init_weights == "raw" || init_weights == "ema",
            "train config: stage.init_weights must be raw or ema, got '{}'", init_weights);
@@ -230,6 +235,19 @@ std::vector<std::string> changed_settings(const std::string& before_yaml, const 
   return changed;
 }
 
+std::string resolve_bf16(TrainConfig& c, bool cuda) {
+  if (!c.bf16_auto) return "";
+  c.bf16_auto = false;
+  c.bf16 = bf16_native(cuda);
+  MD_CHECK(!c.low_precision_layernorm || c.bf16,
+           "train config: train.low_precision_layernorm runs LayerNorm in bf16 under autocast, but train.bf16: auto "
+           "chose float32 on this CPU (no AVX-512 BF16 or AMX): set train.bf16: true to force it");
+  if (cuda) return "train.bf16: auto -> bf16 autocast (CUDA)";
+  return c.bf16 ? "train.bf16: auto -> bf16 autocast (this CPU multiplies bf16: AVX-512 BF16 or AMX)"
+                : "train.bf16: auto -> float32 (this CPU has no AVX-512 BF16 or AMX: bf16 would be emulated, "
+                  "about 3x slower)";
+}
+
 std::string train_config_to_yaml(const TrainConfig& c) {
   YAML::Emitter e;
   e << YAML::BeginMap;
@@ -262,8 +280,13 @@ std::string train_config_to_yaml(const TrainConfig& c) {
     << c.warmup_steps << YAML::Key << "schedule" << YAML::Value << c.schedule << YAML::Key
     << "min_lr_ratio" << YAML::Value << c.min_lr_ratio << YAML::Key << "grad_clip" << YAML::Value
     << c.grad_clip << YAML::Key << "ema_decay" << YAML::Value << c.ema_decay << YAML::Key
-    << "ema_start" << YAML::Value << c.ema_start << YAML::Key << "bf16" << YAML::Value << c.bf16
-    << YAML::Key << "fused_optimizer" << YAML::Value << c.fused_optimizer
+    << "ema_start" << YAML::Value << c.ema_start << YAML::Key << "bf16" << YAML::Value;
+  if (c.bf16_auto) {
+    e << "auto";  // undecided: resolve_bf16 not yet called
+  } else {
+    e << c.bf16;
+  }
+  e << YAML::Key << "fused_optimizer" << YAML::Value << c.fused_optimizer
     << YAML::Key << "cpu_workers" << YAML::Value << c.cpu_workers
     << YAML::Key << "activation_checkpointing" << YAML::Value << c.activation_checkpointing
     << YAML::Key << "tf32" << YAML::Value << c.tf32;

@@ -40,6 +40,9 @@ struct TrainConfig {
   double ema_decay = 0.0;            // 0 disables EMA
   int64_t ema_start = 0;
   bool bf16 = false;                 // bf16 autocast
+  // train.bf16: auto: bf16 where it pays (core/precision.h bf16_native), set by resolve_bf16 for
+  // the run's device; until then bf16 is undecided.
+  bool bf16_auto = false;
   bool fused_optimizer = true;       // AdamW as one fused kernel (train/fused_adamw.h)
   // bf16 weight copies kept by the AdamW step instead of autocast's casts (train/bf16_weights.h):
   // auto (on CUDA where allowed), on or off. Written to a checkpoint's settings unless auto.
@@ -79,6 +82,10 @@ struct TrainConfig {
 // Reads FILE, applies overrides "section.key=value" (value parsed as YAML), validates.
 // Unknown keys and wrong types are errors naming the key.
 TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides);
+// Decides train.bf16: auto for a run on CUDA (cuda) or the CPU: bf16 where bf16_native says it
+// pays, then checks what needs bf16. Returns "train.bf16: auto -> ..." (why) when it decided,
+// else "". Idempotent; the trainer calls it, and so must whatever compares settings before.
+std::string resolve_bf16(TrainConfig& c, bool cuda);
 std::string train_config_to_yaml(const TrainConfig& c);
 // The settings ("section.key") whose values differ between two train_config_to_yaml texts, or
 // that only one of them has; for the warning when a run resumes under other settings.

@@ -223,6 +223,7 @@ Tensor Trainer::downsampled(const Tensor& images) const {
 Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
     : cfg_(std::move(cfg)), device_(device), comm_(comm) {
   cfg_.validate();
+  resolve_bf16(cfg_, device_.is_cuda());  // train.bf16: auto, where the CLI has not decided it
   MD_CHECK(!cfg_.cuda_graph || device_.is_cuda(), "train.cuda_graph needs a CUDA device (this run is on {})",
            device_.str());
   MD_CHECK(!cfg_.cuda_graph || comm == nullptr,
