@@ -178,3 +178,24 @@ TEST(CpuAttentionF32, TrainingStepsEqualAtenAttention) {
     EXPECT_GT(diff, 0);  // the step did take the other kernels
   }
 }
+
+TEST(CpuAttentionF32, BitsDoNotDependOnLayout) {
+  // The same values in another layout (contiguous heads instead of views of (B, N, H, hd)
+  // products) give the same bits: the trainer's paths that lay them out differently (bf16
+  // weight copies, recomputation) must agree to the bit.
+  if (!kernels::cpu::avx512_attention_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  torch::manual_seed(23);
+  const auto q = heads(2, 64, 4, 32), k = heads(2, 77, 4, 32), v = heads(2, 77, 4, 32), g = heads(2, 64, 4, 32);
+  const double scale = 1.0 / std::sqrt(32.0);
+  auto run = [&](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& g) {
+    auto [o, lse] = kernels::cpu::attention_forward_f32(q, k, v, scale);
+    auto [dq, dk, dv] = kernels::cpu::attention_backward_f32(q, k, v, o, lse, g, scale);
+    return std::vector<torch::Tensor>{o, lse, dq, dk, dv};
+  };
+  const auto a = run(q, k, v, g), b = run(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous()),
+             c = run(q, k, v, g);
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_TRUE(torch::equal(a[i], c[i])) << i;
+    EXPECT_TRUE(torch::equal(a[i], b[i])) << i;
+  }
+}

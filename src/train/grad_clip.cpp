@@ -13,13 +13,24 @@ namespace {
 
 // The global norm of `scaled` and `deferred` together (deferred's bf16 gradients in float32),
 // `scaled` multiplied in place by min(1, max_norm / (norm + 1e-6)), that scale in *coef.
+// deferred_at[i] says whether the i-th gradient of the parameters' order is the next of
+// `deferred` or of `scaled` (null: all of `scaled`, then all of `deferred`): the norms are
+// summed in the parameters' order, so that the total, and with it every clipped step, does not
+// depend on which weights have bf16 copies.
 at::Tensor clip(const std::vector<at::Tensor>& scaled, const std::vector<at::Tensor>& deferred, double max_norm,
-                at::Tensor* coef) {
+                at::Tensor* coef, const std::vector<bool>* deferred_at = nullptr) {
   if (scaled.empty() && deferred.empty()) return {};
-  std::vector<at::Tensor> norms;  // float32, one per gradient
-  if (!scaled.empty()) norms = at::_foreach_norm(scaled, 2);
-  if (!deferred.empty())
-    for (auto& n : at::_foreach_norm(deferred, 2, at::kFloat)) norms.push_back(n);
+  std::vector<at::Tensor> ns, nd;  // float32, one per gradient
+  if (!scaled.empty()) ns = at::_foreach_norm(scaled, 2);
+  if (!deferred.empty()) nd = at::_foreach_norm(deferred, 2, at::kFloat);
+  std::vector<at::Tensor> norms;
+  if (deferred_at) {
+    size_t i = 0, j = 0;
+    for (const bool d : *deferred_at) norms.push_back(d ? nd.at(j++) : ns.at(i++));
+  } else {
+    norms = ns;
+    norms.insert(norms.end(), nd.begin(), nd.end());
+  }
   auto total = at::stack(norms).norm(2);                         // ()
   const auto c = at::clamp_max(max_norm / (total + 1e-6), 1.0);  // () on the device
   if (!scaled.empty()) at::_foreach_mul_(scaled, c);
@@ -39,15 +50,20 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm
 at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, const Bf16Weights& copies,
                           at::Tensor* coef) {
   std::vector<at::Tensor> scaled, deferred;
+  std::vector<bool> deferred_at;
   for (const auto& p : params) {
     // A weight with a copy: its gradient (bf16 on the copy, or float32 on the weight when summed
     // there) is scaled by the AdamW kernel, which applies *coef to every such weight.
     const at::Tensor* c = copies.copy_of(p);
-    if (c && c->grad().defined()) deferred.push_back(c->grad());
-    else if (c && p.grad().defined()) deferred.push_back(p.grad());
-    else if (p.grad().defined()) scaled.push_back(p.grad());
+    if (c && (c->grad().defined() || p.grad().defined())) {
+      deferred.push_back(c->grad().defined() ? c->grad() : p.grad());
+      deferred_at.push_back(true);
+    } else if (p.grad().defined()) {
+      scaled.push_back(p.grad());
+      deferred_at.push_back(false);
+    }
   }
-  return clip(scaled, deferred, max_norm, coef);
+  return clip(scaled, deferred, max_norm, coef, &deferred_at);
 }
 
 }  // namespace microdit
