@@ -13,35 +13,17 @@
 #include "core/autocast.h"
 #include "kernels/attention_cpu.h"
 #include "model/attention.h"
+#include "attention_test_util.h"
 #include "test_util.h"
 #include "tiny_step.h"
 
 using namespace microdit;
 
+using namespace microdit::attention_test;
+
 namespace {
 
-// A (B, H, seq, hd) bf16 view of a (B, seq, H, hd) tensor, as the model's heads are.
-torch::Tensor heads(int64_t B, int64_t seq, int64_t H, int64_t hd) {
-  return torch::randn({B, seq, H, hd}).to(torch::kBFloat16).transpose(1, 2);
-}
-
-// Norm-wise relative difference of a to the float64 reference.
-double rel(const torch::Tensor& a, const torch::Tensor& ref) {
-  return ((a.to(torch::kDouble) - ref).norm() / ref.norm()).item<double>();
-}
-
-struct Mode : test_util::ScopedSetting<CpuAttention> {
-  explicit Mode(CpuAttention m) : ScopedSetting(cpu_attention, set_cpu_attention, m) {}
-};
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+torch::Tensor heads(int64_t B, int64_t seq, int64_t H, int64_t hd) { return attention_test::heads(B, seq, H, hd, torch::kBFloat16); }
 
 }  // namespace
 
@@ -103,21 +85,17 @@ TEST(AmxAttention, PassesEqualAttentionInFloat64) {
     ASSERT_EQ(dv.sizes(), v.sizes());
     EXPECT_EQ(dq.scalar_type(), torch::kBFloat16);
     // Attention written out in float64 on the same bf16 values.
-    auto qd = q.to(torch::kDouble).requires_grad_(), kd = k.to(torch::kDouble).requires_grad_(),
-         vd = v.to(torch::kDouble).requires_grad_();
-    const auto logits = torch::matmul(qd, kd.transpose(-1, -2)) * scale;
-    const auto od = torch::matmul(torch::softmax(logits, -1), vd);
-    EXPECT_LT((lse.to(torch::kDouble) - torch::logsumexp(logits.detach(), -1)).abs().max().item<double>(), 2e-5);
-    const auto ref = torch::autograd::grad({od}, {qd, kd, vd}, {g.to(torch::kDouble)});
+    const auto ref = attention_in_float64(q, k, v, g, scale);
+    EXPECT_LT((lse.to(torch::kDouble) - ref.lse).abs().max().item<double>(), 2e-5);
     // bf16 results: their own rounding is 2^-9 (0.2 %) per value; measured 0.22-0.31 %.
-    EXPECT_LT(rel(dq, ref[0]), 6e-3);
-    EXPECT_LT(rel(dk, ref[1]), 6e-3);
-    EXPECT_LT(rel(dv, ref[2]), 6e-3);
-    EXPECT_LT(rel(o, od.detach()), 6e-3);
+    EXPECT_LT(rel(dq, ref.dq), 6e-3);
+    EXPECT_LT(rel(dk, ref.dk), 6e-3);
+    EXPECT_LT(rel(dv, ref.dv), 6e-3);
+    EXPECT_LT(rel(o, ref.o), 6e-3);
     // ATen's bf16 forward pass gives the same log-sum-exp: the backward pass takes either.
     const auto [o_aten, lse_aten] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
     EXPECT_LT((lse_aten - lse).abs().max().item<double>(), 1e-4);
-    EXPECT_LT(rel(o_aten, od.detach()), 6e-3);
+    EXPECT_LT(rel(o_aten, ref.o), 6e-3);
   }
 }
 
@@ -125,12 +103,12 @@ TEST(AmxAttention, OneLineErrors) {
   const auto q = heads(1, 8, 2, 16), k = heads(1, 8, 2, 16);
   const auto lse = torch::zeros({1, 2, 8});
   if (!kernels::cpu::amx_attention_available()) {
-    const auto e = error_of([&] { kernels::cpu::attention_backward_bf16(q, k, k, q, lse, q, 0.25); });
+    const auto e = what_of([&] { kernels::cpu::attention_backward_bf16(q, k, k, q, lse, q, 0.25); });
     EXPECT_NE(e.find("no AMX"), std::string::npos) << e;
     GTEST_SKIP() << "no AMX for bf16 on this CPU";
   }
   auto expect = [](const std::function<void()>& f, const std::string& what) {
-    const auto e = error_of(f);
+    const auto e = what_of(f);
     EXPECT_NE(e.find("CPU bf16 attention: "), std::string::npos) << e;
     EXPECT_NE(e.find(what), std::string::npos) << e;
     EXPECT_EQ(e.find('\n'), std::string::npos) << e;
