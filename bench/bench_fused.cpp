@@ -6,6 +6,7 @@
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+#include "kernels/fused.h"
 #include "model/fused.h"
 #include "model/layers.h"
 
@@ -74,6 +75,38 @@ void GatedResidual(benchmark::State& state, bool fused) {
   state.SetBytesProcessed(state.iterations() * B * T * d * x.element_size() * 6);  // fused: 3 + 3 passes
 }
 
+// The CPU LayerNorm kernels alone (no autograd, one thread): the modulated forward pass and
+// the dx pass, float32, (32, rows / 32, d) with per-sample shift and scale. Rows of 128 and
+// 256 are the emoji sampler's and Nano's; 2,048 rows of them fit in a core's L2, so these
+// time the kernels' arithmetic rather than memory.
+void LayerNormKernel(benchmark::State& state, bool dx) {
+  namespace k = microdit::kernels;
+  const int64_t rows = state.range(0), d = state.range(1), B = 32, T = rows / B;
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  torch::manual_seed(0);
+  auto x = torch::randn({rows, d}), dy = torch::randn({rows, d}), y = torch::empty({rows, d});
+  auto w = torch::rand({d}).add_(0.5), shift = torch::randn({B, d}), scale = torch::randn({B, d});
+  auto mean = torch::empty({rows}), rstd = torch::empty({rows});
+  const auto f = k::DType::f32;
+  auto forward = [&] {
+    k::cpu::modln_forward(x.data_ptr(), d, f, nullptr, f, w.data_ptr<float>(), shift.data_ptr(), scale.data_ptr(),
+                          y.data_ptr(), f, mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, T, d, 1e-6f);
+  };
+  forward();
+  for (auto _ : state) {
+    if (dx)
+      k::cpu::modln_backward_dx(dy.data_ptr(), f, x.data_ptr(), d, f, w.data_ptr<float>(), scale.data_ptr(),
+                                mean.data_ptr<float>(), rstd.data_ptr<float>(), y.data_ptr(), d, f, nullptr, rows,
+                                T, d);
+    else
+      forward();
+    benchmark::DoNotOptimize(y.data_ptr());
+  }
+  at::set_num_threads(threads);
+  state.SetBytesProcessed(state.iterations() * rows * d * 4 * (dx ? 3 : 2));
+}
+
 // Arguments: {bf16?, rows, width}: the backbone's and the patch mixer's token counts.
 void Shapes(benchmark::internal::Benchmark* b, int64_t width) {
   for (int64_t bf16 : {0, 1})
@@ -87,6 +120,16 @@ BENCHMARK_CAPTURE(SwiGLU, fused, true)->Apply([](auto* b) { Shapes(b, 704); });
 BENCHMARK_CAPTURE(SwiGLU, libtorch, false)->Apply([](auto* b) { Shapes(b, 704); });
 BENCHMARK_CAPTURE(ModulatedLayerNorm, fused, true)->Apply([](auto* b) { Shapes(b, 256); });
 BENCHMARK_CAPTURE(ModulatedLayerNorm, libtorch, false)->Apply([](auto* b) { Shapes(b, 256); });
+BENCHMARK_CAPTURE(LayerNormKernel, forward, false)
+    ->ArgsProduct({{2048}, {128, 256}})
+    ->ArgNames({"rows", "d"})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK_CAPTURE(LayerNormKernel, dx, true)
+    ->ArgsProduct({{2048}, {128, 256}})
+    ->ArgNames({"rows", "d"})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 BENCHMARK_CAPTURE(GatedResidual, fused, true)->Apply([](auto* b) { Shapes(b, 256); });
 BENCHMARK_CAPTURE(GatedResidual, libtorch, false)->Apply([](auto* b) { Shapes(b, 256); });
 

@@ -78,6 +78,9 @@ TEST(AmxAttention, PassesEqualAttentionInFloat64) {
     ASSERT_EQ(o.sizes(), q.sizes());
     EXPECT_EQ(o.scalar_type(), torch::kBFloat16);
     ASSERT_EQ(lse.sizes(), (std::vector<int64_t>{s.B, s.H, s.N}));
+    const auto [o_only, no_lse] = kernels::cpu::attention_forward_bf16(q, k, v, scale, /*with_lse=*/false);
+    EXPECT_FALSE(no_lse.defined());
+    EXPECT_TRUE(torch::equal(o_only, o));  // the same output bits without the lse
     const auto g = heads(s.B, s.N, s.H, s.hd);
     const auto [dq, dk, dv] = kernels::cpu::attention_backward_bf16(q, k, v, o, lse, g, scale);
     ASSERT_EQ(dq.sizes(), q.sizes());

@@ -45,6 +45,10 @@ TEST(CpuAttentionF32, PassesEqualAttentionInFloat64) {
     ASSERT_EQ(o.sizes(), q.sizes());
     EXPECT_EQ(o.scalar_type(), torch::kFloat);
     ASSERT_EQ(lse.sizes(), (std::vector<int64_t>{s.B, s.H, s.N}));
+    // Without gradients there is no lse to keep: the same output bits without it.
+    const auto [o_only, no_lse] = kernels::cpu::attention_forward_f32(q, k, v, scale, /*with_lse=*/false);
+    EXPECT_FALSE(no_lse.defined());
+    EXPECT_TRUE(torch::equal(o_only, o));
     const auto g = heads(s.B, s.N, s.H, s.hd);
     const auto [dq, dk, dv] = kernels::cpu::attention_backward_f32(q, k, v, o, lse, g, scale);
     ASSERT_EQ(dq.sizes(), q.sizes());

@@ -190,15 +190,19 @@ TEST(ExpertChoiceMoE, DispatchModes) {
   const test_util::ScopedSetting fused(fused_kernels_enabled, set_fused_kernels, true);
   set_moe_dispatch(parse_moe_dispatch("auto"));
   EXPECT_EQ(moe_dispatch_on(c10::kCPU), MoeDispatch::index);
+  // On the CPU the gathers when autograd does not record (sampling) and the fused kernels are on.
+  EXPECT_EQ(moe_dispatch_on(c10::kCPU, /*grad=*/false), MoeDispatch::gather);
   // On CUDA the gathers when the fused kernels are compiled in and on, else the products.
   EXPECT_EQ(moe_dispatch_on(c10::kCUDA), kernels::available() ? MoeDispatch::gather : MoeDispatch::gemm);
   set_fused_kernels(false);
   EXPECT_EQ(moe_dispatch_on(c10::kCUDA), MoeDispatch::gemm);
+  EXPECT_EQ(moe_dispatch_on(c10::kCPU, /*grad=*/false), MoeDispatch::index);
   set_fused_kernels(true);
   for (const auto& [name, mode] : {std::pair{"gemm", MoeDispatch::gemm}, std::pair{"index", MoeDispatch::index},
                                    std::pair{"gather", MoeDispatch::gather}}) {
     set_moe_dispatch(parse_moe_dispatch(name));
     EXPECT_EQ(moe_dispatch_on(c10::kCPU), mode) << name;
+    EXPECT_EQ(moe_dispatch_on(c10::kCPU, /*grad=*/false), mode) << name;
     EXPECT_EQ(moe_dispatch_on(c10::kCUDA), mode) << name;
   }
   EXPECT_THROW(parse_moe_dispatch("scatter"), std::exception);

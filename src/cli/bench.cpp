@@ -47,10 +47,10 @@ static std::string cpu_attention_text(const c10::Device& device, bool bf16, int 
   return fmt::format(", {} attention", cpu_attention_kernel_name(cpu_attention_kernel(head_dim)));
 }
 
-// How the expert layers move tokens on this device (model/ffn.h), where it is not the index
-// dispatch (the CPU's).
-static std::string moe_text(const c10::Device& device) {
-  switch (moe_dispatch_on(device.type())) {
+// How the expert layers move tokens on this device (model/ffn.h) when training (grad) or
+// sampling, where it is not the index dispatch (the CPU's when training).
+static std::string moe_text(const c10::Device& device, bool grad) {
+  switch (moe_dispatch_on(device.type(), grad)) {
     case MoeDispatch::gemm: return ", MoE by one-hot products";
     case MoeDispatch::gather: return ", MoE by gathers";
     default: return "";
@@ -137,7 +137,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
              !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
              std::string(o.low_precision_layernorm ? ", low-precision LayerNorm" : "") +
                  cpu_attention_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) +
-                 moe_text(device),
+                 moe_text(device, /*grad=*/false),
              o.n / s, s,
              peak_memory_text(device));
   if (o.profile > 0) {
@@ -252,7 +252,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (copies) split += ", bf16 weight copies";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
-  split += cpu_attention_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) + moe_text(device);
+  split += cpu_attention_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) + moe_text(device, /*grad=*/true);
   if (recompute_ffn() == RecomputeFfn::always || (recompute_ffn() == RecomputeFfn::cuda && device.is_cuda()))
     split += ", FFN activations recomputed";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "

@@ -100,7 +100,7 @@ MD_AMX_CPU_TARGET void softmax_forward_rows(const float* S, int64_t N, int64_t L
     }
     const float sum = _mm512_reduce_add_ps(vsum);
     l[i] = sum;
-    lse[i] = m + std::log(sum);
+    if (lse) lse[i] = m + std::log(sum);
   }
 }
 
@@ -215,7 +215,8 @@ MD_AMX_CPU_TARGET void forward_head(const ForwardArgs& a, ForwardScratch& x, int
   transpose(k, L, hd, a.k.s2, x.kt.data(), Lc);  // k^T (hd, Lc)
   u16* pk = x.packed.data();
   gemm(N, Lc, hd, q, a.q.s2, x.kt.data(), Lc, x.s.data(), Lc, pk);  // S = q k^T (N, Lc)
-  softmax_forward_rows(x.s.data(), N, L, Lc, a.scale, x.p.data(), x.l.data(), a.lse + (b * a.H + h) * N);
+  softmax_forward_rows(x.s.data(), N, L, Lc, a.scale, x.p.data(), x.l.data(),
+                       a.lse ? a.lse + (b * a.H + h) * N : nullptr);
   gemm(N, hd, Lk, x.p.data(), Lc, v, ldv, x.o.data(), hd, pk);  // O l = P v (N, hd)
   for (int64_t i = 0; i < N; ++i) {
     u16* __restrict o = a.out + ((b * N + i) * a.H + h) * hd;
@@ -295,7 +296,7 @@ MD_AVX512_TARGET void softmax_forward_rows_f32(float* S, int64_t N, int64_t L, i
     }
     const float sum = _mm512_reduce_add_ps(vsum);
     inv[i] = 1.0f / sum;
-    lse[i] = m + std::log(sum);
+    if (lse) lse[i] = m + std::log(sum);
   }
 }
 
@@ -398,7 +399,7 @@ MD_AVX512_TARGET void forward_head_f32(const ForwardArgsF32& a, ForwardScratchF3
   const int64_t N = a.N, L = a.L, hd = a.hd, Lc = a.Lc, ldo = a.H * hd;
   transpose_f32(a.k.row(b, h, 0), L, hd, a.k.s2, x.kt.data(), Lc);                          // k^T (hd, L)
   gemm_f32(N, L, hd, a.q.row(b, h, 0), a.q.s2, x.kt.data(), Lc, x.s.data(), Lc);        // S (N, L)
-  softmax_forward_rows_f32(x.s.data(), N, L, Lc, a.scale, x.inv.data(), a.lse + (b * a.H + h) * N);
+  softmax_forward_rows_f32(x.s.data(), N, L, Lc, a.scale, x.inv.data(), a.lse ? a.lse + (b * a.H + h) * N : nullptr);
   float* o = a.out + (b * N * a.H + h) * hd;
   gemm_f32(N, hd, L, x.s.data(), Lc, a.v.row(b, h, 0), a.v.s2, o, ldo);                // P v (N, hd)
   for (int64_t i = 0; i < N; ++i) scale_row(o + i * ldo, hd, x.inv[i]);
@@ -510,14 +511,15 @@ bool avx512_attention_available() {
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_bf16(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, double scale) {
+                                                          const at::Tensor& v, double scale, bool with_lse) {
   check_inputs(q, k, v, at::kBFloat16);
   check(scale > 0, at::kBFloat16, "scale must be positive");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
   at::Tensor out = at::empty({B, N, H, hd}, q.options().memory_format(c10::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({B, H, N}, q.options().dtype(at::kFloat).memory_format(c10::MemoryFormat::Contiguous));
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({B, H, N}, q.options().dtype(at::kFloat).memory_format(c10::MemoryFormat::Contiguous));
   const ForwardArgs args{operand(q), operand(k), operand(v), reinterpret_cast<u16*>(out.data_ptr()),
-                         lse.data_ptr<float>(), H, N, L, hd, round_up(L, 2), round_up(L, 16),
+                         with_lse ? lse.data_ptr<float>() : nullptr, H, N, L, hd, round_up(L, 2), round_up(L, 16),
                          static_cast<float>(scale)};
   at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
     ForwardScratch x(N, L, args.Lk, args.Lc, hd);
@@ -552,14 +554,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at:
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_f32(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, double scale) {
+                                                         const at::Tensor& v, double scale, bool with_lse) {
   check_inputs(q, k, v, at::kFloat);
   check(scale > 0, at::kFloat, "scale must be positive");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
   at::Tensor out = at::empty({B, N, H, hd}, q.options().memory_format(c10::MemoryFormat::Contiguous));
-  at::Tensor lse = at::empty({B, H, N}, q.options().memory_format(c10::MemoryFormat::Contiguous));
+  at::Tensor lse;
+  if (with_lse) lse = at::empty({B, H, N}, q.options().memory_format(c10::MemoryFormat::Contiguous));
   const ForwardArgsF32 args{operand_f32(q), operand_f32(k), operand_f32(v), out.data_ptr<float>(),
-                            lse.data_ptr<float>(), H, N, L, hd, round_up(L, 16), static_cast<float>(scale)};
+                            with_lse ? lse.data_ptr<float>() : nullptr, H, N, L, hd, round_up(L, 16), static_cast<float>(scale)};
   at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
     ForwardScratchF32 x(N, args.Lc, hd);
     for (int64_t w = w0; w < w1; ++w) forward_head_f32(args, x, w / H, w % H);

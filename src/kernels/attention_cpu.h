@@ -34,9 +34,10 @@ bool amx_attention_available();
 bool amx_attention_applies(int64_t head_dim);
 
 // q (B, H, N, hd), k and v (B, H, L, hd): bf16 CPU tensors with the last dimension contiguous.
-// Returns the output (B, H, N, hd) bf16, laid out as (B, N, H, hd), and lse (B, H, N) float32.
+// Returns the output (B, H, N, hd) bf16, laid out as (B, N, H, hd), and lse (B, H, N) float32
+// (undefined without with_lse: a pass without gradients skips its logarithms).
 std::tuple<at::Tensor, at::Tensor> attention_forward_bf16(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, double scale);
+                                                          const at::Tensor& v, double scale, bool with_lse = true);
 
 // q, out, dout (B, H, N, hd); k, v (B, H, L, hd): bf16 CPU tensors with the last dimension
 // contiguous (any other strides, as the heads are views of (B, N, H, hd) products); lse (B, H, N)
@@ -55,7 +56,7 @@ bool avx512_attention_available();
 // float32 CPU tensors with the last dimension contiguous; the output laid out as (B, N, H, hd),
 // lse (B, H, N) float32.
 std::tuple<at::Tensor, at::Tensor> attention_forward_f32(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, double scale);
+                                                         const at::Tensor& v, double scale, bool with_lse = true);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_f32(const at::Tensor& q, const at::Tensor& k,
                                                                       const at::Tensor& v, const at::Tensor& out,
                                                                       const at::Tensor& lse, const at::Tensor& dout,

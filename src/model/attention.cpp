@@ -24,12 +24,15 @@ std::atomic<CpuAttention> g_cpu_attention{CpuAttention::automatic};
 double attention_scale(const Tensor& q) { return 1.0 / std::sqrt(static_cast<double>(q.size(-1))); }
 
 // microdit's CPU attention kernels (kernels/attention_cpu.h) in q's dtype: bf16 (AMX) or float32
-// (AVX-512). q (B, H, N, hd), k and v (B, H, L, hd); returns the output (B, H, N, hd) and lse (B, H, N).
-std::tuple<Tensor, Tensor> cpu_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v) {
+// (AVX-512). q (B, H, N, hd), k and v (B, H, L, hd); returns the output (B, H, N, hd) and lse
+// (B, H, N), which only a pass for gradients computes (the output's bits are the same either way).
+std::tuple<Tensor, Tensor> cpu_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 bool with_lse = true) {
   RECORD_FUNCTION(q.scalar_type() == at::kBFloat16 ? "microdit::attention_forward_bf16" : "microdit::attention_forward_f32",
                   std::vector<c10::IValue>({q, k, v}));
-  return q.scalar_type() == at::kBFloat16 ? kernels::cpu::attention_forward_bf16(q, k, v, attention_scale(q))
-                                          : kernels::cpu::attention_forward_f32(q, k, v, attention_scale(q));
+  return q.scalar_type() == at::kBFloat16
+             ? kernels::cpu::attention_forward_bf16(q, k, v, attention_scale(q), with_lse)
+             : kernels::cpu::attention_forward_f32(q, k, v, attention_scale(q), with_lse);
 }
 
 // Both passes microdit's, for gradients.
@@ -58,7 +61,7 @@ struct CpuAttentionFn : torch::autograd::Function<CpuAttentionFn> {
 // same forward kernel either way, so a checkpointed block's recomputation gives the same bits.
 Tensor cpu_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   const bool grads = torch::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
-  return grads ? CpuAttentionFn::apply(q, k, v) : std::get<0>(cpu_attention_forward(q, k, v));
+  return grads ? CpuAttentionFn::apply(q, k, v) : std::get<0>(cpu_attention_forward(q, k, v, /*with_lse=*/false));
 }
 }  // namespace
 

@@ -269,10 +269,10 @@ MoeDispatch parse_moe_dispatch(const std::string& name) {
        {"gather", MoeDispatch::gather}});
 }
 
-MoeDispatch moe_dispatch_on(c10::DeviceType device) {
+MoeDispatch moe_dispatch_on(c10::DeviceType device, bool grad) {
   const auto m = g_moe_dispatch.load();
   if (m != MoeDispatch::automatic) return m;
-  if (device != c10::kCUDA) return MoeDispatch::index;
+  if (device != c10::kCUDA) return grad || !fused_kernels_enabled() ? MoeDispatch::index : MoeDispatch::gather;
   return fused_kernels_enabled() && kernels::available() ? MoeDispatch::gather : MoeDispatch::gemm;
 }
 
@@ -315,7 +315,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   if (k <= 0) return torch::zeros_like(x);
   auto probs = torch::softmax(gate(x), -1);              // (B, T, E)
   auto [g, idx] = probs.transpose(1, 2).topk(k, -1);     // (B, E, k) each
-  const auto dispatch = moe_dispatch_on(x.device().type());
+  const auto dispatch = moe_dispatch_on(x.device().type(), at::GradMode::is_enabled());
   if (dispatch == MoeDispatch::gather) {
     auto inv = expert_slots(idx, T);                                                       // (B, T, E)
     auto flat = (idx.transpose(0, 1) + torch::arange(B, idx.options()).view({1, B, 1}) * T).reshape(-1);  // (E*B*k)
