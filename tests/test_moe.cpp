@@ -137,6 +137,38 @@ TEST(ExpertChoiceMoE, GatherDispatchEqualsGemmDispatch) {
   }
 }
 
+TEST(ExpertChoiceMoE, SamplingPathEqualsTrainingPath) {
+  // Without autograd (sampling) the automatic dispatch takes the CPU's gathers and GELU runs in
+  // place on the first product's output; the values are the training path's (index dispatch,
+  // out-of-place GELU) to float32 rounding, in float32 and under bf16 autocast.
+  const test_util::ScopedSetting dispatch(moe_dispatch, set_moe_dispatch, MoeDispatch::automatic);
+  const test_util::ScopedSetting fused(fused_kernels_enabled, set_fused_kernels, true);
+  for (const auto device : test_util::test_devices())
+  for (bool bf16 : {false, true}) {
+    SCOPED_TRACE(device.str() + (bf16 ? ", bf16 autocast" : ", float32"));
+    torch::manual_seed(3);
+    FeedForwardECMoE moe(/*d=*/24, /*n=*/40, /*experts=*/4, /*capacity=*/2.0);
+    {
+      torch::NoGradGuard ng;
+      moe->w1.normal_(0, 0.2);
+      moe->w2.normal_(0, 0.2);
+    }
+    moe->to(device);
+    const auto x = torch::randn({3, 10, 24}).to(device);
+    AutocastGuard autocast(device.type(), bf16);
+    const auto trained = moe(x);
+    ASSERT_TRUE(trained.requires_grad());
+    torch::Tensor sampled;
+    {
+      torch::NoGradGuard ng;
+      sampled = moe(x);
+    }
+    EXPECT_EQ(sampled.scalar_type(), trained.scalar_type());
+    EXPECT_GT(trained.abs().max().item<double>(), 1e-3);
+    EXPECT_LT(rel(sampled, trained.detach()), bf16 ? 8e-3 : 1e-6);
+  }
+}
+
 TEST(ExpertChoiceMoE, ExpertSumIsTheWeightedSumOfEachTokensSlots) {
   // moe_expert_sum against a loop over its definition: weighted and unweighted, float32 and
   // bf16 (terms rounded to the result's dtype, summed in float32), tokens picked by no expert,

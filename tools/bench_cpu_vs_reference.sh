@@ -6,6 +6,9 @@
 #   sampling:       the emoji model's shape (32x32 RGB, patch 4, MiniLM 384-wide captions),
 #                   Heun 30 steps, guidance 4 (random weights on both sides)
 #   tools/bench_cpu_vs_reference.sh REFERENCE_CHECKOUT [STEPS]
+# The reference also runs compiled (torch.compile, as its training configs set misc.compile), with
+# tcmalloc: on the CPU, torch 2.11's Inductor fails on its training step (the row says so in one
+# line), and compiles its sampler (the DiT's forward).
 # microdit's float32 rows also run with each library for the products (--cpu-matmul onednn and
 # mkl; the default, auto, takes MKL on Intel CPUs and oneDNN on others), with ATen's float32
 # attention (--cpu-attention aten-float32; the default takes microdit's kernels: bf16 on AMX tiles
@@ -41,6 +44,11 @@ for prec in fp32 bf16; do
     LD_PRELOAD="$TCMALLOC" "$PY" "$ROOT/tools/bench_reference.py" train --reference "$REF" --preset MicroDiT_Nano_2 \
       --batch 32 --mask-ratio 0.75 --steps "$STEPS" --warmup 3 --threads "$T" "${flag[@]}" | tail -n 1
   fi
+  echo -n "reference compiled${TCMALLOC:+ with LD_PRELOAD=tcmalloc}: "
+  LD_PRELOAD="$TCMALLOC" "$PY" "$ROOT/tools/bench_reference.py" train --reference "$REF" --preset MicroDiT_Nano_2 \
+    --batch 32 --mask-ratio 0.75 --steps "$STEPS" --warmup 3 --threads "$T" --compile "${flag[@]}" 2>&1 |
+    grep -E "^(reference bench|compile:|bench_reference:)" | tr '\n' ' ' || true
+  echo
 done
 # Sampling: the emoji model's shape, 32 images, 16 per batch, Heun 30 steps, guidance 4, random
 # weights on both sides; both rates are of the sampler loop only.
@@ -62,4 +70,8 @@ for prec in fp32 bf16; do
     echo -n "reference with LD_PRELOAD=tcmalloc: "
     LD_PRELOAD="$TCMALLOC" "$PY" "${ref_sample[@]}" | tail -n 1
   fi
+  echo -n "reference compiled${TCMALLOC:+ with LD_PRELOAD=tcmalloc}: "
+  LD_PRELOAD="$TCMALLOC" "$PY" "${ref_sample[@]}" --compile 2>&1 |
+    grep -E "^(reference sample|compile:|bench_reference:)" | tr '\n' ' ' || true
+  echo
 done

@@ -280,7 +280,8 @@ Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g) {
   return MoeCombineFn::apply(P, h, g, compute_dtype(h));
 }
 
-Tensor gelu_bmm(const Tensor& a, const Tensor& w, bool recompute) {
+Tensor gelu_bmm(Tensor a, const Tensor& w, bool recompute) {
+  if (!at::GradMode::is_enabled()) return microdit::bmm(at::gelu_(a), w);  // no autograd: in place
   if (!recompute) return microdit::bmm(at::gelu(a), w);
   return GeluBmmFn::apply(a, w, compute_dtype(a));
 }

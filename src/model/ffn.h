@@ -49,7 +49,8 @@ Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g);
 
 // gelu(a) @ w per expert: a (E, M, n), w (E, n, d) -> (E, M, d), in the autocast dtype under
 // autocast. recompute: keeps a and w only (w as the float32 parameter, not a cast copy).
-Tensor gelu_bmm(const Tensor& a, const Tensor& w, bool recompute);
+// Without autograd (at::GradMode off) GELU overwrites a: pass a product's fresh output.
+Tensor gelu_bmm(Tensor a, const Tensor& w, bool recompute);
 
 // w3(silu(u) * v) for u, v (..., n). recompute: keeps u, v and w3's parameters only.
 Tensor swiglu_linear(const Tensor& u, const Tensor& v, Linear& w3, bool recompute);
