@@ -332,15 +332,16 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
     h = gelu_bmm(microdit::bmm(h, w1), w2, recompute_ffn_for(x));               // (E, B*k, d)
     return moe_combine(P, h.view({E, B, k, d}), g);  // (B, T, d)
   }
-  // Flat token index into (B*T) so one gather / one index_add covers the batch.
-  auto flat = (idx + torch::arange(B, idx.options()).view({B, 1, 1}) * T).reshape(-1);  // (B*E*k)
-  auto xin = x.reshape({B * T, d}).index_select(0, flat).view({B, E, k, d});
+  // Flat token index into (B*T) in the experts' order (e, b, i), so that one gather writes the
+  // picked tokens straight in the experts' layout and one index_add sums their outputs back
+  // from it (no layout copies either way). A token's terms still arrive in expert order.
+  auto flat = (idx.transpose(0, 1) + torch::arange(B, idx.options()).view({1, B, 1}) * T).reshape(-1);  // (E*B*k)
+  auto h = x.reshape({B * T, d}).index_select(0, flat).view({E, B * k, d});
   // Per expert batched matmuls: (E, B*k, d) @ (E, d, n) -> gelu -> @ (E, n, d).
-  auto h = xin.transpose(0, 1).reshape({E, B * k, d});
-  h = gelu_bmm(microdit::bmm(h, w1), w2, recompute_ffn_for(x));    // (E, B*k, d)
-  h = h.view({E, B, k, d}).transpose(0, 1) * g.unsqueeze(-1);        // (B, E, k, d)
+  h = gelu_bmm(microdit::bmm(h, w1), w2, recompute_ffn_for(x));           // (E, B*k, d)
+  h = h * g.transpose(0, 1).reshape({E, B * k, 1});                         // (E, B*k, d)
   auto out = torch::zeros({B * T, d}, h.options());
-  return out.index_add(0, flat, h.reshape({B * E * k, d})).view({B, T, d});
+  return out.index_add(0, flat, h.reshape({E * B * k, d})).view({B, T, d});
 }
 
 }  // namespace microdit
