@@ -42,7 +42,7 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
   cmd.add_option_function<std::string>(
          "--moe-dispatch", [](const std::string& v) { set_moe_dispatch(parse_moe_dispatch(v)); },
          "how expert-choice layers gather tokens and sum the experts' outputs: auto (gather on CUDA, or gemm "
-         "without the fused kernels; index on the CPU), index (index_select / index_add), gemm (products "
+         "without the fused kernels; on the CPU index for training, gather for sampling), index (index_select / index_add), gemm (products "
          "with the one-hot routing matrix) or gather (a gather into the experts' layout and one sum per "
          "token, no atomics)")
       ->default_str("auto");
