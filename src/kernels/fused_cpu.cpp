@@ -52,6 +52,17 @@ MD_INLINE float lane_sum(const float* v, int64_t n) {
   return s;
 }
 
+// A row-wise kernel's input usually comes from beyond L2 (a product wrote it long ago, or the
+// other operands pushed it out); rows shorter than a page give the hardware prefetcher little
+// to go on, so each row asks for the one kPrefetchRows ahead.
+constexpr int64_t kPrefetchRows = 8;
+template <typename T>
+MD_INLINE void prefetch_row(const T* p, int64_t n, bool valid) {
+  if (!valid) return;
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t o = 0; o < n * static_cast<int64_t>(sizeof(T)); o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
 // The arguments of each kernel, so that one pointer type serves every instruction set.
 struct LnFwd {
   const void* x;
@@ -114,6 +125,7 @@ MD_INLINE void modln_fwd_rows(const LnFwd& a, int64_t r0, int64_t r1) {
   int64_t b_loaded = -1;
   for (int64_t r = r0; r < r1; ++r) {
     const X* __restrict xr = static_cast<const X*>(a.x) + r * a.ldx;
+    prefetch_row(xr + kPrefetchRows * a.ldx, d, r + kPrefetchRows < r1);
     for (int64_t j = 0; j < d; ++j) v[j] = round_to<S>(to_f(xr[j]));
     if (a.xs) {
       S* __restrict xs = static_cast<S*>(a.xs) + r * d;
@@ -161,6 +173,8 @@ MD_INLINE void modln_dx_rows(const LnDx& a, int64_t r0, int64_t r1) {
     const float mu = a.mean[r], rs = a.rstd[r];
     const Y* __restrict dyr = static_cast<const Y*>(a.dy) + r * d;
     const S* __restrict xr = static_cast<const S*>(a.xs) + r * a.lds;
+    prefetch_row(dyr + kPrefetchRows * d, d, r + kPrefetchRows < r1);
+    prefetch_row(xr + kPrefetchRows * a.lds, d, r + kPrefetchRows < r1);
     for (int64_t j = 0; j < d; ++j) g[j] = to_f(dyr[j]);
     if (scale)
       for (int64_t j = 0; j < d; ++j) g[j] *= 1.f + to_f(scale[b * d + j]);
@@ -210,6 +224,8 @@ MD_INLINE void gated_fwd_rows(const Gated& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const X* __restrict x = static_cast<const X*>(a.x) + r * d;
     const H* __restrict h = static_cast<const H*>(a.h) + r * d;
+    prefetch_row(x + kPrefetchRows * d, d, r + kPrefetchRows < r1);
+    prefetch_row(h + kPrefetchRows * d, d, r + kPrefetchRows < r1);
     const G* __restrict g = static_cast<const G*>(a.gate) + (r / a.T) * d;
     X* __restrict out = static_cast<X*>(a.out) + r * d;
     for (int64_t j = 0; j < d; ++j) out[j] = from_f<X>(to_f(x[j]) + to_f(g[j]) * to_f(h[j]));
