@@ -67,9 +67,8 @@ double rel(const torch::Tensor& a, const torch::Tensor& b) {
          std::max(1e-12, b.to(torch::kFloat64).abs().max().item<double>());
 }
 
-// The layer's output and the gradients of x, gate, w1, w2 under one dispatch.
-std::vector<torch::Tensor> moe_run(MoeDispatch m, bool bf16, c10::Device device) {
-  const test_util::ScopedSetting dispatch(moe_dispatch, set_moe_dispatch, m);
+// The test layer (seed 3, experts' weights of scale 0.2) on `device`.
+FeedForwardECMoE test_moe(c10::Device device) {
   torch::manual_seed(3);
   FeedForwardECMoE moe(/*d=*/24, /*n=*/40, /*experts=*/4, /*capacity=*/2.0);
   {
@@ -78,6 +77,13 @@ std::vector<torch::Tensor> moe_run(MoeDispatch m, bool bf16, c10::Device device)
     moe->w2.normal_(0, 0.2);
   }
   moe->to(device);
+  return moe;
+}
+
+// The layer's output and the gradients of x, gate, w1, w2 under one dispatch.
+std::vector<torch::Tensor> moe_run(MoeDispatch m, bool bf16, c10::Device device) {
+  const test_util::ScopedSetting dispatch(moe_dispatch, set_moe_dispatch, m);
+  auto moe = test_moe(device);
   auto x = torch::randn({3, 10, 24}).to(device).requires_grad_(true);  // k = int(2 * 10 / 4) = 5 per expert
   torch::Tensor y;
   {
@@ -146,14 +152,7 @@ TEST(ExpertChoiceMoE, SamplingPathEqualsTrainingPath) {
   for (const auto device : test_util::test_devices())
   for (bool bf16 : {false, true}) {
     SCOPED_TRACE(device.str() + (bf16 ? ", bf16 autocast" : ", float32"));
-    torch::manual_seed(3);
-    FeedForwardECMoE moe(/*d=*/24, /*n=*/40, /*experts=*/4, /*capacity=*/2.0);
-    {
-      torch::NoGradGuard ng;
-      moe->w1.normal_(0, 0.2);
-      moe->w2.normal_(0, 0.2);
-    }
-    moe->to(device);
+    auto moe = test_moe(device);
     const auto x = torch::randn({3, 10, 24}).to(device);
     AutocastGuard autocast(device.type(), bf16);
     const auto trained = moe(x);
