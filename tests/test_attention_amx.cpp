@@ -63,43 +63,15 @@ TEST(AmxAttention, ChoiceOfKernel) {
 TEST(AmxAttention, PassesEqualAttentionInFloat64) {
   if (!kernels::cpu::amx_attention_available()) GTEST_SKIP() << "no AMX for bf16 on this CPU";
   torch::manual_seed(11);
-  struct Shape {
-    int64_t B, H, N, L, hd;
-  };
   // The mixer's self-attention, a cross-attention over 77 caption tokens, odd lengths (padding of
   // brgemm's K and column blocks), more keys than one column block, the widest head.
-  for (const Shape s : {Shape{2, 4, 256, 256, 32}, Shape{2, 4, 64, 77, 32}, Shape{3, 2, 33, 5, 64},
-                        Shape{1, 2, 7, 300, 16}, Shape{2, 1, 17, 17, 128}}) {
-    SCOPED_TRACE("B " + std::to_string(s.B) + " H " + std::to_string(s.H) + " N " + std::to_string(s.N) + " L " +
-                 std::to_string(s.L) + " hd " + std::to_string(s.hd));
-    const auto q = heads(s.B, s.N, s.H, s.hd), k = heads(s.B, s.L, s.H, s.hd), v = heads(s.B, s.L, s.H, s.hd);
-    const double scale = 1.0 / std::sqrt(static_cast<double>(s.hd));
-    const auto [o, lse] = kernels::cpu::attention_forward_bf16(q, k, v, scale);
-    ASSERT_EQ(o.sizes(), q.sizes());
-    EXPECT_EQ(o.scalar_type(), torch::kBFloat16);
-    ASSERT_EQ(lse.sizes(), (std::vector<int64_t>{s.B, s.H, s.N}));
-    const auto [o_only, no_lse] = kernels::cpu::attention_forward_bf16(q, k, v, scale, /*with_lse=*/false);
-    EXPECT_FALSE(no_lse.defined());
-    EXPECT_TRUE(torch::equal(o_only, o));  // the same output bits without the lse
-    const auto g = heads(s.B, s.N, s.H, s.hd);
-    const auto [dq, dk, dv] = kernels::cpu::attention_backward_bf16(q, k, v, o, lse, g, scale);
-    ASSERT_EQ(dq.sizes(), q.sizes());
-    ASSERT_EQ(dk.sizes(), k.sizes());
-    ASSERT_EQ(dv.sizes(), v.sizes());
-    EXPECT_EQ(dq.scalar_type(), torch::kBFloat16);
-    // Attention written out in float64 on the same bf16 values.
-    const auto ref = attention_in_float64(q, k, v, g, scale);
-    EXPECT_LT((lse.to(torch::kDouble) - ref.lse).abs().max().item<double>(), 2e-5);
-    // bf16 results: their own rounding is 2^-9 (0.2 %) per value; measured 0.22-0.31 %.
-    EXPECT_LT(rel(dq, ref.dq), 6e-3);
-    EXPECT_LT(rel(dk, ref.dk), 6e-3);
-    EXPECT_LT(rel(dv, ref.dv), 6e-3);
-    EXPECT_LT(rel(o, ref.o), 6e-3);
-    // ATen's bf16 forward pass gives the same log-sum-exp: the backward pass takes either.
-    const auto [o_aten, lse_aten] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
-    EXPECT_LT((lse_aten - lse).abs().max().item<double>(), 1e-4);
-    EXPECT_LT(rel(o_aten, ref.o), 6e-3);
-  }
+  // bf16 results: their own rounding is 2^-9 (0.2 %) per value; measured 0.22-0.31 %.
+  for (const AttentionShape s : {AttentionShape{2, 4, 256, 256, 32}, AttentionShape{2, 4, 64, 77, 32},
+                                 AttentionShape{3, 2, 33, 5, 64}, AttentionShape{1, 2, 7, 300, 16},
+                                 AttentionShape{2, 1, 17, 17, 128}})
+    expect_passes_near_float64(s, torch::kBFloat16, kernels::cpu::attention_forward_bf16,
+                               kernels::cpu::attention_backward_bf16,
+                               {.lse = 2e-5, .values = 6e-3, .aten_lse = 1e-4, .aten_values = 6e-3});
 }
 
 TEST(AmxAttention, OneLineErrors) {

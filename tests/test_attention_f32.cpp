@@ -30,42 +30,14 @@ torch::Tensor heads(int64_t B, int64_t seq, int64_t H, int64_t hd) { return atte
 TEST(CpuAttentionF32, PassesEqualAttentionInFloat64) {
   if (!kernels::cpu::avx512_attention_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
   torch::manual_seed(21);
-  struct Shape {
-    int64_t B, H, N, L, hd;
-  };
   // The mixer's self-attention, a cross-attention over 77 caption tokens, odd lengths and head
   // sizes (the 16-wide tiles' edges), more keys than one tile, one query, the widest head.
-  for (const Shape s : {Shape{2, 4, 256, 256, 32}, Shape{2, 4, 64, 77, 32}, Shape{3, 2, 33, 5, 24},
-                        Shape{1, 2, 7, 300, 8}, Shape{2, 1, 1, 19, 40}, Shape{1, 2, 17, 17, 128}}) {
-    SCOPED_TRACE("B " + std::to_string(s.B) + " H " + std::to_string(s.H) + " N " + std::to_string(s.N) + " L " +
-                 std::to_string(s.L) + " hd " + std::to_string(s.hd));
-    const auto q = heads(s.B, s.N, s.H, s.hd), k = heads(s.B, s.L, s.H, s.hd), v = heads(s.B, s.L, s.H, s.hd);
-    const double scale = 1.0 / std::sqrt(static_cast<double>(s.hd));
-    const auto [o, lse] = kernels::cpu::attention_forward_f32(q, k, v, scale);
-    ASSERT_EQ(o.sizes(), q.sizes());
-    EXPECT_EQ(o.scalar_type(), torch::kFloat);
-    ASSERT_EQ(lse.sizes(), (std::vector<int64_t>{s.B, s.H, s.N}));
-    // Without gradients there is no lse to keep: the same output bits without it.
-    const auto [o_only, no_lse] = kernels::cpu::attention_forward_f32(q, k, v, scale, /*with_lse=*/false);
-    EXPECT_FALSE(no_lse.defined());
-    EXPECT_TRUE(torch::equal(o_only, o));
-    const auto g = heads(s.B, s.N, s.H, s.hd);
-    const auto [dq, dk, dv] = kernels::cpu::attention_backward_f32(q, k, v, o, lse, g, scale);
-    ASSERT_EQ(dq.sizes(), q.sizes());
-    ASSERT_EQ(dk.sizes(), k.sizes());
-    ASSERT_EQ(dv.sizes(), v.sizes());
-    EXPECT_EQ(dq.scalar_type(), torch::kFloat);
-    const auto ref = attention_in_float64(q, k, v, g, scale);
-    EXPECT_LT((lse.to(torch::kDouble) - ref.lse).abs().max().item<double>(), 1e-5);
-    // float32 arithmetic: measured about 1e-7 norm-wise.
-    EXPECT_LT(rel(o, ref.o), 2e-6);
-    EXPECT_LT(rel(dq, ref.dq), 2e-6);
-    EXPECT_LT(rel(dk, ref.dk), 2e-6);
-    EXPECT_LT(rel(dv, ref.dv), 2e-6);
-    // ATen's float32 forward pass gives the same log-sum-exp: the backward pass takes either.
-    const auto [o_aten, lse_aten] = at::_scaled_dot_product_flash_attention_for_cpu(q, k, v);
-    EXPECT_LT((lse_aten - lse).abs().max().item<double>(), 1e-5);
-  }
+  // float32 arithmetic: measured about 1e-7 norm-wise.
+  for (const AttentionShape s : {AttentionShape{2, 4, 256, 256, 32}, AttentionShape{2, 4, 64, 77, 32},
+                                 AttentionShape{3, 2, 33, 5, 24}, AttentionShape{1, 2, 7, 300, 8},
+                                 AttentionShape{2, 1, 1, 19, 40}, AttentionShape{1, 2, 17, 17, 128}})
+    expect_passes_near_float64(s, torch::kFloat, kernels::cpu::attention_forward_f32,
+                               kernels::cpu::attention_backward_f32, {.lse = 1e-5, .values = 2e-6, .aten_lse = 1e-5});
 }
 
 TEST(CpuAttentionF32, OneLineErrors) {
