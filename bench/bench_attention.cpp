@@ -4,6 +4,7 @@
 // worker runs: microdit's AMX kernels (kernels/attention_cpu.h) against ATen's float32 flash
 // attention (what microdit ran before) and ATen's bf16 one (what autocast would run).
 //   build/microdit_bench --benchmark_filter=Attention
+// AttentionForward times the float32 forward pass alone at the sampler's shapes.
 // The figures are in docs/performance.md. The AMX rows skip on CPUs without AMX for bf16.
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
@@ -62,9 +63,40 @@ void Shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"N", "L"})->Unit(benchmark::kMillisecond)->UseRealTime();
 }
 
+// The float32 forward pass alone, without the log-sum-exp, as the sampler runs it: the emoji
+// sampler's heads (32 images with guidance, 4 heads of 32; 64 tokens attending to themselves or
+// to 21 caption tokens) and Nano's. One thread.
+void AttentionForward(benchmark::State& state) {
+  if (!microdit::kernels::cpu::avx512_attention_available()) {
+    state.SkipWithError("no AVX-512 on this CPU");
+    return;
+  }
+  const int64_t B = state.range(2), H = state.range(3), hd = 32, N = state.range(0), L = state.range(1);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  torch::manual_seed(0);
+  auto heads = [&](int64_t seq) { return torch::randn({B, seq, H, hd}).transpose(1, 2); };
+  auto q = heads(N), k = heads(L), v = heads(L);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
+  for (auto _ : state) {
+    auto [o, lse] = microdit::kernels::cpu::attention_forward_f32(q, k, v, scale, /*with_lse=*/false);
+    benchmark::DoNotOptimize(o.data_ptr());
+  }
+  at::set_num_threads(threads);
+  state.SetItemsProcessed(state.iterations() * B * H);  // heads
+}
+
 }  // namespace
 
 BENCHMARK_CAPTURE(Attention, amx_bf16, kAmx)->Apply(Shapes);
 BENCHMARK_CAPTURE(Attention, float32, kFloat32)->Apply(Shapes);
 BENCHMARK_CAPTURE(Attention, aten_float32, kAtenFloat32)->Apply(Shapes);
 BENCHMARK_CAPTURE(Attention, aten_bf16, kAtenBf16)->Apply(Shapes);
+BENCHMARK(AttentionForward)
+    ->Args({64, 64, 32, 4})
+    ->Args({64, 21, 32, 4})
+    ->Args({256, 256, 16, 8})
+    ->Args({64, 77, 16, 8})
+    ->ArgNames({"N", "L", "B", "H"})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();

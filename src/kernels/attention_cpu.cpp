@@ -276,29 +276,6 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, cons
   cb::brgemm(M, N, K, lda, ldb, ldc, /*add_C=*/false, A, B, C, /*is_vnni=*/false);
 }
 
-// As softmax_forward_rows, in place in float32: row i of S (N, ld) becomes p = exp(scale s - m)
-// over its first L columns; x[i] = 1 / sum_j p (the output's row scale) and lse[i] = m + log(sum).
-MD_AVX512_TARGET void softmax_forward_rows_f32(float* S, int64_t N, int64_t L, int64_t ld, float scale, float* inv,
-                                               float* lse) {
-  const __m512 vs = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < N; ++i) {
-    float* s = S + i * ld;
-    __m512 vmax = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < L; j += 16) vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(vmax, lanes(L - j), s + j));
-    const float m = _mm512_reduce_max_ps(vmax) * scale;  // scale > 0
-    const __m512 vm = _mm512_set1_ps(m);
-    __m512 vsum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < L; j += 16) {
-      const __mmask16 k = lanes(L - j);
-      const __m512 p = _mm512_maskz_mov_ps(k, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + j), vs, vm)));
-      vsum = _mm512_add_ps(vsum, p);
-      _mm512_mask_storeu_ps(s + j, k, p);
-    }
-    const float sum = _mm512_reduce_add_ps(vsum);
-    inv[i] = 1.0f / sum;
-    if (lse) lse[i] = m + std::log(sum);
-  }
-}
 
 // As softmax_backward_rows, in place in float32 on the transposed (L, ld) matrices, query
 // columns i < N: S^T becomes P^T = exp(scale s - lse[i]), dP^T becomes
@@ -368,41 +345,88 @@ MD_AVX512_TARGET inline __attribute__((always_inline)) float dot_f32(const float
   return _mm512_reduce_add_ps(acc);
 }
 
-// x[0, n) *= f.
-MD_AVX512_TARGET inline __attribute__((always_inline)) void scale_row(float* x, int64_t n, float f) {
-  const __m512 vf = _mm512_set1_ps(f);
-  for (int64_t c = 0; c < n; c += 16) {
-    const __mmask16 k = lanes(n - c);
-    _mm512_mask_storeu_ps(x + c, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + c), vf));
-  }
-}
 
 using OperandF = OperandOf<float>;
+
 
 // Outputs are (B, seq, H, hd) contiguous: row i of head (b, h) at ((b seq + i) H + h) hd, stride H hd.
 struct ForwardArgsF32 {
   OperandF q, k, v;
   float* out;  // (B, N, H, hd)
   float* lse;  // (B, H, N)
-  int64_t H, N, L, hd, Lc;
+  int64_t H, N, L, hd, Nc;  // Nc: N rounded up to whole vectors
   float scale;
 };
 
 struct ForwardScratchF32 {
-  std::vector<float> kt, s, inv;
-  ForwardScratchF32(int64_t N, int64_t Lc, int64_t hd) : kt(hd * Lc), s(N * Lc), inv(N) {}
+  std::vector<float> qt, vt, st, ot, inv;
+  // Zeroed once: the columns past N of q^T stay zero, so those of S^T and O^T are finite.
+  ForwardScratchF32(int64_t Nc, int64_t L, int64_t hd)
+      : qt(hd * Nc), vt(hd * L), st(L * Nc), ot(hd * Nc), inv(Nc) {}
 };
 
-// Head (b, h) of the forward pass: S = q k^T (N, L), P = exp(scale S - m), O = P v / rowsum(P),
-// the product written into the output's rows and scaled there.
+// Column block i0..i0+16 (queries) of the transposed scores S^T (L, ld), in place: each column
+// becomes p = exp(scale s - m) with m its scaled maximum; returns 1 / sum_j p per column, and
+// writes lse = m + log(sum) for the columns < N when lse is given. Every reduction runs down
+// the columns, lane by lane: no horizontal step.
+MD_AVX512_TARGET inline __attribute__((always_inline)) __m512 softmax_columns_f32(float* ST, int64_t L, int64_t ld,
+                                                                                  int64_t i0, int64_t N, float scale,
+                                                                                  float* lse) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+  int64_t j = 0;
+  for (; j + 2 <= L; j += 2) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(ST + j * ld + i0));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(ST + (j + 1) * ld + i0));
+  }
+  if (j < L) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(ST + j * ld + i0));
+  const __m512 m = _mm512_mul_ps(_mm512_max_ps(m0, m1), vs);  // scale > 0
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+  for (j = 0; j + 2 <= L; j += 2) {
+    float* a = ST + j * ld + i0;
+    float* b = a + ld;
+    const __m512 pa = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(a), vs, m));
+    const __m512 pb = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(b), vs, m));
+    s0 = _mm512_add_ps(s0, pa);
+    s1 = _mm512_add_ps(s1, pb);
+    _mm512_storeu_ps(a, pa);
+    _mm512_storeu_ps(b, pb);
+  }
+  if (j < L) {
+    float* a = ST + j * ld + i0;
+    const __m512 pa = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(a), vs, m));
+    s0 = _mm512_add_ps(s0, pa);
+    _mm512_storeu_ps(a, pa);
+  }
+  const __m512 sum = _mm512_add_ps(s0, s1);
+  if (lse) {
+    alignas(64) float ms[16], ss[16];
+    _mm512_store_ps(ms, m);
+    _mm512_store_ps(ss, sum);
+    for (int64_t c = 0; c < std::min<int64_t>(16, N - i0); ++c) lse[i0 + c] = ms[c] + std::log(ss[c]);
+  }
+  return _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+}
+
+// Head (b, h) of the forward pass on the transposed scores, as the backward pass works:
+// S^T = k q^T (L, N), P^T = exp(scale S^T - m) down each column, O^T = v^T P^T (hd, N), each
+// column scaled by 1 / rowsum(P), and O^T transposed into the output's rows. Keys run down the
+// columns, so the softmax's maxima and sums are vertical (16 queries a vector), which matters
+// for short rows (a caption's 21 keys); the products get N columns (whole vectors) instead of L.
 MD_AVX512_TARGET void forward_head_f32(const ForwardArgsF32& a, ForwardScratchF32& x, int64_t b, int64_t h) {
-  const int64_t N = a.N, L = a.L, hd = a.hd, Lc = a.Lc, ldo = a.H * hd;
-  transpose_f32(a.k.row(b, h, 0), L, hd, a.k.s2, x.kt.data(), Lc);                          // k^T (hd, L)
-  gemm_f32(N, L, hd, a.q.row(b, h, 0), a.q.s2, x.kt.data(), Lc, x.s.data(), Lc);        // S (N, L)
-  softmax_forward_rows_f32(x.s.data(), N, L, Lc, a.scale, x.inv.data(), a.lse ? a.lse + (b * a.H + h) * N : nullptr);
-  float* o = a.out + (b * N * a.H + h) * hd;
-  gemm_f32(N, hd, L, x.s.data(), Lc, a.v.row(b, h, 0), a.v.s2, o, ldo);                // P v (N, hd)
-  for (int64_t i = 0; i < N; ++i) scale_row(o + i * ldo, hd, x.inv[i]);
+  const int64_t N = a.N, L = a.L, hd = a.hd, Nc = a.Nc, ldo = a.H * hd;
+  float *qt = x.qt.data(), *vt = x.vt.data(), *st = x.st.data(), *ot = x.ot.data();
+  transpose_f32(a.q.row(b, h, 0), N, hd, a.q.s2, qt, Nc);      // q^T (hd, Nc)
+  transpose_f32(a.v.row(b, h, 0), L, hd, a.v.s2, vt, L);       // v^T (hd, L)
+  gemm_f32(L, Nc, hd, a.k.row(b, h, 0), a.k.s2, qt, Nc, st, Nc);  // S^T = k q^T (L, Nc)
+  float* lse = a.lse ? a.lse + (b * a.H + h) * N : nullptr;
+  for (int64_t i = 0; i < Nc; i += 16)  // P^T, and 1 / rowsum(P) per query
+    _mm512_storeu_ps(x.inv.data() + i, softmax_columns_f32(st, L, Nc, i, N, a.scale, lse));
+  gemm_f32(hd, Nc, L, vt, L, st, Nc, ot, Nc);  // O^T = v^T P^T (hd, Nc)
+  for (int64_t c = 0; c < hd; ++c)
+    for (int64_t i = 0; i < Nc; i += 16)
+      _mm512_storeu_ps(ot + c * Nc + i, _mm512_mul_ps(_mm512_loadu_ps(ot + c * Nc + i), _mm512_loadu_ps(x.inv.data() + i)));
+  transpose_f32(ot, hd, N, Nc, a.out + (b * N * a.H + h) * hd, ldo);  // O (N, hd) into the output's rows
 }
 
 struct ArgsF32 {
@@ -562,9 +586,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_f32(const at::Tensor& q, co
   at::Tensor lse;
   if (with_lse) lse = at::empty({B, H, N}, q.options().memory_format(c10::MemoryFormat::Contiguous));
   const ForwardArgsF32 args{operand_f32(q), operand_f32(k), operand_f32(v), out.data_ptr<float>(),
-                            with_lse ? lse.data_ptr<float>() : nullptr, H, N, L, hd, round_up(L, 16), static_cast<float>(scale)};
+                            with_lse ? lse.data_ptr<float>() : nullptr, H, N, L, hd, round_up(N, 16), static_cast<float>(scale)};
   at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
-    ForwardScratchF32 x(N, args.Lc, hd);
+    ForwardScratchF32 x(args.Nc, L, hd);
     for (int64_t w = w0; w < w1; ++w) forward_head_f32(args, x, w / H, w % H);
   });
   return {out.transpose(1, 2), lse};
