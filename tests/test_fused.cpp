@@ -510,3 +510,110 @@ TEST(Fused, WrongShapesAreOneLineErrors) {
   EXPECT_NE(msg.find("fused SwiGLU"), std::string::npos) << msg;
   }
 }
+
+// The sampler's passes (nothing records gradients), which write over temporaries instead of new
+// tensors: the residual sum and the norm after it in one pass (fused_residual_norm), the norm
+// in place (fused_norm_in_place) on a column slice of a product, and the gated residual over
+// its h. Each to the bit against the separate kernels it replaces, and each leaves a tensor
+// that something else holds untouched.
+TEST(Fused, SamplingPassesEqualTheSeparateKernels) {
+  if (!kernels::cpu::residual_modln_applies(64)) GTEST_SKIP() << "no AVX-512 on this CPU";
+  torch::NoGradGuard no_grad;
+  torch::manual_seed(7);
+  const int64_t B = 3, T = 37, d = 96;  // d: three vectors, an odd one after the pairs
+  const auto x = torch::randn({B, T, d}), w = torch::rand({d}) + 0.5;
+  const auto shift = 0.2 * torch::randn({B, d}), scale = 0.2 * torch::randn({B, d}), gate = torch::randn({B, d});
+  for (const bool gated : {true, false})
+  for (const bool modulated : {true, false})
+  for (const bool weighted : {true, false}) {
+    SCOPED_TRACE(std::string(gated ? "gated" : "plain sum") + (modulated ? ", modulated" : "") +
+                 (weighted ? ", weight" : ""));
+    const auto g = gated ? gate : torch::Tensor(), sh = modulated ? shift : torch::Tensor(),
+               sc = modulated ? scale : torch::Tensor(), wt = weighted ? w : torch::Tensor();
+    const auto h = torch::randn({B, T, d});
+    const auto sum_ref = gated ? fused_gated_residual(x, g, h.clone()) : x + h;
+    const auto y_ref = fused_modulated_layer_norm(sum_ref, wt, sh, sc, 1e-6, at::kFloat, at::kFloat);
+    ASSERT_TRUE(fused_residual_norm_applies(x, g, h, wt, sh, sc));
+    // h held here: a new tensor, h unchanged.
+    const auto h_before = h.clone();
+    auto [sum, y] = fused_residual_norm(x, g, h, wt, sh, sc, 1e-6);
+    EXPECT_TRUE(torch::equal(sum, sum_ref)) << "sum";
+    EXPECT_TRUE(torch::equal(y, y_ref)) << "norm";
+    EXPECT_TRUE(torch::equal(h, h_before)) << "a held h was written";
+    EXPECT_NE(sum.data_ptr(), h.data_ptr());
+    // h a temporary: the sum lands in its memory, with the same bits.
+    void* h_memory = nullptr;
+    auto [sum2, y2] = fused_residual_norm(x, g, [&] { auto t = h_before.clone(); h_memory = t.data_ptr(); return t; }(),
+                                          wt, sh, sc, 1e-6);
+    EXPECT_EQ(sum2.data_ptr(), h_memory) << "the temporary was not reused";
+    EXPECT_TRUE(torch::equal(sum2, sum_ref));
+    EXPECT_TRUE(torch::equal(y2, y_ref));
+    // The same through the layer: forward_after_add takes it without gradients only.
+    LayerNorm norm(d, 1e-6);
+    if (weighted) norm->weight.copy_(w);
+    auto [s3, y3] = norm->forward_after_add(x, g, h, sh, sc);
+    EXPECT_TRUE(torch::equal(s3, sum_ref));
+    EXPECT_TRUE(torch::equal(y3, y_ref));  // a weight of ones times the scale: the same bits
+  }
+
+  // The norm in place over q in a product [q | k | v]: the same bits as the norm into a new
+  // tensor; k and v untouched.
+  const auto p = torch::randn({B, T, 3 * d});
+  const auto before = p.clone();
+  const auto q = p.narrow(2, 0, d);
+  const auto q_ref = fused_modulated_layer_norm(q, {}, {}, {}, 1e-6, at::kFloat, at::kFloat);
+  ASSERT_TRUE(fused_norm_in_place_applies(q, {}));
+  fused_norm_in_place(q, {}, 1e-6);
+  EXPECT_TRUE(torch::equal(q, q_ref));
+  EXPECT_TRUE(torch::equal(p.narrow(2, d, 2 * d), before.narrow(2, d, 2 * d))) << "k or v written";
+  EXPECT_FALSE(fused_norm_in_place_applies(p.narrow(2, 0, d - 8), {})) << "a width of no whole vectors";
+  EXPECT_FALSE(fused_norm_in_place_applies(p.transpose(0, 1).narrow(2, 0, d), {})) << "rows not one stride apart";
+  EXPECT_FALSE(fused_norm_in_place_applies(q.to(at::kBFloat16), {}));
+  EXPECT_NE(error_of([&] { fused_norm_in_place(p.transpose(0, 1).narrow(2, 0, d), {}, 1e-6); })
+                .find("fused in-place LayerNorm"),
+            std::string::npos);
+
+  // The gated residual without gradients: over a temporary h, else into a new tensor.
+  const auto h = torch::randn({B, T, d});
+  torch::Tensor ref;
+  {
+    torch::AutoGradMode grad(true);
+    ref = fused_gated_residual(x, gate, h.clone().requires_grad_(true)).detach();
+  }
+  const auto h_before = h.clone();
+  EXPECT_TRUE(torch::equal(fused_gated_residual(x, gate, h), ref));
+  EXPECT_TRUE(torch::equal(h, h_before)) << "a held h was written";
+  void* h_memory = nullptr;
+  const auto out = fused_gated_residual(x, gate, [&] { auto t = h_before.clone(); h_memory = t.data_ptr(); return t; }());
+  EXPECT_EQ(out.data_ptr(), h_memory) << "the temporary was not reused";
+  EXPECT_TRUE(torch::equal(out, ref));
+}
+
+// A DiT block without gradients (the sampler's passes above) against the same block recording
+// them (the training path): equal to float32 rounding, and not trivially.
+TEST(Fused, BlockSamplingPathEqualsTrainingPath) {
+  torch::manual_seed(8);
+  ModelConfig cfg = preset("MicroDiT_Pico_2");
+  BlockSpec spec;
+  spec.dim = 128;
+  spec.attn_dim = 128;
+  spec.heads = 4;
+  spec.ffn_hidden = 256;
+  spec.moe = false;
+  DiTBlock block(spec, 128, cfg);
+  for (auto& prm : block->parameters()) {
+    torch::NoGradGuard ng;
+    prm.normal_(0, 0.05);  // the reference's zeroed adaLN would make the block the identity
+  }
+  const auto x = torch::randn({2, 16, 128}), c = torch::randn({2, 128}), cond = torch::randn({2, 5, 128});
+  const auto kv = block->cross_attn->caption_kv(cond);
+  const auto trained = block(x.requires_grad_(true), kv, c);
+  ASSERT_TRUE(trained.requires_grad());
+  torch::Tensor sampled;
+  {
+    torch::NoGradGuard ng;
+    sampled = block(x.detach(), block->cross_attn->caption_kv(cond), c);
+  }
+  EXPECT_GT((trained - x).abs().max().item<double>(), 1e-2) << "the block did next to nothing";
+  EXPECT_LT(rel(sampled, trained.detach()), 1e-6);
+}

@@ -75,6 +75,11 @@ struct LnFwd {
   float *mean, *rstd;
   int64_t T, d;
   float eps;
+  // The float32 AVX-512 body only (modln_fwd_f32_avx512): when res_h is set, the norm's input
+  // is x + res_gate[b] * res_h (x + res_h without a gate), written to res_out.
+  const float *res_h = nullptr, *res_gate = nullptr;
+  float* res_out = nullptr;
+  int64_t ldy = 0;  // y's row stride there (0: d)
 };
 struct LnDx {
   const void* dy;
@@ -341,6 +346,16 @@ MD_ISA_FUNCTIONS(base, )
 // vector accumulators and ends in one horizontal reduction. Same formula; the sums' order
 // differs, so results differ from the generic body by float rounding only.
 #define MD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+
+// 16 values of the residual sum x + g h (x + h when g is null; one fused multiply-add, as
+// gated_fwd_rows compiles to), stored to out and v and returned.
+MD_AVX512 MD_INLINE __m512 residual_sum(const float* x, const float* g, const float* h, float* out, float* v) {
+  const __m512 xj = _mm512_loadu_ps(x), hj = _mm512_loadu_ps(h);
+  const __m512 s = g ? _mm512_fmadd_ps(_mm512_loadu_ps(g), hj, xj) : _mm512_add_ps(xj, hj);
+  _mm512_storeu_ps(out, s);
+  _mm512_storeu_ps(v, s);
+  return s;
+}
 MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
   const float* __restrict shift = static_cast<const float*>(a.shift);
@@ -354,22 +369,37 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
   if (!scale)
     for (int64_t k = 0; k < d; k += 16) _mm512_storeu_ps(m + k, w ? _mm512_loadu_ps(w + k) : one);
   for (int64_t r = r0; r < r1; ++r) {
-    const float* __restrict xr = static_cast<const float*>(a.x) + r * a.ldx;
+    const float* xr = static_cast<const float*>(a.x) + r * a.ldx;  // not restrict: y may be x
     prefetch_row(xr + kPrefetchRows * a.ldx, d, r + kPrefetchRows < r1);
     float* __restrict xs = a.xs ? static_cast<float*>(a.xs) + r * d : nullptr;
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t j = 0;
-    for (; j + 32 <= d; j += 32) {
-      const __m512 x0 = _mm512_loadu_ps(xr + j), x1 = _mm512_loadu_ps(xr + j + 16);
-      s0 = _mm512_add_ps(s0, x0);
-      s1 = _mm512_add_ps(s1, x1);
-      _mm512_storeu_ps(v + j, x0);
-      _mm512_storeu_ps(v + j + 16, x1);
-    }
-    if (j < d) {
-      const __m512 x0 = _mm512_loadu_ps(xr + j);
-      s0 = _mm512_add_ps(s0, x0);
-      _mm512_storeu_ps(v + j, x0);
+    if (a.res_h) {
+      // The residual sum first: x + g h, one fused multiply-add as gated_fwd_rows compiles to.
+      const float* __restrict hr = a.res_h + r * d;
+      prefetch_row(hr + kPrefetchRows * d, d, r + kPrefetchRows < r1);
+      const float* __restrict g = a.res_gate ? a.res_gate + (r / a.T) * d : nullptr;
+      float* __restrict out = a.res_out + r * d;
+      for (; j + 32 <= d; j += 32) {
+        const __m512 x0 = residual_sum(xr + j, g ? g + j : nullptr, hr + j, out + j, v + j);
+        const __m512 x1 = residual_sum(xr + j + 16, g ? g + j + 16 : nullptr, hr + j + 16, out + j + 16, v + j + 16);
+        s0 = _mm512_add_ps(s0, x0);
+        s1 = _mm512_add_ps(s1, x1);
+      }
+      if (j < d) s0 = _mm512_add_ps(s0, residual_sum(xr + j, g ? g + j : nullptr, hr + j, out + j, v + j));
+    } else {
+      for (; j + 32 <= d; j += 32) {
+        const __m512 x0 = _mm512_loadu_ps(xr + j), x1 = _mm512_loadu_ps(xr + j + 16);
+        s0 = _mm512_add_ps(s0, x0);
+        s1 = _mm512_add_ps(s1, x1);
+        _mm512_storeu_ps(v + j, x0);
+        _mm512_storeu_ps(v + j + 16, x1);
+      }
+      if (j < d) {
+        const __m512 x0 = _mm512_loadu_ps(xr + j);
+        s0 = _mm512_add_ps(s0, x0);
+        _mm512_storeu_ps(v + j, x0);
+      }
     }
     if (xs) std::memcpy(xs, v, static_cast<size_t>(d) * sizeof(float));
     const float mean = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(d);
@@ -392,7 +422,7 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
     const float q = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
     const float rstd = 1.f / std::sqrt(q / static_cast<float>(d) + a.eps);
     const __m512 rs = _mm512_set1_ps(rstd);
-    float* __restrict yr = static_cast<float*>(a.y) + r * d;
+    float* yr = static_cast<float*>(a.y) + r * (a.ldy ? a.ldy : d);  // may be xr (in place)
     if (scale) {
       const int64_t b = r / a.T;
       if (b != b_loaded) {
@@ -562,6 +592,33 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
   with_types(xt, st, yt, [&](auto* xp, auto* sp, auto* yp) {
     run(MD_PICK(modln_fwd, elem<decltype(xp)>, elem<decltype(sp)>, elem<decltype(yp)>), a, rows, d);
   });
+}
+
+bool residual_modln_applies(int64_t d) { return isa() == 2 && d > 0 && d % 16 == 0; }
+
+void layer_norm_in_place(float* x, int64_t ldx, const float* w, float* mean, float* rstd, int64_t rows, int64_t d,
+                         float eps) {
+  check_sizes(rows, rows, d);
+  if (!residual_modln_applies(d) || ldx < d)
+    throw std::runtime_error("fused CPU kernels: the in-place LayerNorm needs AVX-512, d a multiple of 16 and rows "
+                             "at least d apart (d " + std::to_string(d) + ", row stride " + std::to_string(ldx) + ")");
+  LnFwd a{x, ldx, nullptr, w, nullptr, nullptr, x, mean, rstd, rows, d, eps};
+  a.ldy = ldx;
+  run(&modln_fwd_f32_avx512, a, rows, d);
+}
+
+void residual_modln_forward(const float* x, const float* gate, const float* h, float* sum, const float* w,
+                            const float* shift, const float* scale, float* y, float* mean, float* rstd,
+                            int64_t rows, int64_t T, int64_t d, float eps) {
+  check_sizes(rows, T, d);
+  if (!residual_modln_applies(d))
+    throw std::runtime_error("fused CPU kernels: the residual LayerNorm needs AVX-512 and d a multiple of 16 (d " +
+                             std::to_string(d) + ")");
+  LnFwd a{x, d, nullptr, w, shift, scale, y, mean, rstd, T, d, eps};
+  a.res_h = h;
+  a.res_gate = gate;
+  a.res_out = sum;
+  run(&modln_fwd_f32_avx512, a, rows, d);
 }
 
 void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,

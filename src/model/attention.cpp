@@ -159,9 +159,11 @@ Tensor SelfAttentionImpl::forward(const Tensor& x) {
     const auto [out, save] = ln_q->fused_dtypes(p);
     std::tie(q, k, v) = fused_qkv_norm(p, ln_q->eps, out, save);
   } else {
+    // Without gradients (sampling) the norms write over q and k in the product p, which only
+    // this function holds.
     auto parts = p.view({B, N, 3, h}).unbind(2);
-    q = ln_q(parts[0]);
-    k = ln_k(parts[1]);
+    q = ln_q->forward_in_place(parts[0]);
+    k = ln_k->forward_in_place(parts[1]);
     v = parts[2];
   }
   return proj(multi_head_attention(q.view({B, N, heads, hd}), k.view({B, N, heads, hd}), v.view({B, N, heads, hd})));
@@ -227,7 +229,7 @@ std::vector<CaptionKV> caption_kvs(const std::vector<CrossAttentionImpl*>& layer
 
 Tensor CrossAttentionImpl::forward(const Tensor& x, const CaptionKV& kv) {
   const auto B = x.size(0), N = x.size(1), hd = h / heads;
-  auto q = ln_q(q_linear(x)).view({B, N, heads, hd});
+  auto q = ln_q->forward_in_place(q_linear(x)).view({B, N, heads, hd});  // over the product, in sampling
   return proj(multi_head_attention(q, kv.k, kv.v));
 }
 

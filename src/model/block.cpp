@@ -38,12 +38,11 @@ static std::vector<Tensor> modulation_chunks(const Tensor& m, int64_t n) {
 Tensor DiTBlockImpl::forward(const Tensor& x_in, const CaptionKV& caption, const Tensor& c) {
   auto mod = modulation_chunks(adaLN_modulation->forward(c), 6);  // 6 x (B, d)
   // Each norm hands the residual stream on (forward_residual), so that its backward pass adds
-  // the stream's gradient in its own kernel.
+  // the stream's gradient in its own kernel; norm2 and norm3 take the residual sum before them
+  // (forward_after_add), which sampling computes in the norm's pass.
   auto [x1, h1] = norm1->forward_residual(x_in, mod[0], mod[1]);
-  auto x = gated_residual(x1, mod[2], attn(h1));
-  auto [x2, h2] = norm2->forward_residual(x);
-  x = x2 + cross_attn(h2, caption);
-  auto [x3, h3] = norm3->forward_residual(x, mod[3], mod[4]);
+  auto [x2, h2] = norm2->forward_after_add(x1, mod[2], attn(h1));  // x1 + gate_msa attn, LN2
+  auto [x3, h3] = norm3->forward_after_add(x2, Tensor(), cross_attn(h2, caption), mod[3], mod[4]);
   return gated_residual(x3, mod[5], spec.moe ? mlp_moe(h3) : mlp_dense(h3));
 }
 

@@ -48,8 +48,29 @@ std::pair<Tensor, Tensor> fused_kv_norm(const Tensor& kv, double eps, at::Scalar
 std::vector<Tensor> fused_kv_norms(const Tensor& kv, int64_t n, double eps, at::ScalarType out, at::ScalarType save);
 
 // x + gate[b] * h: x (B, T, d) (the residual stream, and the result's dtype), gate (B, d),
-// h (B, T, d).
-Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h);
+// h (B, T, d). When nothing records gradients (sampling) and the caller hands h over (a
+// temporary, or std::move: this is the only handle and nothing shares its memory), the sum is
+// written over h: its lines are in cache, having just been read, where a new tensor's are not.
+Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, Tensor h);
+
+// Inference only (not an autograd function): (s, y) for the residual sum s = x + gate[b] * h
+// (x + h when gate is undefined) and y = fused_modulated_layer_norm(s, weight, shift, scale) in
+// float32, in one pass over the rows instead of two (the sum is not read back). The same bits
+// as fused_gated_residual (or x + h) followed by the norm. x, h (B, T, d); gate, shift, scale
+// (B, d) or undefined; weight (d) or undefined. fused_residual_norm_applies says whether the
+// kernel takes them: float32 CPU tensors, contiguous, d a multiple of 16, an AVX-512 CPU.
+// A handed-over h (as fused_gated_residual's) receives the sum.
+bool fused_residual_norm_applies(const Tensor& x, const Tensor& gate, const Tensor& h, const Tensor& weight,
+                                 const Tensor& shift, const Tensor& scale);
+// Inference only: x (..., d) replaced by its LayerNorm (times weight (d) where defined), as
+// fused_modulated_layer_norm computes it, for x a temporary the caller owns or a column slice
+// of one (rows contiguous, any row stride: q or k in the attention's qkv product), so that no
+// new tensor is written. fused_norm_in_place_applies: float32 CPU, d a multiple of 16, AVX-512.
+bool fused_norm_in_place_applies(const Tensor& x, const Tensor& weight);
+void fused_norm_in_place(const Tensor& x, const Tensor& weight, double eps);
+std::pair<Tensor, Tensor> fused_residual_norm(const Tensor& x, const Tensor& gate, Tensor h,
+                                              const Tensor& weight, const Tensor& shift, const Tensor& scale,
+                                              double eps);
 
 // SwiGLU's elementwise part silu(u) * v, for u and v of one shape, dtype and device that
 // fused_kernels_apply takes.

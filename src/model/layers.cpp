@@ -24,9 +24,9 @@ static std::atomic<bool> g_fused_kernels{true};
 void set_fused_kernels(bool on) { g_fused_kernels = on; }
 bool fused_kernels_enabled() { return g_fused_kernels; }
 
-Tensor gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h) {
+Tensor gated_residual(const Tensor& x, const Tensor& gate, Tensor h) {
   if (g_fused_kernels && fused_kernels_apply(x) && fused_kernels_apply(h) && fused_kernels_apply(gate))
-    return fused_gated_residual(x, gate, h);
+    return fused_gated_residual(x, gate, std::move(h));
   return x + gate.unsqueeze(1) * h;
 }
 
@@ -52,6 +52,23 @@ std::pair<Tensor, Tensor> LayerNormImpl::forward_residual(const Tensor& x, const
     return fused_residual_layer_norm(x, weight, shift, scale, eps, out, save);
   }
   return {x, shift.defined() ? forward_modulated(x, shift, scale) : forward(x)};
+}
+
+std::pair<Tensor, Tensor> LayerNormImpl::forward_after_add(const Tensor& x, const Tensor& gate, Tensor h,
+                                                           const Tensor& shift, const Tensor& scale) {
+  if (g_fused_kernels && !torch::GradMode::is_enabled() && fused_dtypes(x) == std::make_pair(at::kFloat, at::kFloat) &&
+      fused_residual_norm_applies(x, gate, h, weight, shift, scale))
+    return fused_residual_norm(x, gate, std::move(h), weight, shift, scale, eps);
+  return forward_residual(gate.defined() ? gated_residual(x, gate, std::move(h)) : x + h, shift, scale);
+}
+
+Tensor LayerNormImpl::forward_in_place(const Tensor& x) {
+  if (g_fused_kernels && !torch::GradMode::is_enabled() && fused_dtypes(x) == std::make_pair(at::kFloat, at::kFloat) &&
+      fused_norm_in_place_applies(x, weight)) {
+    fused_norm_in_place(x, weight, eps);
+    return x;
+  }
+  return forward(x);
 }
 
 Tensor LayerNormImpl::forward_modulated(const Tensor& x, const Tensor& shift, const Tensor& scale) {

@@ -32,6 +32,16 @@ struct LayerNormImpl : torch::nn::Module {
   // the norm's backward pass then also adds the residual stream's gradient of x (one pass
   // instead of a separate sum; model/fused.h). The same values either way.
   std::pair<Tensor, Tensor> forward_residual(const Tensor& x, const Tensor& shift = {}, const Tensor& scale = {});
+  // forward_residual of the residual sum s = x + gate[b] * h (x + h when gate is undefined),
+  // gate (B, d): (s, norm of s). When nothing records gradients, one fused pass computes both
+  // where it applies (model/fused.h: fused_residual_norm), and a handed-over h (a temporary,
+  // or std::move) receives s; the same values either way.
+  std::pair<Tensor, Tensor> forward_after_add(const Tensor& x, const Tensor& gate, Tensor h,
+                                              const Tensor& shift = {}, const Tensor& scale = {});
+  // forward(x) written over x when nothing records gradients and the fused kernel applies
+  // (model/fused.h: fused_norm_in_place), else forward(x). x must be a temporary the caller
+  // owns, or a column slice of one.
+  Tensor forward_in_place(const Tensor& x);
   // The fused kernels' result and saved dtypes for x (model/fused.h).
   std::pair<at::ScalarType, at::ScalarType> fused_dtypes(const Tensor& x) const;
 
@@ -91,6 +101,7 @@ bool fused_kernels_enabled();
 
 // x + gate[b] * h for the residual stream x (B, T, d), gate (B, d), h (B, T, d): one fused
 // kernel when the fused kernels are on.
-Tensor gated_residual(const Tensor& x, const Tensor& gate, const Tensor& h);
+// A handed-over h (a temporary, or std::move) may receive the sum (model/fused.h).
+Tensor gated_residual(const Tensor& x, const Tensor& gate, Tensor h);
 
 }  // namespace microdit
