@@ -513,8 +513,8 @@ TEST(Fused, WrongShapesAreOneLineErrors) {
 
 // The sampler's passes (nothing records gradients), which write over temporaries instead of new
 // tensors: the residual sum and the norm after it in one pass (fused_residual_norm), the norm
-// in place (fused_norm_in_place) on a column slice of a product, and the gated residual over
-// its h. Each to the bit against the separate kernels it replaces, and each leaves a tensor
+// in place (fused_norm_in_place) on a column slice of a product, the gated residual over its
+// h, and SwiGLU's product over its u. Each to the bit against the separate kernels it replaces, and each leaves a tensor
 // that something else holds untouched.
 TEST(Fused, SamplingPassesEqualTheSeparateKernels) {
   if (!kernels::cpu::residual_modln_applies(64)) GTEST_SKIP() << "no AVX-512 on this CPU";
@@ -587,6 +587,22 @@ TEST(Fused, SamplingPassesEqualTheSeparateKernels) {
   const auto out = fused_gated_residual(x, gate, [&] { auto t = h_before.clone(); h_memory = t.data_ptr(); return t; }());
   EXPECT_EQ(out.data_ptr(), h_memory) << "the temporary was not reused";
   EXPECT_TRUE(torch::equal(out, ref));
+
+  // SwiGLU's product without gradients: over a handed-over u, else into a new tensor; the bits
+  // of the autograd function's.
+  const auto u = torch::randn({B, T, d}), v = torch::randn({B, T, d});
+  torch::Tensor p_ref;
+  {
+    torch::AutoGradMode grad(true);
+    p_ref = fused_swiglu(u.clone().requires_grad_(true), v).detach();
+  }
+  const auto u_before = u.clone();
+  EXPECT_TRUE(torch::equal(swiglu_product(u, v), p_ref));
+  EXPECT_TRUE(torch::equal(u, u_before)) << "a held u was written";
+  void* u_memory = nullptr;
+  const auto p2 = swiglu_product([&] { auto t = u_before.clone(); u_memory = t.data_ptr(); return t; }(), v);
+  EXPECT_EQ(p2.data_ptr(), u_memory) << "the temporary was not reused";
+  EXPECT_TRUE(torch::equal(p2, p_ref));
 }
 
 // A DiT block without gradients (the sampler's passes above) against the same block recording

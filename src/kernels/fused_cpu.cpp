@@ -264,9 +264,9 @@ MD_INLINE float sigmoid(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
 // p[i] = silu(u[i]) * v[i] for i in [i0, i1).
 template <typename T>
 MD_INLINE void swiglu_fwd_range(const Swiglu& a, int64_t i0, int64_t i1) {
-  const T* __restrict u = static_cast<const T*>(a.u);
+  const T* u = static_cast<const T*>(a.u);  // p may be u (sampling writes over u)
   const T* __restrict v = static_cast<const T*>(a.v);
-  T* __restrict p = static_cast<T*>(a.out);
+  T* p = static_cast<T*>(a.out);
   for (int64_t i = i0; i < i1; ++i) {
     const float x = to_f(u[i]);
     p[i] = from_f<T>(x * sigmoid(x) * to_f(v[i]));

@@ -49,8 +49,10 @@ Tensor matmul2d(const Tensor& a, const Tensor& b) {
 bool swiglu_fused(const Tensor& u, const Tensor& v) {
   return fused_kernels_enabled() && fused_swiglu_applies(u, v) && !(u.is_cpu() && u.scalar_type() == at::kBFloat16);
 }
-Tensor silu_mul(const Tensor& u, const Tensor& v) {
-  return swiglu_fused(u, v) ? fused_swiglu(u, v) : at::silu(u) * v;
+Tensor silu_mul(Tensor u, const Tensor& v) {
+  if (!swiglu_fused(u, v)) return at::silu(u) * v;
+  // Without gradients, the kernel alone, over a handed-over u (sampling).
+  return torch::GradMode::is_enabled() ? fused_swiglu(u, v) : swiglu_product(std::move(u), v);
 }
 
 // Both functions do what autocast does to the plain expressions: the elementwise part in its
@@ -286,8 +288,8 @@ Tensor gelu_bmm(Tensor a, const Tensor& w, bool recompute) {
   return GeluBmmFn::apply(a, w, compute_dtype(a));
 }
 
-Tensor swiglu_linear(const Tensor& u, const Tensor& v, Linear& w3, bool recompute) {
-  if (!recompute) return w3(silu_mul(u, v));
+Tensor swiglu_linear(Tensor u, const Tensor& v, Linear& w3, bool recompute) {
+  if (!recompute) return w3(silu_mul(std::move(u), v));
   const Tensor& b = w3->bias;
   return SwiGLULinearFn::apply(u, v, w3->weight,
                                b.defined() ? b : at::empty({0}, w3->weight.options()), compute_dtype(u));

@@ -52,8 +52,9 @@ Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g);
 // Without autograd (at::GradMode off) GELU overwrites a: pass a product's fresh output.
 Tensor gelu_bmm(Tensor a, const Tensor& w, bool recompute);
 
-// w3(silu(u) * v) for u, v (..., n). recompute: keeps u, v and w3's parameters only.
-Tensor swiglu_linear(const Tensor& u, const Tensor& v, Linear& w3, bool recompute);
+// w3(silu(u) * v) for u, v (..., n). recompute: keeps u, v and w3's parameters only. Without
+// autograd, a handed-over u (a temporary, or std::move) receives silu(u) * v (model/fused.h).
+Tensor swiglu_linear(Tensor u, const Tensor& v, Linear& w3, bool recompute);
 
 // w3(silu(w1 x) * w2 x), hidden n given already rounded.
 struct FeedForwardImpl : torch::nn::Module {

@@ -316,10 +316,13 @@ Tensor fused_swiglu(const Tensor& u, const Tensor& v) {
   return SwiGLUFn::apply(u, v);
 }
 
-Tensor swiglu_product(const Tensor& u_in, const Tensor& v_in) {
-  const DeviceGuard guard(u_in);
+Tensor swiglu_product(Tensor u_in, const Tensor& v_in) {
+  RECORD_FUNCTION("microdit::swiglu_product", std::vector<c10::IValue>());
+  const DeviceGuard device(u_in);
+  // A handed-over u receives the product when nothing records gradients (see scratch_like).
+  Tensor p = !torch::GradMode::is_enabled() && u_in.is_cpu() && scratch_like(u_in, u_in) ? u_in : Tensor();
   const Tensor u = u_in.contiguous(), v = v_in.contiguous();
-  auto p = at::empty(u.sizes(), u.options());
+  if (!p.defined()) p = at::empty(u.sizes(), u.options());
   MD_KERNEL(u, swiglu_forward, u.data_ptr(), v.data_ptr(), p.data_ptr(), kdt(u.scalar_type()), u.numel());
   return p;
 }

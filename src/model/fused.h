@@ -79,7 +79,9 @@ bool fused_swiglu_applies(const Tensor& u, const Tensor& v);
 Tensor fused_swiglu(const Tensor& u, const Tensor& v);
 // The kernels alone, for autograd functions with their own backward pass (model/ffn.cpp):
 // silu(u) * v, and the gradients (du, dv) from dp, the gradient of silu(u) * v.
-Tensor swiglu_product(const Tensor& u, const Tensor& v);
+// A handed-over u (a temporary, or std::move) receives silu(u) * v when nothing records
+// gradients (on the CPU), as fused_gated_residual's h does.
+Tensor swiglu_product(Tensor u, const Tensor& v);
 std::pair<Tensor, Tensor> swiglu_grads(const Tensor& dp, const Tensor& u, const Tensor& v);
 
 // The expert-choice layer's sums (kernels::moe_scatter_sum) on src's device, not an autograd
