@@ -80,8 +80,10 @@ Tensor MicroDiTImpl::forward(const Tensor& x_img, const Tensor& t_in, const Capt
   check_image(x_img, t_in);
   const int64_t B = x_img.size(0);
   MD_CHECK(y.batch() == B, "the encoded caption has batch {}, the input {}", y.batch(), B);
-  auto x = x_embedder(x_img) + pos_embed;                      // (B, T, D)
-  auto c = t_embedder(t_in.expand({B})) + y.pooled;            // (B, D)
+  // pos_embed first: the sum then takes its contiguous layout rather than the patch embedding's
+  // transposed one, which every kernel after it would copy.
+  auto x = pos_embed + x_embedder(x_img);  // (B, T, D)
+  auto c = t_embedder(t_in.expand({B})) + y.pooled;  // (B, D)
 
   const bool recompute = recompute_blocks && torch::GradMode::is_enabled();
   auto block = [&](DiTBlockImpl& b, const Tensor& in, const CaptionKV& kv) {
