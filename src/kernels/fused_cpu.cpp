@@ -340,11 +340,7 @@ MD_ISA_FUNCTIONS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512
 MD_ISA_FUNCTIONS(avx2, __attribute__((target("avx2,fma"))))
 MD_ISA_FUNCTIONS(base, )
 
-// The float32 forward pass written out in AVX-512, for rows of whole vectors (d % 16 == 0): the
-// case of float32 training and sampling. The generic body above spends most of a short row
-// on its two sums' last steps (16 dependent scalar adds each); here each sum runs in two
-// vector accumulators and ends in one horizontal reduction. Same formula; the sums' order
-// differs, so results differ from the generic body by float rounding only.
+// The float32 LayerNorm passes written out in AVX-512 for rows of whole vectors (d % 16 == 0).
 #define MD_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 
 // 16 values of the residual sum x + g h (x + h when g is null; one fused multiply-add, as
@@ -356,6 +352,21 @@ MD_AVX512 MD_INLINE __m512 residual_sum(const float* x, const float* g, const fl
   _mm512_storeu_ps(v, s);
   return s;
 }
+
+// m[0, d) = w (1 + scale_b), w (scale_b null) or 1 (both null): the per-sample row factor.
+MD_AVX512 MD_INLINE void row_factor(float* m, const float* w, const float* scale_b, int64_t d) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  for (int64_t k = 0; k < d; k += 16) {
+    const __m512 sc = scale_b ? _mm512_add_ps(one, _mm512_loadu_ps(scale_b + k)) : one;
+    _mm512_storeu_ps(m + k, w ? _mm512_mul_ps(_mm512_loadu_ps(w + k), sc) : sc);
+  }
+}
+
+// The forward pass, the case of float32 training and sampling. The generic body above, as GCC
+// compiles it, spends most of a short row on its two sums' last steps (16 dependent scalar
+// adds each, its accumulators spilled to the stack); here each sum runs in two vector
+// accumulators and ends in one horizontal reduction. Same formula; the sums' order differs, so
+// results differ from the generic body by float rounding only.
 MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
   const float* __restrict shift = static_cast<const float*>(a.shift);
@@ -364,10 +375,8 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
   std::vector<float> buf(static_cast<size_t>(2 * d));
   float* __restrict v = buf.data();  // the row, centred
   float* __restrict m = v + d;       // w * (1 + scale[b]), or w, or 1
-  const __m512 one = _mm512_set1_ps(1.f);
   int64_t b_loaded = -1;
-  if (!scale)
-    for (int64_t k = 0; k < d; k += 16) _mm512_storeu_ps(m + k, w ? _mm512_loadu_ps(w + k) : one);
+  if (!scale) row_factor(m, w, nullptr, d);
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = static_cast<const float*>(a.x) + r * a.ldx;  // not restrict: y may be x
     prefetch_row(xr + kPrefetchRows * a.ldx, d, r + kPrefetchRows < r1);
@@ -426,10 +435,7 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
     if (scale) {
       const int64_t b = r / a.T;
       if (b != b_loaded) {
-        for (int64_t k = 0; k < d; k += 16) {
-          const __m512 sc = _mm512_add_ps(one, _mm512_loadu_ps(scale + b * d + k));
-          _mm512_storeu_ps(m + k, w ? _mm512_mul_ps(_mm512_loadu_ps(w + k), sc) : sc);
-        }
+        row_factor(m, w, scale + b * d, d);
         b_loaded = b;
       }
       const float* __restrict sh = shift + b * d;
@@ -454,18 +460,13 @@ MD_AVX512 void modln_dx_f32_avx512(const LnDx& a, int64_t r0, int64_t r1) {
   const float* __restrict w = a.w;
   std::vector<float> buf(static_cast<size_t>(3 * d));
   float *__restrict g = buf.data(), *__restrict xh = g + d, *__restrict m = xh + d;  // m: w (1 + scale[b])
-  const __m512 one = _mm512_set1_ps(1.f);
   int64_t b_loaded = -1;
-  if (!scale)
-    for (int64_t k = 0; k < d; k += 16) _mm512_storeu_ps(m + k, w ? _mm512_loadu_ps(w + k) : one);
+  if (!scale) row_factor(m, w, nullptr, d);
   const float inv_d = 1.f / static_cast<float>(d);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / a.T;
     if (scale && b != b_loaded) {
-      for (int64_t k = 0; k < d; k += 16) {
-        const __m512 sc = _mm512_add_ps(one, _mm512_loadu_ps(scale + b * d + k));
-        _mm512_storeu_ps(m + k, w ? _mm512_mul_ps(_mm512_loadu_ps(w + k), sc) : sc);
-      }
+      row_factor(m, w, scale + b * d, d);
       b_loaded = b;
     }
     const float* __restrict dyr = static_cast<const float*>(a.dy) + r * d;
