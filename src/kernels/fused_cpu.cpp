@@ -229,11 +229,11 @@ MD_INLINE void gated_fwd_rows(const Gated& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
   for (int64_t r = r0; r < r1; ++r) {
     const X* __restrict x = static_cast<const X*>(a.x) + r * d;
-    const H* __restrict h = static_cast<const H*>(a.h) + r * d;
+    const H* h = static_cast<const H*>(a.h) + r * d;  // out may be h (sampling writes over h)
     prefetch_row(x + kPrefetchRows * d, d, r + kPrefetchRows < r1);
     prefetch_row(h + kPrefetchRows * d, d, r + kPrefetchRows < r1);
     const G* __restrict g = static_cast<const G*>(a.gate) + (r / a.T) * d;
-    X* __restrict out = static_cast<X*>(a.out) + r * d;
+    X* out = static_cast<X*>(a.out) + r * d;
     for (int64_t j = 0; j < d; ++j) out[j] = from_f<X>(to_f(x[j]) + to_f(g[j]) * to_f(h[j]));
   }
 }
@@ -385,10 +385,10 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
     int64_t j = 0;
     if (a.res_h) {
       // The residual sum first: x + g h, one fused multiply-add as gated_fwd_rows compiles to.
-      const float* __restrict hr = a.res_h + r * d;
+      const float* hr = a.res_h + r * d;  // out may be hr (sampling writes the sum over h)
       prefetch_row(hr + kPrefetchRows * d, d, r + kPrefetchRows < r1);
       const float* __restrict g = a.res_gate ? a.res_gate + (r / a.T) * d : nullptr;
-      float* __restrict out = a.res_out + r * d;
+      float* out = a.res_out + r * d;
       for (; j + 32 <= d; j += 32) {
         const __m512 x0 = residual_sum(xr + j, g ? g + j : nullptr, hr + j, out + j, v + j);
         const __m512 x1 = residual_sum(xr + j + 16, g ? g + j + 16 : nullptr, hr + j + 16, out + j + 16, v + j + 16);

@@ -455,7 +455,7 @@ void fused_norm_in_place(const Tensor& x, const Tensor& weight, double eps) {
            "on an AVX-512 CPU; got {} with strides {}", c10::str(x.sizes()), c10::str(x.strides()));
   RECORD_FUNCTION("microdit::fused_norm_in_place", std::vector<c10::IValue>());
   const int64_t d = x.size(-1), rows = x.numel() / d;
-  std::vector<float> stats(static_cast<size_t>(2 * rows));
+  std::vector<float> stats(static_cast<size_t>(2 * rows));  // mean, rstd: not kept
   kernels::cpu::layer_norm_in_place(x.data_ptr<float>(), x.stride(-2), weight.defined() ? weight.data_ptr<float>() : nullptr,
                                     stats.data(), stats.data() + rows, rows, d, static_cast<float>(eps));
 }
@@ -469,12 +469,12 @@ std::pair<Tensor, Tensor> fused_residual_norm(const Tensor& x, const Tensor& gat
            c10::str(x.sizes()), c10::str(h.sizes()));
   RECORD_FUNCTION("microdit::fused_residual_norm", std::vector<c10::IValue>());
   const int64_t B = x.size(0), T = x.size(1), d = x.size(2);
-  Tensor sum = scratch_like(h, x) ? h : at::empty_like(x), y = at::empty_like(x), stats = at::empty({2, B * T}, x.options());
+  Tensor sum = scratch_like(h, x) ? h : at::empty_like(x), y = at::empty_like(x);
+  std::vector<float> stats(static_cast<size_t>(2 * B * T));  // mean, rstd: not kept
   auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; };
   kernels::cpu::residual_modln_forward(x.data_ptr<float>(), ptr(gate), h.data_ptr<float>(), sum.data_ptr<float>(),
-                                       ptr(weight), ptr(shift), ptr(scale), y.data_ptr<float>(),
-                                       stats[0].data_ptr<float>(), stats[1].data_ptr<float>(), B * T, T, d,
-                                       static_cast<float>(eps));
+                                       ptr(weight), ptr(shift), ptr(scale), y.data_ptr<float>(), stats.data(),
+                                       stats.data() + B * T, B * T, T, d, static_cast<float>(eps));
   return {sum, y};
 }
 

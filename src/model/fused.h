@@ -62,15 +62,16 @@ Tensor fused_gated_residual(const Tensor& x, const Tensor& gate, Tensor h);
 // A handed-over h (as fused_gated_residual's) receives the sum.
 bool fused_residual_norm_applies(const Tensor& x, const Tensor& gate, const Tensor& h, const Tensor& weight,
                                  const Tensor& shift, const Tensor& scale);
+std::pair<Tensor, Tensor> fused_residual_norm(const Tensor& x, const Tensor& gate, Tensor h,
+                                              const Tensor& weight, const Tensor& shift, const Tensor& scale,
+                                              double eps);
+
 // Inference only: x (..., d) replaced by its LayerNorm (times weight (d) where defined), as
 // fused_modulated_layer_norm computes it, for x a temporary the caller owns or a column slice
 // of one (rows contiguous, any row stride: q or k in the attention's qkv product), so that no
 // new tensor is written. fused_norm_in_place_applies: float32 CPU, d a multiple of 16, AVX-512.
 bool fused_norm_in_place_applies(const Tensor& x, const Tensor& weight);
 void fused_norm_in_place(const Tensor& x, const Tensor& weight, double eps);
-std::pair<Tensor, Tensor> fused_residual_norm(const Tensor& x, const Tensor& gate, Tensor h,
-                                              const Tensor& weight, const Tensor& shift, const Tensor& scale,
-                                              double eps);
 
 // SwiGLU's elementwise part silu(u) * v, for u and v of one shape, dtype and device that
 // fused_kernels_apply takes.
