@@ -517,7 +517,7 @@ TEST(Fused, WrongShapesAreOneLineErrors) {
 // h, and SwiGLU's product over its u. Each to the bit against the separate kernels it replaces, and each leaves a tensor
 // that something else holds untouched.
 TEST(Fused, SamplingPassesEqualTheSeparateKernels) {
-  if (!kernels::cpu::residual_modln_applies(64)) GTEST_SKIP() << "no AVX-512 on this CPU";
+  if (!kernels::cpu::float32_rows_apply(64)) GTEST_SKIP() << "no AVX-512 on this CPU";
   torch::NoGradGuard no_grad;
   torch::manual_seed(7);
   const int64_t B = 3, T = 37, d = 96;  // d: three vectors, an odd one after the pairs
@@ -571,6 +571,10 @@ TEST(Fused, SamplingPassesEqualTheSeparateKernels) {
   EXPECT_FALSE(fused_norm_in_place_applies(q.to(at::kBFloat16), {}));
   EXPECT_NE(error_of([&] { fused_norm_in_place(p.transpose(0, 1).narrow(2, 0, d), {}, 1e-6); })
                 .find("fused in-place LayerNorm"),
+            std::string::npos);
+  EXPECT_FALSE(fused_residual_norm_applies(x, gate, x.narrow(1, 0, T - 1), {}, {}, {})) << "h of another shape";
+  EXPECT_NE(error_of([&] { fused_residual_norm(x, gate, x.narrow(1, 0, T - 1), {}, {}, {}, 1e-6); })
+                .find("fused residual LayerNorm"),
             std::string::npos);
 
   // The gated residual without gradients: over a temporary h, else into a new tensor.

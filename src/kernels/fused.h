@@ -106,13 +106,14 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
 // Inference only, float32: sum = x + gate[b] * h (x + h when gate is null), and y = the modulated
 // LayerNorm of sum as modln_forward computes it (w, shift, scale may be null), in one pass
 // over the rows. x, h, sum, y (rows, d) contiguous, gate, shift, scale (rows / T, d).
-// residual_modln_applies(d) says whether this CPU and width can run it (AVX-512, d % 16 == 0).
-bool residual_modln_applies(int64_t d);
+// float32_rows_apply(d) says whether this CPU and width can run it (AVX-512, d % 16 == 0); float32
+// modln_forward and modln_backward_dx take the same AVX-512 kernels there.
+bool float32_rows_apply(int64_t d);
 void residual_modln_forward(const float* x, const float* gate, const float* h, float* sum, const float* w,
                             const float* shift, const float* scale, float* y, float* mean, float* rstd,
                             int64_t rows, int64_t T, int64_t d, float eps);
 // Inference only, float32: rows of x (row stride ldx >= d) normalised in place, times w where
-// given, as modln_forward computes them. residual_modln_applies(d) says where it runs.
+// given, as modln_forward computes them. float32_rows_apply(d) says where it runs.
 void layer_norm_in_place(float* x, int64_t ldx, const float* w, float* mean, float* rstd, int64_t rows, int64_t d,
                          float eps);
 void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DType st,

@@ -581,12 +581,14 @@ const char* instruction_set() {
   }
 }
 
+bool float32_rows_apply(int64_t d) { return isa() == 2 && d > 0 && d % 16 == 0; }
+
 void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, const float* w,
                    const void* shift, const void* scale, void* y, DType yt, float* mean, float* rstd,
                    int64_t rows, int64_t T, int64_t d, float eps) {
   check_sizes(rows, T, d);
   const LnFwd a{x, ldx, xs, w, shift, scale, y, mean, rstd, T, d, eps};
-  if (isa() == 2 && d % 16 == 0 && xt == DType::f32 && st == DType::f32 && yt == DType::f32) {
+  if (float32_rows_apply(d) && xt == DType::f32 && st == DType::f32 && yt == DType::f32) {
     run(&modln_fwd_f32_avx512, a, rows, d);
     return;
   }
@@ -595,12 +597,10 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
   });
 }
 
-bool residual_modln_applies(int64_t d) { return isa() == 2 && d > 0 && d % 16 == 0; }
-
 void layer_norm_in_place(float* x, int64_t ldx, const float* w, float* mean, float* rstd, int64_t rows, int64_t d,
                          float eps) {
   check_sizes(rows, rows, d);
-  if (!residual_modln_applies(d) || ldx < d)
+  if (!float32_rows_apply(d) || ldx < d)
     throw std::runtime_error("fused CPU kernels: the in-place LayerNorm needs AVX-512, d a multiple of 16 and rows "
                              "at least d apart (d " + std::to_string(d) + ", row stride " + std::to_string(ldx) + ")");
   LnFwd a{x, ldx, nullptr, w, nullptr, nullptr, x, mean, rstd, rows, d, eps};
@@ -612,7 +612,7 @@ void residual_modln_forward(const float* x, const float* gate, const float* h, f
                             const float* shift, const float* scale, float* y, float* mean, float* rstd,
                             int64_t rows, int64_t T, int64_t d, float eps) {
   check_sizes(rows, T, d);
-  if (!residual_modln_applies(d))
+  if (!float32_rows_apply(d))
     throw std::runtime_error("fused CPU kernels: the residual LayerNorm needs AVX-512 and d a multiple of 16 (d " +
                              std::to_string(d) + ")");
   LnFwd a{x, d, nullptr, w, shift, scale, y, mean, rstd, T, d, eps};
@@ -628,7 +628,7 @@ void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DT
   check_sizes(rows, T, d);
   if (ldx < d) throw std::runtime_error("fused CPU kernels: dx row stride below d");
   const LnDx a{dy, xs, lds, w, scale, mean, rstd, dx, ldx, dres, T, d};
-  if (isa() == 2 && d % 16 == 0 && xt == DType::f32 && st == DType::f32 && yt == DType::f32) {
+  if (float32_rows_apply(d) && xt == DType::f32 && st == DType::f32 && yt == DType::f32) {
     run(&modln_dx_f32_avx512, a, rows, d);
     return;
   }

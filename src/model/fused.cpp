@@ -434,7 +434,7 @@ bool fused_residual_norm_applies(const Tensor& x, const Tensor& gate, const Tens
   if (!f32(x) || x.dim() != 3 || !f32(h) || h.sizes() != x.sizes()) return false;
   const int64_t B = x.size(0), d = x.size(2);
   auto per_sample = [&](const Tensor& t) { return !t.defined() || (f32(t) && t.dim() == 2 && t.size(0) == B && t.size(1) == d); };
-  return kernels::cpu::residual_modln_applies(d) && per_sample(gate) && per_sample(shift) &&
+  return kernels::cpu::float32_rows_apply(d) && per_sample(gate) && per_sample(shift) &&
          per_sample(scale) && shift.defined() == scale.defined() &&
          (!weight.defined() || (f32(weight) && weight.dim() == 1 && weight.size(0) == d));
 }
@@ -444,7 +444,7 @@ bool fused_norm_in_place_applies(const Tensor& x, const Tensor& weight) {
   for (int64_t i = 0; i + 2 < x.dim(); ++i)  // the rows one stride apart
     if (x.size(i) > 1 && x.stride(i) != x.stride(i + 1) * x.size(i + 1)) return false;
   const int64_t d = x.size(-1);
-  return kernels::cpu::residual_modln_applies(d) && x.stride(-2) >= d &&
+  return kernels::cpu::float32_rows_apply(d) && x.stride(-2) >= d &&
          (!weight.defined() || (weight.is_cpu() && weight.scalar_type() == at::kFloat && weight.is_contiguous() &&
                                 weight.dim() == 1 && weight.size(0) == d));
 }

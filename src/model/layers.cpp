@@ -54,17 +54,21 @@ std::pair<Tensor, Tensor> LayerNormImpl::forward_residual(const Tensor& x, const
   return {x, shift.defined() ? forward_modulated(x, shift, scale) : forward(x)};
 }
 
+// Whether the float32 sampling passes (model/fused.h) may take x: fused kernels on, nothing
+// recording gradients, and no autocast (the norm's result and saved dtypes float32).
+bool LayerNormImpl::sampling_float32(const Tensor& x) const {
+  return g_fused_kernels && !torch::GradMode::is_enabled() && fused_dtypes(x) == std::make_pair(at::kFloat, at::kFloat);
+}
+
 std::pair<Tensor, Tensor> LayerNormImpl::forward_after_add(const Tensor& x, const Tensor& gate, Tensor h,
                                                            const Tensor& shift, const Tensor& scale) {
-  if (g_fused_kernels && !torch::GradMode::is_enabled() && fused_dtypes(x) == std::make_pair(at::kFloat, at::kFloat) &&
-      fused_residual_norm_applies(x, gate, h, weight, shift, scale))
+  if (sampling_float32(x) && fused_residual_norm_applies(x, gate, h, weight, shift, scale))
     return fused_residual_norm(x, gate, std::move(h), weight, shift, scale, eps);
   return forward_residual(gate.defined() ? gated_residual(x, gate, std::move(h)) : x + h, shift, scale);
 }
 
 Tensor LayerNormImpl::forward_in_place(const Tensor& x) {
-  if (g_fused_kernels && !torch::GradMode::is_enabled() && fused_dtypes(x) == std::make_pair(at::kFloat, at::kFloat) &&
-      fused_norm_in_place_applies(x, weight)) {
+  if (sampling_float32(x) && fused_norm_in_place_applies(x, weight)) {
     fused_norm_in_place(x, weight, eps);
     return x;
   }

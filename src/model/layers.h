@@ -47,6 +47,7 @@ struct LayerNormImpl : torch::nn::Module {
 
  private:
   Tensor forward_fused(const Tensor& x, const Tensor& shift, const Tensor& scale);
+  bool sampling_float32(const Tensor& x) const;
 };
 TORCH_MODULE(LayerNorm);
 
