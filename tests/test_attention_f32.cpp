@@ -31,11 +31,14 @@ TEST(CpuAttentionF32, PassesEqualAttentionInFloat64) {
   if (!kernels::cpu::avx512_attention_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
   torch::manual_seed(21);
   // The mixer's self-attention, a cross-attention over 77 caption tokens, odd lengths and head
-  // sizes (the 16-wide tiles' edges), more keys than one tile, one query, the widest head.
+  // sizes (the 16-wide tiles' edges), more keys than one tile, one query, the widest head, and
+  // one wider than the forward pass's 8 vectors of output columns (two column chunks), with a
+  // partial third 32-query block.
   // float32 arithmetic: measured about 1e-7 norm-wise.
   for (const AttentionShape s : {AttentionShape{2, 4, 256, 256, 32}, AttentionShape{2, 4, 64, 77, 32},
                                  AttentionShape{3, 2, 33, 5, 24}, AttentionShape{1, 2, 7, 300, 8},
-                                 AttentionShape{2, 1, 1, 19, 40}, AttentionShape{1, 2, 17, 17, 128}})
+                                 AttentionShape{2, 1, 1, 19, 40}, AttentionShape{1, 2, 17, 17, 128},
+                                 AttentionShape{1, 1, 70, 9, 144}})
     expect_passes_near_float64(s, torch::kFloat, kernels::cpu::attention_forward_f32,
                                kernels::cpu::attention_backward_f32, {.lse = 1e-5, .values = 2e-6, .aten_lse = 1e-5});
 }

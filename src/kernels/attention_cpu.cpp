@@ -354,79 +354,142 @@ struct ForwardArgsF32 {
   OperandF q, k, v;
   float* out;  // (B, N, H, hd)
   float* lse;  // (B, H, N)
-  int64_t H, N, L, hd, Nc;  // Nc: N rounded up to whole vectors
+  int64_t H, N, L, hd;
   float scale;
 };
 
+// The forward pass takes 32 queries at a time: two vectors of scores per key.
+constexpr int64_t kQueries = 32;
+
 struct ForwardScratchF32 {
-  std::vector<float> qt, vt, st, ot, inv;
-  // Zeroed once: the columns past N of q^T stay zero, so those of S^T and O^T are finite.
-  ForwardScratchF32(int64_t Nc, int64_t L, int64_t hd)
-      : qt(hd * Nc), vt(hd * L), st(L * Nc), ot(hd * Nc), inv(Nc) {}
+  // Zeroed once: lanes of q^T past the last query keep finite values, so do their scores.
+  std::vector<float> qt, st;  // q^T of the block (hd, 32), its scores S^T then P^T (L, 32)
+  alignas(64) float inv[kQueries];  // 1 / sum_j p per query
+  ForwardScratchF32(int64_t L, int64_t hd) : qt(hd * kQueries), st(L * kQueries) {}
 };
 
-// Column block i0..i0+16 (queries) of the transposed scores S^T (L, ld), in place: each column
-// becomes p = exp(scale s - m) with m its scaled maximum; returns 1 / sum_j p per column, and
-// writes lse = m + log(sum) for the columns < N when lse is given. Every reduction runs down
-// the columns, lane by lane: no horizontal step.
-MD_AVX512_TARGET inline __attribute__((always_inline)) __m512 softmax_columns_f32(float* ST, int64_t L, int64_t ld,
-                                                                                  int64_t i0, int64_t N, float scale,
-                                                                                  float* lse) {
-  const __m512 vs = _mm512_set1_ps(scale);
-  __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
-  int64_t j = 0;
-  for (; j + 2 <= L; j += 2) {
-    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(ST + j * ld + i0));
-    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(ST + (j + 1) * ld + i0));
+// Rows j0..j0+R of a block's S^T (L, 32): st[j] = sum_c k[j, c] q^T[c], two vectors per key,
+// by broadcasting k[j, c] against the block's q^T rows (k used where it lies). Raises the
+// running maxima m0, m1 (lanes 0-15, 16-31) to the new scores.
+template <int R>
+MD_AVX512_TARGET inline __attribute__((always_inline)) void scores_f32(const float* k, int64_t ldk, const float* qt,
+                                                                       int64_t hd, float* st, __m512& m0, __m512& m1) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < hd; ++c) {
+    const __m512 b0 = _mm512_loadu_ps(qt + c * kQueries), b1 = _mm512_loadu_ps(qt + c * kQueries + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(k[r * ldk + c]);
+      a0[r] = _mm512_fmadd_ps(x, b0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(x, b1, a1[r]);
+    }
   }
-  if (j < L) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(ST + j * ld + i0));
-  const __m512 m = _mm512_mul_ps(_mm512_max_ps(m0, m1), vs);  // scale > 0
-  __m512 s0 = _mm512_setzero_ps(), s1 = s0;
-  for (j = 0; j + 2 <= L; j += 2) {
-    float* a = ST + j * ld + i0;
-    float* b = a + ld;
-    const __m512 pa = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(a), vs, m));
-    const __m512 pb = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(b), vs, m));
-    s0 = _mm512_add_ps(s0, pa);
-    s1 = _mm512_add_ps(s1, pb);
-    _mm512_storeu_ps(a, pa);
-    _mm512_storeu_ps(b, pb);
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_ps(st + r * kQueries, a0[r]);
+    _mm512_storeu_ps(st + r * kQueries + 16, a1[r]);
+    m0 = _mm512_max_ps(m0, a0[r]);
+    m1 = _mm512_max_ps(m1, a1[r]);
   }
-  if (j < L) {
-    float* a = ST + j * ld + i0;
-    const __m512 pa = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(a), vs, m));
-    s0 = _mm512_add_ps(s0, pa);
-    _mm512_storeu_ps(a, pa);
-  }
-  const __m512 sum = _mm512_add_ps(s0, s1);
-  if (lse) {
-    alignas(64) float ms[16], ss[16];
-    _mm512_store_ps(ms, m);
-    _mm512_store_ps(ss, sum);
-    for (int64_t c = 0; c < std::min<int64_t>(16, N - i0); ++c) lse[i0 + c] = ms[c] + std::log(ss[c]);
-  }
-  return _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
 }
 
-// Head (b, h) of the forward pass on the transposed scores, as the backward pass works:
-// S^T = k q^T (L, N), P^T = exp(scale S^T - m) down each column, O^T = v^T P^T (hd, N), each
-// column scaled by 1 / rowsum(P), and O^T transposed into the output's rows. Keys run down the
-// columns, so the softmax's maxima and sums are vertical (16 queries a vector), which matters
-// for short rows (a caption's 21 keys); the products get N columns (whole vectors) instead of L.
+// Rows i0..i0+nq (nq <= Q) of O = P v / l for vectors c0/16 .. c0/16 + V of the head width:
+// o[i] = inv[i] sum_j P^T[j, i] v[j], by broadcasting P^T's entries against v's rows (v used
+// where it lies, the output written in its rows). masks[u]: the lanes of vector u within hd.
+template <int Q, int V>
+MD_AVX512_TARGET inline __attribute__((always_inline)) void output_f32(const float* v, int64_t ldv, int64_t L,
+                                                                       const float* pt, const float* inv,
+                                                                       const __mmask16* masks, float* out,
+                                                                       int64_t ldo, int64_t nq) {
+  __m512 acc[Q][V];
+  for (int i = 0; i < Q; ++i)
+    for (int u = 0; u < V; ++u) acc[i][u] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < L; ++j) {
+    __m512 vj[V];
+    for (int u = 0; u < V; ++u) vj[u] = _mm512_maskz_loadu_ps(masks[u], v + j * ldv + 16 * u);
+    for (int i = 0; i < Q; ++i) {
+      const __m512 p = _mm512_set1_ps(pt[j * kQueries + i]);
+      for (int u = 0; u < V; ++u) acc[i][u] = _mm512_fmadd_ps(p, vj[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < Q && i < nq; ++i) {
+    const __m512 s = _mm512_set1_ps(inv[i]);
+    for (int u = 0; u < V; ++u) _mm512_mask_storeu_ps(out + i * ldo + 16 * u, masks[u], _mm512_mul_ps(acc[i][u], s));
+  }
+}
+
+// All rows of O for one query block, in column chunks of V vectors and row groups of Q.
+template <int Q, int V>
+MD_AVX512_TARGET void output_block_f32(const float* v, int64_t ldv, int64_t L, int64_t hd, const float* st,
+                                       const float* inv, float* out, int64_t ldo, int64_t nq) {
+  for (int64_t c0 = 0; c0 < hd; c0 += 16 * V) {
+    __mmask16 masks[V];
+    for (int u = 0; u < V; ++u) {
+      const int64_t n = hd - c0 - 16 * u;
+      masks[u] = n <= 0 ? (__mmask16)0 : lanes(n);
+    }
+    for (int64_t i = 0; i < nq; i += Q)
+      output_f32<Q, V>(v + c0, ldv, L, st + i, inv + i, masks, out + i * ldo + c0, ldo, nq - i);
+  }
+}
+
+// Head (b, h) of the forward pass, 32 queries at a time, everything of a block in L1:
+//   q^T (hd, 32) of the block's rows;
+//   S^T = k q^T (L, 32), with the maxima m over keys (lane by lane: keys run down the columns,
+//   which suits a caption's few keys);
+//   P^T = exp(scale S^T - scale m), l = sum_j P^T (again lane by lane);
+//   O = P v / l straight into the output's rows.
+// Only q is copied (transposed); k and v are read where they lie, and no product goes through
+// a library call: at these sizes (64 keys of 32) the calls and the copies around them cost
+// as much as the products.
 MD_AVX512_TARGET void forward_head_f32(const ForwardArgsF32& a, ForwardScratchF32& x, int64_t b, int64_t h) {
-  const int64_t N = a.N, L = a.L, hd = a.hd, Nc = a.Nc, ldo = a.H * hd;
-  float *qt = x.qt.data(), *vt = x.vt.data(), *st = x.st.data(), *ot = x.ot.data();
-  transpose_f32(a.q.row(b, h, 0), N, hd, a.q.s2, qt, Nc);      // q^T (hd, Nc)
-  transpose_f32(a.v.row(b, h, 0), L, hd, a.v.s2, vt, L);       // v^T (hd, L)
-  gemm_f32(L, Nc, hd, a.k.row(b, h, 0), a.k.s2, qt, Nc, st, Nc);  // S^T = k q^T (L, Nc)
-  float* lse = a.lse ? a.lse + (b * a.H + h) * N : nullptr;
-  for (int64_t i = 0; i < Nc; i += 16)  // P^T, and 1 / rowsum(P) per query
-    _mm512_storeu_ps(x.inv.data() + i, softmax_columns_f32(st, L, Nc, i, N, a.scale, lse));
-  gemm_f32(hd, Nc, L, vt, L, st, Nc, ot, Nc);  // O^T = v^T P^T (hd, Nc)
-  for (int64_t c = 0; c < hd; ++c)
-    for (int64_t i = 0; i < Nc; i += 16)
-      _mm512_storeu_ps(ot + c * Nc + i, _mm512_mul_ps(_mm512_loadu_ps(ot + c * Nc + i), _mm512_loadu_ps(x.inv.data() + i)));
-  transpose_f32(ot, hd, N, Nc, a.out + (b * N * a.H + h) * hd, ldo);  // O (N, hd) into the output's rows
+  const int64_t N = a.N, L = a.L, hd = a.hd, ldo = a.H * hd;
+  const float *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
+  float *qt = x.qt.data(), *st = x.st.data();
+  const __m512 vs = _mm512_set1_ps(a.scale);
+  const int64_t nvec = (hd + 15) / 16;
+  for (int64_t i0 = 0; i0 < N; i0 += kQueries) {
+    const int64_t nq = std::min(kQueries, N - i0);
+    transpose_f32(a.q.row(b, h, i0), nq, hd, a.q.s2, qt, kQueries);  // q^T (hd, 32)
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t j = 0;
+    for (; j + 8 <= L; j += 8) scores_f32<8>(k + j * a.k.s2, a.k.s2, qt, hd, st + j * kQueries, m0, m1);
+    switch (L - j) {
+#define MD_SCORES_TAIL(R) \
+  case R: scores_f32<R>(k + j * a.k.s2, a.k.s2, qt, hd, st + j * kQueries, m0, m1); break;
+      MD_SCORES_TAIL(1) MD_SCORES_TAIL(2) MD_SCORES_TAIL(3) MD_SCORES_TAIL(4) MD_SCORES_TAIL(5)
+      MD_SCORES_TAIL(6) MD_SCORES_TAIL(7)
+#undef MD_SCORES_TAIL
+      default: break;
+    }
+    m0 = _mm512_mul_ps(m0, vs);  // scale > 0
+    m1 = _mm512_mul_ps(m1, vs);
+    __m512 l0 = _mm512_setzero_ps(), l1 = l0;
+    for (j = 0; j < L; ++j) {  // P^T and its column sums
+      float* s = st + j * kQueries;
+      const __m512 p0 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, m0));
+      const __m512 p1 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs, m1));
+      _mm512_storeu_ps(s, p0);
+      _mm512_storeu_ps(s + 16, p1);
+      l0 = _mm512_add_ps(l0, p0);
+      l1 = _mm512_add_ps(l1, p1);
+    }
+    _mm512_store_ps(x.inv, _mm512_div_ps(_mm512_set1_ps(1.0f), l0));
+    _mm512_store_ps(x.inv + 16, _mm512_div_ps(_mm512_set1_ps(1.0f), l1));
+    if (a.lse) {
+      alignas(64) float ms[kQueries], ls[kQueries];
+      _mm512_store_ps(ms, m0);
+      _mm512_store_ps(ms + 16, m1);
+      _mm512_store_ps(ls, l0);
+      _mm512_store_ps(ls + 16, l1);
+      float* lse = a.lse + (b * a.H + h) * N + i0;
+      for (int64_t i = 0; i < nq; ++i) lse[i] = ms[i] + std::log(ls[i]);
+    }
+    float* out = a.out + ((b * N + i0) * a.H + h) * hd;
+    if (nvec <= 1) output_block_f32<8, 1>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq);
+    else if (nvec <= 2) output_block_f32<8, 2>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq);
+    else if (nvec <= 4) output_block_f32<4, 4>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq);
+    else output_block_f32<2, 8>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq);
+  }
 }
 
 struct ArgsF32 {
@@ -586,9 +649,9 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_f32(const at::Tensor& q, co
   at::Tensor lse;
   if (with_lse) lse = at::empty({B, H, N}, q.options().memory_format(c10::MemoryFormat::Contiguous));
   const ForwardArgsF32 args{operand_f32(q), operand_f32(k), operand_f32(v), out.data_ptr<float>(),
-                            with_lse ? lse.data_ptr<float>() : nullptr, H, N, L, hd, round_up(N, 16), static_cast<float>(scale)};
+                            with_lse ? lse.data_ptr<float>() : nullptr, H, N, L, hd, static_cast<float>(scale)};
   at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
-    ForwardScratchF32 x(args.Nc, L, hd);
+    ForwardScratchF32 x(L, hd);
     for (int64_t w = w0; w < w1; ++w) forward_head_f32(args, x, w / H, w % H);
   });
   return {out.transpose(1, 2), lse};
