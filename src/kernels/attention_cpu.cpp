@@ -270,31 +270,7 @@ MD_AMX_CPU_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, int64
 // packing, no even inner dimension), so the operands are used where they lie and the products
 // write the outputs' rows directly; only k^T (forward), q^T, dO^T, k^T (backward) are copied.
 
-// C (M x N, row stride ldc) = A (M x K) @ B (K x N), float32, row strides lda and ldb.
-void gemm_f32(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
-              int64_t ldc) {
-  cb::brgemm(M, N, K, lda, ldb, ldc, /*add_C=*/false, A, B, C, /*is_vnni=*/false);
-}
 
-
-// As softmax_backward_rows, in place in float32 on the transposed (L, ld) matrices, query
-// columns i < N: S^T becomes P^T = exp(scale s - lse[i]), dP^T becomes
-// scale dS^T = scale p (dp - D[i]) (the scale of dQ and dK taken here).
-MD_AVX512_TARGET void softmax_backward_rows_f32(float* ST, float* dPT, const float* lse, const float* D, int64_t L,
-                                                int64_t N, int64_t ld, float scale) {
-  const __m512 vs = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < L; ++j) {
-    float* s = ST + j * ld;
-    float* dp = dPT + j * ld;
-    for (int64_t i = 0; i < N; i += 16) {
-      const __mmask16 k = lanes(N - i);
-      const __m512 p = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(k, s + i), vs, _mm512_maskz_loadu_ps(k, lse + i)));
-      const __m512 ds = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, dp + i), _mm512_maskz_loadu_ps(k, D + i)));
-      _mm512_mask_storeu_ps(s + i, k, p);
-      _mm512_mask_storeu_ps(dp + i, k, _mm512_mul_ps(ds, vs));
-    }
-  }
-}
 
 // dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds) transposed, float32, in
 // 16 x 16 tiles held in registers (rows and columns past the ends masked off).
@@ -371,7 +347,7 @@ struct ForwardScratchF32 {
 // Rows j0..j0+R of a block's S^T (L, 32): st[j] = sum_c k[j, c] q^T[c], two vectors per key,
 // by broadcasting k[j, c] against the block's q^T rows (k used where it lies). Raises the
 // running maxima m0, m1 (lanes 0-15, 16-31) to the new scores.
-template <int R>
+template <int R, bool kMax = true>
 MD_AVX512_TARGET inline __attribute__((always_inline)) void scores_f32(const float* k, int64_t ldk, const float* qt,
                                                                        int64_t hd, float* st, __m512& m0, __m512& m1) {
   __m512 a0[R], a1[R];
@@ -387,14 +363,34 @@ MD_AVX512_TARGET inline __attribute__((always_inline)) void scores_f32(const flo
   for (int r = 0; r < R; ++r) {
     _mm512_storeu_ps(st + r * kQueries, a0[r]);
     _mm512_storeu_ps(st + r * kQueries + 16, a1[r]);
-    m0 = _mm512_max_ps(m0, a0[r]);
-    m1 = _mm512_max_ps(m1, a1[r]);
+    if (kMax) {
+      m0 = _mm512_max_ps(m0, a0[r]);
+      m1 = _mm512_max_ps(m1, a1[r]);
+    }
+  }
+}
+
+// All L rows of a block's S^T (L, 32) = k q^T: eight keys at a time, then the rest.
+template <bool kMax>
+MD_AVX512_TARGET inline __attribute__((always_inline)) void scores_block_f32(const float* k, int64_t ldk, int64_t L,
+                                                                             const float* qt, int64_t hd, float* st,
+                                                                             __m512& m0, __m512& m1) {
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) scores_f32<8, kMax>(k + j * ldk, ldk, qt, hd, st + j * kQueries, m0, m1);
+  switch (L - j) {
+#define MD_SCORES_TAIL(R) \
+  case R: scores_f32<R, kMax>(k + j * ldk, ldk, qt, hd, st + j * kQueries, m0, m1); break;
+    MD_SCORES_TAIL(1) MD_SCORES_TAIL(2) MD_SCORES_TAIL(3) MD_SCORES_TAIL(4) MD_SCORES_TAIL(5) MD_SCORES_TAIL(6)
+    MD_SCORES_TAIL(7)
+#undef MD_SCORES_TAIL
+    default: break;
   }
 }
 
 // Rows i0..i0+nq (nq <= Q) of O = P v / l for vectors c0/16 .. c0/16 + V of the head width:
 // o[i] = inv[i] sum_j P^T[j, i] v[j], by broadcasting P^T's entries against v's rows (v used
 // where it lies, the output written in its rows). masks[u]: the lanes of vector u within hd.
+// Without inv (null), o[i] = sum_j P^T[j, i] v[j].
 template <int Q, int V>
 MD_AVX512_TARGET inline __attribute__((always_inline)) void output_f32(const float* v, int64_t ldv, int64_t L,
                                                                        const float* pt, const float* inv,
@@ -412,7 +408,7 @@ MD_AVX512_TARGET inline __attribute__((always_inline)) void output_f32(const flo
     }
   }
   for (int i = 0; i < Q && i < nq; ++i) {
-    const __m512 s = _mm512_set1_ps(inv[i]);
+    const __m512 s = _mm512_set1_ps(inv ? inv[i] : 1.0f);
     for (int u = 0; u < V; ++u) _mm512_mask_storeu_ps(out + i * ldo + 16 * u, masks[u], _mm512_mul_ps(acc[i][u], s));
   }
 }
@@ -428,9 +424,24 @@ MD_AVX512_TARGET void output_block_f32(const float* v, int64_t ldv, int64_t L, i
       masks[u] = n <= 0 ? (__mmask16)0 : lanes(n);
     }
     for (int64_t i = 0; i < nq; i += Q)
-      output_f32<Q, V>(v + c0, ldv, L, st + i, inv + i, masks, out + i * ldo + c0, ldo, nq - i);
+      output_f32<Q, V>(v + c0, ldv, L, st + i, inv ? inv + i : nullptr, masks, out + i * ldo + c0, ldo, nq - i);
   }
 }
+
+// The products by broadcasting that need R x V accumulators: V vectors of the head width, as
+// many rows as keep 16 (or 8) accumulators busy.
+#define MD_BY_WIDTH(nvec, call)               \
+  do {                                         \
+    if ((nvec) <= 1) {                         \
+      call(8, 1);                              \
+    } else if ((nvec) <= 2) {                  \
+      call(8, 2);                              \
+    } else if ((nvec) <= 4) {                  \
+      call(4, 4);                              \
+    } else {                                   \
+      call(2, 8);                              \
+    }                                          \
+  } while (0)
 
 // Head (b, h) of the forward pass, 32 queries at a time, everything of a block in L1:
 //   q^T (hd, 32) of the block's rows;
@@ -451,20 +462,11 @@ MD_AVX512_TARGET void forward_head_f32(const ForwardArgsF32& a, ForwardScratchF3
     const int64_t nq = std::min(kQueries, N - i0);
     transpose_f32(a.q.row(b, h, i0), nq, hd, a.q.s2, qt, kQueries);  // q^T (hd, 32)
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
-    int64_t j = 0;
-    for (; j + 8 <= L; j += 8) scores_f32<8>(k + j * a.k.s2, a.k.s2, qt, hd, st + j * kQueries, m0, m1);
-    switch (L - j) {
-#define MD_SCORES_TAIL(R) \
-  case R: scores_f32<R>(k + j * a.k.s2, a.k.s2, qt, hd, st + j * kQueries, m0, m1); break;
-      MD_SCORES_TAIL(1) MD_SCORES_TAIL(2) MD_SCORES_TAIL(3) MD_SCORES_TAIL(4) MD_SCORES_TAIL(5)
-      MD_SCORES_TAIL(6) MD_SCORES_TAIL(7)
-#undef MD_SCORES_TAIL
-      default: break;
-    }
+    scores_block_f32<true>(k, a.k.s2, L, qt, hd, st, m0, m1);  // S^T (L, 32)
     m0 = _mm512_mul_ps(m0, vs);  // scale > 0
     m1 = _mm512_mul_ps(m1, vs);
     __m512 l0 = _mm512_setzero_ps(), l1 = l0;
-    for (j = 0; j < L; ++j) {  // P^T and its column sums
+    for (int64_t j = 0; j < L; ++j) {  // P^T and its column sums
       float* s = st + j * kQueries;
       const __m512 p0 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, m0));
       const __m512 p1 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs, m1));
@@ -485,10 +487,9 @@ MD_AVX512_TARGET void forward_head_f32(const ForwardArgsF32& a, ForwardScratchF3
       for (int64_t i = 0; i < nq; ++i) lse[i] = ms[i] + std::log(ls[i]);
     }
     float* out = a.out + ((b * N + i0) * a.H + h) * hd;
-    if (nvec <= 1) output_block_f32<8, 1>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq);
-    else if (nvec <= 2) output_block_f32<8, 2>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq);
-    else if (nvec <= 4) output_block_f32<4, 4>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq);
-    else output_block_f32<2, 8>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq);
+#define MD_FORWARD_OUTPUT(Q, V) output_block_f32<Q, V>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq)
+    MD_BY_WIDTH(nvec, MD_FORWARD_OUTPUT);
+#undef MD_FORWARD_OUTPUT
   }
 }
 
@@ -497,36 +498,106 @@ struct ArgsF32 {
   const float* lse;
   int64_t lse_s0, lse_s1, lse_s2;
   float *dq, *dk, *dv;  // (B, seq, H, hd)
-  int64_t H, N, L, hd, Nc, Lc;
+  int64_t H, N, L, hd;
   float scale;
 };
 
 struct ScratchF32 {
-  std::vector<float> qt, doutt, kt, st, dpt, dqt, d, lse;
-  ScratchF32(int64_t N, int64_t Nc, int64_t L, int64_t Lc, int64_t hd)
-      : qt(hd * Nc), doutt(hd * Nc), kt(hd * Lc), st(L * Nc), dpt(L * Nc), dqt(hd * Nc), d(N), lse(N) {}
+  // Zeroed once, as in the forward pass: lanes past the last query stay finite.
+  std::vector<float> qt, gt, st, dpt;  // q^T, dO^T (hd, 32); S^T then P^T, dP^T then scale dS^T (L, 32)
+  alignas(64) float d[kQueries], lse[kQueries];
+  ScratchF32(int64_t L, int64_t hd) : qt(hd * kQueries), gt(hd * kQueries), st(L * kQueries), dpt(L * kQueries) {}
 };
 
-// The gradients of head (b, h), on the transposed scores as in backward_head; dK and dV are
-// written into the outputs' rows, dQ^T transposed into them.
-MD_AVX512_TARGET void backward_head_f32(const ArgsF32& a, ScratchF32& x, int64_t b, int64_t h) {
-  const int64_t N = a.N, L = a.L, hd = a.hd, Nc = a.Nc, Lc = a.Lc, ldo = a.H * hd;
-  const float *q = a.q.row(b, h, 0), *g = a.dout.row(b, h, 0), *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
-  for (int64_t i = 0; i < N; ++i) {  // D = rowsum(dO o), lse
-    x.d[i] = dot_f32(g + i * a.dout.s2, a.out.row(b, h, i), hd);
-    x.lse[i] = a.lse[b * a.lse_s0 + h * a.lse_s1 + i * a.lse_s2];
+// Rows j0..j0+R of acc (row stride ldo), vectors of the width as masks[u]: acc[j] += sum_{i < nq}
+// P^T[j, i] x[i] for a block's P^T (rows of 32) and x's rows i (stride ldx): P^T's entries
+// broadcast against x's rows where they lie. first: acc starts at zero instead.
+template <int R, int V>
+MD_AVX512_TARGET inline __attribute__((always_inline)) void accumulate_f32(const float* pt, const float* x,
+                                                                           int64_t ldx, int64_t nq,
+                                                                           const __mmask16* masks, float* acc_rows,
+                                                                           int64_t ldo, bool first) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < V; ++u)
+      acc[r][u] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[u], acc_rows + r * ldo + 16 * u);
+  for (int64_t i = 0; i < nq; ++i) {
+    __m512 xi[V];
+    for (int u = 0; u < V; ++u) xi[u] = _mm512_maskz_loadu_ps(masks[u], x + i * ldx + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(pt[r * kQueries + i]);
+      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_fmadd_ps(p, xi[u], acc[r][u]);
+    }
   }
-  transpose_f32(q, N, hd, a.q.s2, x.qt.data(), Nc);        // q^T  (hd, N)
-  transpose_f32(g, N, hd, a.dout.s2, x.doutt.data(), Nc);  // dO^T (hd, N)
-  transpose_f32(k, L, hd, a.k.s2, x.kt.data(), Lc);    // k^T  (hd, L)
-  gemm_f32(L, N, hd, k, a.k.s2, x.qt.data(), Nc, x.st.data(), Nc);      // S^T = k q^T    (L, N)
-  gemm_f32(L, N, hd, v, a.v.s2, x.doutt.data(), Nc, x.dpt.data(), Nc);  // dP^T = v dO^T  (L, N)
-  softmax_backward_rows_f32(x.st.data(), x.dpt.data(), x.lse.data(), x.d.data(), L, N, Nc, a.scale);
-  const int64_t at = (b * L * a.H + h) * hd;
-  gemm_f32(L, hd, N, x.st.data(), Nc, g, a.dout.s2, a.dv + at, ldo);           // dV = P^T dO            (L, hd)
-  gemm_f32(L, hd, N, x.dpt.data(), Nc, q, a.q.s2, a.dk + at, ldo);             // dK = scale dS^T q      (L, hd)
-  gemm_f32(hd, N, L, x.kt.data(), Lc, x.dpt.data(), Nc, x.dqt.data(), Nc);     // dQ^T = scale k^T dS^T  (hd, N)
-  transpose_f32(x.dqt.data(), hd, N, Nc, a.dq + (b * N * a.H + h) * hd, ldo);
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < V; ++u) _mm512_mask_storeu_ps(acc_rows + r * ldo + 16 * u, masks[u], acc[r][u]);
+}
+
+// All L rows of acc (L, hd) += P^T x over a block's nq queries, R rows and V vectors at a time.
+template <int R, int V>
+MD_AVX512_TARGET void accumulate_block_f32(const float* st, int64_t L, const float* x, int64_t ldx, int64_t nq,
+                                           int64_t hd, float* acc, int64_t ldo, bool first) {
+  for (int64_t c0 = 0; c0 < hd; c0 += 16 * V) {
+    __mmask16 masks[V];
+    for (int u = 0; u < V; ++u) {
+      const int64_t n = hd - c0 - 16 * u;
+      masks[u] = n <= 0 ? (__mmask16)0 : lanes(n);
+    }
+    int64_t j = 0;
+    for (; j + R <= L; j += R)
+      accumulate_f32<R, V>(st + j * kQueries, x + c0, ldx, nq, masks, acc + j * ldo + c0, ldo, first);
+    for (; j < L; ++j)
+      accumulate_f32<1, V>(st + j * kQueries, x + c0, ldx, nq, masks, acc + j * ldo + c0, ldo, first);
+  }
+}
+
+
+// The gradients of head (b, h), 32 queries at a time as in the forward pass, all in L1:
+//   q^T, dO^T (hd, 32) of the block's rows; D = rowsum(dO o O) and the lse of its queries;
+//   S^T = k q^T and dP^T = v dO^T (L, 32) by broadcasting k and v against them;
+//   P^T = exp(scale S^T - lse), scale dS^T = scale P^T (dP^T - D);
+//   dV += P^T dO and dK += scale dS^T q over the block's queries, straight in their outputs' rows;
+//   dQ = scale dS k for the block's rows, straight in its output's rows.
+// Only q and dO are copied (transposed); no product goes through a library call.
+MD_AVX512_TARGET void backward_head_f32(const ArgsF32& a, ScratchF32& x, int64_t b, int64_t h) {
+  const int64_t N = a.N, L = a.L, hd = a.hd, ldo = a.H * hd, nvec = (hd + 15) / 16;
+  const float *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
+  float *qt = x.qt.data(), *gt = x.gt.data(), *st = x.st.data(), *dpt = x.dpt.data();
+  float *dk = a.dk + (b * L * a.H + h) * hd, *dv = a.dv + (b * L * a.H + h) * hd;  // row j at + j ldo
+  const __m512 vs = _mm512_set1_ps(a.scale);
+  for (int64_t i0 = 0; i0 < N; i0 += kQueries) {
+    const int64_t nq = std::min(kQueries, N - i0);
+    const float *q = a.q.row(b, h, i0), *g = a.dout.row(b, h, i0);
+    for (int64_t i = 0; i < nq; ++i) {
+      x.d[i] = dot_f32(g + i * a.dout.s2, a.out.row(b, h, i0 + i), hd);
+      x.lse[i] = a.lse[b * a.lse_s0 + h * a.lse_s1 + (i0 + i) * a.lse_s2];
+    }
+    for (int64_t i = nq; i < kQueries; ++i) x.d[i] = x.lse[i] = 0.0f;  // finite lanes past the end
+    transpose_f32(q, nq, hd, a.q.s2, qt, kQueries);     // q^T  (hd, 32)
+    transpose_f32(g, nq, hd, a.dout.s2, gt, kQueries);  // dO^T (hd, 32)
+    __m512 unused0, unused1;
+    scores_block_f32<false>(k, a.k.s2, L, qt, hd, st, unused0, unused1);   // S^T  (L, 32)
+    scores_block_f32<false>(v, a.v.s2, L, gt, hd, dpt, unused0, unused1);  // dP^T (L, 32)
+    const __m512 l0 = _mm512_load_ps(x.lse), l1 = _mm512_load_ps(x.lse + 16);
+    const __m512 d0 = _mm512_load_ps(x.d), d1 = _mm512_load_ps(x.d + 16);
+    for (int64_t j = 0; j < L; ++j) {  // P^T, scale dS^T
+      float *s = st + j * kQueries, *dp = dpt + j * kQueries;
+      const __m512 p0 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs, l0));
+      const __m512 p1 = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs, l1));
+      _mm512_storeu_ps(s, p0);
+      _mm512_storeu_ps(s + 16, p1);
+      _mm512_storeu_ps(dp, _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp), d0)), vs));
+      _mm512_storeu_ps(dp + 16, _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dp + 16), d1)), vs));
+    }
+    const bool first = i0 == 0;
+    float* dq = a.dq + ((b * N + i0) * a.H + h) * hd;
+#define MD_BACKWARD_PRODUCTS(R, V)                                                         \
+  accumulate_block_f32<R, V>(st, L, g, a.dout.s2, nq, hd, dv, ldo, first); /* dV (L, hd) */  \
+  accumulate_block_f32<R, V>(dpt, L, q, a.q.s2, nq, hd, dk, ldo, first);   /* dK (L, hd) */  \
+  output_block_f32<R, V>(k, a.k.s2, L, hd, dpt, nullptr, dq, ldo, nq)      /* dQ (nq, hd) */
+    MD_BY_WIDTH(nvec, MD_BACKWARD_PRODUCTS);
+#undef MD_BACKWARD_PRODUCTS
+  }
 }
 
 // Throws "CPU <dtype> attention: what" unless ok.
@@ -670,9 +741,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_f32(const at::
   const ArgsF32 args{operand_f32(q), operand_f32(k), operand_f32(v), operand_f32(out), operand_f32(dout),
                      lse.data_ptr<float>(), lse.stride(0), lse.stride(1), lse.stride(2),
                      dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
-                     H, N, L, hd, round_up(N, 16), round_up(L, 16), static_cast<float>(scale)};
+                     H, N, L, hd, static_cast<float>(scale)};
   at::parallel_for(0, B * H, 1, [&](int64_t w0, int64_t w1) {
-    ScratchF32 x(N, args.Nc, L, args.Lc, hd);
+    ScratchF32 x(L, hd);
     for (int64_t w = w0; w < w1; ++w) backward_head_f32(args, x, w / H, w % H);
   });
   return {dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)};
