@@ -190,7 +190,9 @@ CaptionKV CrossAttentionImpl::caption_kv_from_product(const Tensor& p) {
   } else {
     auto parts = p.view({B, L, 2, h}).unbind(2);
     k = ln_k(parts[0]);
-    v = parts[1];
+    // Without gradients (a sampler's encoded caption, read at every step) v gets rows of its
+    // own: as a column slice of caption_kvs' product its rows lie n * 2h apart.
+    v = at::GradMode::is_enabled() ? parts[1] : parts[1].contiguous();
   }
   return {k.view({B, L, heads, hd}), v.view({B, L, heads, hd})};
 }
