@@ -50,10 +50,21 @@ at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows
   for (size_t i = 0; i < params.size(); ++i) {
     const auto dt = sum_into ? (*sum_into)[i].scalar_type() : params[i].scalar_type();
     at::Tensor sum;
+    bool own = false;  // sum is a tensor of this loop's own, which later slices may add into
     for (int64_t k = 0; k < parts; ++k) {
-      const auto g = grads[k][i].defined() ? grads[k][i].to(dt) : at::Tensor();
+      auto g = grads[k][i].defined() ? grads[k][i].to(dt) : at::Tensor();
       if (!g.defined()) continue;
-      sum = sum.defined() ? sum + g : g;  // out of place: g may be an expanded view
+      if (!sum.defined()) {
+        // The first slice's gradient takes the sum in place when nothing else holds it and it is
+        // dense (no expanded view); a new tensor's pages would be faulted in at every step.
+        own = g.is_contiguous() && g.use_count() <= 2 && g.storage().use_count() == 1;
+        sum = g;
+      } else if (own) {
+        sum.add_(g);
+      } else {
+        sum = sum + g;
+        own = true;
+      }
     }
     if (!sum.defined()) continue;
     auto& p = const_cast<at::Tensor&>(sum_into ? (*sum_into)[i] : params[i]);
