@@ -316,8 +316,12 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   const auto B = x.size(0), T = x.size(1), d = x.size(2), E = experts;
   const int64_t k = expert_tokens(capacity, static_cast<int>(T), static_cast<int>(E));
   if (k <= 0) return torch::zeros_like(x);
-  auto probs = torch::softmax(gate(x), -1);              // (B, T, E)
-  auto [g, idx] = probs.transpose(1, 2).topk(k, -1);     // (B, E, k) each
+  // Router probabilities over the experts, laid out per expert (each expert's column of P
+  // contiguous): the softmax then runs across rows, a vector of tokens at a time, rather than
+  // over rows of E (4 or 8) values, and top-k reads contiguous rows; 10x and 2x faster on the
+  // CPU at the emoji sampler's shapes.
+  auto probs = torch::softmax(gate(x).transpose(1, 2).contiguous(), 1);  // (B, E, T)
+  auto [g, idx] = probs.topk(k, -1);                                     // (B, E, k) each
   const auto dispatch = moe_dispatch_on(x.device().type(), at::GradMode::is_enabled());
   if (dispatch == MoeDispatch::gather) {
     auto inv = expert_slots(idx, T);                                                       // (B, T, E)
