@@ -74,3 +74,32 @@ TEST(Sampling, CaptionEncodedOnceEqualsEncodedEveryStep) {
   auto ctx = model->encode_caption(y);
   EXPECT_THROW(model->forward(z.narrow(0, 0, 2), torch::ones({1}), ctx), Error);
 }
+
+TEST(Sampling, OneModulationProductEqualsEachBlocksOwn) {
+  // Without gradients the model computes every block's adaLN modulation, and the final layer's,
+  // in one product with their weights side by side, kept until a weight changes; with gradients
+  // each block computes its own. The same output either way, and a changed weight is seen.
+  torch::manual_seed(5);
+  MicroDiT model(tiny_config());
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : model->parameters()) p.normal_(0.0, 0.1);  // adaLN and output layers start at zero
+  }
+  const auto& c = tiny_config();
+  const auto x = torch::randn({2, c.in_channels, c.input_size, c.input_size}), t = torch::rand({2}),
+             y = torch::randn({2, 3, c.caption_channels});
+  auto both = [&] {
+    const auto each = model->forward(x, t, y).detach();  // gradients on: each block's own product
+    torch::NoGradGuard no_grad;
+    return std::pair{each, model->forward(x, t, y)};
+  };
+  const auto [each, one] = both();
+  EXPECT_TRUE(torch::allclose(one, each, 1e-5, 1e-6)) << (one - each).abs().max().item<double>();
+  {
+    torch::NoGradGuard no_grad;
+    model->blocks[0]->as<DiTBlockImpl>()->adaLN_modulation->ptr(1)->as<torch::nn::LinearImpl>()->weight.mul_(3);
+  }
+  const auto [each2, one2] = both();
+  EXPECT_TRUE(torch::allclose(one2, each2, 1e-5, 1e-6)) << (one2 - each2).abs().max().item<double>();
+  EXPECT_GT((one2 - one).abs().max().item<double>(), 1e-3);  // the new weight was used
+}

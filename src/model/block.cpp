@@ -30,13 +30,16 @@ DiTBlockImpl::DiTBlockImpl(const BlockSpec& s, int64_t cond_dim, const ModelConf
 // The modulation m (B, n*d) as n contiguous (B, d) tensors, in one copy: the fused kernels
 // take each shift, scale and gate contiguous, and chunk's views (row stride n*d) cost them a
 // copy each (4 or 6 per block, forward and backward: about 500 small kernels per XL step).
-static std::vector<Tensor> modulation_chunks(const Tensor& m, int64_t n) {
+std::vector<Tensor> modulation_chunks(const Tensor& m, int64_t n) {
   const int64_t B = m.size(0), d = m.size(1) / n;
   return m.view({B, n, d}).transpose(0, 1).contiguous().unbind(0);  // n x (B, d)
 }
 
 Tensor DiTBlockImpl::forward(const Tensor& x_in, const CaptionKV& caption, const Tensor& c) {
-  auto mod = modulation_chunks(adaLN_modulation->forward(c), 6);  // 6 x (B, d)
+  return forward_modulated(x_in, caption, modulation_chunks(adaLN_modulation->forward(c), 6));  // 6 x (B, d)
+}
+
+Tensor DiTBlockImpl::forward_modulated(const Tensor& x_in, const CaptionKV& caption, const std::vector<Tensor>& mod) {
   // Each norm hands the residual stream on (forward_residual), so that its backward pass adds
   // the stream's gradient in its own kernel; norm2 and norm3 take the residual sum before them
   // (forward_after_add), which sampling computes in the norm's pass.
@@ -68,7 +71,10 @@ FinalLayerImpl::FinalLayerImpl(int64_t dim, int64_t out, double eps) {
 }
 
 Tensor FinalLayerImpl::forward(const Tensor& x, const Tensor& c) {
-  auto mod = modulation_chunks(adaLN_modulation->forward(c), 2);  // shift, scale: 2 x (B, D)
+  return forward_modulated(x, modulation_chunks(adaLN_modulation->forward(c), 2));  // shift, scale: 2 x (B, D)
+}
+
+Tensor FinalLayerImpl::forward_modulated(const Tensor& x, const std::vector<Tensor>& mod) {
   return linear(norm_final->forward_modulated(x, mod[0], mod[1]));
 }
 

@@ -17,6 +17,9 @@ struct DiTBlockImpl : torch::nn::Module {
   // x (B, N, d), c (B, D); caption: the cross-attention's keys and values of the caption
   // tokens, cross_attn->caption_kv(caption (B, L, d)).
   Tensor forward(const Tensor& x, const CaptionKV& caption, const Tensor& c);
+  // The same from the modulation's six (B, d) parts, computed by the caller (MicroDiT computes
+  // every block's in one product when nothing records gradients).
+  Tensor forward_modulated(const Tensor& x, const CaptionKV& caption, const std::vector<Tensor>& mod);
   BlockSpec spec;
   LayerNorm norm1{nullptr}, norm2{nullptr}, norm3{nullptr};
   SelfAttention attn{nullptr};
@@ -42,10 +45,14 @@ TORCH_MODULE(CaptionRefiner);
 struct FinalLayerImpl : torch::nn::Module {
   FinalLayerImpl(int64_t dim, int64_t out, double eps);
   Tensor forward(const Tensor& x, const Tensor& c);  // (B, N, D) -> (B, N, p*p*C)
+  Tensor forward_modulated(const Tensor& x, const std::vector<Tensor>& mod);  // mod: shift, scale
   LayerNorm norm_final{nullptr};
   Linear linear{nullptr};
   torch::nn::Sequential adaLN_modulation{nullptr};
 };
 TORCH_MODULE(FinalLayer);
+
+// The modulation m (B, n*d) as n contiguous (B, d) tensors (block.cpp has why).
+std::vector<Tensor> modulation_chunks(const Tensor& m, int64_t n);
 
 }  // namespace microdit

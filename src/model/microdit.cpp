@@ -85,20 +85,53 @@ Tensor MicroDiTImpl::forward(const Tensor& x_img, const Tensor& t_in, const Capt
   auto x = pos_embed + x_embedder(x_img);  // (B, T, D)
   auto c = t_embedder(t_in.expand({B})) + y.pooled;  // (B, D)
 
-  const bool recompute = recompute_blocks && torch::GradMode::is_enabled();
-  auto block = [&](DiTBlockImpl& b, const Tensor& in, const CaptionKV& kv) {
+  const bool grad = torch::GradMode::is_enabled(), recompute = recompute_blocks && grad;
+  const auto mod = grad ? std::vector<std::vector<Tensor>>() : modulations(c);
+  const size_t n_mixer = patch_mixer->size();
+  auto block = [&](DiTBlockImpl& b, const Tensor& in, const CaptionKV& kv, size_t i) {
+    if (!grad) return b.forward_modulated(in, kv, mod[i]);
     return recompute ? recompute_block(b, in, kv, c) : b.forward(in, kv, c);
   };
   if (patch_mixer_map_xin) x = patch_mixer_map_xin->forward(x);          // (B, T, Dm)
-  for (size_t i = 0; i < patch_mixer->size(); ++i) x = block(*patch_mixer[i]->as<DiTBlockImpl>(), x, y.mixer_kv[i]);
+  for (size_t i = 0; i < n_mixer; ++i) x = block(*patch_mixer[i]->as<DiTBlockImpl>(), x, y.mixer_kv[i], i);
 
   if (mask) x = mask_out_tokens(x, mask->ids_keep);                      // (B, K, Dm)
   if (patch_mixer_map_xout) x = patch_mixer_map_xout->forward(x);        // (B, K, D)
-  for (size_t i = 0; i < blocks->size(); ++i) x = block(*blocks[i]->as<DiTBlockImpl>(), x, y.block_kv[i]);
+  for (size_t i = 0; i < blocks->size(); ++i)
+    x = block(*blocks[i]->as<DiTBlockImpl>(), x, y.block_kv[i], n_mixer + i);
 
-  x = final_layer(x, c);                                                 // (B, K, p*p*C)
+  x = grad ? final_layer(x, c) : final_layer->forward_modulated(x, mod.back());  // (B, K, p*p*C)
   if (mask) x = unmask_tokens(x, mask->ids_restore, mask_token);         // (B, T, p*p*C)
   return unpatchify(x);
+}
+
+std::vector<std::vector<Tensor>> MicroDiTImpl::modulations(const Tensor& c) {
+  std::vector<torch::nn::LinearImpl*> lin;  // each adaLN's Linear (after its GELU-tanh)
+  std::vector<int64_t> parts;
+  auto add = [&](const torch::nn::Sequential& s, int64_t n) {
+    lin.push_back(s->ptr(1)->as<torch::nn::LinearImpl>());
+    parts.push_back(n);
+  };
+  for (const auto& m : *patch_mixer) add(m->as<DiTBlockImpl>()->adaLN_modulation, 6);
+  for (const auto& m : *blocks) add(m->as<DiTBlockImpl>()->adaLN_modulation, 6);
+  add(final_layer->adaLN_modulation, 2);
+  std::vector<std::pair<const void*, uint32_t>> key;
+  for (auto* l : lin)
+    for (const Tensor* t : {&l->weight, &l->bias}) key.emplace_back(t->data_ptr(), t->_version());
+  if (key != adaln_.key) {  // new or changed weights: concatenate them again
+    std::vector<Tensor> w, b;
+    for (auto* l : lin) w.push_back(l->weight), b.push_back(l->bias);
+    adaln_ = {at::cat(w), at::cat(b), std::move(key)};
+  }
+  const Tensor m = torch::nn::functional::linear(at::gelu(c, "tanh"), adaln_.w, adaln_.b);  // (B, sum)
+  std::vector<std::vector<Tensor>> out;
+  int64_t at_col = 0;
+  for (size_t i = 0; i < lin.size(); ++i) {
+    const int64_t width = lin[i]->weight.size(0);
+    out.push_back(modulation_chunks(m.narrow(1, at_col, width), parts[i]));
+    at_col += width;
+  }
+  return out;
 }
 
 Tensor MicroDiTImpl::forward_cfg(const Tensor& x, const Tensor& t, const CaptionContext& y, double w) {

@@ -81,6 +81,14 @@ struct MicroDiTImpl : torch::nn::Module {
   Tensor mask_token;  // buffer (1, 1, p*p*C)
 
  private:
+  // Without gradients: the modulations of every block and of the final layer from one product
+  // of GELU-tanh(c) (B, D) with all their adaLN weights, concatenated once and kept until a
+  // weight changes. Returns per block (mixer blocks, backbone blocks, final layer) its parts.
+  std::vector<std::vector<Tensor>> modulations(const Tensor& c);
+  struct AdaLNWeights {
+    Tensor w, b;  // (sum of outputs, D), (sum of outputs)
+    std::vector<std::pair<const void*, uint32_t>> key;  // each weight and bias: data, version
+  } adaln_;
   void check_image(const Tensor& x, const Tensor& t) const;
   Tensor unpatchify(const Tensor& x) const;  // (B, T, p*p*C) -> (B, C, H, W)
 };
