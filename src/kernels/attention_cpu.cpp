@@ -3,6 +3,7 @@
 // AMX attention forward) on q, k, v and dO where they lie (copied, with a zero row, only where
 // brgemm's even inner dimension needs it; the transposed operands into padded buffers), and one
 // AVX-512 pass over the scores turns S into P (forward), or S and dP into P and dS (backward).
+// float32 attention (the second half) makes no library call.
 #include "kernels/attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -266,9 +267,9 @@ MD_AMX_CPU_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, int64
 }
 
 // ---- float32 ----------------------------------------------------------------------------------
-// The same passes in float32 on any AVX-512 CPU: brgemm's float32 kernels take B row-major (no
-// packing, no even inner dimension), so the operands are used where they lie and the products
-// write the outputs' rows directly; only k^T (forward), q^T, dO^T, k^T (backward) are copied.
+// The same passes in float32 on any AVX-512 CPU, 32 queries at a time with every product of a
+// block written out here (forward_head_f32, backward_head_f32 below): k, v and the outputs are
+// used where they lie; only the block's q^T (and dO^T) are copied.
 
 
 

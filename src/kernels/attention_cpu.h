@@ -16,7 +16,9 @@
 // bf16 operands, float32 accumulation and softmax arithmetic; P and dS are rounded to bf16 for
 // their products, as a GPU's flash kernels round them.
 //
-// float32: the same passes with brgemm's float32 kernels and float32 P and dS. ATen's float32
+// float32: the same passes in float32 P and dS, with no library call: 32 queries at a time,
+// the products written out in AVX-512 by broadcasting one operand's entries against the other's
+// rows (at 64 keys of 32 the calls and copies around brgemm cost as much as the products). ATen's float32
 // flash kernels reach 20-100 GFLOP/s on MicroDiT's short sequences and 32-wide heads on one
 // Xeon core, its products alone 140-170 (docs/performance.md).
 #pragma once
