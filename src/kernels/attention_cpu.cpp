@@ -388,6 +388,24 @@ MD_AVX512_TARGET inline __attribute__((always_inline)) void scores_block_f32(con
   }
 }
 
+// acc[r] += sum_{n < count} a[r ra + n na] x[n] for R rows and V vectors of x's rows n (row
+// stride ldx, lanes as masks): each entry of a broadcast against a row of x. Both passes' products
+// after the scores are this, with a = P^T or dS^T walked down its columns or along its rows.
+template <int R, int V>
+MD_AVX512_TARGET inline __attribute__((always_inline)) void broadcast_product(__m512 (&acc)[R][V], const float* a,
+                                                                              int64_t ra, int64_t na, const float* x,
+                                                                              int64_t ldx, int64_t count,
+                                                                              const __mmask16* masks) {
+  for (int64_t n = 0; n < count; ++n) {
+    __m512 xn[V];
+    for (int u = 0; u < V; ++u) xn[u] = _mm512_maskz_loadu_ps(masks[u], x + n * ldx + 16 * u);
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(a[r * ra + n * na]);
+      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_fmadd_ps(p, xn[u], acc[r][u]);
+    }
+  }
+}
+
 // Rows i0..i0+nq (nq <= Q) of O = P v / l for vectors c0/16 .. c0/16 + V of the head width:
 // o[i] = inv[i] sum_j P^T[j, i] v[j], by broadcasting P^T's entries against v's rows (v used
 // where it lies, the output written in its rows). masks[u]: the lanes of vector u within hd.
@@ -400,14 +418,7 @@ MD_AVX512_TARGET inline __attribute__((always_inline)) void output_f32(const flo
   __m512 acc[Q][V];
   for (int i = 0; i < Q; ++i)
     for (int u = 0; u < V; ++u) acc[i][u] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < L; ++j) {
-    __m512 vj[V];
-    for (int u = 0; u < V; ++u) vj[u] = _mm512_maskz_loadu_ps(masks[u], v + j * ldv + 16 * u);
-    for (int i = 0; i < Q; ++i) {
-      const __m512 p = _mm512_set1_ps(pt[j * kQueries + i]);
-      for (int u = 0; u < V; ++u) acc[i][u] = _mm512_fmadd_ps(p, vj[u], acc[i][u]);
-    }
-  }
+  broadcast_product<Q, V>(acc, pt, 1, kQueries, v, ldv, L, masks);  // acc[i] += P^T[j, i] v[j]
   for (int i = 0; i < Q && i < nq; ++i) {
     const __m512 s = _mm512_set1_ps(inv ? inv[i] : 1.0f);
     for (int u = 0; u < V; ++u) _mm512_mask_storeu_ps(out + i * ldo + 16 * u, masks[u], _mm512_mul_ps(acc[i][u], s));
@@ -522,14 +533,7 @@ MD_AVX512_TARGET inline __attribute__((always_inline)) void accumulate_f32(const
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < V; ++u)
       acc[r][u] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[u], acc_rows + r * ldo + 16 * u);
-  for (int64_t i = 0; i < nq; ++i) {
-    __m512 xi[V];
-    for (int u = 0; u < V; ++u) xi[u] = _mm512_maskz_loadu_ps(masks[u], x + i * ldx + 16 * u);
-    for (int r = 0; r < R; ++r) {
-      const __m512 p = _mm512_set1_ps(pt[r * kQueries + i]);
-      for (int u = 0; u < V; ++u) acc[r][u] = _mm512_fmadd_ps(p, xi[u], acc[r][u]);
-    }
-  }
+  broadcast_product<R, V>(acc, pt, kQueries, 1, x, ldx, nq, masks);  // acc[r] += P^T[r, i] x[i]
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < V; ++u) _mm512_mask_storeu_ps(acc_rows + r * ldo + 16 * u, masks[u], acc[r][u]);
 }
