@@ -191,7 +191,9 @@ TEST(Train, Bf16AutoIsDecidedForTheDevice) {
   auto lpln = load_train_config(cfg, {"train.bf16=auto", "train.low_precision_layernorm=true"});
   const auto e = error_of([&] { resolve_bf16(lpln, false); });
   EXPECT_EQ(e.empty(), bf16_native(false)) << e;
-  if (!e.empty()) EXPECT_NE(e.find("set train.bf16: true to force it"), std::string::npos) << e;
+  if (!e.empty()) {
+    EXPECT_NE(e.find("set train.bf16: true to force it"), std::string::npos) << e;
+  }
 }
 
 class StoppedAndResumed : public ::testing::TestWithParam<std::string> {};

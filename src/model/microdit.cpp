@@ -118,12 +118,19 @@ std::vector<std::vector<Tensor>> MicroDiTImpl::modulations(const Tensor& c) {
   std::vector<std::pair<const void*, uint32_t>> key;
   for (auto* l : lin)
     for (const Tensor* t : {&l->weight, &l->bias}) key.emplace_back(t->data_ptr(), t->_version());
-  if (key != adaln_.key) {  // new or changed weights: concatenate them again
-    std::vector<Tensor> w, b;
-    for (auto* l : lin) w.push_back(l->weight), b.push_back(l->bias);
-    adaln_ = {at::cat(w), at::cat(b), std::move(key)};
+  Tensor W, bias;
+  {
+    const std::lock_guard<std::mutex> lock(adaln_->mutex);
+    if (key != adaln_->key) {  // new or changed weights: concatenate them again
+      std::vector<Tensor> w, b;
+      for (auto* l : lin) w.push_back(l->weight), b.push_back(l->bias);
+      adaln_->w = at::cat(w);
+      adaln_->b = at::cat(b);
+      adaln_->key = std::move(key);
+    }
+    W = adaln_->w, bias = adaln_->b;
   }
-  const Tensor m = torch::nn::functional::linear(at::gelu(c, "tanh"), adaln_.w, adaln_.b);  // (B, sum)
+  const Tensor m = torch::nn::functional::linear(at::gelu(c, "tanh"), W, bias);  // (B, sum)
   std::vector<std::vector<Tensor>> out;
   int64_t at_col = 0;
   for (size_t i = 0; i < lin.size(); ++i) {

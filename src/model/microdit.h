@@ -10,6 +10,9 @@
 #pragma once
 #include <torch/nn/modules/container/modulelist.h>
 
+#include <memory>
+#include <mutex>
+
 #include "model/block.h"
 #include "model/masking.h"
 
@@ -84,11 +87,14 @@ struct MicroDiTImpl : torch::nn::Module {
   // Without gradients: the modulations of every block and of the final layer from one product
   // of GELU-tanh(c) (B, D) with all their adaLN weights, concatenated once and kept until a
   // weight changes. Returns per block (mixer blocks, backbone blocks, final layer) its parts.
+  // Thread-safe: a sampler's CPU workers run chunks through one model side by side.
   std::vector<std::vector<Tensor>> modulations(const Tensor& c);
   struct AdaLNWeights {
+    std::mutex mutex;
     Tensor w, b;  // (sum of outputs, D), (sum of outputs)
     std::vector<std::pair<const void*, uint32_t>> key;  // each weight and bias: data, version
-  } adaln_;
+  };
+  std::shared_ptr<AdaLNWeights> adaln_ = std::make_shared<AdaLNWeights>();
   void check_image(const Tensor& x, const Tensor& t) const;
   Tensor unpatchify(const Tensor& x) const;  // (B, T, p*p*C) -> (B, C, H, W)
 };
