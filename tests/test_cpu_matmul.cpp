@@ -1,6 +1,8 @@
-// float32 CPU products through oneDNN (core/cpu_matmul.h): the same values and gradients as
-// ATen's MKL path, the same errors, and ATen unchanged wherever the oneDNN path does not apply
-// (other dtypes, autocast). The whole-model check is the parity CLI tests, which run on it.
+// float32 CPU products through oneDNN or microdit's own kernels (core/cpu_matmul.h,
+// kernels/gemm_cpu.h): the same values and gradients as ATen's MKL path, the same errors, and
+// ATen unchanged wherever those paths do not apply (other dtypes, autocast). The own kernels
+// are also checked alone against float64 products, over the shapes and strides that reach
+// them. The whole-model check is the parity CLI tests, which run on the default.
 #include <gtest/gtest.h>
 
 #include <fstream>
@@ -9,6 +11,7 @@
 
 #include "core/autocast.h"
 #include "core/cpu_matmul.h"
+#include "kernels/gemm_cpu.h"
 #include "model/attention.h"
 #include "model/layers.h"
 #include "test_util.h"
@@ -23,6 +26,18 @@ namespace {
 struct MatmulMode : test_util::ScopedSetting<CpuMatmul> {
   explicit MatmulMode(CpuMatmul m) : ScopedSetting(cpu_fp32_matmul, set_cpu_fp32_matmul, m) {}
 };
+
+// microdit's own kernels for every product of a scope, however few its columns.
+struct OwnEverywhere : test_util::ScopedSetting<int64_t> {
+  OwnEverywhere() : ScopedSetting(own_min_columns, set_own_min_columns, 1) {}
+};
+
+// The modes other than MKL that this CPU can run.
+std::vector<CpuMatmul> fast_modes() {
+  std::vector<CpuMatmul> m{CpuMatmul::kOneDnn};
+  if (kernels::cpu::gemm_f32_available()) m.push_back(CpuMatmul::kOwn);
+  return m;
+}
 
 double rel_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-30);
@@ -42,10 +57,13 @@ Grads run_linear(const torch::Tensor& x0, const torch::Tensor& w0, const torch::
   return {y.detach(), x.grad(), w.grad(), b.defined() ? b.grad() : torch::Tensor()};
 }
 
-void expect_linear_matches(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+void expect_linear_matches(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b,
+                           CpuMatmul mode) {
+  SCOPED_TRACE(cpu_matmul_name(mode));
   Grads fast, ref;
   {
-    MatmulMode m(CpuMatmul::kOneDnn);
+    MatmulMode m(mode);
+    OwnEverywhere own;
     ASSERT_TRUE(uses_onednn_fp32(x, w));
     fast = run_linear(x, w, b);
   }
@@ -68,10 +86,15 @@ void expect_linear_matches(const torch::Tensor& x, const torch::Tensor& w, const
 TEST(CpuMatmul, LinearEqualsAtenWithGradients) {
   torch::manual_seed(0);
   const auto w = torch::randn({48, 40}), b = torch::randn({48});
-  expect_linear_matches(torch::randn({3, 17, 40}), w, b);  // (B, T, K), bias
-  expect_linear_matches(torch::randn({33, 40}), w, {});     // 2-D, no bias
-  // A transposed (non-contiguous) input and weight, as views reach layers in the model.
-  expect_linear_matches(torch::randn({40, 5, 9}).permute({1, 2, 0}), torch::randn({40, 48}).t(), b);
+  for (const auto mode : fast_modes()) {
+    expect_linear_matches(torch::randn({3, 17, 40}), w, b, mode);  // (B, T, K), bias
+    expect_linear_matches(torch::randn({33, 40}), w, {}, mode);     // 2-D, no bias
+    // A transposed (non-contiguous) input and weight, as views reach layers in the model.
+    expect_linear_matches(torch::randn({40, 5, 9}).permute({1, 2, 0}), torch::randn({40, 48}).t(), b, mode);
+    // Several of the own kernels' blocks of K (768 where x's rows are transposed into panels,
+    // 256 for the weight's gradient), panels of 14 rows and 32 columns with tails.
+    expect_linear_matches(torch::randn({2, 45, 1100}), torch::randn({70, 1100}), torch::randn({70}), mode);
+  }
 }
 
 TEST(CpuMatmul, OnlyTheAskedGradients) {
@@ -89,43 +112,54 @@ TEST(CpuMatmul, BmmEqualsAtenWithGradients) {
   const auto a0 = torch::randn({4, 19, 24}), b0 = torch::randn({4, 24, 31});
   auto grads = [&](CpuMatmul mode) {
     MatmulMode m(mode);
+    OwnEverywhere own;
     auto a = a0.clone().requires_grad_(), b = b0.clone().requires_grad_();
     auto y = microdit::bmm(a, b);
     torch::manual_seed(3);
     (y * torch::randn(y.sizes())).sum().backward();
     return std::vector<torch::Tensor>{y.detach(), a.grad(), b.grad()};
   };
-  const auto fast = grads(CpuMatmul::kOneDnn), ref = grads(CpuMatmul::kMkl);
-  for (size_t i = 0; i < fast.size(); ++i) {
-    ASSERT_EQ(fast[i].sizes(), ref[i].sizes());
-    EXPECT_LT(rel_diff(fast[i], ref[i]), 1e-5) << "tensor " << i;
+  const auto ref = grads(CpuMatmul::kMkl);
+  for (const auto mode : fast_modes()) {
+    const auto fast = grads(mode);
+    for (size_t i = 0; i < fast.size(); ++i) {
+      ASSERT_EQ(fast[i].sizes(), ref[i].sizes());
+      EXPECT_LT(rel_diff(fast[i], ref[i]), 1e-5) << cpu_matmul_name(mode) << ", tensor " << i;
+    }
   }
 }
 
 TEST(CpuMatmul, AtenWhereOneDnnDoesNotApply) {
-  MatmulMode m(CpuMatmul::kOneDnn);
-  // float64: ATen's own result, bit for bit.
-  auto xd = torch::randn({5, 7}, torch::kDouble), wd = torch::randn({3, 7}, torch::kDouble);
-  EXPECT_FALSE(uses_onednn_fp32(xd, wd));
-  EXPECT_TRUE(torch::equal(microdit::linear(xd, wd), at::linear(xd, wd)));
-  // Under autocast the product is bf16, as at::linear gives it.
-  auto x = torch::randn({5, 7}), w = torch::randn({3, 7});
-  {
-    AutocastGuard ac(c10::kCPU, true);
-    EXPECT_FALSE(uses_onednn_fp32(x, w));
-    EXPECT_EQ(microdit::linear(x, w).scalar_type(), at::kBFloat16);
+  for (const auto mode : fast_modes()) {
+    SCOPED_TRACE(cpu_matmul_name(mode));
+    MatmulMode m(mode);
+    // float64: ATen's own result, bit for bit.
+    auto xd = torch::randn({5, 7}, torch::kDouble), wd = torch::randn({3, 7}, torch::kDouble);
+    EXPECT_FALSE(uses_onednn_fp32(xd, wd));
+    EXPECT_TRUE(torch::equal(microdit::linear(xd, wd), at::linear(xd, wd)));
+    // Under autocast the product is bf16, as at::linear gives it.
+    auto x = torch::randn({5, 7}), w = torch::randn({3, 7});
+    {
+      AutocastGuard ac(c10::kCPU, true);
+      EXPECT_FALSE(uses_onednn_fp32(x, w));
+      EXPECT_EQ(microdit::linear(x, w).scalar_type(), at::kBFloat16);
+    }
+    EXPECT_TRUE(uses_onednn_fp32(x, w));
+    // Mismatched shapes: ATen's error, not a crash.
+    EXPECT_THROW(microdit::linear(x, torch::randn({3, 6})), c10::Error);
+    EXPECT_THROW(microdit::bmm(torch::randn({2, 3, 4}), torch::randn({2, 5, 6})), c10::Error);
   }
-  EXPECT_TRUE(uses_onednn_fp32(x, w));
-  // Mismatched shapes: ATen's error, not a crash.
-  EXPECT_THROW(microdit::linear(x, torch::randn({3, 6})), c10::Error);
-  EXPECT_THROW(microdit::bmm(torch::randn({2, 3, 4}), torch::randn({2, 5, 6})), c10::Error);
 }
 
 TEST(CpuMatmul, NamesAndLinearModule) {
   EXPECT_EQ(parse_cpu_matmul("onednn"), CpuMatmul::kOneDnn);
   EXPECT_EQ(parse_cpu_matmul("mkl"), CpuMatmul::kMkl);
+  if (kernels::cpu::gemm_f32_available()) {
+    EXPECT_EQ(parse_cpu_matmul("microdit"), CpuMatmul::kOwn);
+  }
+  EXPECT_EQ(cpu_matmul_name(CpuMatmul::kOwn), std::string("microdit"));
   EXPECT_EQ(error_of([] { parse_cpu_matmul("blas"); }),
-            "--cpu-matmul: expected auto, onednn or mkl, got 'blas'");
+            "--cpu-matmul: expected auto, onednn, mkl or microdit, got 'blas'");
   // auto: MKL on Intel CPUs, oneDNN on the others; it is also the process's default.
   const bool intel = [] {
     std::ifstream f("/proc/cpuinfo");
@@ -150,18 +184,65 @@ TEST(CpuMatmul, NamesAndLinearModule) {
 TEST(CpuMatmul, TrainingStepMatchesMkl) {
   // A whole tiny MicroDiT step (forward, loss, backward) on both paths: the same loss and
   // gradients up to float rounding.
-  TinyStep fast, ref;
-  {
-    MatmulMode m(CpuMatmul::kOneDnn);
-    fast = tiny_step(TinyStepOptions{});
-  }
+  TinyStep ref;
   {
     MatmulMode m(CpuMatmul::kMkl);
     ref = tiny_step(TinyStepOptions{});
   }
   ASSERT_GT(largest_gradient(ref), 1e-4);
-  EXPECT_NEAR(fast.loss, ref.loss, 1e-5 * std::abs(ref.loss));
-  EXPECT_LT(worst_relative(fast, ref), 1e-4);
+  for (const auto mode : fast_modes()) {
+    SCOPED_TRACE(cpu_matmul_name(mode));
+    MatmulMode m(mode);
+    OwnEverywhere own;
+    const auto fast = tiny_step(TinyStepOptions{});
+    EXPECT_NEAR(fast.loss, ref.loss, 1e-5 * std::abs(ref.loss));
+    EXPECT_LT(worst_relative(fast, ref), 1e-4);
+  }
+}
+
+// kernels/gemm_cpu.h alone against float64 products: both layouts of each operand (and one
+// with neither stride 1), tails of every block (rows of 14, columns of 32 and of 1024, K of
+// 256 and 768), accumulation and bias, on one thread and on two.
+TEST(GemmF32, EqualsFloat64Products) {
+  if (!kernels::cpu::gemm_f32_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  torch::manual_seed(11);
+  struct Shape {
+    int64_t M, N, K;
+  };
+  const std::vector<Shape> shapes{{1, 1, 1},     {14, 32, 256},  {15, 33, 257},  {13, 31, 5},   {29, 1030, 70},
+                                  {100, 64, 800}, {3, 300, 1600}, {60, 17, 0},    {200, 256, 1}};
+  for (const int threads : {1, 2}) {
+    const int was = at::get_num_threads();
+    at::set_num_threads(threads);
+    for (const auto& s : shapes) {
+      for (const int layout : {0, 1, 2, 3, 4}) {  // bit 0: A transposed, bit 1: B transposed; 4: strided A
+        SCOPED_TRACE(::testing::Message() << s.M << "x" << s.N << "x" << s.K << " layout " << layout << " threads "
+                                          << threads);
+        // A (M, K) and B (K, N) as views of contiguous storage in the asked layout.
+        auto A = layout & 1 ? torch::randn({s.K, s.M}).t() : torch::randn({s.M, s.K});
+        if (layout == 4) A = torch::randn({s.M, s.K, 2}).select(2, 1);  // strides (2K, 2)
+        auto B = layout & 2 ? torch::randn({s.N, s.K}).t() : torch::randn({s.K, s.N});
+        const auto bias = torch::randn({s.N});
+        const auto ref = A.to(torch::kDouble).mm(B.to(torch::kDouble));
+        for (const bool accumulate : {false, true}) {
+          for (const bool with_bias : {false, true}) {
+            auto C = torch::randn({s.M, s.N + 3}).narrow(1, 0, s.N);  // row stride N + 3
+            const auto before = C.clone();
+            kernels::cpu::gemm_f32(s.M, s.N, s.K, {A.data_ptr<float>(), A.stride(0), A.stride(1)},
+                                   {B.data_ptr<float>(), B.stride(0), B.stride(1)}, C.data_ptr<float>(), C.stride(0),
+                                   accumulate, with_bias ? bias.data_ptr<float>() : nullptr);
+            auto want = ref.clone();
+            if (accumulate) want += before.to(torch::kDouble);
+            if (with_bias) want += bias.to(torch::kDouble);
+            // float32 rounding of K terms of size ~1 (a wrong element is off by ~sqrt(K)).
+            EXPECT_LT((C.to(torch::kDouble) - want).abs().max().item<double>(), 3e-7 * static_cast<double>(s.K) + 1e-5)
+                << "accumulate " << accumulate << " bias " << with_bias;
+          }
+        }
+      }
+    }
+    at::set_num_threads(was);
+  }
 }
 
 TEST(CpuAttention, Float32UnderAutocast) {

@@ -2,13 +2,17 @@
 
 #include "core/choice.h"
 #include "core/error.h"
+#include "kernels/gemm_cpu.h"
 
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/stack.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <atomic>
@@ -45,8 +49,44 @@ Tensor onednn_linear(const Tensor& x, const Tensor& w, const std::optional<Tenso
                                   std::nullopt);
 }
 
+// A 2-D float32 tensor as kernels/gemm_cpu.h reads it: one of its strides must be 1 (the
+// transposed views the gradients pass have that), otherwise it is copied first.
+kernels::cpu::StridedMatrix strided(Tensor& t) {
+  if (t.size(0) > 1 && t.size(1) > 1 && t.stride(0) != 1 && t.stride(1) != 1) t = t.contiguous();
+  return {t.const_data_ptr<float>(), t.stride(0), t.stride(1)};
+}
+
+// x (M, K) @ w^T + b for w (N, K), through microdit's own kernels: (M, N).
+Tensor own_linear_2d(Tensor x, Tensor w, const std::optional<Tensor>& b) {
+  RECORD_FUNCTION("microdit::gemm", std::vector<c10::IValue>({x, w}));
+  const auto M = x.size(0), K = x.size(1), N = w.size(0);
+  auto out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  const Tensor bias = b ? b->contiguous() : Tensor();
+  const auto A = strided(x), W = strided(w);
+  kernels::cpu::gemm_f32(M, N, K, A, {W.p, W.cs, W.rs}, out.mutable_data_ptr<float>(), N, false,
+                         bias.defined() ? bias.const_data_ptr<float>() : nullptr);
+  return out;
+}
+
+std::atomic<int64_t> g_own_min_columns{kOwnMinColumns};
+bool own_product(int64_t N) { return g_mode == CpuMatmul::kOwn && N >= g_own_min_columns; }
+
+// x (..., K) @ w (N, K)^T + b: oneDNN or microdit's own kernels, by the mode.
+Tensor fast_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
+  if (g_mode == CpuMatmul::kOwn && !own_product(w.size(0))) return at::linear(x, w, b ? *b : Tensor());
+  if (g_mode != CpuMatmul::kOwn) return onednn_linear(x, w, b);
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  return own_linear_2d(x.reshape({-1, x.size(-1)}), w, b).view(sizes);
+}
+
 // a (M, K) @ b (K, N): oneDNN's weight is b^T (N, K), passed as a transposed view.
-Tensor onednn_mm(const Tensor& a, const Tensor& b) { return onednn_linear(a, b.t(), std::nullopt); }
+Tensor fast_mm(const Tensor& a, const Tensor& b) {
+  if (g_mode == CpuMatmul::kOwn && !own_product(b.size(1))) return at::mm(a, b);
+  if (g_mode != CpuMatmul::kOwn) return onednn_linear(a, b.t(), std::nullopt);
+  return own_linear_2d(a, b.t(), std::nullopt);
+}
 
 bool fp32_cpu(const Tensor& t) {
   return t.defined() && t.device().is_cpu() && t.scalar_type() == at::kFloat && t.layout() == at::kStrided;
@@ -60,8 +100,8 @@ torch::autograd::tensor_list linear_grads(torch::autograd::AutogradContext* ctx,
   const auto N = w.size(0), K = w.size(1);
   const auto g = grad.reshape({-1, N});  // (M, N)
   Tensor gx, gw, gb;
-  if (ctx->needs_input_grad(0)) gx = onednn_mm(g, w).view(x.sizes());      // (M, N) @ (N, K)
-  if (ctx->needs_input_grad(1)) gw = onednn_mm(g.t(), x.reshape({-1, K}));  // (N, M) @ (M, K)
+  if (ctx->needs_input_grad(0)) gx = fast_mm(g, w).view(x.sizes());      // (M, N) @ (N, K)
+  if (ctx->needs_input_grad(1)) gw = fast_mm(g.t(), x.reshape({-1, K}));  // (N, M) @ (M, K)
   if (!with_bias) return {gx, gw};
   if (ctx->needs_input_grad(2)) gb = g.sum(0);
   return {gx, gw, gb};
@@ -72,7 +112,7 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w,
                         const Tensor& b) {
     ctx->save_for_backward({x, w});
-    return onednn_linear(x, w, b);
+    return fast_linear(x, w, b);
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
@@ -83,7 +123,7 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
 struct LinearNoBiasFn : torch::autograd::Function<LinearNoBiasFn> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w) {
     ctx->save_for_backward({x, w});
-    return onednn_linear(x, w, std::nullopt);
+    return fast_linear(x, w, std::nullopt);
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
@@ -94,9 +134,22 @@ struct LinearNoBiasFn : torch::autograd::Function<LinearNoBiasFn> {
 struct BmmFn : torch::autograd::Function<BmmFn> {
   // a (E, M, K) @ b (E, K, N): one oneDNN product per leading index, stacked.
   static Tensor product(const Tensor& a, const Tensor& b) {
+    if (g_mode == CpuMatmul::kOwn && !own_product(b.size(2))) return at::bmm(a, b);
+    if (g_mode == CpuMatmul::kOwn) {
+      RECORD_FUNCTION("microdit::gemm", std::vector<c10::IValue>({a, b}));
+      const auto E = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
+      auto out = at::empty({E, M, N}, a.options());
+      if (M == 0) return out;
+      for (int64_t e = 0; e < E; ++e) {
+        Tensor ae = a[e], be = b[e];
+        kernels::cpu::gemm_f32(M, N, K, strided(ae), strided(be), out.mutable_data_ptr<float>() + e * M * N, N, false,
+                               nullptr);
+      }
+      return out;
+    }
     std::vector<Tensor> out;
     out.reserve(static_cast<size_t>(a.size(0)));
-    for (int64_t e = 0; e < a.size(0); ++e) out.push_back(onednn_mm(a[e], b[e]));
+    for (int64_t e = 0; e < a.size(0); ++e) out.push_back(fast_mm(a[e], b[e]));
     return at::stack(out);
   }
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& a, const Tensor& b) {
@@ -119,6 +172,8 @@ struct BmmFn : torch::autograd::Function<BmmFn> {
 
 void set_cpu_fp32_matmul(CpuMatmul m) { g_mode = m; }
 CpuMatmul cpu_fp32_matmul() { return g_mode; }
+void set_own_min_columns(int64_t n) { g_own_min_columns = n; }
+int64_t own_min_columns() { return g_own_min_columns; }
 
 // MKL on Intel CPUs, where it runs its tuned kernels; oneDNN elsewhere (docs/performance.md).
 CpuMatmul default_cpu_fp32_matmul() {
@@ -131,16 +186,24 @@ CpuMatmul default_cpu_fp32_matmul() {
 
 CpuMatmul parse_cpu_matmul(const std::string& name) {
   if (name == "auto") return default_cpu_fp32_matmul();  // listed below for the error message
-  return parse_choice<CpuMatmul>("--cpu-matmul", name,
-                                 {{"auto", CpuMatmul::kOneDnn}, {"onednn", CpuMatmul::kOneDnn}, {"mkl", CpuMatmul::kMkl}});
+  const auto m = parse_choice<CpuMatmul>(
+      "--cpu-matmul", name,
+      {{"auto", CpuMatmul::kOneDnn}, {"onednn", CpuMatmul::kOneDnn}, {"mkl", CpuMatmul::kMkl}, {"microdit", CpuMatmul::kOwn}});
+  MD_CHECK(m != CpuMatmul::kOwn || kernels::cpu::gemm_f32_available(),
+           "--cpu-matmul microdit: this CPU has no AVX-512, which microdit's own products need (use auto)");
+  return m;
 }
 
-const char* cpu_matmul_name(CpuMatmul m) { return m == CpuMatmul::kOneDnn ? "onednn" : "mkl"; }
+const char* cpu_matmul_name(CpuMatmul m) {
+  return m == CpuMatmul::kOneDnn ? "onednn" : m == CpuMatmul::kOwn ? "microdit" : "mkl";
+}
 
 bool uses_onednn_fp32(const Tensor& a, const Tensor& b) {
-  return g_mode == CpuMatmul::kOneDnn && fp32_cpu(a) && fp32_cpu(b) && a.dim() >= 2 &&
-         a.numel() > 0 && b.numel() > 0 && !at::autocast::is_autocast_enabled(at::kCPU) &&
-         linear_pointwise().has_value();
+  const auto mode = g_mode.load();
+  if (mode == CpuMatmul::kMkl || !fp32_cpu(a) || !fp32_cpu(b) || a.dim() < 2 || a.numel() == 0 || b.numel() == 0 ||
+      at::autocast::is_autocast_enabled(at::kCPU))
+    return false;
+  return mode == CpuMatmul::kOwn ? kernels::cpu::gemm_f32_available() : linear_pointwise().has_value();
 }
 
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {

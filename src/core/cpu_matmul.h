@@ -19,19 +19,28 @@
 
 namespace microdit {
 
-enum class CpuMatmul { kOneDnn, kMkl };
+// kOwn: microdit's own AVX-512 kernels (kernels/gemm_cpu.h).
+enum class CpuMatmul { kOneDnn, kMkl, kOwn };
 
 // Process-wide choice for float32 CPU products; the default is default_cpu_fp32_matmul().
 void set_cpu_fp32_matmul(CpuMatmul m);
 CpuMatmul cpu_fp32_matmul();
+
+// kOwn packs each panel of 14 rows of A once for all of C's columns; with fewer than 256
+// columns that costs more than MKL's way (Pico's 128-wide products ran 3-9 % slower on a
+// Xeon), so those products go to MKL (LibTorch's ATen operators) even in that mode. The
+// setter is for tests, which make every product take microdit's kernels.
+constexpr int64_t kOwnMinColumns = 256;
+void set_own_min_columns(int64_t n);
+int64_t own_min_columns();
 // kMkl on Intel CPUs, kOneDnn on the others (AMD's among them: MKL runs generic kernels there).
 CpuMatmul default_cpu_fp32_matmul();
-// "auto" / "onednn" / "mkl" -> CpuMatmul ("auto": the default above); parse fails with a
+// "auto" / "onednn" / "mkl" / "microdit" -> CpuMatmul ("auto": the default above); parse fails with a
 // one-line error naming the value.
 CpuMatmul parse_cpu_matmul(const std::string& name);
 const char* cpu_matmul_name(CpuMatmul m);
 
-// True when a product of these operands takes the oneDNN path now.
+// True when a product of these operands takes the oneDNN path (or microdit's own) now.
 bool uses_onednn_fp32(const at::Tensor& a, const at::Tensor& b);
 
 // x (..., K), w (N, K), b (N,) or undefined -> (..., N); same as at::linear.

@@ -216,7 +216,7 @@ std::vector<CaptionKV> caption_kvs(const std::vector<CrossAttentionImpl*>& layer
     w.push_back(a->kv_linear->weight);  // (2h, d): the bf16 copy inside a Bf16Weights scope
     if (bias) b.push_back(a->kv_linear->bias);
   }
-  const Tensor p = torch::nn::functional::linear(cond, at::cat(w), bias ? at::cat(b) : Tensor());  // (B, L, n*2h)
+  const Tensor p = microdit::linear(cond, at::cat(w), bias ? at::cat(b) : Tensor());  // (B, L, n*2h)
   if (fused_kernels_enabled() && fused_kernels_apply(p) && torch::GradMode::is_enabled() && p.requires_grad()) {
     const auto [o, save] = a0.ln_k->fused_dtypes(p);
     const auto kv = fused_kv_norms(p, n, a0.ln_k->eps, o, save);  // LN(k0), v0, LN(k1), v1, ...

@@ -130,7 +130,7 @@ std::vector<std::vector<Tensor>> MicroDiTImpl::modulations(const Tensor& c) {
     }
     W = adaln_->w, bias = adaln_->b;
   }
-  const Tensor m = torch::nn::functional::linear(at::gelu(c, "tanh"), W, bias);  // (B, sum)
+  const Tensor m = microdit::linear(at::gelu(c, "tanh"), W, bias);  // (B, sum)
   std::vector<std::vector<Tensor>> out;
   int64_t at_col = 0;
   for (size_t i = 0; i < lin.size(); ++i) {

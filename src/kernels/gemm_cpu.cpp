@@ -1,0 +1,295 @@
+// float32 products for AVX-512 CPUs (kernels/gemm_cpu.h).
+//
+// Loops, outermost first:
+//   K in blocks of kKc rows, N in blocks of kNc columns: B's block is packed into panels of
+//     kNr columns, each panel kc x 32 floats (32 KB, stays in L1 while A's panels pass by);
+//   A in panels of kMr rows (on the intra-op threads side by side): a panel is packed k-major
+//     (kMr floats per k, so the kernel broadcasts consecutive floats), and the rows of the next
+//     panel are prefetched during the first kernels that use this one;
+//   B's panels: one 14 x 32 kernel each, C's tile written (or added to) once per K block.
+// Packing transposes where an operand's rows are contiguous in K (x and dY in a linear layer's
+// product and input gradient), 16 x 16 floats at a time in registers, and copies otherwise.
+#include "kernels/gemm_cpu.h"
+
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+
+namespace microdit::kernels::cpu {
+
+namespace {
+
+#define MD_GEMM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define MD_GEMM_INLINE inline __attribute__((always_inline))
+
+constexpr int64_t kMr = 14;    // rows of A per panel: 28 accumulators + 2 of B's vectors
+constexpr int64_t kNr = 32;    // columns of B per panel: two vectors
+constexpr int64_t kKc = 256;   // rows of K per block: A's panel 14 KB, B's panel 32 KB
+constexpr int64_t kKcT = 768;  // the same where A is transposed into its panels: fewer passes over C
+constexpr int64_t kNc = 1024;  // columns per packed block of B: at most 1 MB
+
+// A float buffer of 64-byte alignment that grows as needed; one per thread.
+struct Buffer {
+  std::unique_ptr<float, decltype(&std::free)> data{nullptr, &std::free};
+  int64_t size = 0;
+  float* get(int64_t n) {
+    if (n > size) {
+      const auto bytes = static_cast<size_t>((n * 4 + 63) / 64 * 64);
+      data.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      if (!data) throw std::bad_alloc();
+      size = n;
+    }
+    return data.get();
+  }
+};
+
+MD_GEMM_INLINE __mmask16 low_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// Where the kernels prefetch the next panel's (or block's) source of A while they run, one
+// cache line per k: `rows` rows of `lines` lines each, `stride` bytes apart, in order. The
+// kernels carry the position on, so one sweep can span several kernel calls.
+struct Prefetch {
+  const char* row = nullptr;
+  int64_t stride = 0, lines = 0, line = 0, rows = 0;
+};
+
+// C (R x nc) (+)= Ap (k-major, kMr per k) @ Bp (nc / 32 panels of 32 per k), one 32-column
+// tile after the other (masks for a partial last one); `pf` spread over the first tiles' k.
+template <int R>
+MD_GEMM_TARGET void kernel(int64_t K, int64_t nc, const float* __restrict Ap, const float* __restrict Bp, float* C,
+                           int64_t ldc, bool add, const float* bias, Prefetch& pf) {
+  const char* pf_row = pf.row;
+  int64_t pf_line = pf.line, pf_rows = pf.rows;
+  for (int64_t j = 0; j < nc; j += kNr, Bp += K * kNr) {
+    const __mmask16 m0 = low_lanes(nc - j), m1 = low_lanes(nc - j - 16);
+    __m512 acc[R][2];
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; ++k) {
+      if (pf_rows > 0) {
+        _mm_prefetch(pf_row + pf_line * 64, _MM_HINT_T0);
+        if (++pf_line == pf.lines) {
+          pf_line = 0;
+          pf_row += pf.stride;
+          --pf_rows;
+        }
+      }
+      const __m512 b0 = _mm512_load_ps(Bp + k * kNr), b1 = _mm512_load_ps(Bp + k * kNr + 16);
+#pragma GCC unroll 14
+      for (int i = 0; i < R; ++i) {
+        const __m512 a = _mm512_set1_ps(Ap[k * kMr + i]);
+        acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+        acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+      }
+    }
+    __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+    if (bias) {
+      bias0 = _mm512_maskz_loadu_ps(m0, bias + j);
+      bias1 = _mm512_maskz_loadu_ps(m1, bias + j + 16);
+    }
+#pragma GCC unroll 14
+    for (int i = 0; i < R; ++i) {
+      float* c = C + i * ldc + j;
+      __m512 c0 = _mm512_add_ps(acc[i][0], bias0), c1 = _mm512_add_ps(acc[i][1], bias1);
+      if (add) {
+        c0 = _mm512_add_ps(c0, _mm512_maskz_loadu_ps(m0, c));
+        c1 = _mm512_add_ps(c1, _mm512_maskz_loadu_ps(m1, c + 16));
+      }
+      _mm512_mask_storeu_ps(c, m0, c0);
+      _mm512_mask_storeu_ps(c + 16, m1, c1);
+    }
+  }
+  pf.row = pf_row;
+  pf.line = pf_line;
+  pf.rows = pf_rows;
+}
+
+using KernelFn = void (*)(int64_t, int64_t, const float*, const float*, float*, int64_t, bool, const float*,
+                          Prefetch&);
+constexpr KernelFn kKernels[kMr + 1] = {nullptr,    kernel<1>,  kernel<2>,  kernel<3>,  kernel<4>,
+                                        kernel<5>,  kernel<6>,  kernel<7>,  kernel<8>,  kernel<9>,
+                                        kernel<10>, kernel<11>, kernel<12>, kernel<13>, kernel<14>};
+
+// 16 x 16 floats transposed in registers: r[i] lane j <- r[j] lane i.
+MD_GEMM_TARGET MD_GEMM_INLINE void transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved by 32 bits
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // then by 64 bits: each 128-bit lane holds a 4 x 4 block
+    const auto a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const auto c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 4; ++i) {  // then the 128-bit lanes
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
+    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
+  }
+}
+
+// Ap[k * kMr + i] = A(i, k) for i < r (r <= kMr), k < kc.
+MD_GEMM_TARGET void pack_a(int64_t r, int64_t kc, StridedMatrix a, float* Ap) {
+  const __mmask16 rows = low_lanes(r);
+  if (a.cs == 1) {  // rows contiguous in k: transpose 16 k at a time
+    for (int64_t k = 0; k < kc; k += 16) {
+      const int64_t w = std::min<int64_t>(16, kc - k);
+      const __mmask16 cols = low_lanes(w);
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i)
+        v[i] = i < r ? _mm512_maskz_loadu_ps(cols, a.p + i * a.rs + k) : _mm512_setzero_ps();
+      transpose16(v);
+      for (int j = 0; j < w; ++j) _mm512_mask_storeu_ps(Ap + (k + j) * kMr, rows, v[j]);
+    }
+  } else if (a.rs == 1) {  // columns contiguous in m: a copy per k
+    for (int64_t k = 0; k < kc; ++k)
+      _mm512_mask_storeu_ps(Ap + k * kMr, rows, _mm512_maskz_loadu_ps(rows, a.p + k * a.cs));
+  } else {
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t i = 0; i < r; ++i) Ap[k * kMr + i] = a.p[i * a.rs + k * a.cs];
+  }
+}
+
+// Rows [m0, m1) of A, contiguous in m (rs == 1), into consecutive panels of kMr rows as pack_a
+// lays them out (panel q at Ap + q * kMr * kc): each row k of the block read once.
+MD_GEMM_TARGET void pack_a_block(int64_t m0, int64_t m1, int64_t kc, StridedMatrix a, float* Ap) {
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* src = a.p + k * a.cs;
+    for (int64_t i = m0, q = 0; i < m1; i += kMr, ++q) {
+      const __mmask16 rows = low_lanes(std::min(kMr, m1 - i));
+      _mm512_mask_storeu_ps(Ap + q * kMr * kc + k * kMr, rows, _mm512_maskz_loadu_ps(rows, src + i));
+    }
+  }
+}
+
+// Bp[(j / kNr) * kc * kNr + k * kNr + j % kNr] = B(k, j) for j < nc, zero up to the panel's end.
+MD_GEMM_TARGET void pack_b(int64_t kc, int64_t nc, StridedMatrix b, float* Bp) {
+  for (int64_t n0 = 0; n0 < nc; n0 += kNr) {
+    const int64_t w = std::min(kNr, nc - n0);
+    float* dst = Bp + n0 * kc;
+    if (b.cs == 1) {  // rows contiguous in n: a copy per k
+      const __mmask16 m0 = low_lanes(w), m1 = low_lanes(w - 16);
+      for (int64_t k = 0; k < kc; ++k) {
+        _mm512_store_ps(dst + k * kNr, _mm512_maskz_loadu_ps(m0, b.p + k * b.rs + n0));
+        _mm512_store_ps(dst + k * kNr + 16, _mm512_maskz_loadu_ps(m1, b.p + k * b.rs + n0 + 16));
+      }
+    } else if (b.rs == 1) {  // columns contiguous in k (a weight W[n, k] as W^T): transpose
+      for (int64_t k = 0; k < kc; k += 16) {
+        const int64_t h = std::min<int64_t>(16, kc - k);
+        const __mmask16 ks = low_lanes(h);
+        for (int64_t half = 0; half < 2; ++half) {
+          __m512 v[16];
+          for (int j = 0; j < 16; ++j) {
+            const int64_t col = half * 16 + j;
+            v[j] = col < w ? _mm512_maskz_loadu_ps(ks, b.p + (n0 + col) * b.cs + k) : _mm512_setzero_ps();
+          }
+          transpose16(v);
+          for (int64_t q = 0; q < h; ++q) _mm512_store_ps(dst + (k + q) * kNr + half * 16, v[q]);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t j = 0; j < kNr; ++j) dst[k * kNr + j] = j < w ? b.p[k * b.rs + (n0 + j) * b.cs] : 0.0f;
+    }
+  }
+}
+
+// A's panels [i0, i1) (kMr rows each) against B's packed block. Where A's columns are
+// contiguous (rs == 1), kBlockPanels panels are packed at once, so that each row of A's block
+// is read once (a panel's 14 floats share cache lines with its neighbours'); otherwise one
+// panel at a time, the next one's rows prefetched while the kernel runs.
+constexpr int64_t kBlockPanels = 8;
+
+void run_panels(int64_t i0, int64_t i1, int64_t M, int64_t nc, int64_t kc, StridedMatrix a, const float* Bp,
+                float* C, int64_t ldc, bool add, const float* bias) {
+  thread_local Buffer a_buffer;
+  if (a.rs == 1 && a.cs != 1) {
+    float* Ap = a_buffer.get(kBlockPanels * kMr * kc);
+    for (int64_t p0 = i0; p0 < i1; p0 += kBlockPanels) {
+      const int64_t p1 = std::min(i1, p0 + kBlockPanels), p2 = std::min(i1, p1 + kBlockPanels);
+      pack_a_block(p0 * kMr, std::min(M, p1 * kMr), kc, a, Ap);
+      Prefetch pf;  // the next block's rows of A: kc rows of its columns
+      if (p2 > p1) {
+        const int64_t first = p1 * kMr, last = std::min(M, p2 * kMr);
+        pf.row = reinterpret_cast<const char*>(a.p + first);
+        pf.stride = a.cs * 4;
+        pf.lines = (last - first + 15) / 16 + 1;  // the columns may straddle one more line
+        pf.rows = kc;
+      }
+      for (int64_t panel = p0; panel < p1; ++panel) {
+        const int64_t i = panel * kMr, r = std::min(kMr, M - i);
+        kKernels[r](kc, nc, Ap + (panel - p0) * kMr * kc, Bp, C + i * ldc, ldc, add, bias, pf);
+      }
+    }
+    return;
+  }
+  float* Ap = a_buffer.get(kMr * kc);
+  for (int64_t panel = i0; panel < i1; ++panel) {
+    const int64_t i = panel * kMr, r = std::min(kMr, M - i);
+    pack_a(r, kc, {a.p + i * a.rs, a.rs, a.cs}, Ap);
+    Prefetch pf;  // the next panel's rows of A
+    if (panel + 1 < i1 && a.cs == 1) {
+      pf.row = reinterpret_cast<const char*>(a.p + (i + kMr) * a.rs);
+      pf.stride = a.rs * 4;
+      pf.lines = (kc + 15) / 16 + 1;
+      pf.rows = std::min(kMr, M - i - kMr);
+    }
+    kKernels[r](kc, nc, Ap, Bp, C + i * ldc, ldc, add, bias, pf);
+  }
+}
+
+}  // namespace
+
+bool gemm_f32_available() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return ok;
+}
+
+void gemm_f32(int64_t M, int64_t N, int64_t K, StridedMatrix a, StridedMatrix b, float* C, int64_t ldc,
+              bool accumulate, const float* bias) {
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {  // no products: C = (C +) bias
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = (accumulate ? C[m * ldc + n] : 0.0f) + (bias ? bias[n] : 0.0f);
+    return;
+  }
+  thread_local Buffer b_buffer;
+  const int64_t panels = (M + kMr - 1) / kMr;
+  const int64_t block_k = a.cs == 1 && a.rs != 1 ? kKcT : kKc;
+  for (int64_t k0 = 0; k0 < K; k0 += block_k) {
+    const int64_t kc = std::min(block_k, K - k0);
+    const bool add = accumulate || k0 > 0;
+    const StridedMatrix ak{a.p + k0 * a.cs, a.rs, a.cs};
+    for (int64_t n0 = 0; n0 < N; n0 += kNc) {
+      const int64_t nc = std::min(kNc, N - n0);
+      float* Bp = b_buffer.get(kc * ((nc + kNr - 1) / kNr) * kNr);
+      pack_b(kc, nc, {b.p + k0 * b.rs + n0 * b.cs, b.rs, b.cs}, Bp);
+      const float* bias_n = bias && k0 == 0 ? bias + n0 : nullptr;
+      at::parallel_for(0, panels, 1, [&](int64_t i0, int64_t i1) {
+        run_panels(i0, i1, M, nc, kc, ak, Bp, C + n0, ldc, add, bias_n);
+      });
+    }
+  }
+}
+
+}  // namespace microdit::kernels::cpu
