@@ -160,7 +160,8 @@ TEST(CpuMatmul, NamesAndLinearModule) {
   EXPECT_EQ(cpu_matmul_name(CpuMatmul::kOwn), std::string("microdit"));
   EXPECT_EQ(error_of([] { parse_cpu_matmul("blas"); }),
             "--cpu-matmul: expected auto, onednn, mkl or microdit, got 'blas'");
-  // auto: MKL on Intel CPUs, oneDNN on the others; it is also the process's default.
+  // auto: microdit's kernels on Intel CPUs with AVX-512, MKL on other Intel CPUs, oneDNN on the
+  // others; it is also the process's default.
   const bool intel = [] {
     std::ifstream f("/proc/cpuinfo");
     std::string line;
@@ -168,7 +169,8 @@ TEST(CpuMatmul, NamesAndLinearModule) {
       if (line.rfind("vendor_id", 0) == 0) return line.find("GenuineIntel") != std::string::npos;
     return false;
   }();
-  EXPECT_EQ(parse_cpu_matmul("auto"), intel ? CpuMatmul::kMkl : CpuMatmul::kOneDnn);
+  const auto intel_default = kernels::cpu::gemm_f32_available() ? CpuMatmul::kOwn : CpuMatmul::kMkl;
+  EXPECT_EQ(parse_cpu_matmul("auto"), intel ? intel_default : CpuMatmul::kOneDnn);
   EXPECT_EQ(default_cpu_fp32_matmul(), parse_cpu_matmul("auto"));
   // microdit::Linear draws torch::nn::Linear's initial values and is still seen as one.
   torch::manual_seed(4);
@@ -295,4 +297,36 @@ TEST(CpuAttention, Bf16WithoutAutocastStaysBf16) {
   auto t = [](const torch::Tensor& x) { return x.transpose(1, 2); };
   const auto ref = at::scaled_dot_product_attention(t(q), t(k), t(v)).transpose(1, 2).reshape({2, 6, 32});
   EXPECT_LT((o.to(torch::kFloat) - ref.to(torch::kFloat)).abs().max().item<double>(), 2e-2);
+}
+
+// GELU inside the own kernels' products (the expert-choice MoE's experts): the same output and
+// gradients as LibTorch's gelu and bmm, in float64 as the reference. GELU's tails and its
+// negative side are both exercised (a ~ 2 N(0, 1)).
+TEST(GemmF32, GeluBmmEqualsGeluThenBmm) {
+  if (!kernels::cpu::gemm_f32_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  MatmulMode m(CpuMatmul::kOwn);
+  OwnEverywhere own;
+  torch::manual_seed(12);
+  // d = 800: a's gradient takes two blocks of K, GELU' applied after the second.
+  for (const int64_t d : {33, 800}) {
+    SCOPED_TRACE(d);
+    const auto a0 = 2 * torch::randn({3, 45, 70}), w0 = torch::randn({3, 70, d}) / 8, r = torch::randn({3, 45, d});
+    ASSERT_TRUE(gelu_bmm_fused_applies(a0, w0));
+    EXPECT_FALSE(gelu_bmm_fused_applies(a0.transpose(1, 2).contiguous().transpose(1, 2), w0));  // a not contiguous
+    auto a = a0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+    auto y = gelu_bmm_fused(a, w);
+    (y * r).sum().backward();
+    auto ad = a0.to(torch::kDouble).requires_grad_(), wd = w0.to(torch::kDouble).requires_grad_();
+    auto yd = at::bmm(at::gelu(ad), wd);
+    (yd * r.to(torch::kDouble)).sum().backward();
+    auto worst = [](const torch::Tensor& x, const torch::Tensor& ref) {
+      return (x.to(torch::kDouble) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+    };
+    EXPECT_LT(worst(y.detach(), yd.detach()), 2e-6);
+    EXPECT_LT(worst(a.grad(), ad.grad()), 2e-6);
+    EXPECT_LT(worst(w.grad(), wd.grad()), 2e-6);
+    // Without gradients (sampling) the same values.
+    torch::NoGradGuard no_grad;
+    EXPECT_LT(worst(gelu_bmm_fused(a0, w0), yd.detach()), 2e-6);
+  }
 }

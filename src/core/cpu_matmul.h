@@ -1,4 +1,4 @@
-// float32 matrix products on the CPU through oneDNN instead of MKL.
+// float32 matrix products on the CPU through oneDNN or microdit's own kernels instead of MKL.
 //
 // LibTorch sends float32 `linear`, `mm` and `bmm` on the CPU to MKL's sgemm. On AMD CPUs MKL
 // runs its generic kernels; oneDNN (also inside LibTorch, reached through the
@@ -6,12 +6,14 @@
 // on the MicroDiT shapes measured on a Zen 4 core (docs/performance.md). bf16 products already
 // go to oneDNN, so only float32 outside autocast takes this path.
 //
-// On Intel CPUs MKL runs its own tuned kernels and is the faster of the two (8 % on a Xeon
-// with AVX-512 and AMX, MicroDiT_Nano_2 fp32 training), so the default there is MKL.
+// On Intel CPUs MKL runs its own tuned kernels and beats oneDNN (8 % on a Xeon with AVX-512
+// and AMX, MicroDiT_Nano_2 fp32 training); microdit's own AVX-512 kernels (kernels/gemm_cpu.h)
+// are on a par with MKL or a little ahead at MicroDiT's shapes (1-4 % faster Nano training on
+// a Xeon without AMX), so they are the default on Intel CPUs that have AVX-512.
 //
 // `linear` and `bmm` below are drop-in replacements for at::linear and at::bmm, with their own
-// autograd (both gradients are oneDNN products too). Anything that is not a float32 CPU tensor,
-// or runs under autocast, goes to the ATen operator unchanged.
+// autograd (both gradients take the same path). Anything that is not a float32 CPU tensor, or
+// runs under autocast, goes to the ATen operator unchanged.
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -33,7 +35,8 @@ CpuMatmul cpu_fp32_matmul();
 constexpr int64_t kOwnMinColumns = 256;
 void set_own_min_columns(int64_t n);
 int64_t own_min_columns();
-// kMkl on Intel CPUs, kOneDnn on the others (AMD's among them: MKL runs generic kernels there).
+// kOwn on Intel CPUs with AVX-512, kMkl on other Intel CPUs, kOneDnn on the others (AMD's
+// among them: MKL runs generic kernels there).
 CpuMatmul default_cpu_fp32_matmul();
 // "auto" / "onednn" / "mkl" / "microdit" -> CpuMatmul ("auto": the default above); parse fails with a
 // one-line error naming the value.
@@ -47,5 +50,13 @@ bool uses_onednn_fp32(const at::Tensor& a, const at::Tensor& b);
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b = {});
 // a (E, M, K) @ b (E, K, N) -> (E, M, N); same as at::bmm.
 at::Tensor bmm(const at::Tensor& a, const at::Tensor& b);
+
+// GELU(a) @ w for a (E, M, n), w (E, n, d), with autograd, on microdit's own kernels: GELU is
+// taken as a's panels are packed (in the forward pass, and again for w's gradient) and GELU'
+// as a's gradient is stored, so neither GELU(a) nor the gradient before GELU' is ever written
+// to memory. Applies to float32 CPU tensors, a contiguous, under --cpu-matmul microdit, outside
+// autocast, with d >= own_min_columns(); elsewhere the caller runs the plain operators.
+bool gelu_bmm_fused_applies(const at::Tensor& a, const at::Tensor& w);
+at::Tensor gelu_bmm_fused(const at::Tensor& a, const at::Tensor& w);
 
 }  // namespace microdit

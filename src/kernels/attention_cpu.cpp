@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/avx512_math.h"
 #include "kernels/cpu_math.h"
 
 namespace microdit::kernels::cpu {
@@ -53,22 +54,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const u16* A, int64_t lda, const u16*
 #define MD_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 #define MD_AMX_CPU_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
-// exp of 16 floats: exp_poly's Cephes polynomial (kernels/cpu_math.h) with fused multiply-adds.
-MD_AVX512_TARGET inline __attribute__((always_inline)) __m512 exp16(__m512 x) {
-  using E = ExpPoly;
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(E::lo)), _mm512_set1_ps(E::hi));
-  const __m512 round = _mm512_set1_ps(E::round);
-  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(E::log2e), round);
-  const __m512 n = _mm512_sub_ps(t, round);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_lo), r);
-  __m512 p = _mm512_set1_ps(E::c[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(E::c[i]));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  const __m512i e =
-      _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(E::exponent_bias)), 23);  // 2^n
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
 
 // Stores the first lanes (mask) of v rounded to bf16 (nearest even).
 MD_AMX_CPU_TARGET inline __attribute__((always_inline)) void store_bf16(u16* dst, __mmask16 mask, __m512 v) {

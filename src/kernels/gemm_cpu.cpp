@@ -15,7 +15,10 @@
 
 #include <immintrin.h>
 
+#include "kernels/avx512_math.h"
+
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 
@@ -61,9 +64,10 @@ struct Prefetch {
 
 // C (R x nc) (+)= Ap (k-major, kMr per k) @ Bp (nc / 32 panels of 32 per k), one 32-column
 // tile after the other (masks for a partial last one); `pf` spread over the first tiles' k.
+// `dg`: C's values are multiplied by GELU'(dg[i * ldg + j]) last.
 template <int R>
 MD_GEMM_TARGET void kernel(int64_t K, int64_t nc, const float* __restrict Ap, const float* __restrict Bp, float* C,
-                           int64_t ldc, bool add, const float* bias, Prefetch& pf) {
+                           int64_t ldc, bool add, const float* bias, const float* dg, int64_t ldg, Prefetch& pf) {
   const char* pf_row = pf.row;
   int64_t pf_line = pf.line, pf_rows = pf.rows;
   for (int64_t j = 0; j < nc; j += kNr, Bp += K * kNr) {
@@ -101,6 +105,11 @@ MD_GEMM_TARGET void kernel(int64_t K, int64_t nc, const float* __restrict Ap, co
         c0 = _mm512_add_ps(c0, _mm512_maskz_loadu_ps(m0, c));
         c1 = _mm512_add_ps(c1, _mm512_maskz_loadu_ps(m1, c + 16));
       }
+      if (dg) {
+        const float* x = dg + i * ldg + j;
+        c0 = _mm512_mul_ps(c0, gelu_grad16(_mm512_maskz_loadu_ps(m0, x)));
+        c1 = _mm512_mul_ps(c1, gelu_grad16(_mm512_maskz_loadu_ps(m1, x + 16)));
+      }
       _mm512_mask_storeu_ps(c, m0, c0);
       _mm512_mask_storeu_ps(c + 16, m1, c1);
     }
@@ -111,7 +120,7 @@ MD_GEMM_TARGET void kernel(int64_t K, int64_t nc, const float* __restrict Ap, co
 }
 
 using KernelFn = void (*)(int64_t, int64_t, const float*, const float*, float*, int64_t, bool, const float*,
-                          Prefetch&);
+                          const float*, int64_t, Prefetch&);
 constexpr KernelFn kKernels[kMr + 1] = {nullptr,    kernel<1>,  kernel<2>,  kernel<3>,  kernel<4>,
                                         kernel<5>,  kernel<6>,  kernel<7>,  kernel<8>,  kernel<9>,
                                         kernel<10>, kernel<11>, kernel<12>, kernel<13>, kernel<14>};
@@ -145,7 +154,15 @@ MD_GEMM_TARGET MD_GEMM_INLINE void transpose16(__m512 (&r)[16]) {
   }
 }
 
-// Ap[k * kMr + i] = A(i, k) for i < r (r <= kMr), k < kc.
+// A's values as packed: GELU(v) with kGelu, else v.
+template <bool kGelu>
+MD_GEMM_TARGET MD_GEMM_INLINE __m512 prologue(__m512 v) {
+  if constexpr (kGelu) return gelu16(v);
+  return v;
+}
+
+// Ap[k * kMr + i] = A(i, k) (through the prologue) for i < r (r <= kMr), k < kc.
+template <bool kGelu>
 MD_GEMM_TARGET void pack_a(int64_t r, int64_t kc, StridedMatrix a, float* Ap) {
   const __mmask16 rows = low_lanes(r);
   if (a.cs == 1) {  // rows contiguous in k: transpose 16 k at a time
@@ -154,27 +171,30 @@ MD_GEMM_TARGET void pack_a(int64_t r, int64_t kc, StridedMatrix a, float* Ap) {
       const __mmask16 cols = low_lanes(w);
       __m512 v[16];
       for (int i = 0; i < 16; ++i)
-        v[i] = i < r ? _mm512_maskz_loadu_ps(cols, a.p + i * a.rs + k) : _mm512_setzero_ps();
+        v[i] = i < r ? prologue<kGelu>(_mm512_maskz_loadu_ps(cols, a.p + i * a.rs + k)) : _mm512_setzero_ps();
       transpose16(v);
       for (int j = 0; j < w; ++j) _mm512_mask_storeu_ps(Ap + (k + j) * kMr, rows, v[j]);
     }
   } else if (a.rs == 1) {  // columns contiguous in m: a copy per k
     for (int64_t k = 0; k < kc; ++k)
-      _mm512_mask_storeu_ps(Ap + k * kMr, rows, _mm512_maskz_loadu_ps(rows, a.p + k * a.cs));
+      _mm512_mask_storeu_ps(Ap + k * kMr, rows, prologue<kGelu>(_mm512_maskz_loadu_ps(rows, a.p + k * a.cs)));
   } else {
-    for (int64_t k = 0; k < kc; ++k)
+    for (int64_t k = 0; k < kc; ++k) {
       for (int64_t i = 0; i < r; ++i) Ap[k * kMr + i] = a.p[i * a.rs + k * a.cs];
+      if constexpr (kGelu) _mm512_mask_storeu_ps(Ap + k * kMr, rows, gelu16(_mm512_maskz_loadu_ps(rows, Ap + k * kMr)));
+    }
   }
 }
 
 // Rows [m0, m1) of A, contiguous in m (rs == 1), into consecutive panels of kMr rows as pack_a
 // lays them out (panel q at Ap + q * kMr * kc): each row k of the block read once.
+template <bool kGelu>
 MD_GEMM_TARGET void pack_a_block(int64_t m0, int64_t m1, int64_t kc, StridedMatrix a, float* Ap) {
   for (int64_t k = 0; k < kc; ++k) {
     const float* src = a.p + k * a.cs;
     for (int64_t i = m0, q = 0; i < m1; i += kMr, ++q) {
       const __mmask16 rows = low_lanes(std::min(kMr, m1 - i));
-      _mm512_mask_storeu_ps(Ap + q * kMr * kc + k * kMr, rows, _mm512_maskz_loadu_ps(rows, src + i));
+      _mm512_mask_storeu_ps(Ap + q * kMr * kc + k * kMr, rows, prologue<kGelu>(_mm512_maskz_loadu_ps(rows, src + i)));
     }
   }
 }
@@ -217,14 +237,22 @@ MD_GEMM_TARGET void pack_b(int64_t kc, int64_t nc, StridedMatrix b, float* Bp) {
 // panel at a time, the next one's rows prefetched while the kernel runs.
 constexpr int64_t kBlockPanels = 8;
 
+// `dg` (row stride ldg): as in the kernels, or null.
+struct Epilogue {
+  const float* bias;
+  const float* dg;
+  int64_t ldg;
+};
+
+template <bool kGelu>
 void run_panels(int64_t i0, int64_t i1, int64_t M, int64_t nc, int64_t kc, StridedMatrix a, const float* Bp,
-                float* C, int64_t ldc, bool add, const float* bias) {
+                float* C, int64_t ldc, bool add, const Epilogue& e) {
   thread_local Buffer a_buffer;
   if (a.rs == 1 && a.cs != 1) {
     float* Ap = a_buffer.get(kBlockPanels * kMr * kc);
     for (int64_t p0 = i0; p0 < i1; p0 += kBlockPanels) {
       const int64_t p1 = std::min(i1, p0 + kBlockPanels), p2 = std::min(i1, p1 + kBlockPanels);
-      pack_a_block(p0 * kMr, std::min(M, p1 * kMr), kc, a, Ap);
+      pack_a_block<kGelu>(p0 * kMr, std::min(M, p1 * kMr), kc, a, Ap);
       Prefetch pf;  // the next block's rows of A: kc rows of its columns
       if (p2 > p1) {
         const int64_t first = p1 * kMr, last = std::min(M, p2 * kMr);
@@ -235,7 +263,8 @@ void run_panels(int64_t i0, int64_t i1, int64_t M, int64_t nc, int64_t kc, Strid
       }
       for (int64_t panel = p0; panel < p1; ++panel) {
         const int64_t i = panel * kMr, r = std::min(kMr, M - i);
-        kKernels[r](kc, nc, Ap + (panel - p0) * kMr * kc, Bp, C + i * ldc, ldc, add, bias, pf);
+        kKernels[r](kc, nc, Ap + (panel - p0) * kMr * kc, Bp, C + i * ldc, ldc, add, e.bias,
+                    e.dg ? e.dg + i * e.ldg : nullptr, e.ldg, pf);
       }
     }
     return;
@@ -243,7 +272,7 @@ void run_panels(int64_t i0, int64_t i1, int64_t M, int64_t nc, int64_t kc, Strid
   float* Ap = a_buffer.get(kMr * kc);
   for (int64_t panel = i0; panel < i1; ++panel) {
     const int64_t i = panel * kMr, r = std::min(kMr, M - i);
-    pack_a(r, kc, {a.p + i * a.rs, a.rs, a.cs}, Ap);
+    pack_a<kGelu>(r, kc, {a.p + i * a.rs, a.rs, a.cs}, Ap);
     Prefetch pf;  // the next panel's rows of A
     if (panel + 1 < i1 && a.cs == 1) {
       pf.row = reinterpret_cast<const char*>(a.p + (i + kMr) * a.rs);
@@ -251,8 +280,14 @@ void run_panels(int64_t i0, int64_t i1, int64_t M, int64_t nc, int64_t kc, Strid
       pf.lines = (kc + 15) / 16 + 1;
       pf.rows = std::min(kMr, M - i - kMr);
     }
-    kKernels[r](kc, nc, Ap, Bp, C + i * ldc, ldc, add, bias, pf);
+    kKernels[r](kc, nc, Ap, Bp, C + i * ldc, ldc, add, e.bias, e.dg ? e.dg + i * e.ldg : nullptr, e.ldg, pf);
   }
+}
+
+// GELU'(x) for one float (the K = 0 corner only).
+float gelu_grad(float x) {
+  const double cdf = 0.5 * (1.0 + std::erf(x * 0.70710678118654752));
+  return static_cast<float>(cdf + x * std::exp(-0.5 * x * x) * 0.39894228040143268);
 }
 
 }  // namespace
@@ -266,11 +301,15 @@ bool gemm_f32_available() {
 }
 
 void gemm_f32(int64_t M, int64_t N, int64_t K, StridedMatrix a, StridedMatrix b, float* C, int64_t ldc,
-              bool accumulate, const float* bias) {
+              bool accumulate, const float* bias, const GemmExtras& extras) {
   if (M <= 0 || N <= 0) return;
-  if (K == 0) {  // no products: C = (C +) bias
+  if (K == 0) {  // no products: C = ((C +) bias) * GELU'(X)
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = (accumulate ? C[m * ldc + n] : 0.0f) + (bias ? bias[n] : 0.0f);
+      for (int64_t n = 0; n < N; ++n) {
+        float c = (accumulate ? C[m * ldc + n] : 0.0f) + (bias ? bias[n] : 0.0f);
+        if (extras.gelu_grad_at) c *= gelu_grad(extras.gelu_grad_at[m * extras.ld_gelu_grad + n]);
+        C[m * ldc + n] = c;
+      }
     return;
   }
   thread_local Buffer b_buffer;
@@ -278,15 +317,19 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, StridedMatrix a, StridedMatrix b,
   const int64_t block_k = a.cs == 1 && a.rs != 1 ? kKcT : kKc;
   for (int64_t k0 = 0; k0 < K; k0 += block_k) {
     const int64_t kc = std::min(block_k, K - k0);
-    const bool add = accumulate || k0 > 0;
+    const bool add = accumulate || k0 > 0, last = k0 + kc == K;
     const StridedMatrix ak{a.p + k0 * a.cs, a.rs, a.cs};
     for (int64_t n0 = 0; n0 < N; n0 += kNc) {
       const int64_t nc = std::min(kNc, N - n0);
       float* Bp = b_buffer.get(kc * ((nc + kNr - 1) / kNr) * kNr);
       pack_b(kc, nc, {b.p + k0 * b.rs + n0 * b.cs, b.rs, b.cs}, Bp);
-      const float* bias_n = bias && k0 == 0 ? bias + n0 : nullptr;
+      const Epilogue e{bias && k0 == 0 ? bias + n0 : nullptr,
+                       extras.gelu_grad_at && last ? extras.gelu_grad_at + n0 : nullptr, extras.ld_gelu_grad};
       at::parallel_for(0, panels, 1, [&](int64_t i0, int64_t i1) {
-        run_panels(i0, i1, M, nc, kc, ak, Bp, C + n0, ldc, add, bias_n);
+        if (extras.gelu_a)
+          run_panels<true>(i0, i1, M, nc, kc, ak, Bp, C + n0, ldc, add, e);
+        else
+          run_panels<false>(i0, i1, M, nc, kc, ak, Bp, C + n0, ldc, add, e);
       });
     }
   }

@@ -17,6 +17,16 @@ struct StridedMatrix {
   int64_t rs, cs;
 };
 
+// Elementwise work a product can do on the way instead of in passes of its own over memory:
+// - gelu_a: A's values go through GELU (the exact form) as they are packed: C = GELU(A) B;
+// - gelu_grad_at: C's values are multiplied by GELU'(X[m, n]) as they are stored, X read with
+//   row stride ld_gelu_grad: C = (A B) * GELU'(X), GELU's backward pass after the product.
+struct GemmExtras {
+  bool gelu_a = false;
+  const float* gelu_grad_at = nullptr;
+  int64_t ld_gelu_grad = 0;
+};
+
 // True on CPUs with AVX-512 F (the only instruction set gemm_f32 has a kernel for).
 bool gemm_f32_available();
 
@@ -24,6 +34,6 @@ bool gemm_f32_available();
 // C's rows ldc floats apart. Runs on the intra-op threads (panels of A side by side) unless
 // called inside a parallel region or on one thread. M, N >= 1, K >= 0.
 void gemm_f32(int64_t M, int64_t N, int64_t K, StridedMatrix a, StridedMatrix b, float* C, int64_t ldc,
-              bool accumulate, const float* bias);
+              bool accumulate, const float* bias, const GemmExtras& extras = {});
 
 }  // namespace microdit::kernels::cpu

@@ -283,6 +283,7 @@ Tensor moe_combine(const Tensor& P, const Tensor& h, const Tensor& g) {
 }
 
 Tensor gelu_bmm(Tensor a, const Tensor& w, bool recompute) {
+  if (gelu_bmm_fused_applies(a, w)) return gelu_bmm_fused(a, w);  // GELU inside the products
   if (!at::GradMode::is_enabled()) return microdit::bmm(at::gelu_(a), w);  // no autograd: in place
   if (!recompute) return microdit::bmm(at::gelu(a), w);
   return GeluBmmFn::apply(a, w, compute_dtype(a));

@@ -1,0 +1,64 @@
+// Functions of 16 floats for the AVX-512 kernels (kernels/attention_cpu.cpp,
+// kernels/gemm_cpu.cpp), inlined into callers compiled for AVX-512 F/BW/VL/DQ and FMA.
+#pragma once
+#include <immintrin.h>
+
+#include "kernels/cpu_math.h"
+
+namespace microdit::kernels::cpu {
+
+#define MD_AVX512_MATH inline __attribute__((always_inline, target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// exp of 16 floats: exp_poly's Cephes polynomial (kernels/cpu_math.h) with fused multiply-adds.
+MD_AVX512_MATH __m512 exp16(__m512 x) {
+  using E = ExpPoly;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(E::lo)), _mm512_set1_ps(E::hi));
+  const __m512 round = _mm512_set1_ps(E::round);
+  const __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(E::log2e), round);
+  const __m512 n = _mm512_sub_ps(t, round);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_hi), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(E::ln2_lo), r);
+  __m512 p = _mm512_set1_ps(E::c[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(E::c[i]));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(E::exponent_bias)), 23);  // 2^n
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// Phi(x) = (1 + erf(x / sqrt 2)) / 2, the standard normal CDF, and exp(-x^2 / 2) in `gauss`.
+// erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7), as ATen's vectorised erf:
+// erf(z) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z), z >= 0.
+MD_AVX512_MATH __m512 normal_cdf16(__m512 x, __m512& gauss) {
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
+  // t = 1 / (1 + p z): the 14-bit reciprocal and one Newton step (relative error ~1e-8; a
+  // division costs several times more).
+  const __m512 den = _mm512_fmadd_ps(z, _mm512_set1_ps(0.3275911f), _mm512_set1_ps(1.0f));
+  __m512 t = _mm512_rcp14_ps(den);
+  t = _mm512_mul_ps(t, _mm512_fnmadd_ps(den, t, _mm512_set1_ps(2.0f)));
+  __m512 q = _mm512_set1_ps(1.061405429f);
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-1.453152027f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.421413741f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(-0.284496736f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(0.254829592f));
+  gauss = exp16(_mm512_mul_ps(_mm512_mul_ps(x, x), _mm512_set1_ps(-0.5f)));
+  const __m512 erfc_half = _mm512_mul_ps(_mm512_mul_ps(q, t), _mm512_mul_ps(gauss, _mm512_set1_ps(0.5f)));  // (1 - erf(z)) / 2
+  // x >= 0: 1 - erfc_half; x < 0: erfc_half.
+  const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.0f), erfc_half), erfc_half);
+}
+
+// GELU (the exact form, x Phi(x), LibTorch's default) of 16 floats.
+MD_AVX512_MATH __m512 gelu16(__m512 x) {
+  __m512 gauss;
+  return _mm512_mul_ps(x, normal_cdf16(x, gauss));
+}
+
+// GELU's derivative, Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi), of 16 floats.
+MD_AVX512_MATH __m512 gelu_grad16(__m512 x) {
+  __m512 gauss;
+  const __m512 cdf = normal_cdf16(x, gauss);
+  return _mm512_fmadd_ps(_mm512_mul_ps(x, gauss), _mm512_set1_ps(0.39894228040143268f), cdf);
+}
+
+}  // namespace microdit::kernels::cpu
