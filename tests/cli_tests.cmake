@@ -80,7 +80,7 @@ md_error_test(cli.bench_negative_profile "--profile must be >= 0, got -1" bench 
 md_error_test(cli.bench_no_profile_rows "--profile-rows must be >= 1, got 0" bench --profile-rows 0 --device cpu)
 md_error_test(cli.bench_cuda_graph_on_cpu "--cuda-graph needs --device cuda" bench --cuda-graph --device cpu)
 md_error_test(cli.bench_bad_sdpa "--sdpa must be flash, cudnn, efficient or math, got 'fast'" bench --sdpa fast --device cpu)
-md_error_test(cli.bad_cpu_matmul "--cpu-matmul: expected auto, onednn or mkl, got 'blas'" bench --cpu-matmul blas --device cpu)
+md_error_test(cli.bad_cpu_matmul "--cpu-matmul: expected auto, onednn, mkl or microdit, got 'blas'" bench --cpu-matmul blas --device cpu)
 md_error_test(cli.bad_cpu_attention "--cpu-attention: expected auto, float32, aten-float32 or bf16, got .half." bench --cpu-attention half --device cpu)
 md_error_test(cli.bad_moe_dispatch "--moe-dispatch: expected auto, index, gemm or gather, got .scatter." bench --moe-dispatch scatter --device cpu)
 md_error_test(cli.bench_memory_not_for_sampling "--memory reports a training step" bench --sample --memory --device cpu)

@@ -1,0 +1,90 @@
+// Microbenchmarks of float32 CPU products at the shapes of a Nano training step on one CPU
+// worker (16 images: 4,096 rows in the patch mixer, 1,024 in the backbone), on one thread as a
+// worker runs: microdit's own kernels (kernels/gemm_cpu.h) against MKL (at::mm), for the three
+// products of a linear layer (y = x W^T, dx = dy W, dW = dy^T x).
+//   build/microdit_bench --benchmark_filter=Gemm
+// GemmGelu times the expert FFN's second product with GELU on its input: inside the product
+// (packed through GELU) against LibTorch's gelu, then the product. The figures are in
+// docs/performance.md.
+#include <ATen/Parallel.h>
+#include <benchmark/benchmark.h>
+#include <torch/torch.h>
+
+#include "kernels/gemm_cpu.h"
+
+namespace {
+
+namespace kc = microdit::kernels::cpu;
+
+enum Layout { kForward, kInputGrad, kWeightGrad };
+
+// rows x in -> out: the operands of one of the layer's products, as the model lays them out.
+void Gemm(benchmark::State& state, bool own) {
+  if (own && !kc::gemm_f32_available()) {
+    state.SkipWithError("no AVX-512 on this CPU");
+    return;
+  }
+  const auto layout = static_cast<Layout>(state.range(0));
+  const int64_t rows = state.range(1), in = state.range(2), out = state.range(3);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  torch::manual_seed(0);
+  const auto x = torch::randn({rows, in}), w = torch::randn({out, in}), dy = torch::randn({rows, out});
+  // C (M, N) = A (M, K) B (K, N) for the layout.
+  const auto A = layout == kForward ? x : layout == kInputGrad ? dy : dy.t();
+  const auto B = layout == kForward ? w.t() : layout == kInputGrad ? w : x;
+  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  auto C = torch::empty({M, N});
+  for (auto _ : state) {
+    if (own) {
+      kc::gemm_f32(M, N, K, {A.data_ptr<float>(), A.stride(0), A.stride(1)}, {B.data_ptr<float>(), B.stride(0), B.stride(1)},
+                   C.data_ptr<float>(), N, false, nullptr);
+    } else {
+      at::mm_out(C, A, B);
+    }
+    benchmark::DoNotOptimize(C.data_ptr());
+  }
+  at::set_num_threads(threads);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * static_cast<double>(M * N * K) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+
+void Shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"layout", "rows", "in", "out"})->Unit(benchmark::kMicrosecond);
+  for (int layout : {kForward, kInputGrad, kWeightGrad}) {
+    b->Args({layout, 4096, 256, 768});   // the mixer's qkv
+    b->Args({layout, 4096, 256, 256});   // the mixer's projection
+    b->Args({layout, 1024, 256, 1024});  // an expert's first layer (a token per row)
+    b->Args({layout, 1024, 1024, 256});  // an expert's second layer
+  }
+}
+
+// GELU(a) @ w for one expert (1,024 tokens, 1,024 hidden, 256 out).
+void GemmGelu(benchmark::State& state, bool fused) {
+  if (!kc::gemm_f32_available()) {
+    state.SkipWithError("no AVX-512 on this CPU");
+    return;
+  }
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  torch::manual_seed(0);
+  const auto a = torch::randn({1024, 1024}), w = torch::randn({1024, 256});
+  auto C = torch::empty({1024, 256});
+  for (auto _ : state) {
+    const auto h = fused ? a : at::gelu(a);
+    kc::GemmExtras extras;
+    extras.gelu_a = fused;
+    kc::gemm_f32(1024, 256, 1024, {h.data_ptr<float>(), 1024, 1}, {w.data_ptr<float>(), 256, 1}, C.data_ptr<float>(),
+                 256, false, nullptr, extras);
+    benchmark::DoNotOptimize(C.data_ptr());
+  }
+  at::set_num_threads(threads);
+}
+
+}  // namespace
+
+BENCHMARK_CAPTURE(Gemm, microdit, true)->Apply(Shapes);
+BENCHMARK_CAPTURE(Gemm, mkl, false)->Apply(Shapes);
+BENCHMARK_CAPTURE(GemmGelu, fused, true)->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(GemmGelu, libtorch_gelu_first, false)->Unit(benchmark::kMicrosecond);
