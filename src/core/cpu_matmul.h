@@ -34,6 +34,7 @@ CpuMatmul cpu_fp32_matmul();
 // Xeon), so those products go to MKL (LibTorch's ATen operators) even in that mode. The
 // setter is for tests, which make every product take microdit's kernels.
 constexpr int64_t kOwnMinColumns = 256;
+constexpr int64_t kOwnMinRows = 128;  // and rows and depth (K), or own_min_columns() if lower
 void set_own_min_columns(int64_t n);
 int64_t own_min_columns();
 // kOwn on Intel CPUs with AVX-512, kMkl on other Intel CPUs, kOneDnn on the others (AMD's
@@ -56,7 +57,8 @@ at::Tensor bmm(const at::Tensor& a, const at::Tensor& b);
 // taken as a's panels are packed (in the forward pass, and again for w's gradient) and GELU'
 // as a's gradient is stored, so neither GELU(a) nor the gradient before GELU' is ever written
 // to memory. Applies to float32 CPU tensors, a contiguous, under --cpu-matmul microdit, outside
-// autocast, with d >= own_min_columns(); elsewhere the caller runs the plain operators.
+// autocast, for products microdit's kernels take (d columns, M rows and n deep, as above);
+// elsewhere the caller runs the plain operators.
 bool gelu_bmm_fused_applies(const at::Tensor& a, const at::Tensor& w);
 at::Tensor gelu_bmm_fused(const at::Tensor& a, const at::Tensor& w);
 

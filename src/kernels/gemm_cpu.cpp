@@ -26,7 +26,7 @@ namespace microdit::kernels::cpu {
 
 namespace {
 
-#define MD_GEMM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#define MD_GEMM_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,prfchw")))
 #define MD_GEMM_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kMr = 14;    // rows of A per panel: 28 accumulators + 2 of B's vectors
@@ -72,10 +72,20 @@ MD_GEMM_TARGET void kernel(int64_t K, int64_t nc, const float* __restrict Ap, co
   int64_t pf_line = pf.line, pf_rows = pf.rows;
   for (int64_t j = 0; j < nc; j += kNr, Bp += K * kNr) {
     const __mmask16 m0 = low_lanes(nc - j), m1 = low_lanes(nc - j - 16);
+    // The next tile's lines of C (and of dg): this panel's next 32 columns, or after the last
+    // tile the first 32 columns of the next panel's rows (the next call's first tile). Written
+    // with write intent, one line per k over the first k, so that the stores below find them.
+    const int64_t next = j + kNr < nc ? j + kNr : R * ldc;
+    const char* c_next = reinterpret_cast<const char*>(C + next);
+    const char* g_next = dg ? reinterpret_cast<const char*>(dg + (j + kNr < nc ? j + kNr : R * ldg)) : nullptr;
     __m512 acc[R][2];
 #pragma GCC unroll 14
     for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; ++k) {
+      if (k < 2 * R) {
+        __builtin_prefetch(c_next + (k >> 1) * ldc * 4 + (k & 1) * 64, 1, 3);
+        if (g_next) __builtin_prefetch(g_next + (k >> 1) * ldg * 4 + (k & 1) * 64, 0, 3);
+      }
       if (pf_rows > 0) {
         _mm_prefetch(pf_row + pf_line * 64, _MM_HINT_T0);
         if (++pf_line == pf.lines) {
@@ -201,16 +211,30 @@ MD_GEMM_TARGET void pack_a_block(int64_t m0, int64_t m1, int64_t kc, StridedMatr
 
 // Bp[(j / kNr) * kc * kNr + k * kNr + j % kNr] = B(k, j) for j < nc, zero up to the panel's end.
 MD_GEMM_TARGET void pack_b(int64_t kc, int64_t nc, StridedMatrix b, float* Bp) {
+  if (b.cs == 1) {  // rows contiguous in n: row by row, each row's pieces to every panel (reading
+                    // along the rows keeps the hardware prefetchers ahead; panel by panel would
+                    // read 128 bytes of each row, rows apart, and miss on every one)
+    const int64_t full = nc / kNr * kNr;
+    const __mmask16 m0 = low_lanes(nc - full), m1 = low_lanes(nc - full - 16);
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = b.p + k * b.rs;
+      float* dst = Bp + k * kNr;
+      int64_t n0 = 0;
+      for (; n0 < full; n0 += kNr, dst += kc * kNr) {
+        _mm512_store_ps(dst, _mm512_loadu_ps(src + n0));
+        _mm512_store_ps(dst + 16, _mm512_loadu_ps(src + n0 + 16));
+      }
+      if (n0 < nc) {
+        _mm512_store_ps(dst, _mm512_maskz_loadu_ps(m0, src + n0));
+        _mm512_store_ps(dst + 16, _mm512_maskz_loadu_ps(m1, src + n0 + 16));
+      }
+    }
+    return;
+  }
   for (int64_t n0 = 0; n0 < nc; n0 += kNr) {
     const int64_t w = std::min(kNr, nc - n0);
     float* dst = Bp + n0 * kc;
-    if (b.cs == 1) {  // rows contiguous in n: a copy per k
-      const __mmask16 m0 = low_lanes(w), m1 = low_lanes(w - 16);
-      for (int64_t k = 0; k < kc; ++k) {
-        _mm512_store_ps(dst + k * kNr, _mm512_maskz_loadu_ps(m0, b.p + k * b.rs + n0));
-        _mm512_store_ps(dst + k * kNr + 16, _mm512_maskz_loadu_ps(m1, b.p + k * b.rs + n0 + 16));
-      }
-    } else if (b.rs == 1) {  // columns contiguous in k (a weight W[n, k] as W^T): transpose
+    if (b.rs == 1) {  // columns contiguous in k (a weight W[n, k] as W^T): transpose
       for (int64_t k = 0; k < kc; k += 16) {
         const int64_t h = std::min<int64_t>(16, kc - k);
         const __mmask16 ks = low_lanes(h);
