@@ -330,3 +330,23 @@ TEST(GemmF32, GeluBmmEqualsGeluThenBmm) {
     EXPECT_LT(worst(gelu_bmm_fused(a0, w0), yd.detach()), 2e-6);
   }
 }
+
+// GELU value by value (through an identity w, so each output is GELU of one input): the
+// rational erf of kernels/avx512_math.h against float64 erf over [-12, 12], the tails and zero
+// included. Error below 4e-7 max(1, |x|) (the fit's float32 error is 3.2e-7), relative below
+// 1e-6 for x >= 1e-3, where GELU(x) ~ x. On the negative tail, where GELU(x) -> 0, the bound is
+// absolute: 1 + erf cancels there (GELU(-12) comes out near -7e-7 instead of -0).
+TEST(GemmF32, GeluMatchesFloat64Erf) {
+  if (!kernels::cpu::gemm_f32_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  MatmulMode m(CpuMatmul::kOwn);
+  OwnEverywhere own;
+  const int64_t n = 64;
+  const auto x = torch::linspace(-12, 12, 4096 * n / 64).reshape({1, -1, n});  // (1, 4096, 64)
+  const auto y = gelu_bmm_fused(x, torch::eye(n).unsqueeze(0));
+  const auto xd = x.to(torch::kDouble), ref = at::gelu(xd);
+  const auto err = (y.to(torch::kDouble) - ref).abs();
+  EXPECT_LT((err / xd.abs().clamp_min(1.0)).max().item<double>(), 4e-7);
+  const auto pos = xd > 1e-3;
+  EXPECT_LT((err.masked_select(pos) / ref.masked_select(pos)).max().item<double>(), 1e-6);
+  EXPECT_LT(y.masked_select(x < -6).abs().max().item<float>(), 1e-6);
+}

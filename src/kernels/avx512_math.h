@@ -48,10 +48,36 @@ MD_AVX512_MATH __m512 normal_cdf16(__m512 x, __m512& gauss) {
   return _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.0f), erfc_half), erfc_half);
 }
 
-// GELU (the exact form, x Phi(x), LibTorch's default) of 16 floats.
+// erf(z) of 16 floats without exp: z P(z^2) / Q(z^2) on z clamped to [-4, 4] (erf(4) is 1 in
+// float32), P of degree 6 and Q of degree 5 fitted by microdit (`tools/fit_erf.py 4.0 6 5`: weighted
+// least squares iterated towards the minimax error). Absolute error below 3e-7 evaluated in
+// float32 (A&S 7.1.26 above: 1.5e-7 before rounding), in 22 operations instead of 35.
+MD_AVX512_MATH __m512 erf_rational16(__m512 z) {
+  z = _mm512_min_ps(_mm512_max_ps(z, _mm512_set1_ps(-4.0f)), _mm512_set1_ps(4.0f));
+  const __m512 t = _mm512_mul_ps(z, z);
+  __m512 p = _mm512_set1_ps(-1.3666642928455985e-08f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(4.7805137910472695e-06f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(3.826912143267691e-04f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(3.839523531496525e-03f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(5.4332565516233444e-02f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.847102791070938e-01f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.128379225730896f));
+  __m512 q = _mm512_set1_ps(6.400902930181473e-05f);
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.309576560743153e-03f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.5453501604497433e-02f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.1382625997066498e-01f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(4.9702876806259155e-01f));
+  q = _mm512_fmadd_ps(q, t, _mm512_set1_ps(1.0f));
+  // 1 / Q: the 14-bit reciprocal and one Newton step (Q >= 1).
+  __m512 r = _mm512_rcp14_ps(q);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(q, r, _mm512_set1_ps(2.0f)));
+  return _mm512_mul_ps(_mm512_mul_ps(z, p), r);
+}
+
+// GELU (the exact form, x Phi(x), LibTorch's default) of 16 floats: Phi(x) = (1 + erf(x / sqrt 2)) / 2.
 MD_AVX512_MATH __m512 gelu16(__m512 x) {
-  __m512 gauss;
-  return _mm512_mul_ps(x, normal_cdf16(x, gauss));
+  const __m512 e = erf_rational16(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+  return _mm512_mul_ps(x, _mm512_fmadd_ps(e, _mm512_set1_ps(0.5f), _mm512_set1_ps(0.5f)));
 }
 
 // GELU's derivative, Phi(x) + x exp(-x^2 / 2) / sqrt(2 pi), of 16 floats.
