@@ -4,8 +4,8 @@
 //   K in blocks of kKc rows, N in blocks of kNc columns: B's block is packed into panels of
 //     kNr columns, each panel kc x 32 floats (32 KB, stays in L1 while A's panels pass by);
 //   A in panels of kMr rows (on the intra-op threads side by side): a panel is packed k-major
-//     (kMr floats per k, or 16 with padding, so the kernel broadcasts consecutive floats), and the rows of the next
-//     panel are prefetched during the first kernels that use this one;
+//     (kMr floats per k, or 16 with padding, so the kernel broadcasts consecutive floats), and
+//     the rows of the next panel are prefetched during the first kernels that use this one;
 //   B's panels: one 14 x 32 kernel each, C's tile written (or added to) once per K block.
 // Packing transposes where an operand's rows are contiguous in K (x and dY in a linear layer's
 // product and input gradient), 16 x 16 floats at a time in registers, and copies otherwise.
@@ -30,8 +30,9 @@ namespace {
 #define MD_GEMM_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kMr = 14;    // rows of A per panel: 28 accumulators + 2 of B's vectors
-// Floats per k in A's packed panel: kMr where the packing transposes (its 768 rows of K then
-// stay within L1: 43 KB), else padded to 16, one aligned vector (8 % faster copies).
+// Floats per k in A's packed panel: kMr where the packing transposes (a panel of 768 rows of K
+// then stays within L1: 43 KB; padded, those products lost 5 %), else padded to 16 so that the
+// copies store whole aligned vectors (weight gradients +3 %).
 constexpr int64_t kAsT = kMr, kAs = 16;
 constexpr int64_t kNr = 32;    // columns of B per panel: two vectors
 constexpr int64_t kKc = 256;   // rows of K per block: A's panel 14 KB, B's panel 32 KB
