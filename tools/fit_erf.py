@@ -3,8 +3,9 @@
 erf(z) ~ z P(z^2) / Q(z^2) on [0, zmax] (odd, so the fit holds on [-zmax, zmax]), P of degree
 p and Q of degree q with Q(0) = 1. Linear least squares on z P - erf(z) Q, weighted by 1 / Q of the
 previous pass (Sanathanan-Koerner) and, after ten passes, by the error (Lawson) to push towards
-the minimax fit; the best pass is kept. Prints the error in float64 and as float32 evaluates it
-(Horner, z clamped to zmax), and the float32 coefficients, lowest degree first.
+the minimax fit; the best pass is kept. Prints the largest error in float64 and as the kernel
+computes it in float32 (Horner, z clamped to zmax), then the float32 coefficients, lowest degree
+first, as they appear in the kernel.
 
     .venv/bin/python tools/fit_erf.py 4.0 6 5
 """

@@ -170,6 +170,10 @@ MD_GEMM_TARGET MD_GEMM_INLINE void transpose16(__m512 (&r)[16]) {
   }
 }
 
+// Whether pack_a transposes A (its rows run along K), which also sets its panels' floats per k
+// (kAsT, else kAs): the kernel run_panels picks must agree.
+MD_GEMM_INLINE bool transposed_pack(const StridedMatrix& a) { return a.cs == 1; }
+
 // A's values as packed: GELU(v) with kGelu, else v.
 template <bool kGelu>
 MD_GEMM_TARGET MD_GEMM_INLINE __m512 prologue(__m512 v) {
@@ -182,7 +186,7 @@ MD_GEMM_TARGET MD_GEMM_INLINE __m512 prologue(__m512 v) {
 template <bool kGelu>
 MD_GEMM_TARGET void pack_a(int64_t r, int64_t kc, StridedMatrix a, float* Ap) {
   const __mmask16 rows = low_lanes(r);
-  if (a.cs == 1) {  // rows contiguous in k: transpose 16 k at a time
+  if (transposed_pack(a)) {  // rows contiguous in k: transpose 16 k at a time
     for (int64_t k = 0; k < kc; k += 16) {
       const int64_t w = std::min<int64_t>(16, kc - k);
       const __mmask16 cols = low_lanes(w);
@@ -305,13 +309,13 @@ void run_panels(int64_t i0, int64_t i1, int64_t M, int64_t nc, int64_t kc, Strid
     const int64_t i = panel * kMr, r = std::min(kMr, M - i);
     pack_a<kGelu>(r, kc, {a.p + i * a.rs, a.rs, a.cs}, Ap);
     Prefetch pf;  // the next panel's rows of A
-    if (panel + 1 < i1 && a.cs == 1) {
+    if (panel + 1 < i1 && transposed_pack(a)) {
       pf.row = reinterpret_cast<const char*>(a.p + (i + kMr) * a.rs);
       pf.stride = a.rs * 4;
       pf.lines = (kc + 15) / 16 + 1;
       pf.rows = std::min(kMr, M - i - kMr);
     }
-    (a.cs == 1 ? kKernels<kAsT> : kKernels<kAs>)[r](kc, nc, Ap, Bp, C + i * ldc, ldc, add, e.bias,
+    (transposed_pack(a) ? kKernels<kAsT> : kKernels<kAs>)[r](kc, nc, Ap, Bp, C + i * ldc, ldc, add, e.bias,
                                                     e.dg ? e.dg + i * e.ldg : nullptr, e.ldg, pf);
   }
 }
