@@ -133,6 +133,51 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
   }
 }
 
+// The CPU's one pass for dx and the parameter gradients' per-sample sums gives what its two
+// passes give, value for value: with and without the residual gradient and the modulation, one
+// thread and two (whole samples to each), and at widths the one pass does not take (d % 16 != 0).
+TEST(Fused, LayerNormBackwardOnePassEqualsTwoPasses) {
+  const int threads = at::get_num_threads();
+  for (const int nthreads : {1, 2}) {
+    at::set_num_threads(nthreads);
+    for (const int64_t d : {256, 64, 100}) {
+      for (const bool mod : {true, false}) {
+        for (const bool res : {true, false}) {
+          SCOPED_TRACE("threads " + std::to_string(nthreads) + ", d " + std::to_string(d) + (mod ? ", modulation" : "") +
+                       (res ? ", residual gradient" : ""));
+          torch::manual_seed(3);
+          const int64_t B = 5, T = 19, rows = B * T;
+          auto x = torch::randn({rows, d}) * 2 + 0.3, dy = torch::randn({rows, d}), dres = torch::randn({rows, d});
+          auto w = 1 + 0.3 * torch::randn({d}), scale = 0.2 * torch::randn({B, d});
+          auto mean = x.mean(1).contiguous(), rstd = (x.var(1, false) + 1e-6).rsqrt().contiguous();
+          using kernels::DType;
+          const float* wp = w.data_ptr<float>();
+          const void* sp = mod ? scale.data_ptr() : nullptr;
+          const void* rp = res ? dres.data_ptr() : nullptr;
+          auto dx2 = torch::empty_like(x), s0 = torch::zeros({B, d}), s1 = torch::zeros({B, d});
+          kernels::cpu::modln_backward_dx(dy.data_ptr(), DType::f32, x.data_ptr(), d, DType::f32, wp, sp,
+                                          mean.data_ptr<float>(), rstd.data_ptr<float>(), dx2.data_ptr(), d, DType::f32,
+                                          rp, rows, T, d);
+          kernels::cpu::modln_backward_sums(dy.data_ptr(), DType::f32, x.data_ptr(), d, DType::f32,
+                                            mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(),
+                                            s1.data_ptr<float>(), B, T, d);
+          auto dx1 = torch::empty_like(x), t0 = torch::zeros({B, d}), t1 = torch::zeros({B, d});
+          kernels::cpu::modln_backward_dx_sums(dy.data_ptr(), DType::f32, x.data_ptr(), d, DType::f32, wp, sp,
+                                               mean.data_ptr<float>(), rstd.data_ptr<float>(), dx1.data_ptr(), d,
+                                               DType::f32, rp, t0.data_ptr<float>(), t1.data_ptr<float>(), B, T, d);
+          EXPECT_TRUE(torch::equal(dx1, dx2)) << "dx";
+          // The same terms added in the same order, each dy xhat fused into its add as GCC
+          // contracts the two passes' loop.
+          EXPECT_TRUE(torch::equal(t0, s0)) << "sum dy";
+          EXPECT_TRUE(torch::equal(t1, s1)) << "sum dy xhat";
+          EXPECT_GT(s1.abs().max().item<double>(), 0.0);
+        }
+      }
+    }
+  }
+  at::set_num_threads(threads);
+}
+
 TEST(Fused, GatedResidualMatchesFloat64) {
   using Types = std::pair<at::ScalarType, at::ScalarType>;  // x (and out); gate and h
   for (const auto& target : targets())

@@ -122,6 +122,12 @@ void modln_backward_dx(const void* dy, DType yt, const void* xs, int64_t lds, DT
 void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, DType st,
                          const float* mean, const float* rstd, float* s0, float* s1, int64_t B,
                          int64_t T, int64_t d);
+// Both: dx as modln_backward_dx (rows = B T) and the sums as modln_backward_sums (s0, s1 zeroed
+// by the caller), the same values, in one pass over dy and xs where float32_rows_apply(d) and
+// every dtype is float32 (otherwise the two passes).
+void modln_backward_dx_sums(const void* dy, DType yt, const void* xs, int64_t lds, DType st, const float* w,
+                            const void* scale, const float* mean, const float* rstd, void* dx, int64_t ldx,
+                            DType xt, const void* dres, float* s0, float* s1, int64_t B, int64_t T, int64_t d);
 // sigmoid through a polynomial exp that vectorizes (Cephes' expf, about 1 ulp), its argument
 // clamped to [-87, 88]: that moves silu(u) by less than 1e-35.
 void swiglu_forward(const void* u, const void* v, void* p, DType t, int64_t n);

@@ -92,6 +92,7 @@ struct LnDx {
   int64_t ldx;
   const void* dres;  // null, or rows x d (contiguous, dx's dtype) added to dx
   int64_t T, d;
+  float *s0 = nullptr, *s1 = nullptr;  // (B, d): modln_backward_dx_sums' per-sample sums, added to here
 };
 struct LnSums {
   const void *dy, *xs;
@@ -454,7 +455,17 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
 // The float32 dx pass in AVX-512 for rows of whole vectors, as modln_fwd_f32_avx512 is to the
 // generic forward body: g = dy * (w (1 + scale[b])), xhat and both means in one pass over the
 // row (two vector accumulators each), dx in a second.
-MD_AVX512 void modln_dx_f32_avx512(const LnDx& a, int64_t r0, int64_t r1) {
+// With kSums, the same pass adds the per-sample sums of modln_sums_samples to a.s0, a.s1 (rows
+// r0..r1 then whole samples, in order: the same additions as that pass, which then need not read
+// dy and xs again).
+// s0 += dy, s1 += dy xhat over 16 columns.
+MD_AVX512 inline __attribute__((always_inline)) void add_sums(float* s0, float* s1, __m512 dy, __m512 xh) {
+  _mm512_storeu_ps(s0, _mm512_add_ps(_mm512_loadu_ps(s0), dy));
+  _mm512_storeu_ps(s1, _mm512_fmadd_ps(dy, xh, _mm512_loadu_ps(s1)));
+}
+
+template <bool kSums>
+MD_AVX512 void modln_dx_f32_avx512_rows(const LnDx& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
   const float* __restrict scale = static_cast<const float*>(a.scale);
   const float* __restrict w = a.w;
@@ -476,11 +487,17 @@ MD_AVX512 void modln_dx_f32_avx512(const LnDx& a, int64_t r0, int64_t r1) {
     const __m512 mu = _mm512_set1_ps(a.mean[r]), rs = _mm512_set1_ps(a.rstd[r]);
     __m512 g0 = _mm512_setzero_ps(), g1 = g0, q0 = g0, q1 = g0;
     int64_t j = 0;
+    float *__restrict s0 = kSums ? a.s0 + b * d : nullptr, *__restrict s1 = kSums ? a.s1 + b * d : nullptr;
     for (; j + 32 <= d; j += 32) {
-      const __m512 ga = _mm512_mul_ps(_mm512_loadu_ps(dyr + j), _mm512_loadu_ps(m + j));
-      const __m512 gb = _mm512_mul_ps(_mm512_loadu_ps(dyr + j + 16), _mm512_loadu_ps(m + j + 16));
+      const __m512 dya = _mm512_loadu_ps(dyr + j), dyb = _mm512_loadu_ps(dyr + j + 16);
+      const __m512 ga = _mm512_mul_ps(dya, _mm512_loadu_ps(m + j));
+      const __m512 gb = _mm512_mul_ps(dyb, _mm512_loadu_ps(m + j + 16));
       const __m512 xa = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + j), mu), rs);
       const __m512 xb = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + j + 16), mu), rs);
+      if constexpr (kSums) {
+        add_sums(s0 + j, s1 + j, dya, xa);
+        add_sums(s0 + j + 16, s1 + j + 16, dyb, xb);
+      }
       g0 = _mm512_add_ps(g0, ga);
       g1 = _mm512_add_ps(g1, gb);
       q0 = _mm512_fmadd_ps(ga, xa, q0);
@@ -491,8 +508,10 @@ MD_AVX512 void modln_dx_f32_avx512(const LnDx& a, int64_t r0, int64_t r1) {
       _mm512_storeu_ps(xh + j + 16, xb);
     }
     if (j < d) {
-      const __m512 ga = _mm512_mul_ps(_mm512_loadu_ps(dyr + j), _mm512_loadu_ps(m + j));
+      const __m512 dya = _mm512_loadu_ps(dyr + j);
+      const __m512 ga = _mm512_mul_ps(dya, _mm512_loadu_ps(m + j));
       const __m512 xa = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(xr + j), mu), rs);
+      if constexpr (kSums) add_sums(s0 + j, s1 + j, dya, xa);
       g0 = _mm512_add_ps(g0, ga);
       q0 = _mm512_fmadd_ps(ga, xa, q0);
       _mm512_storeu_ps(g + j, ga);
@@ -513,6 +532,11 @@ MD_AVX512 void modln_dx_f32_avx512(const LnDx& a, int64_t r0, int64_t r1) {
       for (int64_t k = 0; k < d; k += 16)
         _mm512_storeu_ps(dxr + k, _mm512_add_ps(_mm512_loadu_ps(dxr + k), _mm512_loadu_ps(res + k)));
   }
+}
+MD_AVX512 void modln_dx_f32_avx512(const LnDx& a, int64_t r0, int64_t r1) { modln_dx_f32_avx512_rows<false>(a, r0, r1); }
+// Samples b0..b1: their rows' dx and their sums.
+MD_AVX512 void modln_dx_sums_f32_avx512(const LnDx& a, int64_t b0, int64_t b1) {
+  modln_dx_f32_avx512_rows<true>(a, b0 * a.T, b1 * a.T);
 }
 
 // 2: AVX-512, 1: AVX2 + FMA, 0: baseline x86-64.
@@ -645,6 +669,22 @@ void modln_backward_sums(const void* dy, DType yt, const void* xs, int64_t lds, 
   with_types(st, yt, [&](auto* sp, auto* yp) {
     run(MD_PICK(modln_sums, elem<decltype(sp)>, elem<decltype(yp)>), a, B, T * d);
   });
+}
+
+void modln_backward_dx_sums(const void* dy, DType yt, const void* xs, int64_t lds, DType st, const float* w,
+                            const void* scale, const float* mean, const float* rstd, void* dx, int64_t ldx,
+                            DType xt, const void* dres, float* s0, float* s1, int64_t B, int64_t T, int64_t d) {
+  if (!(float32_rows_apply(d) && xt == DType::f32 && st == DType::f32 && yt == DType::f32)) {
+    modln_backward_dx(dy, yt, xs, lds, st, w, scale, mean, rstd, dx, ldx, xt, dres, B * T, T, d);
+    modln_backward_sums(dy, yt, xs, lds, st, mean, rstd, s0, s1, B, T, d);
+    return;
+  }
+  check_sizes(B * T, T, d);
+  if (ldx < d) throw std::runtime_error("fused CPU kernels: dx row stride below d");
+  LnDx a{dy, xs, lds, w, scale, mean, rstd, dx, ldx, dres, T, d};
+  a.s0 = s0;
+  a.s1 = s1;
+  run(&modln_dx_sums_f32_avx512, a, B, T * d);  // whole samples to each thread: their sums are theirs
 }
 
 void swiglu_forward(const void* u, const void* v, void* p, DType t, int64_t n) {

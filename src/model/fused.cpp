@@ -142,6 +142,14 @@ variable_list modln_backward_pass(AutogradContext* ctx, const std::string& key, 
   const auto yt = dy.scalar_type();
   const Tensor scy = sc.defined() ? sc.to(yt) : sc;
   variable_list g(7);
+  const bool need_w = w.defined() && !dx_out.defined() && ctx->needs_input_grad(1);
+  const bool need_mod = sc.defined() && !dx_out.defined() && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
+  Tensor s0, s1;  // (B, d) float32: sum_t dy, sum_t dy xhat per sample
+  if (need_w || need_mod) {
+    s0 = at::zeros({B, d}, mean.options());
+    s1 = at::zeros({B, d}, mean.options());
+  }
+  bool summed = false;
   if (dx_out.defined() || ctx->needs_input_grad(0)) {
     const Tensor dres = dres_in.defined() ? dres_in.to(xt).contiguous() : Tensor();
     int64_t ldx = d;
@@ -153,17 +161,24 @@ variable_list modln_backward_pass(AutogradContext* ctx, const std::string& key, 
     } else {
       g[0] = at::empty(xs.sizes(), xs.options().dtype(xt));
     }
-    MD_KERNEL(xs, modln_backward_dx, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
-              w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy), mean.data_ptr<float>(),
-              rstd.data_ptr<float>(), g[0].data_ptr(), ldx, kdt(xt), ptr_or_null(dres), rows, T, d);
+    if (s0.defined() && !xs.is_cuda()) {  // on the CPU dx and the sums in one pass over dy and xs
+      kernels::cpu::modln_backward_dx_sums(dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+                                           w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy),
+                                           mean.data_ptr<float>(), rstd.data_ptr<float>(), g[0].data_ptr(), ldx,
+                                           kdt(xt), ptr_or_null(dres), s0.data_ptr<float>(), s1.data_ptr<float>(),
+                                           B, T, d);
+      summed = true;
+    } else {
+      MD_KERNEL(xs, modln_backward_dx, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+                w.defined() ? w.data_ptr<float>() : nullptr, ptr_or_null(scy), mean.data_ptr<float>(),
+                rstd.data_ptr<float>(), g[0].data_ptr(), ldx, kdt(xt), ptr_or_null(dres), rows, T, d);
+    }
   }
-  const bool need_w = w.defined() && !dx_out.defined() && ctx->needs_input_grad(1);
-  const bool need_mod = sc.defined() && !dx_out.defined() && (ctx->needs_input_grad(2) || ctx->needs_input_grad(3));
   if (need_w || need_mod) {
-    auto s0 = at::zeros({B, d}, mean.options()), s1 = at::zeros({B, d}, mean.options());
-    MD_KERNEL(xs, modln_backward_sums, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
-              mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), B,
-              T, d);
+    if (!summed)
+      MD_KERNEL(xs, modln_backward_sums, dy.data_ptr(), kdt(yt), xs.data_ptr(), ld, kdt(xs.scalar_type()),
+                mean.data_ptr<float>(), rstd.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), B,
+                T, d);
     auto dt = [&](const char* k) { return static_cast<at::ScalarType>(ctx->saved_data[key + k].toInt()); };
     if (need_w) g[1] = (sc.defined() ? (s1 * (1 + sc.to(at::kFloat))).sum(0) : s1.sum(0)).to(dt("w_dtype"));
     if (sc.defined()) {
