@@ -24,6 +24,26 @@ MD_AVX512_MATH __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);  // p 2^n in one operation (exact: the same values as 2^n's bits times p)
 }
 
+// 2^x of 16 floats for x <= 0 (softmax's exponent in base 2: the caller folds log2 e into its
+// scale): n = round(x), 2^(x - n) by a polynomial of degree 6 on [-1/2, 1/2] fitted by microdit
+// (`tools/fit_exp2.py 6`: relative error 7.9e-8 in float32, exp16's order), times 2^n. 10 operations
+// where exp16 takes 15; x is clamped below at -127 (2^-127: a term a softmax row's sum of at least
+// 1 does not see).
+MD_AVX512_MATH __m512 exp2_16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
+  const __m512 round = _mm512_set1_ps(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const __m512 n = _mm512_sub_ps(_mm512_add_ps(x, round), round);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5353267372120172e-04f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398858718574047e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437848985195e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503323674201965e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022647738456726e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471824645996e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
 // Phi(x) = (1 + erf(x / sqrt 2)) / 2, the standard normal CDF, and exp(-x^2 / 2) in `gauss`.
 // erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7), as ATen's vectorised erf:
 // erf(z) = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) exp(-z^2), t = 1 / (1 + p z), z >= 0.
