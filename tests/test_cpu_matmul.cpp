@@ -331,6 +331,30 @@ TEST(GemmF32, GeluBmmEqualsGeluThenBmm) {
   }
 }
 
+// GELU as the own kernels store a product (the experts' first product when sampling): GELU(a @ w)
+// against LibTorch's gelu of the float64 product, a partial last tile of 50 columns included; only
+// where autograd does not record.
+TEST(GemmF32, BmmGeluEqualsBmmThenGelu) {
+  if (!kernels::cpu::gemm_f32_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  MatmulMode m(CpuMatmul::kOwn);
+  OwnEverywhere own;
+  torch::manual_seed(13);
+  for (const int64_t K : {70, 800}) {  // 800: two blocks of K (768 deep), GELU after the second
+    SCOPED_TRACE(K);
+    const auto a = torch::randn({3, 45, K}), w = 2 * torch::randn({3, K, 50}) / std::sqrt(static_cast<double>(K));
+    EXPECT_FALSE(bmm_gelu_applies(a, w.clone().requires_grad_()));  // autograd records: the plain operators
+    torch::NoGradGuard no_grad;
+    ASSERT_TRUE(bmm_gelu_applies(a, w));
+    const auto y = bmm_gelu(a, w);
+    const auto ref = at::gelu(at::bmm(a.to(torch::kDouble), w.to(torch::kDouble)));
+    EXPECT_LT((y.to(torch::kDouble) - ref).abs().max().item<double>() / ref.abs().max().item<double>(), 2e-6);
+    EXPECT_LT(y.min().item<float>(), -0.1f);  // GELU's negative side exercised
+    // A transposed view of w (K contiguous) reads in place: the same values.
+    const auto wt = w.transpose(1, 2).contiguous().transpose(1, 2);
+    EXPECT_TRUE(torch::equal(bmm_gelu(a, wt), y));
+  }
+}
+
 // GELU value by value (through an identity w, so each output is GELU of one input): the
 // rational erf of kernels/avx512_math.h against float64 erf over [-12, 12], the tails and zero
 // included. Error below 4e-7 max(1, |x|) (the fit's float32 error is 3.2e-7), relative below

@@ -6,6 +6,7 @@
 
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/empty.h>
@@ -248,6 +249,27 @@ bool gelu_bmm_fused_applies(const Tensor& a, const Tensor& w) {
 }
 
 Tensor gelu_bmm_fused(const Tensor& a, const Tensor& w) { return GeluBmmOwnFn::apply(a, w); }
+
+bool bmm_gelu_applies(const Tensor& a, const Tensor& w) {
+  return g_mode == CpuMatmul::kOwn && cpu::gemm_f32_available() && !at::GradMode::is_enabled() && fp32_cpu(a) &&
+         fp32_cpu(w) && a.dim() == 3 && w.dim() == 3 && a.size(0) == w.size(0) && a.size(2) == w.size(1) &&
+         a.numel() > 0 && w.numel() > 0 && own_product(a.size(1), w.size(2), a.size(2)) &&
+         !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+Tensor bmm_gelu(const Tensor& a, const Tensor& w) {
+  MD_CHECK(bmm_gelu_applies(a, w), "bmm_gelu: not a product it takes (see bmm_gelu_applies)");
+  RECORD_FUNCTION("microdit::gemm_gelu_out", std::vector<c10::IValue>({a, w}));
+  const auto E = a.size(0), M = a.size(1), K = a.size(2), N = w.size(2);
+  auto out = at::empty({E, M, N}, a.options());
+  Tensor a3 = a, w3 = w;
+  int64_t a_step = 0, w_step = 0;
+  const auto A = strided(a3, a_step), W = strided(w3, w_step);
+  cpu::GemmExtras x;
+  x.gelu_out = true;  // GELU as C is stored
+  own_batched(E, M, N, K, A, a_step, W, w_step, out, x, 0);
+  return out;
+}
 
 void set_cpu_fp32_matmul(CpuMatmul m) { g_mode = m; }
 CpuMatmul cpu_fp32_matmul() { return g_mode; }

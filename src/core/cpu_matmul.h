@@ -62,4 +62,12 @@ at::Tensor bmm(const at::Tensor& a, const at::Tensor& b);
 bool gelu_bmm_fused_applies(const at::Tensor& a, const at::Tensor& w);
 at::Tensor gelu_bmm_fused(const at::Tensor& a, const at::Tensor& w);
 
+// GELU(a @ w) for a (E, M, K), w (E, K, N) without autograd (inference: sampling, evaluation), on
+// microdit's own kernels: GELU is taken as the product's values are stored, so the activation
+// needs no pass of its own over memory. Applies where gelu_bmm_fused would (float32 CPU tensors,
+// --cpu-matmul microdit, outside autocast, a product microdit's kernels take) and autograd does
+// not record; elsewhere the caller runs the plain operators.
+bool bmm_gelu_applies(const at::Tensor& a, const at::Tensor& w);
+at::Tensor bmm_gelu(const at::Tensor& a, const at::Tensor& w);
+
 }  // namespace microdit

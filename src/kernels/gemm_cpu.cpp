@@ -68,10 +68,12 @@ struct Prefetch {
 
 // C (R x nc) (+)= Ap (k-major, AS per k) @ Bp (nc / 32 panels of 32 per k), one 32-column
 // tile after the other (masks for a partial last one); `pf` spread over the first tiles' k.
-// `dg`: C's values are multiplied by GELU'(dg[i * ldg + j]) last.
+// `dg`: C's values are multiplied by GELU'(dg[i * ldg + j]) last; `gelu`: C's values go through
+// GELU last.
 template <int R, int AS>
 MD_GEMM_TARGET void kernel(int64_t K, int64_t nc, const float* __restrict Ap, const float* __restrict Bp, float* C,
-                           int64_t ldc, bool add, const float* bias, const float* dg, int64_t ldg, Prefetch& pf) {
+                           int64_t ldc, bool add, bool gelu, const float* bias, const float* dg, int64_t ldg,
+                           Prefetch& pf) {
   const char* pf_row = pf.row;
   int64_t pf_line = pf.line, pf_rows = pf.rows;
   for (int64_t j = 0; j < nc; j += kNr, Bp += K * kNr) {
@@ -124,6 +126,10 @@ MD_GEMM_TARGET void kernel(int64_t K, int64_t nc, const float* __restrict Ap, co
         c0 = _mm512_mul_ps(c0, gelu_grad16(_mm512_maskz_loadu_ps(m0, x)));
         c1 = _mm512_mul_ps(c1, gelu_grad16(_mm512_maskz_loadu_ps(m1, x + 16)));
       }
+      if (gelu) {
+        c0 = gelu16(c0);
+        c1 = gelu16(c1);
+      }
       _mm512_mask_storeu_ps(c, m0, c0);
       _mm512_mask_storeu_ps(c + 16, m1, c1);
     }
@@ -133,7 +139,7 @@ MD_GEMM_TARGET void kernel(int64_t K, int64_t nc, const float* __restrict Ap, co
   pf.rows = pf_rows;
 }
 
-using KernelFn = void (*)(int64_t, int64_t, const float*, const float*, float*, int64_t, bool, const float*,
+using KernelFn = void (*)(int64_t, int64_t, const float*, const float*, float*, int64_t, bool, bool, const float*,
                           const float*, int64_t, Prefetch&);
 template <int AS>
 constexpr KernelFn kKernels[kMr + 1] = {nullptr,           kernel<1, AS>,  kernel<2, AS>,  kernel<3, AS>,
@@ -272,11 +278,12 @@ MD_GEMM_TARGET void pack_b(int64_t kc, int64_t nc, StridedMatrix b, float* Bp) {
 // panel at a time, the next one's rows prefetched while the kernel runs.
 constexpr int64_t kBlockPanels = 8;
 
-// `dg` (row stride ldg): as in the kernels, or null.
+// `dg` (row stride ldg): as in the kernels, or null; `gelu`: as in the kernels.
 struct Epilogue {
   const float* bias;
   const float* dg;
   int64_t ldg;
+  bool gelu;
 };
 
 template <bool kGelu>
@@ -298,7 +305,7 @@ void run_panels(int64_t i0, int64_t i1, int64_t M, int64_t nc, int64_t kc, Strid
       }
       for (int64_t panel = p0; panel < p1; ++panel) {
         const int64_t i = panel * kMr, r = std::min(kMr, M - i);
-        kKernels<kAs>[r](kc, nc, Ap + (panel - p0) * kAs * kc, Bp, C + i * ldc, ldc, add, e.bias,
+        kKernels<kAs>[r](kc, nc, Ap + (panel - p0) * kAs * kc, Bp, C + i * ldc, ldc, add, e.gelu, e.bias,
                     e.dg ? e.dg + i * e.ldg : nullptr, e.ldg, pf);
       }
     }
@@ -315,16 +322,17 @@ void run_panels(int64_t i0, int64_t i1, int64_t M, int64_t nc, int64_t kc, Strid
       pf.lines = (kc + 15) / 16 + 1;
       pf.rows = std::min(kMr, M - i - kMr);
     }
-    (transposed_pack(a) ? kKernels<kAsT> : kKernels<kAs>)[r](kc, nc, Ap, Bp, C + i * ldc, ldc, add, e.bias,
+    (transposed_pack(a) ? kKernels<kAsT> : kKernels<kAs>)[r](kc, nc, Ap, Bp, C + i * ldc, ldc, add, e.gelu, e.bias,
                                                     e.dg ? e.dg + i * e.ldg : nullptr, e.ldg, pf);
   }
 }
 
-// GELU'(x) for one float (the K = 0 corner only).
+// GELU'(x) and GELU(x) for one float (the K = 0 corner only).
 float gelu_grad(float x) {
   const double cdf = 0.5 * (1.0 + std::erf(x * 0.70710678118654752));
   return static_cast<float>(cdf + x * std::exp(-0.5 * x * x) * 0.39894228040143268);
 }
+float gelu(float x) { return static_cast<float>(0.5 * x * (1.0 + std::erf(x * 0.70710678118654752))); }
 
 }  // namespace
 
@@ -339,11 +347,12 @@ bool gemm_f32_available() {
 void gemm_f32(int64_t M, int64_t N, int64_t K, StridedMatrix a, StridedMatrix b, float* C, int64_t ldc,
               bool accumulate, const float* bias, const GemmExtras& extras) {
   if (M <= 0 || N <= 0) return;
-  if (K == 0) {  // no products: C = ((C +) bias) * GELU'(X)
+  if (K == 0) {  // no products: C = ((C +) bias) * GELU'(X), or GELU((C +) bias)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
         float c = (accumulate ? C[m * ldc + n] : 0.0f) + (bias ? bias[n] : 0.0f);
         if (extras.gelu_grad_at) c *= gelu_grad(extras.gelu_grad_at[m * extras.ld_gelu_grad + n]);
+        if (extras.gelu_out) c = gelu(c);
         C[m * ldc + n] = c;
       }
     return;
@@ -360,7 +369,8 @@ void gemm_f32(int64_t M, int64_t N, int64_t K, StridedMatrix a, StridedMatrix b,
       float* Bp = b_buffer.get(kc * ((nc + kNr - 1) / kNr) * kNr);
       pack_b(kc, nc, {b.p + k0 * b.rs + n0 * b.cs, b.rs, b.cs}, Bp);
       const Epilogue e{bias && k0 == 0 ? bias + n0 : nullptr,
-                       extras.gelu_grad_at && last ? extras.gelu_grad_at + n0 : nullptr, extras.ld_gelu_grad};
+                       extras.gelu_grad_at && last ? extras.gelu_grad_at + n0 : nullptr, extras.ld_gelu_grad,
+                       extras.gelu_out && last};
       at::parallel_for(0, panels, 1, [&](int64_t i0, int64_t i1) {
         if (extras.gelu_a)
           run_panels<true>(i0, i1, M, nc, kc, ak, Bp, C + n0, ldc, add, e);

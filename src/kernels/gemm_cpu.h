@@ -20,11 +20,14 @@ struct StridedMatrix {
 // Elementwise work a product can do on the way instead of in passes of its own over memory:
 // - gelu_a: A's values go through GELU (the exact form) as they are packed: C = GELU(A) B;
 // - gelu_grad_at: C's values are multiplied by GELU'(X[m, n]) as they are stored, X read with
-//   row stride ld_gelu_grad: C = (A B) * GELU'(X), GELU's backward pass after the product.
+//   row stride ld_gelu_grad: C = (A B) * GELU'(X), GELU's backward pass after the product;
+// - gelu_out: C's values go through GELU as they are stored (after the bias and the sum with C,
+//   after gelu_grad_at): C = GELU(A B), an activation without a pass of its own.
 struct GemmExtras {
   bool gelu_a = false;
   const float* gelu_grad_at = nullptr;
   int64_t ld_gelu_grad = 0;
+  bool gelu_out = false;
 };
 
 // True on CPUs with AVX-512 F (the only instruction set gemm_f32 has a kernel for).
