@@ -374,3 +374,33 @@ TEST(GemmF32, GeluMatchesFloat64Erf) {
   EXPECT_LT((err.masked_select(pos) / ref.masked_select(pos)).max().item<double>(), 1e-6);
   EXPECT_LT(y.masked_select(x < -6).abs().max().item<float>(), 1e-6);
 }
+
+// The patch embedding trains on the CPU as a product over the patches and samples through the
+// convolution: both against the float64 convolution, the weight's and bias's gradients too, in
+// every matmul mode (Nano's 2x2 patches of 4 channels, and the emoji model's 4x4 of 3).
+TEST(PatchEmbed, TrainingProductEqualsConvolution) {
+  for (const auto mode : fast_modes()) {
+    MatmulMode m(mode);
+    for (const auto [C, D, p] : {std::tuple<int64_t, int64_t, int64_t>{4, 256, 2}, {3, 128, 4}}) {
+      SCOPED_TRACE(std::to_string(C) + " channels, patch " + std::to_string(p));
+      torch::manual_seed(5);
+      PatchEmbed pe(C, D, p);
+      const auto x = torch::randn({3, C, 8 * p, 6 * p}), r = torch::randn({3, 48, D});
+      auto y = pe->forward(x);
+      ASSERT_EQ(y.sizes(), (std::vector<int64_t>{3, 48, D}));
+      (y * r).sum().backward();
+      auto w = pe->proj->weight.detach().to(torch::kDouble).requires_grad_(),
+           b = pe->proj->bias.detach().to(torch::kDouble).requires_grad_();
+      auto yd = at::conv2d(x.to(torch::kDouble), w, b, {p, p}).flatten(2).transpose(1, 2);
+      (yd * r.to(torch::kDouble)).sum().backward();
+      auto rel = [](const torch::Tensor& a, const torch::Tensor& ref) {
+        return (a.to(torch::kDouble) - ref).abs().max().item<double>() / ref.abs().max().item<double>();
+      };
+      EXPECT_LT(rel(y.detach(), yd.detach()), 1e-6);
+      EXPECT_LT(rel(pe->proj->weight.grad(), w.grad()), 1e-6);
+      EXPECT_LT(rel(pe->proj->bias.grad(), b.grad()), 1e-6);
+      torch::NoGradGuard no_grad;
+      EXPECT_LT(rel(pe->forward(x), yd.detach()), 1e-6);
+    }
+  }
+}
