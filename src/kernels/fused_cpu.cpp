@@ -452,18 +452,18 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
   }
 }
 
-// The float32 dx pass in AVX-512 for rows of whole vectors, as modln_fwd_f32_avx512 is to the
-// generic forward body: g = dy * (w (1 + scale[b])), xhat and both means in one pass over the
-// row (two vector accumulators each), dx in a second.
-// With kSums, the same pass adds the per-sample sums of modln_sums_samples to a.s0, a.s1 (rows
-// r0..r1 then whole samples, in order: the same additions as that pass, which then need not read
-// dy and xs again).
 // s0 += dy, s1 += dy xhat over 16 columns.
 MD_AVX512 inline __attribute__((always_inline)) void add_sums(float* s0, float* s1, __m512 dy, __m512 xh) {
   _mm512_storeu_ps(s0, _mm512_add_ps(_mm512_loadu_ps(s0), dy));
   _mm512_storeu_ps(s1, _mm512_fmadd_ps(dy, xh, _mm512_loadu_ps(s1)));
 }
 
+// The float32 dx pass in AVX-512 for rows of whole vectors, as modln_fwd_f32_avx512 is to the
+// generic forward body: g = dy * (w (1 + scale[b])), xhat and both means in one pass over the
+// row (two vector accumulators each), dx in a second.
+// With kSums, the same pass adds the per-sample sums of modln_sums_samples to a.s0, a.s1 (rows
+// r0..r1 then whole samples, in order: the same additions as that pass, which then need not read
+// dy and xs again).
 template <bool kSums>
 MD_AVX512 void modln_dx_f32_avx512_rows(const LnDx& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;

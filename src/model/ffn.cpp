@@ -339,7 +339,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
     auto inv = expert_slots(idx, T);                                                       // (B, T, E)
     auto flat = (idx.transpose(0, 1) + torch::arange(B, idx.options()).view({1, B, 1}) * T).reshape(-1);  // (E*B*k)
     auto h = MoeGatherFn::apply(x, flat, inv);                                             // (E, B*k, d)
-    h = expert_ffn(h, w1, w2, recompute_ffn_for(x));                          // (E, B*k, d)
+    h = expert_ffn(h, w1, w2, recompute_ffn_for(x));                                       // (E, B*k, d)
     return MoeCombineGatherFn::apply(h.view({E, B, k, d}), g, flat, inv, compute_dtype(h));  // (B, T, d)
   }
   if (dispatch == MoeDispatch::gemm) {
@@ -347,7 +347,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
     auto P = torch::zeros({B, E * k, T}, x.options()).scatter_(2, idx.reshape({B, E * k, 1}), 1.0);
     auto xin = microdit::bmm(P, x);                                              // (B, E*k, d)
     auto h = xin.view({B, E, k, d}).transpose(0, 1).reshape({E, B * k, d});
-    h = expert_ffn(h, w1, w2, recompute_ffn_for(x));               // (E, B*k, d)
+    h = expert_ffn(h, w1, w2, recompute_ffn_for(x));                             // (E, B*k, d)
     return moe_combine(P, h.view({E, B, k, d}), g);  // (B, T, d)
   }
   // Flat token index into (B*T) in the experts' order (e, b, i), so that one gather writes the
@@ -356,7 +356,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   auto flat = (idx.transpose(0, 1) + torch::arange(B, idx.options()).view({1, B, 1}) * T).reshape(-1);  // (E*B*k)
   auto h = x.reshape({B * T, d}).index_select(0, flat).view({E, B * k, d});
   // Per expert batched matmuls: (E, B*k, d) @ (E, d, n) -> gelu -> @ (E, n, d).
-  h = expert_ffn(h, w1, w2, recompute_ffn_for(x));           // (E, B*k, d)
+  h = expert_ffn(h, w1, w2, recompute_ffn_for(x));                         // (E, B*k, d)
   h = h * g.transpose(0, 1).reshape({E, B * k, 1});                         // (E, B*k, d)
   auto out = torch::zeros({B * T, d}, h.options());
   return out.index_add(0, flat, h.reshape({E * B * k, d})).view({B, T, d});

@@ -65,7 +65,8 @@ struct MlpImpl : torch::nn::Module {
 };
 TORCH_MODULE(Mlp);
 
-// Conv2d(C, D, p, stride p) -> (B, T, D), tokens row-major over (h, w).
+// Conv2d(C, D, p, stride p) -> (B, T, D), tokens row-major over (h, w). Training on the CPU takes
+// the same weights as a product over the patches (layers.cpp says why).
 struct PatchEmbedImpl : torch::nn::Module {
   PatchEmbedImpl(int64_t in_channels, int64_t dim, int64_t patch);
   Tensor forward(const Tensor& x);  // (B, C, H, W) -> (B, T, D)
