@@ -381,7 +381,7 @@ TEST(GemmF32, GeluMatchesFloat64Erf) {
 TEST(PatchEmbed, TrainingProductEqualsConvolution) {
   for (const auto mode : fast_modes()) {
     MatmulMode m(mode);
-    for (const auto [C, D, p] : {std::tuple<int64_t, int64_t, int64_t>{4, 256, 2}, {3, 128, 4}}) {
+    for (const auto& [C, D, p] : {std::tuple<int64_t, int64_t, int64_t>{4, 256, 2}, {3, 128, 4}}) {
       SCOPED_TRACE(std::to_string(C) + " channels, patch " + std::to_string(p));
       torch::manual_seed(5);
       PatchEmbed pe(C, D, p);
