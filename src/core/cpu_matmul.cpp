@@ -165,20 +165,25 @@ void own_batched(int64_t E, int64_t M, int64_t N, int64_t K, cpu::StridedMatrix 
   }
 }
 
+// a (E, M, K) @ b (E, K, N) on microdit's own kernels, with the extras (no per-product pointers).
+Tensor own_bmm(const Tensor& a, const Tensor& b, const cpu::GemmExtras& x) {
+  const auto E = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
+  auto out = at::empty({E, M, N}, a.options());
+  if (M == 0) return out;
+  Tensor a3 = a, b3 = b;
+  int64_t a_step = 0, b_step = 0;
+  const auto A = strided(a3, a_step), B = strided(b3, b_step);
+  own_batched(E, M, N, K, A, a_step, B, b_step, out, x, 0);
+  return out;
+}
+
 struct BmmFn : torch::autograd::Function<BmmFn> {
   // a (E, M, K) @ b (E, K, N): one oneDNN product per leading index, stacked.
   static Tensor product(const Tensor& a, const Tensor& b) {
     if (g_mode == CpuMatmul::kOwn && !own_product(a.size(1), b.size(2), a.size(2))) return at::bmm(a, b);
     if (g_mode == CpuMatmul::kOwn) {
       RECORD_FUNCTION("microdit::gemm", std::vector<c10::IValue>({a, b}));
-      const auto E = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
-      auto out = at::empty({E, M, N}, a.options());
-      if (M == 0) return out;
-      Tensor a3 = a, b3 = b;
-      int64_t a_step = 0, b_step = 0;
-      const auto A = strided(a3, a_step), B = strided(b3, b_step);
-      own_batched(E, M, N, K, A, a_step, B, b_step, out, {}, 0);
-      return out;
+      return own_bmm(a, b, {});
     }
     std::vector<Tensor> out;
     out.reserve(static_cast<size_t>(a.size(0)));
@@ -205,13 +210,9 @@ struct GeluBmmOwnFn : torch::autograd::Function<GeluBmmOwnFn> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& a, const Tensor& w) {
     RECORD_FUNCTION("microdit::gemm_gelu", std::vector<c10::IValue>({a, w}));
     ctx->save_for_backward({a, w});
-    const auto E = a.size(0), M = a.size(1), n = a.size(2), d = w.size(2);
-    auto out = at::empty({E, M, d}, a.options());
     cpu::GemmExtras x;
     x.gelu_a = true;  // GELU(a) as a's panels are packed
-    own_batched(E, M, d, n, {a.const_data_ptr<float>(), n, 1}, M * n,
-                {w.const_data_ptr<float>(), w.stride(1), w.stride(2)}, w.stride(0), out, x, 0);
-    return out;
+    return own_bmm(a, w, x);
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
@@ -242,33 +243,30 @@ struct GeluBmmOwnFn : torch::autograd::Function<GeluBmmOwnFn> {
 
 }  // namespace
 
-bool gelu_bmm_fused_applies(const Tensor& a, const Tensor& w) {
+namespace {
+
+// a (E, M, K) and w (E, K, N): float32 CPU tensors of one product per expert that microdit's own
+// kernels take, under --cpu-matmul microdit and outside autocast.
+bool own_bmm_applies(const Tensor& a, const Tensor& w) {
   return g_mode == CpuMatmul::kOwn && cpu::gemm_f32_available() && fp32_cpu(a) && fp32_cpu(w) && a.dim() == 3 &&
-         w.dim() == 3 && a.size(0) == w.size(0) && a.size(2) == w.size(1) && a.is_contiguous() && a.numel() > 0 &&
-         w.numel() > 0 && own_product(a.size(1), w.size(2), a.size(2)) && !at::autocast::is_autocast_enabled(at::kCPU);
+         w.dim() == 3 && a.size(0) == w.size(0) && a.size(2) == w.size(1) && a.numel() > 0 && w.numel() > 0 &&
+         own_product(a.size(1), w.size(2), a.size(2)) && !at::autocast::is_autocast_enabled(at::kCPU);
 }
+
+}  // namespace
+
+bool gelu_bmm_fused_applies(const Tensor& a, const Tensor& w) { return own_bmm_applies(a, w) && a.is_contiguous(); }
 
 Tensor gelu_bmm_fused(const Tensor& a, const Tensor& w) { return GeluBmmOwnFn::apply(a, w); }
 
-bool bmm_gelu_applies(const Tensor& a, const Tensor& w) {
-  return g_mode == CpuMatmul::kOwn && cpu::gemm_f32_available() && !at::GradMode::is_enabled() && fp32_cpu(a) &&
-         fp32_cpu(w) && a.dim() == 3 && w.dim() == 3 && a.size(0) == w.size(0) && a.size(2) == w.size(1) &&
-         a.numel() > 0 && w.numel() > 0 && own_product(a.size(1), w.size(2), a.size(2)) &&
-         !at::autocast::is_autocast_enabled(at::kCPU);
-}
+bool bmm_gelu_applies(const Tensor& a, const Tensor& w) { return !at::GradMode::is_enabled() && own_bmm_applies(a, w); }
 
 Tensor bmm_gelu(const Tensor& a, const Tensor& w) {
   MD_CHECK(bmm_gelu_applies(a, w), "bmm_gelu: not a product it takes (see bmm_gelu_applies)");
   RECORD_FUNCTION("microdit::gemm_gelu_out", std::vector<c10::IValue>({a, w}));
-  const auto E = a.size(0), M = a.size(1), K = a.size(2), N = w.size(2);
-  auto out = at::empty({E, M, N}, a.options());
-  Tensor a3 = a, w3 = w;
-  int64_t a_step = 0, w_step = 0;
-  const auto A = strided(a3, a_step), W = strided(w3, w_step);
   cpu::GemmExtras x;
   x.gelu_out = true;  // GELU as C is stored
-  own_batched(E, M, N, K, A, a_step, W, w_step, out, x, 0);
-  return out;
+  return own_bmm(a, w, x);
 }
 
 void set_cpu_fp32_matmul(CpuMatmul m) { g_mode = m; }
