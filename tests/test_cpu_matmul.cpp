@@ -160,7 +160,7 @@ TEST(CpuMatmul, NamesAndLinearModule) {
   EXPECT_EQ(cpu_matmul_name(CpuMatmul::kOwn), std::string("microdit"));
   EXPECT_EQ(error_of([] { parse_cpu_matmul("blas"); }),
             "--cpu-matmul: expected auto, onednn, mkl or microdit, got 'blas'");
-  // auto: microdit's kernels on Intel CPUs with AVX-512, MKL on other Intel CPUs, oneDNN on the
+  // auto: microdit's kernels on CPUs with AVX-512, else MKL on Intel CPUs and oneDNN on the
   // others; it is also the process's default.
   const bool intel = [] {
     std::ifstream f("/proc/cpuinfo");
@@ -169,8 +169,8 @@ TEST(CpuMatmul, NamesAndLinearModule) {
       if (line.rfind("vendor_id", 0) == 0) return line.find("GenuineIntel") != std::string::npos;
     return false;
   }();
-  const auto intel_default = kernels::cpu::gemm_f32_available() ? CpuMatmul::kOwn : CpuMatmul::kMkl;
-  EXPECT_EQ(parse_cpu_matmul("auto"), intel ? intel_default : CpuMatmul::kOneDnn);
+  const auto fallback = intel ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
+  EXPECT_EQ(parse_cpu_matmul("auto"), kernels::cpu::gemm_f32_available() ? CpuMatmul::kOwn : fallback);
   EXPECT_EQ(default_cpu_fp32_matmul(), parse_cpu_matmul("auto"));
   // microdit::Linear draws torch::nn::Linear's initial values and is still seen as one.
   torch::manual_seed(4);

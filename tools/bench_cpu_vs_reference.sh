@@ -10,7 +10,7 @@
 # tcmalloc: on the CPU, torch 2.11's Inductor fails on its training step (the row says so in one
 # line), and compiles its sampler (the DiT's forward).
 # microdit's float32 rows also run with each library for the products (--cpu-matmul onednn and
-# mkl; the default, auto, takes MKL on Intel CPUs and oneDNN on others), with ATen's float32
+# mkl; the default, auto, takes microdit's own kernels on AVX-512 CPUs), with ATen's float32
 # attention (--cpu-attention aten-float32; the default takes microdit's kernels: bf16 on AMX tiles
 # under bf16 autocast on CPUs with AMX, else float32 on AVX-512 CPUs), its bf16 rows also with
 # microdit's float32 attention, and all with the fused kernels off, to show what each gives.

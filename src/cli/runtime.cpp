@@ -16,9 +16,10 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
       ->capture_default_str();
   cmd.add_option_function<std::string>(
          "--cpu-matmul", [](const std::string& name) { set_cpu_fp32_matmul(parse_cpu_matmul(name)); },
-         "float32 matrix products on the CPU: auto (microdit on Intel CPUs with AVX-512, mkl on "
-         "other Intel CPUs, onednn on others), onednn, mkl (LibTorch's own choice) or microdit "
-         "(its own AVX-512 kernels for products of 256 columns or more, MKL for the rest)")
+         "float32 matrix products on the CPU: auto (microdit on CPUs with AVX-512, else mkl on "
+         "Intel CPUs and onednn on others), onednn, mkl (LibTorch's own choice) or microdit "
+         "(its own AVX-512 kernels for products of 256 columns or more, MKL on Intel CPUs and "
+         "oneDNN on others for the rest)")
       ->default_str("auto");
   cmd.add_option_function<std::string>(
          "--cpu-attention", [](const std::string& v) { set_cpu_attention(parse_cpu_attention(v)); },

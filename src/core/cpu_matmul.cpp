@@ -81,10 +81,21 @@ bool own_product(int64_t M, int64_t N, int64_t K) {
   return g_mode == CpuMatmul::kOwn && N >= columns && M >= least && K >= least;
 }
 
+// Where microdit's kernels do not take a product in their mode, it goes to MKL (LibTorch's ATen
+// operators) on Intel CPUs, which run MKL's tuned kernels, and to oneDNN on the others, where MKL
+// runs its generic ones at half oneDNN's speed (docs/performance.md).
+bool small_products_to_mkl() {
+  static const bool intel = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+  }();
+  return intel;
+}
+
 // x (..., K) @ w (N, K)^T + b: oneDNN or microdit's own kernels, by the mode.
 Tensor fast_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
   if (g_mode == CpuMatmul::kOwn && !own_product(x.numel() / std::max<int64_t>(x.size(-1), 1), w.size(0), w.size(1)))
-    return at::linear(x, w, b ? *b : Tensor());
+    return small_products_to_mkl() ? at::linear(x, w, b ? *b : Tensor()) : onednn_linear(x, w, b);
   if (g_mode != CpuMatmul::kOwn) return onednn_linear(x, w, b);
   auto sizes = x.sizes().vec();
   sizes.back() = w.size(0);
@@ -93,7 +104,8 @@ Tensor fast_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>
 
 // a (M, K) @ b (K, N): oneDNN's weight is b^T (N, K), passed as a transposed view.
 Tensor fast_mm(const Tensor& a, const Tensor& b) {
-  if (g_mode == CpuMatmul::kOwn && !own_product(a.size(0), b.size(1), a.size(1))) return at::mm(a, b);
+  if (g_mode == CpuMatmul::kOwn && !own_product(a.size(0), b.size(1), a.size(1)))
+    return small_products_to_mkl() ? at::mm(a, b) : onednn_linear(a, b.t(), std::nullopt);
   if (g_mode != CpuMatmul::kOwn) return onednn_linear(a, b.t(), std::nullopt);
   return own_linear_2d(a, b.t(), std::nullopt);
 }
@@ -180,14 +192,15 @@ Tensor own_bmm(const Tensor& a, const Tensor& b, const cpu::GemmExtras& x) {
 struct BmmFn : torch::autograd::Function<BmmFn> {
   // a (E, M, K) @ b (E, K, N): one oneDNN product per leading index, stacked.
   static Tensor product(const Tensor& a, const Tensor& b) {
-    if (g_mode == CpuMatmul::kOwn && !own_product(a.size(1), b.size(2), a.size(2))) return at::bmm(a, b);
-    if (g_mode == CpuMatmul::kOwn) {
+    const bool own = g_mode == CpuMatmul::kOwn && own_product(a.size(1), b.size(2), a.size(2));
+    if (g_mode == CpuMatmul::kOwn && !own && small_products_to_mkl()) return at::bmm(a, b);
+    if (own) {
       RECORD_FUNCTION("microdit::gemm", std::vector<c10::IValue>({a, b}));
       return own_bmm(a, b, {});
     }
     std::vector<Tensor> out;
     out.reserve(static_cast<size_t>(a.size(0)));
-    for (int64_t e = 0; e < a.size(0); ++e) out.push_back(fast_mm(a[e], b[e]));
+    for (int64_t e = 0; e < a.size(0); ++e) out.push_back(onednn_linear(a[e], b[e].t(), std::nullopt));
     return at::stack(out);
   }
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& a, const Tensor& b) {
@@ -274,15 +287,14 @@ CpuMatmul cpu_fp32_matmul() { return g_mode; }
 void set_own_min_columns(int64_t n) { g_own_min_columns = n; }
 int64_t own_min_columns() { return g_own_min_columns; }
 
-// On Intel CPUs microdit's own kernels where the CPU has AVX-512 (Nano training on a par with
-// MKL to 4 % faster on a Xeon, 7 % less memory with GELU inside the expert products, the same
-// sampling speed), else MKL, which runs its tuned kernels there;
-// oneDNN elsewhere (docs/performance.md).
+// microdit's own kernels where the CPU has AVX-512: on a Xeon Nano training on a par with MKL to
+// 4 % faster, 7 % less memory with GELU inside the expert products, the same sampling speed; on
+// a Zen 4 EPYC 6-8 % faster than oneDNN in training and 1-3 % in sampling. Without AVX-512 MKL on
+// Intel CPUs, which runs its tuned kernels there, and oneDNN elsewhere (docs/performance.md).
 CpuMatmul default_cpu_fp32_matmul() {
   static const CpuMatmul m = [] {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_is("intel")) return CpuMatmul::kOneDnn;
-    return kernels::cpu::gemm_f32_available() ? CpuMatmul::kOwn : CpuMatmul::kMkl;
+    if (kernels::cpu::gemm_f32_available()) return CpuMatmul::kOwn;
+    return small_products_to_mkl() ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
   }();
   return m;
 }
