@@ -39,6 +39,15 @@ std::vector<CpuMatmul> fast_modes() {
   return m;
 }
 
+// From /proc/cpuinfo, apart from the code under test.
+bool intel_cpu() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("vendor_id", 0) == 0) return line.find("GenuineIntel") != std::string::npos;
+  return false;
+}
+
 double rel_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a - b).abs().max().item<double>() / std::max(b.abs().max().item<double>(), 1e-30);
 }
@@ -162,13 +171,7 @@ TEST(CpuMatmul, NamesAndLinearModule) {
             "--cpu-matmul: expected auto, onednn, mkl or microdit, got 'blas'");
   // auto: microdit's kernels on CPUs with AVX-512, else MKL on Intel CPUs and oneDNN on the
   // others; it is also the process's default.
-  const bool intel = [] {
-    std::ifstream f("/proc/cpuinfo");
-    std::string line;
-    while (std::getline(f, line))
-      if (line.rfind("vendor_id", 0) == 0) return line.find("GenuineIntel") != std::string::npos;
-    return false;
-  }();
+  const bool intel = intel_cpu();
   const auto fallback = intel ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
   EXPECT_EQ(parse_cpu_matmul("auto"), kernels::cpu::gemm_f32_available() ? CpuMatmul::kOwn : fallback);
   EXPECT_EQ(default_cpu_fp32_matmul(), parse_cpu_matmul("auto"));
@@ -181,6 +184,37 @@ TEST(CpuMatmul, NamesAndLinearModule) {
   EXPECT_TRUE(torch::equal(ours->bias, theirs->bias));
   torch::nn::Module& as_module = *ours;
   EXPECT_NE(as_module.as<torch::nn::LinearImpl>(), nullptr);
+}
+
+// Under --cpu-matmul microdit, the products too narrow for microdit's kernels (fewer than 256
+// columns) go to MKL on Intel CPUs and to oneDNN on the others, where MKL runs generic kernels:
+// their bits are that library's, forward and backward.
+TEST(CpuMatmul, NarrowProductsInOwnModeTakeTheCpusLibrary) {
+  if (!kernels::cpu::gemm_f32_available()) GTEST_SKIP() << "no AVX-512: --cpu-matmul microdit is unavailable";
+  ASSERT_EQ(own_min_columns(), kOwnMinColumns);
+  torch::manual_seed(3);
+  const auto x = torch::randn({2, 150, 200}), w = torch::randn({96, 200}), b = torch::randn({96});
+  const auto a = torch::randn({3, 150, 200}), m = torch::randn({3, 200, 96});
+  const auto library = intel_cpu() ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
+  Grads own, lib;
+  torch::Tensor own_bmm, lib_bmm;
+  {
+    MatmulMode mode(CpuMatmul::kOwn);
+    own = run_linear(x, w, b);
+    own_bmm = microdit::bmm(a, m);
+  }
+  {
+    MatmulMode mode(library);
+    lib = run_linear(x, w, b);
+    lib_bmm = microdit::bmm(a, m);
+  }
+  EXPECT_TRUE(torch::equal(own.y, lib.y));
+  EXPECT_TRUE(torch::equal(own.gx, lib.gx));
+  EXPECT_TRUE(torch::equal(own.gw, lib.gw));
+  EXPECT_TRUE(torch::equal(own_bmm, lib_bmm));
+  // And the two libraries do differ in their last bits here, so the check above can fail.
+  MatmulMode other(library == CpuMatmul::kMkl ? CpuMatmul::kOneDnn : CpuMatmul::kMkl);
+  EXPECT_FALSE(torch::equal(run_linear(x, w, b).y, lib.y));
 }
 
 TEST(CpuMatmul, TrainingStepMatchesMkl) {
