@@ -81,32 +81,45 @@ bool own_product(int64_t M, int64_t N, int64_t K) {
   return g_mode == CpuMatmul::kOwn && N >= columns && M >= least && K >= least;
 }
 
-// Where microdit's kernels do not take a product in their mode, it goes to MKL (LibTorch's ATen
-// operators) on Intel CPUs, which run MKL's tuned kernels, and to oneDNN on the others, where MKL
+// The library for the float32 products microdit's kernels do not take: MKL (LibTorch's ATen
+// operators) on Intel CPUs, which run MKL's tuned kernels, and oneDNN on the others, where MKL
 // runs its generic ones at half oneDNN's speed (docs/performance.md).
-bool small_products_to_mkl() {
-  static const bool intel = [] {
+CpuMatmul library_without_own_kernels() {
+  static const CpuMatmul m = [] {
     __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
+    return __builtin_cpu_is("intel") ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
   }();
-  return intel;
+  return m;
 }
 
-// x (..., K) @ w (N, K)^T + b: oneDNN or microdit's own kernels, by the mode.
+// Who runs an (M x K) @ (K x N) product now: the mode's library, except under kOwn, where
+// microdit's kernels take the products own_product() accepts and the others go to
+// library_without_own_kernels().
+CpuMatmul library_for(int64_t M, int64_t N, int64_t K) {
+  const CpuMatmul mode = g_mode;
+  if (mode != CpuMatmul::kOwn) return mode;
+  return own_product(M, N, K) ? CpuMatmul::kOwn : library_without_own_kernels();
+}
+
+// x (..., K) @ w (N, K)^T + b, by library_for().
 Tensor fast_linear(const Tensor& x, const Tensor& w, const std::optional<Tensor>& b) {
-  if (g_mode == CpuMatmul::kOwn && !own_product(x.numel() / std::max<int64_t>(x.size(-1), 1), w.size(0), w.size(1)))
-    return small_products_to_mkl() ? at::linear(x, w, b ? *b : Tensor()) : onednn_linear(x, w, b);
-  if (g_mode != CpuMatmul::kOwn) return onednn_linear(x, w, b);
+  switch (library_for(x.numel() / std::max<int64_t>(x.size(-1), 1), w.size(0), w.size(1))) {
+    case CpuMatmul::kMkl: return at::linear(x, w, b ? *b : Tensor());
+    case CpuMatmul::kOneDnn: return onednn_linear(x, w, b);
+    case CpuMatmul::kOwn: break;
+  }
   auto sizes = x.sizes().vec();
   sizes.back() = w.size(0);
   return own_linear_2d(x.reshape({-1, x.size(-1)}), w, b).view(sizes);
 }
 
-// a (M, K) @ b (K, N): oneDNN's weight is b^T (N, K), passed as a transposed view.
+// a (M, K) @ b (K, N), by library_for(); oneDNN's weight is b^T (N, K), passed as a transposed view.
 Tensor fast_mm(const Tensor& a, const Tensor& b) {
-  if (g_mode == CpuMatmul::kOwn && !own_product(a.size(0), b.size(1), a.size(1)))
-    return small_products_to_mkl() ? at::mm(a, b) : onednn_linear(a, b.t(), std::nullopt);
-  if (g_mode != CpuMatmul::kOwn) return onednn_linear(a, b.t(), std::nullopt);
+  switch (library_for(a.size(0), b.size(1), a.size(1))) {
+    case CpuMatmul::kMkl: return at::mm(a, b);
+    case CpuMatmul::kOneDnn: return onednn_linear(a, b.t(), std::nullopt);
+    case CpuMatmul::kOwn: break;
+  }
   return own_linear_2d(a, b.t(), std::nullopt);
 }
 
@@ -190,13 +203,15 @@ Tensor own_bmm(const Tensor& a, const Tensor& b, const cpu::GemmExtras& x) {
 }
 
 struct BmmFn : torch::autograd::Function<BmmFn> {
-  // a (E, M, K) @ b (E, K, N): one oneDNN product per leading index, stacked.
+  // a (E, M, K) @ b (E, K, N), by library_for(): with oneDNN one product per leading index, stacked.
   static Tensor product(const Tensor& a, const Tensor& b) {
-    const bool own = g_mode == CpuMatmul::kOwn && own_product(a.size(1), b.size(2), a.size(2));
-    if (g_mode == CpuMatmul::kOwn && !own && small_products_to_mkl()) return at::bmm(a, b);
-    if (own) {
-      RECORD_FUNCTION("microdit::gemm", std::vector<c10::IValue>({a, b}));
-      return own_bmm(a, b, {});
+    switch (library_for(a.size(1), b.size(2), a.size(2))) {
+      case CpuMatmul::kMkl: return at::bmm(a, b);
+      case CpuMatmul::kOwn: {
+        RECORD_FUNCTION("microdit::gemm", std::vector<c10::IValue>({a, b}));
+        return own_bmm(a, b, {});
+      }
+      case CpuMatmul::kOneDnn: break;
     }
     std::vector<Tensor> out;
     out.reserve(static_cast<size_t>(a.size(0)));
@@ -293,8 +308,7 @@ int64_t own_min_columns() { return g_own_min_columns; }
 // Intel CPUs, which runs its tuned kernels there, and oneDNN elsewhere (docs/performance.md).
 CpuMatmul default_cpu_fp32_matmul() {
   static const CpuMatmul m = [] {
-    if (kernels::cpu::gemm_f32_available()) return CpuMatmul::kOwn;
-    return small_products_to_mkl() ? CpuMatmul::kMkl : CpuMatmul::kOneDnn;
+    return kernels::cpu::gemm_f32_available() ? CpuMatmul::kOwn : library_without_own_kernels();
   }();
   return m;
 }
