@@ -1,11 +1,13 @@
 // Microbenchmarks of CPU attention, forward and backward together, at the shapes of a Nano
 // training step on one CPU worker (16 images, 8 heads of 32; the patch mixer's 256 tokens and the
 // backbone's 64, each attending to themselves or to 77 caption tokens), on one thread as a
-// worker runs: microdit's AMX kernels (kernels/attention_cpu.h) against ATen's float32 flash
-// attention (what microdit ran before) and ATen's bf16 one (what autocast would run).
+// worker runs: microdit's bf16 kernels on AMX and on AVX512-BF16 and its float32 kernels
+// (kernels/attention_cpu.h) against ATen's float32 flash attention and ATen's bf16 one (what
+// autocast would run).
 //   build/microdit_bench --benchmark_filter=Attention
 // AttentionForward times the float32 forward pass alone at the sampler's shapes.
-// The figures are in docs/performance.md. The AMX rows skip on CPUs without AMX for bf16.
+// The figures are in docs/performance.md. The AMX rows skip on CPUs without AMX for bf16, the
+// AVX512-BF16 rows on CPUs without it.
 #include <ATen/Parallel.h>
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
@@ -16,11 +18,15 @@
 
 namespace {
 
-enum Kernel { kAmx, kFloat32, kAtenFloat32, kAtenBf16 };
+enum Kernel { kAmx, kAvx512Bf16, kFloat32, kAtenFloat32, kAtenBf16 };
 
 void Attention(benchmark::State& state, Kernel kernel) {
   if (kernel == kAmx && !microdit::kernels::cpu::amx_attention_available()) {
     state.SkipWithError("no AMX for bf16 on this CPU");
+    return;
+  }
+  if (kernel == kAvx512Bf16 && !microdit::kernels::cpu::avx512_bf16_attention_available()) {
+    state.SkipWithError("no AVX512-BF16 on this CPU");
     return;
   }
   if (kernel == kFloat32 && !microdit::kernels::cpu::avx512_attention_available()) {
@@ -42,6 +48,11 @@ void Attention(benchmark::State& state, Kernel kernel) {
       namespace kc = microdit::kernels::cpu;
       auto [o, lse] = kc::attention_forward_bf16(q.detach(), k.detach(), v.detach(), scale);
       auto grads = kc::attention_backward_bf16(q.detach(), k.detach(), v.detach(), o, lse, dout, scale);
+      benchmark::DoNotOptimize(std::get<0>(grads).data_ptr());
+    } else if (kernel == kAvx512Bf16) {
+      namespace kc = microdit::kernels::cpu;
+      auto [o, lse] = kc::attention_forward_bf16_avx512(q.detach(), k.detach(), v.detach(), scale);
+      auto grads = kc::attention_backward_bf16_avx512(q.detach(), k.detach(), v.detach(), o, lse, dout, scale);
       benchmark::DoNotOptimize(std::get<0>(grads).data_ptr());
     } else if (kernel == kFloat32) {
       namespace kc = microdit::kernels::cpu;
@@ -89,6 +100,7 @@ void AttentionForward(benchmark::State& state) {
 }  // namespace
 
 BENCHMARK_CAPTURE(Attention, amx_bf16, kAmx)->Apply(Shapes);
+BENCHMARK_CAPTURE(Attention, avx512_bf16, kAvx512Bf16)->Apply(Shapes);
 BENCHMARK_CAPTURE(Attention, float32, kFloat32)->Apply(Shapes);
 BENCHMARK_CAPTURE(Attention, aten_float32, kAtenFloat32)->Apply(Shapes);
 BENCHMARK_CAPTURE(Attention, aten_bf16, kAtenBf16)->Apply(Shapes);

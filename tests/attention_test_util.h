@@ -1,4 +1,4 @@
-// Helpers shared by the CPU attention kernels' tests (test_attention_amx.cpp, test_attention_f32.cpp).
+// Helpers shared by the CPU attention kernels' tests (test_attention_bf16.cpp, test_attention_f32.cpp).
 #pragma once
 #include <gtest/gtest.h>
 #include <torch/torch.h>

@@ -105,11 +105,11 @@ TEST(CpuAttentionF32, ModelAttentionEqualsAtenAttention) {
 }
 
 TEST(CpuAttentionF32, TrainingStepsEqualAtenAttention) {
-  // A whole tiny step (Pico, hd 32), float32 and under bf16 autocast (on CPUs without AMX, where
+  // A whole tiny step (Pico, hd 32), float32 and under bf16 autocast (on CPUs with neither AMX nor AVX512-BF16, where
   // attention stays float32), with microdit's kernels against ATen's float32 attention.
   if (!kernels::cpu::avx512_attention_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
   for (const bool bf16 : {false, true}) {
-    if (bf16 && kernels::cpu::amx_attention_available()) continue;  // AmxAttention's tests
+    if (bf16 && kernels::cpu::bf16_attention_available()) continue;  // Bf16Attention's tests
     SCOPED_TRACE(bf16 ? "bf16 autocast" : "float32");
     test_util::TinyStepOptions opt;
     opt.bf16 = bf16;

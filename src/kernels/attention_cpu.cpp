@@ -21,15 +21,17 @@
 #include <utility>
 #include <vector>
 
+#include "kernels/attention_cpu_util.h"
 #include "kernels/avx512_math.h"
 #include "kernels/cpu_math.h"
 
 namespace microdit::kernels::cpu {
 
+using namespace attention_detail;
+
 namespace {
 
 namespace cb = at::native::cpublas;
-using u16 = uint16_t;  // a bf16 value's bits
 
 // brgemm takes B packed in the VNNI layout in blocks of 16, 32, 48 or 64 columns, and an even
 // inner dimension K (VNNI pairs); the buffers below are padded with zeros to fit.
@@ -49,25 +51,16 @@ void gemm(int64_t M, int64_t N, int64_t K, const u16* A, int64_t lda, const u16*
   }
 }
 
-// The head functions and softmax passes below: AVX-512, with its bf16 conversion for the bf16
-// kernels, which every AMX CPU has (amx_attention_available checks both).
-#define MD_AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-#define MD_AMX_CPU_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
-
 
 // Stores the first lanes (mask) of v rounded to bf16 (nearest even).
-MD_AMX_CPU_TARGET inline __attribute__((always_inline)) void store_bf16(u16* dst, __mmask16 mask, __m512 v) {
+MD_AVX512_BF16_TARGET inline __attribute__((always_inline)) void store_bf16(u16* dst, __mmask16 mask, __m512 v) {
   _mm256_mask_storeu_epi16(dst, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
-
-MD_AVX512_TARGET inline __attribute__((always_inline)) __mmask16 lanes(int64_t n) {
-  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u);
 }
 
 // One (batch, head)'s softmax of the (N, Lc) scores S, rows i < N (columns past L are padding
 // and get zeros): m = scale max_j s, p = exp(scale s - m), P = bf16(p), l[i] = sum_j p, and
 // lse[i] = m + log(l[i]) for the backward pass.
-MD_AMX_CPU_TARGET void softmax_forward_rows(const float* S, int64_t N, int64_t L, int64_t Lc, float scale, u16* P,
+MD_AVX512_BF16_TARGET void softmax_forward_rows(const float* S, int64_t N, int64_t L, int64_t Lc, float scale, u16* P,
                                             float* l, float* lse) {
   const __m512 vs = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < N; ++i) {
@@ -93,7 +86,7 @@ MD_AMX_CPU_TARGET void softmax_forward_rows(const float* S, int64_t N, int64_t L
 // One (batch, head)'s softmax gradient on the transposed (L, Nc) score matrices, key rows j < L
 // (query columns past N are padding and get zeros):
 //   p = exp(scale s - lse[i]),  P^T = bf16(p),  dS^T = bf16(p (dp - D[i])).
-MD_AMX_CPU_TARGET void softmax_backward_rows(const float* ST, const float* dPT, const float* lse, const float* D,
+MD_AVX512_BF16_TARGET void softmax_backward_rows(const float* ST, const float* dPT, const float* lse, const float* D,
                                              int64_t L, int64_t N, int64_t Nc, float scale, u16* PT, u16* dST) {
   const __m512 vs = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < L; ++j) {
@@ -145,26 +138,6 @@ inline const u16* copy_rows(const u16* src, int64_t rows, int64_t cols, int64_t 
   return dst;
 }
 
-// 16 bf16 values as floats.
-MD_AMX_CPU_TARGET inline __attribute__((always_inline)) __m512 load_bf16(const u16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-// sum_c a[c] b[c] over bf16 values, n a multiple of 16.
-MD_AMX_CPU_TARGET inline __attribute__((always_inline)) float dot_bf16(const u16* a, const u16* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t c = 0; c < n; c += 16) acc = _mm512_fmadd_ps(load_bf16(a + c), load_bf16(b + c), acc);
-  return _mm512_reduce_add_ps(acc);
-}
-
-// One call's tensors: row i of head (b, h) of x starts at x + b * s0 + h * s1 + i * s2.
-template <class T>
-struct OperandOf {
-  const T* p;
-  int64_t s0, s1, s2;
-  const T* row(int64_t b, int64_t h, int64_t i) const { return p + b * s0 + h * s1 + i * s2; }
-};
-using Operand = OperandOf<u16>;
 struct Args {
   Operand q, k, v, out, dout;
   const float* lse;
@@ -193,7 +166,7 @@ struct ForwardScratch {
 
 // Head (b, h) of the forward pass: S = q k^T (N, Lc), P = exp(scale S - m) in bf16, O = P v / l.
 // q, k and v are brgemm's operands where they lie (rows of the (B, seq, H, hd) products).
-MD_AMX_CPU_TARGET void forward_head(const ForwardArgs& a, ForwardScratch& x, int64_t b, int64_t h) {
+MD_AVX512_BF16_TARGET void forward_head(const ForwardArgs& a, ForwardScratch& x, int64_t b, int64_t h) {
   const int64_t N = a.N, L = a.L, hd = a.hd, Lk = a.Lk, Lc = a.Lc;
   const u16 *q = a.q.row(b, h, 0), *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
   int64_t ldv = a.v.s2;
@@ -213,7 +186,7 @@ MD_AMX_CPU_TARGET void forward_head(const ForwardArgs& a, ForwardScratch& x, int
 }
 
 // The gradients of head (b, h). q, k, v and dO are brgemm's operands where they lie.
-MD_AMX_CPU_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, int64_t h) {
+MD_AVX512_BF16_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, int64_t h) {
   const int64_t N = a.N, L = a.L, hd = a.hd, Nk = a.Nk, Nc = a.Nc, Lk = a.Lk;
   const u16 *q = a.q.row(b, h, 0), *g = a.dout.row(b, h, 0), *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
   int64_t ldq = a.q.s2, ldg = a.dout.s2;
@@ -258,45 +231,6 @@ MD_AMX_CPU_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, int64
 
 
 
-// dst (cols x rows, row stride ldd) = src (rows x cols, row stride lds) transposed, float32, in
-// 16 x 16 tiles held in registers (rows and columns past the ends masked off).
-MD_AVX512_TARGET inline __attribute__((always_inline)) void transpose_f32(const float* __restrict src, int64_t rows,
-                                                                          int64_t cols, int64_t lds,
-                                                                          float* __restrict dst, int64_t ldd) {
-  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-    const int64_t nr = std::min<int64_t>(16, rows - r0);
-    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
-      const int64_t nc = std::min<int64_t>(16, cols - c0);
-      __m512 r[16], t[16];
-      for (int64_t i = 0; i < 16; ++i)
-        r[i] = i < nr ? _mm512_maskz_loadu_ps(lanes(nc), src + (r0 + i) * lds + c0) : _mm512_setzero_ps();
-      // Pairs of floats, then pairs of pairs, then 128-bit quarters: vector c ends as column c.
-      for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-      }
-      for (int i = 0; i < 4; ++i) {
-        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]),
-                      c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
-        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-      }
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 4; ++j) {
-          t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0x88);
-          t[8 * i + j + 4] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + j + 4], 0xdd);
-        }
-      for (int j = 0; j < 8; ++j) {
-        r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-        r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xdd);
-      }
-      for (int64_t c = 0; c < nc; ++c) _mm512_mask_storeu_ps(dst + (c0 + c) * ldd + r0, lanes(nr), r[c]);
-    }
-  }
-}
-
 // sum_c a[c] b[c], float32.
 MD_AVX512_TARGET inline __attribute__((always_inline)) float dot_f32(const float* a, const float* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
@@ -308,7 +242,6 @@ MD_AVX512_TARGET inline __attribute__((always_inline)) float dot_f32(const float
 }
 
 
-using OperandF = OperandOf<float>;
 
 
 // Outputs are (B, seq, H, hd) contiguous: row i of head (b, h) at ((b seq + i) H + h) hd, stride H hd.
@@ -319,12 +252,6 @@ struct ForwardArgsF32 {
   int64_t H, N, L, hd;
   float scale;
 };
-
-// The forward pass takes 32 queries at a time: two vectors of scores per key.
-constexpr int64_t kQueries = 32;
-// Both passes take the softmax's exponentials in base 2 (exp2_16, 10 operations against exp16's 15):
-// exp(y) = 2^(y log2 e), log2 e folded into the scale.
-constexpr float kLog2e = 1.44269504088896341f;
 
 struct ForwardScratchF32 {
   // Zeroed once: lanes of q^T past the last query keep finite values, so do their scores.
@@ -427,21 +354,6 @@ MD_AVX512_TARGET void output_block_f32(const float* v, int64_t ldv, int64_t L, i
       output_f32<Q, V>(v + c0, ldv, L, st + i, inv ? inv + i : nullptr, masks, out + i * ldo + c0, ldo, nq - i);
   }
 }
-
-// The products by broadcasting that need R x V accumulators: V vectors of the head width, as
-// many rows as keep 16 (or 8) accumulators busy.
-#define MD_BY_WIDTH(nvec, call)               \
-  do {                                         \
-    if ((nvec) <= 1) {                         \
-      call(8, 1);                              \
-    } else if ((nvec) <= 2) {                  \
-      call(8, 2);                              \
-    } else if ((nvec) <= 4) {                  \
-      call(4, 4);                              \
-    } else {                                   \
-      call(2, 8);                              \
-    }                                          \
-  } while (0)
 
 // Head (b, h) of the forward pass, 32 queries at a time, everything of a block in L1:
 //   q^T (hd, 32) of the block's rows;
@@ -595,23 +507,20 @@ MD_AVX512_TARGET void backward_head_f32(const ArgsF32& a, ScratchF32& x, int64_t
   }
 }
 
-// Throws "CPU <dtype> attention: what" unless ok.
+}  // namespace
+
+namespace attention_detail {
+
 void check(bool ok, at::ScalarType dt, const std::string& what) {
   if (!ok) throw std::runtime_error(std::string("CPU ") + (dt == at::kBFloat16 ? "bf16" : "float32") + " attention: " + what);
 }
 
-// The checks both passes make of q (B, H, N, hd) and k, v (B, H, L, hd) in dtype dt.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dt) {
-  if (dt == at::kBFloat16) {
-    check(amx_attention_available(), dt, "this CPU has no AMX for bf16");
-  } else {
-    check(avx512_attention_available(), dt, "this CPU has no AVX-512");
-  }
   check(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == q.size(0) &&
             k.size(1) == q.size(1) && k.size(3) == q.size(3),
         dt, "q must be (B, H, N, hd) and k, v (B, H, L, hd)");
   if (dt == at::kBFloat16)
-    check(amx_attention_applies(q.size(3)), dt,
+    check(bf16_attention_applies(q.size(3)), dt,
           "head size " + std::to_string(q.size(3)) + " is not a multiple of 16 up to 256");
   check(q.size(2) > 0 && k.size(2) > 0 && q.size(3) > 0, dt, "empty sequence or head");
   const char* what = dt == at::kBFloat16 ? "q, k, v must be bf16 CPU tensors with contiguous rows"
@@ -620,7 +529,6 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     check(t->device().is_cpu() && t->scalar_type() == dt && t->stride(3) == 1, dt, what);
 }
 
-// The checks of the backward pass's other inputs: out and dout shaped as q, lse (B, H, N) float32.
 void check_backward_inputs(const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& dout,
                            at::ScalarType dt) {
   check(out.sizes() == q.sizes() && dout.sizes() == q.sizes(), dt, "out and dout must have q's shape");
@@ -633,14 +541,7 @@ void check_backward_inputs(const at::Tensor& q, const at::Tensor& out, const at:
         dt, "lse must be float32 (B, H, N)");
 }
 
-Operand operand(const at::Tensor& t) {
-  return Operand{reinterpret_cast<const u16*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
-}
-OperandF operand_f32(const at::Tensor& t) {
-  return OperandF{t.data_ptr<float>(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-}  // namespace
+}  // namespace attention_detail
 
 bool amx_attention_available() {
   static const bool ok = [] {
@@ -651,7 +552,17 @@ bool amx_attention_available() {
   return ok;
 }
 
-bool amx_attention_applies(int64_t head_dim) { return head_dim > 0 && head_dim % 16 == 0 && head_dim <= 256; }
+bool avx512_bf16_attention_available() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return avx512_attention_available() && __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return ok;
+}
+
+bool bf16_attention_available() { return amx_attention_available() || avx512_bf16_attention_available(); }
+
+bool bf16_attention_applies(int64_t head_dim) { return head_dim > 0 && head_dim % 16 == 0 && head_dim <= 256; }
 
 bool avx512_attention_available() {
   static const bool ok = [] {
@@ -665,6 +576,7 @@ bool avx512_attention_available() {
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_bf16(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v, double scale, bool with_lse) {
+  if (!amx_attention_available()) return attention_forward_bf16_avx512(q, k, v, scale, with_lse);
   check_inputs(q, k, v, at::kBFloat16);
   check(scale > 0, at::kBFloat16, "scale must be positive");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
@@ -686,6 +598,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at:
                                                                        const at::Tensor& v, const at::Tensor& out,
                                                                        const at::Tensor& lse, const at::Tensor& dout,
                                                                        double scale) {
+  if (!amx_attention_available()) return attention_backward_bf16_avx512(q, k, v, out, lse, dout, scale);
   check_inputs(q, k, v, at::kBFloat16);
   check_backward_inputs(q, out, lse, dout, at::kBFloat16);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
@@ -708,6 +621,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at:
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_f32(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, double scale, bool with_lse) {
+  check(avx512_attention_available(), at::kFloat, "this CPU has no AVX-512");
   check_inputs(q, k, v, at::kFloat);
   check(scale > 0, at::kFloat, "scale must be positive");
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
@@ -727,6 +641,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_f32(const at::
                                                                       const at::Tensor& v, const at::Tensor& out,
                                                                       const at::Tensor& lse, const at::Tensor& dout,
                                                                       double scale) {
+  check(avx512_attention_available(), at::kFloat, "this CPU has no AVX-512");
   check_inputs(q, k, v, at::kFloat);
   check_backward_inputs(q, out, lse, dout, at::kFloat);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);

@@ -1,6 +1,6 @@
-// CPU attention, both passes: bf16 on CPUs with AMX (model/attention.cpp takes it under bf16
-// autocast), and float32 on CPUs with AVX-512 (float32 training and sampling; under bf16
-// autocast where there is no AMX).
+// CPU attention, both passes: bf16 on CPUs with AMX or AVX512-BF16 (model/attention.cpp takes it
+// under bf16 autocast), and float32 on CPUs with AVX-512 (float32 training and sampling; under
+// bf16 autocast on CPUs with neither).
 //
 // bf16: ATen's bf16
 // attention runs its forward pass on AMX tiles (oneDNN's brgemm), but its backward pass through
@@ -16,6 +16,10 @@
 // bf16 operands, float32 accumulation and softmax arithmetic; P and dS are rounded to bf16 for
 // their products, as a GPU's flash kernels round them.
 //
+// bf16 on CPUs with AVX512-BF16 but no AMX (AMD Zen 4 and later; kernels/attention_cpu_avx512bf16.cpp):
+// the same arithmetic and roundings with the float32 kernels' structure below, every product in
+// vdpbf16ps (pairs of bf16 products summed into float32 lanes; twice the float32 rate).
+//
 // float32: the same passes in float32 P and dS, with no library call: 32 queries at a time,
 // the products written out in AVX-512 by broadcasting one operand's entries against the other's
 // rows (at 64 keys of 32 the calls and copies around brgemm cost as much as the products). ATen's float32
@@ -28,12 +32,19 @@
 
 namespace microdit::kernels::cpu {
 
-// Whether attention_backward_bf16 can run here: a CPU with AMX for bf16 (and the kernel's leave
-// to use it) and a LibTorch whose oneDNN packs bf16 for brgemm.
+// Whether the AMX kernels can run here: a CPU with AMX for bf16 (and the kernel's leave to use
+// it) and a LibTorch whose oneDNN packs bf16 for brgemm.
 bool amx_attention_available();
 
-// Whether the shapes suit it: head size a multiple of 16 (brgemm's column blocks), at most 256.
-bool amx_attention_applies(int64_t head_dim);
+// Whether the AVX512-BF16 kernels can run here (every AMX CPU has it too).
+bool avx512_bf16_attention_available();
+
+// Whether attention_forward_bf16 and attention_backward_bf16 can run here: either of the two.
+bool bf16_attention_available();
+
+// Whether the shapes suit them: head size a multiple of 16 (brgemm's column blocks, whole
+// vectors), at most 256.
+bool bf16_attention_applies(int64_t head_dim);
 
 // q (B, H, N, hd), k and v (B, H, L, hd): bf16 CPU tensors with the last dimension contiguous.
 // Returns the output (B, H, N, hd) bf16, laid out as (B, N, H, hd), and lse (B, H, N) float32
@@ -50,6 +61,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16(const at:
                                                                        const at::Tensor& v, const at::Tensor& out,
                                                                        const at::Tensor& lse, const at::Tensor& dout,
                                                                        double scale);
+
+// The same passes on AVX512-BF16 whether or not the CPU has AMX (the two functions above take
+// them where it has not; tests and benchmarks call them on AMX CPUs too).
+std::tuple<at::Tensor, at::Tensor> attention_forward_bf16_avx512(const at::Tensor& q, const at::Tensor& k,
+                                                                 const at::Tensor& v, double scale,
+                                                                 bool with_lse = true);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16_avx512(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& dout, double scale);
 
 // Whether the float32 kernels can run here: a CPU with AVX-512 (F, BW, VL, DQ) and FMA.
 bool avx512_attention_available();

@@ -89,15 +89,16 @@ CpuAttentionKernel cpu_attention_kernel(int64_t hd) {
     case CpuAttention::bf16: return CpuAttentionKernel::aten_bf16;
     case CpuAttention::automatic: break;
   }
-  return kernels::cpu::amx_attention_available() && kernels::cpu::amx_attention_applies(hd)
-             ? CpuAttentionKernel::amx_bf16
-             : f32;
+  if (!kernels::cpu::bf16_attention_applies(hd)) return f32;
+  if (kernels::cpu::amx_attention_available()) return CpuAttentionKernel::amx_bf16;
+  return kernels::cpu::avx512_bf16_attention_available() ? CpuAttentionKernel::avx512_bf16 : f32;
 }
 
 const char* cpu_attention_kernel_name(CpuAttentionKernel kernel) {
   switch (kernel) {
     case CpuAttentionKernel::aten_bf16: return "bf16 ATen";
     case CpuAttentionKernel::amx_bf16: return "bf16 AMX";
+    case CpuAttentionKernel::avx512_bf16: return "bf16 AVX512-BF16";
     case CpuAttentionKernel::aten_float32: return "float32 ATen";
     case CpuAttentionKernel::float32: break;
   }
@@ -110,17 +111,17 @@ Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   if (q.device().is_cpu()) {
     const bool autocast = at::autocast::is_autocast_enabled(at::kCPU);
     const auto kernel = cpu_attention_kernel(hd);
-    if (kernel == CpuAttentionKernel::amx_bf16) {
-      // On AMX both passes run on bf16 tiles (kernels/attention_cpu.h; docs/performance.md), on
-      // the inputs autocast would give ATen's attention.
+    if (kernel == CpuAttentionKernel::amx_bf16 || kernel == CpuAttentionKernel::avx512_bf16) {
+      // Both passes in bf16 on AMX tiles or in AVX512-BF16 (kernels/attention_cpu.h;
+      // docs/performance.md), on the inputs autocast would give ATen's attention.
       const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
       auto b = [&](const Tensor& t) { return heads(t.to(at::kBFloat16)); };
       return cpu_attention(b(q), b(k), b(v)).transpose(1, 2).reshape({B, N, H * hd});  // bf16
     }
     if (kernel == CpuAttentionKernel::float32 || kernel == CpuAttentionKernel::aten_float32) {
       // Float32 attention: microdit's kernels on AVX-512 CPUs (2-3x ATen's float32 flash kernels
-      // on MicroDiT's shapes), else ATen's. Under bf16 autocast on CPUs without AMX it stays in
-      // float32 too: ATen's bf16 attention is the slow one there (its flash kernel's bf16
+      // on MicroDiT's shapes), else ATen's. Under bf16 autocast on CPUs with neither AMX nor
+      // AVX512-BF16 it stays in float32 too: ATen's bf16 attention is the slow one there (its flash kernel's bf16
       // products go through MKL's bf16 GEMM, forward + backward 4-10x slower than float32 on
       // MicroDiT's shapes; docs/performance.md). So attention steps past autocast (which would
       // cast it to bf16) and computes in float32 on the inputs autocast would have given it,

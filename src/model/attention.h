@@ -51,8 +51,9 @@ std::vector<CaptionKV> caption_kvs(const std::vector<CrossAttentionImpl*>& layer
 Tensor multi_head_attention(const Tensor& q, const Tensor& k, const Tensor& v);
 
 // Attention on the CPU (--cpu-attention):
-//   automatic: under bf16 autocast the AMX kernels where the CPU has AMX for bf16 and the head
-//     size is a multiple of 16, else float32 (ATen's bf16 backward pass is the slow one);
+//   automatic: under bf16 autocast microdit's bf16 kernels where the CPU has AMX for bf16 or
+//     AVX512-BF16 and the head size is a multiple of 16 (up to 256), else float32 (ATen's bf16
+//     backward pass is the slow one);
 //   float32: always float32;
 //   aten_float32: always float32, ATen's kernels (for comparison);
 //   bf16: under bf16 autocast ATen's bf16 attention, both ways (slow on the CPU, but it keeps
@@ -67,12 +68,13 @@ CpuAttention parse_cpu_attention(const std::string& name);  // auto, float32, at
 //     rounded to the autocast dtype;
 //   aten_float32: the same with ATen's float32 attention;
 //   aten_bf16: ATen's bf16 attention, forward and backward;
-//   amx_bf16: microdit's bf16 kernels on AMX tiles.
-enum class CpuAttentionKernel { float32, aten_float32, aten_bf16, amx_bf16 };
+//   amx_bf16: microdit's bf16 kernels on AMX tiles;
+//   avx512_bf16: microdit's bf16 kernels in AVX512-BF16's vdpbf16ps (CPUs with it and no AMX).
+enum class CpuAttentionKernel { float32, aten_float32, aten_bf16, amx_bf16, avx512_bf16 };
 // The kernel CPU attention with head size hd takes now (float32 or aten_float32 unless bf16
 // autocast is on).
 CpuAttentionKernel cpu_attention_kernel(int64_t hd);
-// "float32", "float32 ATen", "bf16 ATen", "bf16 AMX"
+// "float32", "float32 ATen", "bf16 ATen", "bf16 AMX", "bf16 AVX512-BF16"
 const char* cpu_attention_kernel_name(CpuAttentionKernel kernel);
 
 }  // namespace microdit
