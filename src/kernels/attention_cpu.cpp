@@ -368,37 +368,13 @@ MD_AVX512_TARGET void forward_head_f32(const ForwardArgsF32& a, ForwardScratchF3
   const int64_t N = a.N, L = a.L, hd = a.hd, ldo = a.H * hd;
   const float *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
   float *qt = x.qt.data(), *st = x.st.data();
-  const __m512 vs = _mm512_set1_ps(a.scale), vs2 = _mm512_set1_ps(a.scale * kLog2e);  // scale, in base 2
   const int64_t nvec = (hd + 15) / 16;
   for (int64_t i0 = 0; i0 < N; i0 += kQueries) {
     const int64_t nq = std::min(kQueries, N - i0);
     transpose_f32(a.q.row(b, h, i0), nq, hd, a.q.s2, qt, kQueries);  // q^T (hd, 32)
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
     scores_block_f32<true>(k, a.k.s2, L, qt, hd, st, m0, m1);  // S^T (L, 32)
-    const __m512 e0 = _mm512_mul_ps(m0, vs2), e1 = _mm512_mul_ps(m1, vs2);  // the maxima in base 2 (scale > 0)
-    m0 = _mm512_mul_ps(m0, vs);
-    m1 = _mm512_mul_ps(m1, vs);
-    __m512 l0 = _mm512_setzero_ps(), l1 = l0;
-    for (int64_t j = 0; j < L; ++j) {  // P^T = 2^(log2 e (scale S^T - scale m)) and its column sums
-      float* s = st + j * kQueries;
-      const __m512 p0 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs2, e0));
-      const __m512 p1 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs2, e1));
-      _mm512_storeu_ps(s, p0);
-      _mm512_storeu_ps(s + 16, p1);
-      l0 = _mm512_add_ps(l0, p0);
-      l1 = _mm512_add_ps(l1, p1);
-    }
-    _mm512_store_ps(x.inv, _mm512_div_ps(_mm512_set1_ps(1.0f), l0));
-    _mm512_store_ps(x.inv + 16, _mm512_div_ps(_mm512_set1_ps(1.0f), l1));
-    if (a.lse) {
-      alignas(64) float ms[kQueries], ls[kQueries];
-      _mm512_store_ps(ms, m0);
-      _mm512_store_ps(ms + 16, m1);
-      _mm512_store_ps(ls, l0);
-      _mm512_store_ps(ls + 16, l1);
-      float* lse = a.lse + (b * a.H + h) * N + i0;
-      for (int64_t i = 0; i < nq; ++i) lse[i] = ms[i] + std::log(ls[i]);
-    }
+    softmax_block_forward(st, L, a.scale, m0, m1, x.inv, a.lse ? a.lse + (b * a.H + h) * N + i0 : nullptr, nq);
     float* out = a.out + ((b * N + i0) * a.H + h) * hd;
 #define MD_FORWARD_OUTPUT(Q, V) output_block_f32<Q, V>(v, a.v.s2, L, hd, st, x.inv, out, ldo, nq)
     MD_BY_WIDTH(nvec, MD_FORWARD_OUTPUT);
@@ -470,7 +446,6 @@ MD_AVX512_TARGET void backward_head_f32(const ArgsF32& a, ScratchF32& x, int64_t
   const float *k = a.k.row(b, h, 0), *v = a.v.row(b, h, 0);
   float *qt = x.qt.data(), *gt = x.gt.data(), *st = x.st.data(), *dpt = x.dpt.data();
   float *dk = a.dk + (b * L * a.H + h) * hd, *dv = a.dv + (b * L * a.H + h) * hd;  // row j at + j ldo
-  const __m512 vs = _mm512_set1_ps(a.scale), vs2 = _mm512_set1_ps(a.scale * kLog2e);  // scale, in base 2
   for (int64_t i0 = 0; i0 < N; i0 += kQueries) {
     const int64_t nq = std::min(kQueries, N - i0);
     const float *q = a.q.row(b, h, i0), *g = a.dout.row(b, h, i0);
@@ -484,18 +459,7 @@ MD_AVX512_TARGET void backward_head_f32(const ArgsF32& a, ScratchF32& x, int64_t
     __m512 unused0, unused1;
     scores_block_f32<false>(k, a.k.s2, L, qt, hd, st, unused0, unused1);   // S^T  (L, 32)
     scores_block_f32<false>(v, a.v.s2, L, gt, hd, dpt, unused0, unused1);  // dP^T (L, 32)
-    const __m512 log2e = _mm512_set1_ps(kLog2e);  // the log-sum-exps in base 2
-    const __m512 l0 = _mm512_mul_ps(_mm512_load_ps(x.lse), log2e), l1 = _mm512_mul_ps(_mm512_load_ps(x.lse + 16), log2e);
-    const __m512 d0 = _mm512_load_ps(x.d), d1 = _mm512_load_ps(x.d + 16);
-    for (int64_t j = 0; j < L; ++j) {  // P^T = 2^(log2 e (scale S^T - lse)), scale dS^T
-      float *s = st + j * kQueries, *dp = dpt + j * kQueries;
-      const __m512 p0 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs2, l0));
-      const __m512 p1 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs2, l1));
-      _mm512_storeu_ps(s, p0);
-      _mm512_storeu_ps(s + 16, p1);
-      _mm512_storeu_ps(dp, _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp), d0)), vs));
-      _mm512_storeu_ps(dp + 16, _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dp + 16), d1)), vs));
-    }
+    softmax_block_backward(st, dpt, L, a.scale, x.lse, x.d);  // P^T, scale dS^T
     const bool first = i0 == 0;
     float* dq = a.dq + ((b * N + i0) * a.H + h) * hd;
 #define MD_BACKWARD_PRODUCTS(R, V)                                                         \

@@ -258,38 +258,14 @@ MD_AVX512_BF16_TARGET void forward_head(const ForwardArgs& a, ForwardScratch& x,
   u32 *qt = x.qt.data(), *vp = x.vp.data(), *pp = x.pp.data();
   float* st = x.st.data();
   pack_row_pairs(a.v.row(b, h, 0), a.v.s2, L, hd, vp);
-  const __m512 vs = _mm512_set1_ps(a.scale), vs2 = _mm512_set1_ps(a.scale * kLog2e);  // scale, in base 2
   for (int64_t i0 = 0; i0 < N; i0 += kQueries) {
     const int64_t nq = std::min(kQueries, N - i0);
-    // q^T's pairs (hd / 2, 32): q's rows of words transposed (s2 is even: hd is).
+    // q^T's pairs (hd / 2, 32): q's rows of words transposed (with_even_rows made s2 even).
     transpose_f32(reinterpret_cast<const float*>(a.q.row(b, h, i0)), nq, hd / 2, a.q.s2 / 2,
                   reinterpret_cast<float*>(qt), kQueries);
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
     scores_block_bf16<true>(k, a.k.s2, L, qt, hd / 2, st, m0, m1);  // S^T (L, 32)
-    const __m512 e0 = _mm512_mul_ps(m0, vs2), e1 = _mm512_mul_ps(m1, vs2);
-    m0 = _mm512_mul_ps(m0, vs);
-    m1 = _mm512_mul_ps(m1, vs);
-    __m512 l0 = _mm512_setzero_ps(), l1 = l0;
-    for (int64_t j = 0; j < L; ++j) {  // P^T = 2^(log2 e (scale S^T - scale m)) and its column sums
-      float* s = st + j * kQueries;
-      const __m512 p0 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs2, e0));
-      const __m512 p1 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs2, e1));
-      _mm512_storeu_ps(s, p0);
-      _mm512_storeu_ps(s + 16, p1);
-      l0 = _mm512_add_ps(l0, p0);
-      l1 = _mm512_add_ps(l1, p1);
-    }
-    _mm512_store_ps(x.inv, _mm512_div_ps(_mm512_set1_ps(1.0f), l0));
-    _mm512_store_ps(x.inv + 16, _mm512_div_ps(_mm512_set1_ps(1.0f), l1));
-    if (a.lse) {
-      alignas(64) float ms[kQueries], ls[kQueries];
-      _mm512_store_ps(ms, m0);
-      _mm512_store_ps(ms + 16, m1);
-      _mm512_store_ps(ls, l0);
-      _mm512_store_ps(ls + 16, l1);
-      float* lse = a.lse + (b * a.H + h) * N + i0;
-      for (int64_t i = 0; i < nq; ++i) lse[i] = ms[i] + std::log(ls[i]);
-    }
+    softmax_block_forward(st, L, a.scale, m0, m1, x.inv, a.lse ? a.lse + (b * a.H + h) * N + i0 : nullptr, nq);
     pair_rows(st, L, pp);  // P's pairs along the keys (ceil(L / 2), 32)
     u16* out = a.out + ((b * N + i0) * a.H + h) * hd;
 #define MD_FORWARD_OUTPUT(Q, V) output_block_bf16<Q, V>(vp, hd, pairs_k, pp, x.inv, out, ldo, nq)
@@ -334,7 +310,6 @@ MD_AVX512_BF16_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, i
       *dsp = x.dsp.data();
   float *st = x.st.data(), *dpt = x.dpt.data();
   pack_row_pairs(k, a.k.s2, L, hd, kp);
-  const __m512 vs = _mm512_set1_ps(a.scale), vs2 = _mm512_set1_ps(a.scale * kLog2e);
   for (int64_t i0 = 0; i0 < N; i0 += kQueries) {
     const int64_t nq = std::min(kQueries, N - i0), pairs_q = (nq + 1) / 2;
     const u16 *q = a.q.row(b, h, i0), *g = a.dout.row(b, h, i0);
@@ -351,18 +326,7 @@ MD_AVX512_BF16_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, i
     __m512 unused0, unused1;
     scores_block_bf16<false>(k, a.k.s2, L, qt, hd / 2, st, unused0, unused1);   // S^T  (L, 32)
     scores_block_bf16<false>(v, a.v.s2, L, gt, hd / 2, dpt, unused0, unused1);  // dP^T (L, 32)
-    const __m512 log2e = _mm512_set1_ps(kLog2e);
-    const __m512 l0 = _mm512_mul_ps(_mm512_load_ps(x.lse), log2e), l1 = _mm512_mul_ps(_mm512_load_ps(x.lse + 16), log2e);
-    const __m512 d0 = _mm512_load_ps(x.d), d1 = _mm512_load_ps(x.d + 16);
-    for (int64_t j = 0; j < L; ++j) {  // P^T = 2^(log2 e (scale S^T - lse)), scale dS^T
-      float *s = st + j * kQueries, *dp = dpt + j * kQueries;
-      const __m512 p0 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs2, l0));
-      const __m512 p1 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs2, l1));
-      _mm512_storeu_ps(s, p0);
-      _mm512_storeu_ps(s + 16, p1);
-      _mm512_storeu_ps(dp, _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp), d0)), vs));
-      _mm512_storeu_ps(dp + 16, _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dp + 16), d1)), vs));
-    }
+    softmax_block_backward(st, dpt, L, a.scale, x.lse, x.d);  // P^T, scale dS^T
     round_rows(st, L, nq, x.pt.data());    // P^T  (L, 32) bf16
     round_rows(dpt, L, nq, x.dst.data());  // scale dS^T (L, 32) bf16
     pair_rows(dpt, L, dsp);                // scale dS's pairs along the keys

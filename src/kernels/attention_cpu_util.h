@@ -7,8 +7,12 @@
 
 #include <immintrin.h>
 
+#include <cmath>
+
 #include <cstdint>
 #include <string>
+
+#include "kernels/avx512_math.h"
 
 namespace microdit::kernels::cpu::attention_detail {
 
@@ -89,6 +93,58 @@ constexpr int64_t kQueries = 32;
 // Both passes take the softmax's exponentials in base 2 (exp2_16, 10 operations against exp16's 15):
 // exp(y) = 2^(y log2 e), log2 e folded into the scale.
 constexpr float kLog2e = 1.44269504088896341f;
+
+// A block's softmax, forward (the float32 and AVX512-BF16 kernels): st holds S^T (L, 32) of 32
+// queries with the maxima m0, m1 over keys (lanes 0-15, 16-31); turns it into P^T = exp(scale S^T -
+// scale m) in place, writes inv[i] = 1 / sum_j P^T[j, i] (32 values, 64-byte aligned) and, where
+// lse is given, lse[i] = scale m + log(sum_j P^T[j, i]) for the block's nq queries.
+MD_AVX512_TARGET inline __attribute__((always_inline)) void softmax_block_forward(float* st, int64_t L, float scale,
+                                                                                  __m512 m0, __m512 m1, float* inv,
+                                                                                  float* lse, int64_t nq) {
+  const __m512 vs = _mm512_set1_ps(scale), vs2 = _mm512_set1_ps(scale * kLog2e);  // scale, in base 2
+  const __m512 e0 = _mm512_mul_ps(m0, vs2), e1 = _mm512_mul_ps(m1, vs2);         // the maxima in base 2 (scale > 0)
+  __m512 l0 = _mm512_setzero_ps(), l1 = l0;
+  for (int64_t j = 0; j < L; ++j) {  // P^T = 2^(log2 e (scale S^T - scale m)) and its column sums
+    float* s = st + j * kQueries;
+    const __m512 p0 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs2, e0));
+    const __m512 p1 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs2, e1));
+    _mm512_storeu_ps(s, p0);
+    _mm512_storeu_ps(s + 16, p1);
+    l0 = _mm512_add_ps(l0, p0);
+    l1 = _mm512_add_ps(l1, p1);
+  }
+  _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), l0));
+  _mm512_store_ps(inv + 16, _mm512_div_ps(_mm512_set1_ps(1.0f), l1));
+  if (lse) {
+    alignas(64) float ms[kQueries], ls[kQueries];
+    _mm512_store_ps(ms, _mm512_mul_ps(m0, vs));
+    _mm512_store_ps(ms + 16, _mm512_mul_ps(m1, vs));
+    _mm512_store_ps(ls, l0);
+    _mm512_store_ps(ls + 16, l1);
+    for (int64_t i = 0; i < nq; ++i) lse[i] = ms[i] + std::log(ls[i]);
+  }
+}
+
+// A block's softmax gradient: st holds S^T and dpt dP^T (L, 32) of 32 queries, lse and d (32
+// values each, 64-byte aligned) their log-sum-exps and D = rowsum(dO o O). Turns st into P^T =
+// exp(scale S^T - lse) and dpt into scale dS^T = scale P^T (dP^T - D), in place.
+MD_AVX512_TARGET inline __attribute__((always_inline)) void softmax_block_backward(float* st, float* dpt, int64_t L,
+                                                                                   float scale, const float* lse,
+                                                                                   const float* d) {
+  const __m512 vs = _mm512_set1_ps(scale), vs2 = _mm512_set1_ps(scale * kLog2e);
+  const __m512 log2e = _mm512_set1_ps(kLog2e);  // the log-sum-exps in base 2
+  const __m512 l0 = _mm512_mul_ps(_mm512_load_ps(lse), log2e), l1 = _mm512_mul_ps(_mm512_load_ps(lse + 16), log2e);
+  const __m512 d0 = _mm512_load_ps(d), d1 = _mm512_load_ps(d + 16);
+  for (int64_t j = 0; j < L; ++j) {
+    float *s = st + j * kQueries, *dp = dpt + j * kQueries;
+    const __m512 p0 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s), vs2, l0));
+    const __m512 p1 = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + 16), vs2, l1));
+    _mm512_storeu_ps(s, p0);
+    _mm512_storeu_ps(s + 16, p1);
+    _mm512_storeu_ps(dp, _mm512_mul_ps(_mm512_mul_ps(p0, _mm512_sub_ps(_mm512_loadu_ps(dp), d0)), vs));
+    _mm512_storeu_ps(dp + 16, _mm512_mul_ps(_mm512_mul_ps(p1, _mm512_sub_ps(_mm512_loadu_ps(dp + 16), d1)), vs));
+  }
+}
 
 // The products by broadcasting that need R x V accumulators: V vectors of the head width, as
 // many rows as keep 16 (or 8) accumulators busy.
