@@ -95,25 +95,31 @@ TEST(Bf16Attention, Avx512PassesEqualAttentionInFloat64) {
 }
 
 TEST(Bf16Attention, Avx512OddViewsEqualContiguousCopies) {
-  // The kernels read bf16 pairs as words: heads whose rows start at odd indices (a view 16 wide of
-  // rows 17 wide) give the same bits as contiguous copies of them.
+  // The kernels read bf16 pairs as 32-bit words: heads of rows 33 wide from index 1 (odd row
+  // strides, odd starts) give the same bits as contiguous copies of them, in every input.
   if (!kernels::cpu::avx512_bf16_attention_available()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
   torch::manual_seed(14);
-  auto odd = [](int64_t seq) {  // (1, 2, seq, 16) heads of a (1, seq, 2, 17) tensor, from index 1
-    return torch::randn({1, seq, 2, 17}).to(torch::kBFloat16).narrow(3, 1, 16).transpose(1, 2);
+  auto odd = [](const torch::Tensor& t) {  // t (1, 2, seq, 16) as heads of a (1, seq, 33) tensor, from index 1
+    const auto seq = t.size(2);
+    auto rows = torch::zeros({1, seq, 33}, torch::kBFloat16).narrow(2, 1, 32);
+    auto heads = rows.view({1, seq, 2, 16}).transpose(1, 2);
+    heads.copy_(t);
+    return heads;
   };
-  const auto q = odd(9), k = odd(6), v = odd(6), g = odd(9);
-  auto c = [](const torch::Tensor& t) { return t.contiguous(); };
+  auto h = [](int64_t seq) { return torch::randn({1, 2, seq, 16}).to(torch::kBFloat16); };
+  const auto q = h(9), k = h(6), v = h(6), g = h(9);
+  ASSERT_EQ(odd(q).stride(2) % 2, 1);
   namespace kc = kernels::cpu;
   const auto [o, lse] = kc::attention_forward_bf16_avx512(q, k, v, 0.25, true);
-  const auto [oc, lsec] = kc::attention_forward_bf16_avx512(c(q), c(k), c(v), 0.25, true);
-  EXPECT_TRUE(torch::equal(o, oc));
-  EXPECT_TRUE(torch::equal(lse, lsec));
+  const auto [o_odd, lse_odd] = kc::attention_forward_bf16_avx512(odd(q), odd(k), odd(v), 0.25, true);
+  EXPECT_TRUE(torch::equal(o, o_odd));
+  EXPECT_TRUE(torch::equal(lse, lse_odd));
   const auto [dq, dk, dv] = kc::attention_backward_bf16_avx512(q, k, v, o, lse, g, 0.25);
-  const auto [dqc, dkc, dvc] = kc::attention_backward_bf16_avx512(c(q), c(k), c(v), c(o), lse, c(g), 0.25);
-  EXPECT_TRUE(torch::equal(dq, dqc));
-  EXPECT_TRUE(torch::equal(dk, dkc));
-  EXPECT_TRUE(torch::equal(dv, dvc));
+  const auto [dq_odd, dk_odd, dv_odd] =
+      kc::attention_backward_bf16_avx512(odd(q), odd(k), odd(v), odd(o), lse, odd(g), 0.25);
+  EXPECT_TRUE(torch::equal(dq, dq_odd));
+  EXPECT_TRUE(torch::equal(dk, dk_odd));
+  EXPECT_TRUE(torch::equal(dv, dv_odd));
   EXPECT_GT(dq.abs().sum().item<double>(), 0);
 }
 
@@ -140,7 +146,8 @@ TEST(Bf16Attention, OneLineErrors) {
   std::vector<std::pair<Forward, Backward>> kernels_here{
       {kernels::cpu::attention_forward_bf16, kernels::cpu::attention_backward_bf16}};
   if (kernels::cpu::avx512_bf16_attention_available())
-    kernels_here.emplace_back(kernels::cpu::attention_forward_bf16_avx512, kernels::cpu::attention_backward_bf16_avx512);
+    kernels_here.emplace_back(kernels::cpu::attention_forward_bf16_avx512,
+                              kernels::cpu::attention_backward_bf16_avx512);
   for (const auto& [forward, backward] : kernels_here) {
     expect([&] { backward(f, k, k, q, lse, q, 0.25); }, "bf16");
     const auto q8 = heads(1, 8, 2, 8);

@@ -24,8 +24,8 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
   cmd.add_option_function<std::string>(
          "--cpu-attention", [](const std::string& v) { set_cpu_attention(parse_cpu_attention(v)); },
          "attention on the CPU: auto (under bf16 autocast bf16 on AMX tiles where the CPU has AMX, "
-         "in AVX512-BF16 where it has that, else float32), float32 (microdit's kernels on AVX-512 CPUs, else ATen's), aten-float32 "
-         "(ATen's), or bf16 (under bf16 autocast ATen's both ways; slow on CPUs but keeps what a GPU keeps)")
+         "in AVX512-BF16 where it has that, else float32), float32 (microdit's kernels on AVX-512 "
+         "CPUs, else ATen's), aten-float32 (ATen's), or bf16 (under bf16 autocast ATen's both ways; slow on CPUs but keeps what a GPU keeps)")
       ->default_str("auto");
   cmd.add_option_function<std::string>(
          "--fused-kernels",

@@ -476,7 +476,8 @@ MD_AVX512_TARGET void backward_head_f32(const ArgsF32& a, ScratchF32& x, int64_t
 namespace attention_detail {
 
 void check(bool ok, at::ScalarType dt, const std::string& what) {
-  if (!ok) throw std::runtime_error(std::string("CPU ") + (dt == at::kBFloat16 ? "bf16" : "float32") + " attention: " + what);
+  if (!ok)
+    throw std::runtime_error(std::string("CPU ") + (dt == at::kBFloat16 ? "bf16" : "float32") + " attention: " + what);
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::ScalarType dt) {

@@ -10,7 +10,7 @@
 //   S^T = k q^T   (inner: the head width) k's rows are already pairs; q^T's are q's 32-bit words
 //                 transposed (the float32 kernels' tile transpose moves them as floats);
 //   dP^T = v dO^T likewise;
-//   O = P v       (inner: keys) P's pairs from two rows of P^T, v packed in pairs of rows once a head;
+//   O = P v       (inner: keys) P^T rounded and packed in pairs of rows, v packed once a head;
 //   dQ = dS k     likewise, k packed once a head;
 //   dV += P^T dO  (inner: queries) P^T's rows rounded to bf16 are already pairs; dO packed per block;
 //   dK += dS^T q  likewise, q packed per block.
@@ -74,24 +74,10 @@ MD_AVX512_BF16_TARGET void pack_row_pairs(const u16* x, int64_t ldx, int64_t row
   }
 }
 
-// out (ceil(L / 2), 32) pairs = a block's float32 rows st (L, 32), rounded to bf16, in pairs of
-// rows: out[jp][i] = (st[2jp][i], st[2jp+1][i]) (zeros for a missing last row). With st = P^T,
-// out[jp][i] is the pair (P[i, 2jp], P[i, 2jp+1]) that O = P v broadcasts.
-MD_AVX512_BF16_TARGET void pair_rows(const float* st, int64_t L, u32* out) {
-  for (int64_t j = 0; j < L; j += 2) {
-    const float *a = st + j * kQueries, *b = a + kQueries;
-    const bool second = j + 1 < L;
-    for (int64_t h = 0; h < kQueries; h += 16) {
-      const __m256i lo = to_bf16(_mm512_loadu_ps(a + h));
-      const __m256i hi = second ? to_bf16(_mm512_loadu_ps(b + h)) : _mm256_setzero_si256();
-      _mm512_storeu_si512(out + (j / 2) * kQueries + h, interleave(lo, hi));
-    }
-  }
-}
-
 // out (L, 32) bf16 = a block's float32 rows st (L, 32) rounded, lanes past the block's nq queries
-// zero (their scores are not meant to be used). Row j's words are the pairs (P^T[j, 2i],
-// P^T[j, 2i+1]) that dV = P^T dO broadcasts.
+// zero (their scores are not meant to be used). With st = P^T, row j's words are the pairs
+// (P^T[j, 2i], P^T[j, 2i+1]) that dV = P^T dO broadcasts, and out packed in pairs of rows
+// (pack_row_pairs) holds the pairs (P[i, 2j], P[i, 2j+1]) that O = P v broadcasts.
 MD_AVX512_BF16_TARGET void round_rows(const float* st, int64_t L, int64_t nq, u16* out) {
   const __mmask16 m0 = lanes(nq), m1 = nq > 16 ? lanes(nq - 16) : (__mmask16)0;
   for (int64_t j = 0; j < L; ++j) {
@@ -210,7 +196,8 @@ MD_AVX512_BF16_TARGET inline __attribute__((always_inline)) void accumulate_bf16
                                                                                  bool first) {
   __m512 s[R][V];
   for (int r = 0; r < R; ++r)
-    for (int u = 0; u < V; ++u) s[r][u] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[u], acc + r * hd + 16 * u);
+    for (int u = 0; u < V; ++u)
+      s[r][u] = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(masks[u], acc + r * hd + 16 * u);
   broadcast_product<R, V>(s, a, kQueries / 2, 1, xp, hd, pairs, masks);  // s[r] += R^T[r, 2n..2n+1] . x[2n..2n+1]
   for (int r = 0; r < R; ++r)
     for (int u = 0; u < V; ++u) _mm512_mask_storeu_ps(acc + r * hd + 16 * u, masks[u], s[r][u]);
@@ -243,10 +230,12 @@ struct ForwardArgs {
 struct ForwardScratch {
   // Zeroed once: lanes of q^T past the last query keep finite values, so do their scores.
   std::vector<u32> qt, vp, pp;  // q^T's pairs (hd / 2, 32); v packed (ceil(L / 2), hd); P's pairs (ceil(L / 2), 32)
+  std::vector<u16> pt;          // P^T rounded (L, 32)
   std::vector<float> st;        // S^T, then P^T (L, 32)
   alignas(64) float inv[kQueries];
   ForwardScratch(int64_t L, int64_t hd)
-      : qt(hd / 2 * kQueries, 0), vp((L + 1) / 2 * hd), pp((L + 1) / 2 * kQueries), st(L * kQueries) {}
+      : qt(hd / 2 * kQueries, 0), vp((L + 1) / 2 * hd), pp((L + 1) / 2 * kQueries), pt(L * kQueries),
+        st(L * kQueries) {}
 };
 
 // Head (b, h) of the forward pass, as forward_head_f32 (kernels/attention_cpu.cpp) with pairs:
@@ -266,7 +255,8 @@ MD_AVX512_BF16_TARGET void forward_head(const ForwardArgs& a, ForwardScratch& x,
     __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
     scores_block_bf16<true>(k, a.k.s2, L, qt, hd / 2, st, m0, m1);  // S^T (L, 32)
     softmax_block_forward(st, L, a.scale, m0, m1, x.inv, a.lse ? a.lse + (b * a.H + h) * N + i0 : nullptr, nq);
-    pair_rows(st, L, pp);  // P's pairs along the keys (ceil(L / 2), 32)
+    round_rows(st, L, nq, x.pt.data());                  // P^T (L, 32) bf16
+    pack_row_pairs(x.pt.data(), kQueries, L, kQueries, pp);  // P's pairs along the keys (ceil(L / 2), 32)
     u16* out = a.out + ((b * N + i0) * a.H + h) * hd;
 #define MD_FORWARD_OUTPUT(Q, V) output_block_bf16<Q, V>(vp, hd, pairs_k, pp, x.inv, out, ldo, nq)
     MD_BY_WIDTH(nvec, MD_FORWARD_OUTPUT);
@@ -329,7 +319,7 @@ MD_AVX512_BF16_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, i
     softmax_block_backward(st, dpt, L, a.scale, x.lse, x.d);  // P^T, scale dS^T
     round_rows(st, L, nq, x.pt.data());    // P^T  (L, 32) bf16
     round_rows(dpt, L, nq, x.dst.data());  // scale dS^T (L, 32) bf16
-    pair_rows(dpt, L, dsp);                // scale dS's pairs along the keys
+    pack_row_pairs(x.dst.data(), kQueries, L, kQueries, dsp);  // scale dS's pairs along the keys
     const bool first = i0 == 0;
     u16* dq = a.dq + ((b * N + i0) * a.H + h) * hd;
 #define MD_BACKWARD_PRODUCTS(R, V)                                                                    \
@@ -339,18 +329,18 @@ MD_AVX512_BF16_TARGET void backward_head(const Args& a, Scratch& x, int64_t b, i
     MD_BY_WIDTH(nvec, MD_BACKWARD_PRODUCTS);
 #undef MD_BACKWARD_PRODUCTS
   }
-  const __mmask16 all = 0xFFFF;
   for (int64_t j = 0; j < L; ++j) {
     u16 *ok = a.dk + ((b * L + j) * a.H + h) * hd, *ov = a.dv + ((b * L + j) * a.H + h) * hd;
     for (int64_t c = 0; c < hd; c += 16) {
-      _mm256_mask_storeu_epi16(ok + c, all, to_bf16(_mm512_loadu_ps(&x.dk[j * hd + c])));
-      _mm256_mask_storeu_epi16(ov + c, all, to_bf16(_mm512_loadu_ps(&x.dv[j * hd + c])));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ok + c), to_bf16(_mm512_loadu_ps(&x.dk[j * hd + c])));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(ov + c), to_bf16(_mm512_loadu_ps(&x.dv[j * hd + c])));
     }
   }
 }
 
-// The kernels read pairs of bf16 values as 32-bit words: every row must start at an even index.
-// A tensor whose strides or offset break that is copied (only odd views do).
+// The kernels transpose q's and dO's rows as 32-bit words (q^T's pairs): their strides must be
+// even and their rows start at even addresses. A tensor that breaks that is copied (only odd
+// views do). k, v and out are read by rows, pairs wherever they start, and need no copy.
 at::Tensor with_even_rows(const at::Tensor& t) {
   const bool even = t.stride(0) % 2 == 0 && t.stride(1) % 2 == 0 && t.stride(2) % 2 == 0 &&
                     reinterpret_cast<uintptr_t>(t.data_ptr()) % 4 == 0;
@@ -363,13 +353,12 @@ void check_cpu() {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_forward_bf16_avx512(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                 const at::Tensor& v_in, double scale,
-                                                                 bool with_lse) {
+std::tuple<at::Tensor, at::Tensor> attention_forward_bf16_avx512(const at::Tensor& q_in, const at::Tensor& k,
+                                                                 const at::Tensor& v, double scale, bool with_lse) {
   check_cpu();
-  check_inputs(q_in, k_in, v_in, at::kBFloat16);
+  check_inputs(q_in, k, v, at::kBFloat16);
   check(scale > 0, at::kBFloat16, "scale must be positive");
-  const at::Tensor q = with_even_rows(q_in), k = with_even_rows(k_in), v = with_even_rows(v_in);
+  const at::Tensor q = with_even_rows(q_in);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
   at::Tensor out = at::empty({B, N, H, hd}, q.options().memory_format(c10::MemoryFormat::Contiguous));
   at::Tensor lse;
@@ -384,13 +373,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_bf16_avx512(const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_bf16_avx512(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& out_in,
-    const at::Tensor& lse, const at::Tensor& dout_in, double scale) {
+    const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+    const at::Tensor& dout_in, double scale) {
   check_cpu();
-  check_inputs(q_in, k_in, v_in, at::kBFloat16);
-  check_backward_inputs(q_in, out_in, lse, dout_in, at::kBFloat16);
-  const at::Tensor q = with_even_rows(q_in), k = with_even_rows(k_in), v = with_even_rows(v_in),
-                   out = with_even_rows(out_in), dout = with_even_rows(dout_in);
+  check_inputs(q_in, k, v, at::kBFloat16);
+  check_backward_inputs(q_in, out, lse, dout_in, at::kBFloat16);
+  const at::Tensor q = with_even_rows(q_in), dout = with_even_rows(dout_in);
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), L = k.size(2), hd = q.size(3);
   const auto opts = q.options().memory_format(c10::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty({B, N, H, hd}, opts), dk = at::empty({B, L, H, hd}, opts),

@@ -23,9 +23,10 @@ std::atomic<CpuAttention> g_cpu_attention{CpuAttention::automatic};
 
 double attention_scale(const Tensor& q) { return 1.0 / std::sqrt(static_cast<double>(q.size(-1))); }
 
-// microdit's CPU attention kernels (kernels/attention_cpu.h) in q's dtype: bf16 (AMX or AVX512-BF16) or float32
-// (AVX-512). q (B, H, N, hd), k and v (B, H, L, hd); returns the output (B, H, N, hd) and lse
-// (B, H, N), which only a pass for gradients computes (the output's bits are the same either way).
+// microdit's CPU attention kernels (kernels/attention_cpu.h) in q's dtype: bf16 (AMX or
+// AVX512-BF16) or float32 (AVX-512). q (B, H, N, hd), k and v (B, H, L, hd); returns the output
+// (B, H, N, hd) and lse (B, H, N), which only a pass for gradients computes (the output's bits are
+// the same either way).
 std::tuple<Tensor, Tensor> cpu_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                                  bool with_lse = true) {
   RECORD_FUNCTION(q.scalar_type() == at::kBFloat16 ? "microdit::attention_forward_bf16" : "microdit::attention_forward_f32",
