@@ -121,3 +121,13 @@ foreach(att float32 bf16)
   set_tests_properties(cli.bench_memory_cpu_${att} PROPERTIES PASS_REGULAR_EXPRESSION
                        "${att}( ATen)? attention.*peak memory [0-9.]+ GiB \\(CPU tensors allocated; process peak RSS [0-9.]+ GiB\\).*memory of one step: [0-9.]+ GiB at its start .* \\+[0-9.e-]+ GiB kept by the forward pass .*peak [0-9.]+ GiB in forward \\+ backward")
 endforeach()
+
+# bench --profile-json and tools/compare_profiles.py (what the GPU script puts beside the
+# compiled reference's profile): the tool's kinds of work on real kernel names, its table, its
+# errors, and bench's file on the CPU. Python's standard library only.
+add_test(NAME profile.compare_profiles COMMAND python3 ${CMAKE_CURRENT_SOURCE_DIR}/tests/test_compare_profiles.py
+         $<TARGET_FILE:microdit>)
+md_error_test(cli.bench_profile_json_needs_profile "--profile-json needs --profile N"
+              bench --profile-json /tmp/md_unused.json --device cpu)
+md_error_test(cli.bench_profile_json_no_folder "--profile-json /nonexistent/p.json: no such folder /nonexistent"
+              bench --profile 1 --profile-json /nonexistent/p.json --device cpu)

@@ -9,7 +9,8 @@
 # so it comes in parts that run as separate calls (the machine stays warm between them):
 #   PART=1: the CUDA tests, parity, the compiled reference and the b256 training rows with
 #           their memory (issue #13's goals 1, 2 and 4), about 6 minutes;
-#   PART=2: unmasked batch 64 and 256, and the profile, about 2.5 minutes;
+#   PART=2: unmasked batch 64 and 256, and the profile, put beside the compiled reference's
+#           profile of part 1 by kind of work (tools/compare_profiles.py), about 2.5 minutes;
 #   PART=3: the compiled reference unmasked at batch 64, about 3 minutes;
 #   PART=4: sampling (goal 5), about 1.5 minutes.
 # PART takes a comma list ("2,3": the usual second call); without PART, all four.
@@ -24,6 +25,9 @@ MT=${3:-$ROOT/build/microdit_tests}
 # keeps only the last 12,000 characters, and the profile tables at the end are longer.
 # (The tool brings back no file with a comma in its name: "2,3" is written as 2-3.)
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee "$OUT/bench_gpu_${PART//,/-}.txt") 2>&1; fi
+# Profiles as JSON for tools/compare_profiles.py: into $OUT (they come back) and /tmp (a later
+# part on the same warm machine finds the reference's there).
+PJ=${OUT:-/tmp}
 T0=$(date +%s)
 el() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -35,7 +39,8 @@ if part 1; then
 # which hardly use the GPU, and nothing of ours is timed until it is done.
 el "reference, compiled as it trains (background)"
 "${RB[@]}" train "${RA[@]}" --preset MicroDiT_XL_2 --batch 256 --mask-ratio 0.75 --bf16 --compile \
-  --fused-adamw --low-precision-layernorm --steps 8 --warmup 2 > /tmp/ref_compiled.txt 2>&1 &
+  --fused-adamw --low-precision-layernorm --steps 8 --warmup 2 \
+  --profile 2 --profile-rows 40 --profile-json "$PJ/ref_b256.json" > /tmp/ref_compiled.txt 2>&1 &
 RP=$!
 el "tests on CUDA"
 "$MT" --gtest_filter='Fused.*:CudaGraph.*:FusedAdamW.*:GradClip.*:ExpertChoiceMoE.*:RecomputeFfn.*:Bf16Weights.*:Train.CudaGraph*' 2>&1 | grep -E "^\[ *(OK|FAILED|SKIPPED|PASSED) |Failure|actual"
@@ -48,6 +53,7 @@ done
 f=$(ls "$ROOT"/tests/data/parity_*.safetensors | head -1)
 "$M" parity --vectors "$f" --device cuda --cuda-graph 2>&1 | grep -E "sampler|rows:|FAIL|error"
 wait $RP; grep -E "reference bench|compile:" /tmp/ref_compiled.txt
+[ "$PJ" = /tmp ] || cp "$PJ/ref_b256.json" /tmp/ 2>/dev/null
 el "training steps, MicroDiT_XL_2, bf16"
 # The fused CUDA kernels are on by default, with a warp per row where the shapes allow (session
 # 14); "--fused-kernels block" takes the block-per-row kernels, "--fused-kernels off" LibTorch's
@@ -85,7 +91,13 @@ el "memory: unmasked batch 256 with activation checkpointing (must fit 80 GB)"
 # Last, as it is the longest output: where the time goes.
 el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
 "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --profile 2 \
-  --profile-rows 90 2>&1 | sed -n '/^GPU activity over/,$p'
+  --profile-rows 90 --profile-json "$PJ/microdit_b256.json" 2>&1 | sed -n '/^GPU activity over/,$p'
+# Against the compiled reference's profile of part 1 (the same setting): which kinds of work
+# (products, attention, norms, copies, ...) take microdit longer per step.
+if [ -f /tmp/ref_b256.json ]; then
+  el "by kind of work, microdit (no graph) against the compiled reference, ms per step"
+  python3 "$ROOT/tools/compare_profiles.py" "$PJ/microdit_b256.json" /tmp/ref_b256.json --top 4
+fi
 fi
 if part 3; then
 # Goal 1's second half, never run yet: the compiled reference without mask at batch 64 (about

@@ -153,6 +153,63 @@ def autocast(device, on):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
+def profile_runs(args, device, fn, what):
+    """After timing: args.profile more calls of fn under torch.profiler. Prints the names with
+    the most time (on CUDA each kernel's device time, on the CPU each operator's self time)
+    and writes every name to --profile-json in `microdit bench --profile-json`'s format, for
+    tools/compare_profiles.py."""
+    from torch.profiler import ProfilerActivity, profile
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "no GPU" error line on the CPU
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(args.profile):
+            fn()
+        sync(device)
+        wall_ms = 1e3 * (time.perf_counter() - t0)
+    sums, threads = {}, set()  # name -> [ms, count]; the threads with operators
+    if cuda:  # kernels, copies and memsets on the device, as microdit's profile_ops counts them
+        for e in prof.profiler.kineto_results.events():
+            if e.device_type() == torch.autograd.DeviceType.CUDA:
+                s = sums.setdefault(e.name(), [0.0, 0])
+                s[0] += e.duration_ns() / 1e6
+                s[1] += 1
+    else:
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CPU:
+                threads.add(e.thread)
+                # The optimizer's elementwise operators (aten::mul, lerp_, ...) under its name, as
+                # "Optimizer.step#AdamW.step > aten::mul", so that they count as the optimizer's.
+                root = e
+                while root.cpu_parent is not None:
+                    root = root.cpu_parent
+                name = f"{root.key} > {e.key}" if root is not e and root.key.startswith("Optimizer.") else e.key
+                s = sums.setdefault(name, [0.0, 0])
+                s[0] += max(e.self_cpu_time_total, 0) / 1e3
+                s[1] += 1
+    rows = sorted(sums.items(), key=lambda kv: -kv[1][0])
+    busy = sum(ms for ms, _ in sums.values())
+    unit = "device activity" if cuda else "CPU operator (self time)"
+    print(f"{'GPU activity' if cuda else 'CPU operators'} over {args.profile} more {what}:")
+    print(f"{'ms':>9} {'share':>6} {'count':>7} {'mean us':>9}  {unit}")
+    for name, (ms, n) in rows[:args.profile_rows]:
+        print(f"{ms:9.2f} {100 * ms / max(busy, 1e-9):5.1f}% {n:7d} {1e3 * ms / n:9.1f}  {name[:170]}")
+    print(f"{'device busy' if cuda else 'operators'} {busy:.1f} ms in {wall_ms:.1f} ms wall, "
+          f"{sum(n for _, n in sums.values())} {'device activities' if cuda else 'calls'}, {len(sums)} distinct")
+    if args.profile_json:
+        if cuda:
+            threads = {e.start_thread_id() for e in prof.profiler.kineto_results.events()
+                       if e.device_type() == torch.autograd.DeviceType.CPU}
+        out = dict(program="reference", device=device.type, unit=unit, runs=args.profile, threads=len(threads),
+                   wall_ms=wall_ms,
+                   busy_ms=busy, by_name=[dict(name=k, count=n, ms=ms) for k, (ms, n) in rows], by_site=[])
+        tmp = f"{args.profile_json}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(tmp, args.profile_json)
+
+
 def run_train(args, device, ref, EasyDict):
     ref_dit, ref_model = ref
     model, c = build_dit(ref_dit, args)
@@ -215,6 +272,8 @@ def run_train(args, device, ref, EasyDict):
     if args.compile:
         print(f"compile: first warm-up step {first_s:.1f} s (compile + one step), "
               f"all {args.warmup} warm-up steps {warm_s:.1f} s")
+    if args.profile:
+        profile_runs(args, device, step, "steps")
     return dict(ms_per_step=ms, images_per_s=ips, peak_mib=mem, peak_kind=mem_kind,
                 first_step_s=first_s, warmup_s=warm_s, timed_s=s,
                 params=sum(p.numel() for p in model.parameters()), model=c)
@@ -263,6 +322,10 @@ def run_sample(args, device, ref, EasyDict):
           f"{1e3 * s / (nfe * batches):.1f} ms per network call, peak {mem:.0f} MiB ({mem_kind})")
     if args.compile:
         print(f"compile: {args.warmup} warm-up call(s) of a 2-step sampler {warm_s:.1f} s (compile included)")
+    if args.profile:
+        # One profiled run samples all --n images, as one of `microdit bench --sample --profile`.
+        profile_runs(args, device, lambda: [sample(min(args.batch, args.n - i), args.steps)
+                                            for i in range(0, args.n, args.batch)], "sampling runs")
     return dict(seconds=s, images_per_s=ips, ms_per_call=1e3 * s / (nfe * batches),
                 network_calls=nfe * batches, warmup_s=warm_s, peak_mib=mem, peak_kind=mem_kind,
                 params=sum(p.numel() for p in model.parameters()), model=c)
@@ -304,6 +367,12 @@ def main():
     ap.add_argument("--threads", type=int, help="torch.set_num_threads")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="after timing, this many more steps (sample: runs over all --n images) under torch.profiler")
+    ap.add_argument("--profile-rows", type=int, default=30, help="rows of the --profile table")
+    ap.add_argument("--profile-json",
+                    help="--profile: also write every name with its time to this JSON file "
+                         "(tools/compare_profiles.py, against microdit bench --profile-json)")
     args = ap.parse_args()
     train = args.mode == "train"
     if args.batch is None:
@@ -320,6 +389,12 @@ def main():
         die(f"--mask-ratio must be in [0, 1), got {args.mask_ratio}")
     if args.fused_adamw and args.foreach_adamw:
         die("give at most one of --fused-adamw and --foreach-adamw")
+    if args.profile < 0 or args.profile_rows < 1:
+        die("--profile must be >= 0 and --profile-rows >= 1")
+    if args.profile_json and not args.profile:
+        die("--profile-json needs --profile N (N >= 1)")
+    if args.profile_json and not os.path.isdir(os.path.dirname(os.path.abspath(args.profile_json))):
+        die(f"--profile-json {args.profile_json}: no such folder")
     if args.compile and args.warmup < 1:
         die("--compile needs --warmup >= 1 (the first step or sampler call compiles)")
     if not os.path.isfile(os.path.join(args.reference, "micro_diffusion", "models", "dit.py")):

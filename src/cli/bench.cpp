@@ -15,6 +15,7 @@
 #include "core/cpu_allocations.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/fs.h"
 #include "core/kernel_profile.h"
 #include "core/precision.h"
 #include "diffusion/edm.h"
@@ -73,6 +74,7 @@ struct BenchOptions {
   bool cuda_graph = false;   // record the step once into a CUDA graph, then replay it
   int profile = 0;           // steps (sampling runs) under the profiler after timing
   int profile_rows = 30;     // rows of each --profile table
+  std::string profile_json;  // also every profiled name and call site to this file (tools/compare_profiles.py)
   bool memory = false;       // one more step that prints where the memory goes
   std::string sdpa;          // only this scaled-dot-product-attention backend (empty: ATen's choice)
   int workers = 0;           // CPU row-slice workers (train/parallel_backward.h); 0: one per thread
@@ -145,7 +147,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
                profile_ops(device, [&] {
                  for (int i = 0; i < o.profile; ++i) generate_images(*model, captions, 0, edm, so, o.batch);
                  sync(device);
-               }, o.profile_rows));
+               }, o.profile_rows, o.profile_json, o.profile));
   }
 }
 
@@ -155,8 +157,6 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   MD_CHECK(!o.cuda_graph || device.is_cuda(), "--cuda-graph needs --device cuda");
   MD_CHECK(!o.cuda_graph || !o.plain_adamw, "--cuda-graph needs the fused AdamW (drop --plain-adamw)");
   MD_CHECK(!o.cuda_graph || o.warmup >= 1, "--cuda-graph needs --warmup >= 1");
-  MD_CHECK(o.profile >= 0, "--profile must be >= 0, got {}", o.profile);
-  MD_CHECK(o.profile_rows >= 1, "--profile-rows must be >= 1, got {}", o.profile_rows);
   MicroDiT model(c);
   model->to(device);
   model->train();
@@ -264,7 +264,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
     fmt::print("{} over {} more steps:\n{}", device.is_cuda() ? "GPU activity" : "CPU operators", o.profile, profile_ops(device, [&] {
                  for (int i = 0; i < o.profile; ++i) one_step();
                  sync(device);
-               }, o.profile_rows));
+               }, o.profile_rows, o.profile_json, o.profile));
   }
   if (o.memory) {  // one more step, last and plain (no CUDA graph), with the optimizer's state in place
     mem.measure = true;
@@ -293,6 +293,15 @@ void only_sdpa_backend(const std::string& name) {
 }
 
 void run(const BenchOptions& o) {
+  // Checked before anything is timed, so that a typo does not cost the timed run.
+  MD_CHECK(o.profile >= 0, "--profile must be >= 0, got {}", o.profile);
+  MD_CHECK(o.profile_rows >= 1, "--profile-rows must be >= 1, got {}", o.profile_rows);
+  MD_CHECK(o.profile_json.empty() || o.profile > 0, "--profile-json needs --profile N (N >= 1)");
+  if (!o.profile_json.empty()) {
+    const auto slash = o.profile_json.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : o.profile_json.substr(0, std::max<size_t>(slash, 1));
+    MD_CHECK(is_directory(dir), "--profile-json {}: no such folder {}", o.profile_json, dir);
+  }
   set_threads(o.rt.threads);
   only_sdpa_backend(o.sdpa);
   const auto device = resolve_device(o.rt.device);
@@ -339,6 +348,9 @@ void register_bench(CLI::App& app) {
                                           "by name and by call site")
       ->capture_default_str();
   cmd->add_option("--profile-rows", o->profile_rows, "rows of each --profile table")->capture_default_str();
+  cmd->add_option("--profile-json", o->profile_json,
+                  "--profile: also write every name and call site with its time to this JSON file (for "
+                  "tools/compare_profiles.py, against tools/bench_reference.py --profile-json)");
   cmd->add_option("--sdpa", o->sdpa, "only this attention backend: flash, cudnn, efficient or math");
   cmd->add_flag("--sample", o->sample, "time the sampler (Heun, guidance) on random captions instead of training");
   cmd->add_option("--n", o->n, "--sample: images in all")->capture_default_str();

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
 #include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "core/error.h"
+#include "io/atomic_file.h"
 
 namespace microdit {
 
@@ -34,6 +36,30 @@ std::string table(const std::map<std::string, Sum>& by_name, double total_ns, in
                        s.count, s.ns / 1e3 / static_cast<double>(s.count), name.substr(0, 170));
   }
   return out;
+}
+
+// Every row of by_name, most time first, as [{"name", "count", "ms"}].
+nlohmann::json rows_json(const std::map<std::string, Sum>& by_name) {
+  std::vector<std::pair<std::string, Sum>> rows(by_name.begin(), by_name.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& [name, s] : rows) out.push_back({{"name", name}, {"count", s.count}, {"ms", s.ns / 1e6}});
+  return out;
+}
+
+// The profile as tools/compare_profiles.py reads it (tools/bench_reference.py writes the same).
+// `threads`: the CPU threads with operators (on the CPU, busy time sums over them).
+void write_profile_json(const std::string& path, c10::Device device, const char* unit, int runs, size_t threads,
+                        double wall_ms, double busy_ns, const std::map<std::string, Sum>& by_name,
+                        const std::map<std::string, Sum>& by_site) {
+  const nlohmann::json j = {{"program", "microdit"},  {"device", device.is_cuda() ? "cuda" : "cpu"},
+                            {"unit", unit},           {"runs", runs}, {"threads", threads},
+                            {"wall_ms", wall_ms},     {"busy_ms", busy_ns / 1e6},
+                            {"by_name", rows_json(by_name)}, {"by_site", rows_json(by_site)}};
+  const std::string text = j.dump(1) + "\n";
+  AtomicFile f(path);
+  f.write(text.data(), text.size());
+  f.commit();
 }
 
 // "bf16[256,64,1024], f32[1024]": the tensor inputs of a profiled operator.
@@ -120,8 +146,10 @@ CpuOps cpu_ops(const std::vector<torch::autograd::profiler::KinetoEvent>& events
 
 }  // namespace
 
-std::string profile_ops(c10::Device device, const std::function<void()>& work, int top) {
+std::string profile_ops(c10::Device device, const std::function<void()>& work, int top, const std::string& json_path,
+                        int runs) {
   MD_CHECK(device.is_cuda() || device.is_cpu(), "--profile: CPU or CUDA devices only, got {}", device.str());
+  MD_CHECK(runs >= 1, "profile_ops: runs must be >= 1, got {}", runs);
   // Kineto logs an error when it finds no GPU; that is no error for a CPU profile (a user's
   // own KINETO_LOG_LEVEL stays as it is).
   if (device.is_cpu()) setenv("KINETO_LOG_LEVEL", "5", /*overwrite=*/0);
@@ -149,6 +177,8 @@ std::string profile_ops(c10::Device device, const std::function<void()>& work, i
       }
       total_ns += ns;
     }
+    if (!json_path.empty())
+      write_profile_json(json_path, device, "CPU operator (self time)", runs, ops.threads.size(), wall_ms, total_ns, by_name, by_site);
     return table(by_name, total_ns, top, "CPU operator (self time)") +
            fmt::format("operators {:.1f} ms on {} threads in {:.1f} ms wall, {} calls, {} distinct\n",
                        total_ns / 1e6, ops.threads.size(), wall_ms, ops.name.size(), by_name.size()) +
@@ -171,6 +201,8 @@ std::string profile_ops(c10::Device device, const std::function<void()>& work, i
     }
     total_ns += ns;
   }
+  if (!json_path.empty())
+    write_profile_json(json_path, device, "device activity", runs, ops.threads.size(), wall_ms, total_ns, by_name, by_site);
   std::string out = table(by_name, total_ns, top, "device activity");
   int64_t launches = 0;
   for (const auto& [name, s] : by_name) launches += s.count;
