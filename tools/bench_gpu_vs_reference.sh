@@ -8,9 +8,9 @@
 # About 12 minutes on an H200 in all. A lent machine runs one command for at most 10 minutes,
 # so it comes in parts that run as separate calls (the machine stays warm between them):
 #   PART=1: the CUDA tests, parity, the compiled reference and the b256 training rows with
-#           their memory (issue #13's goals 1, 2 and 4), about 6 minutes;
-#   PART=2: unmasked batch 64 and 256, and the profile, put beside the compiled reference's
-#           profile of part 1 by kind of work (tools/compare_profiles.py), about 2.5 minutes;
+#           their memory (issue #13's goals 1, 2 and 4), and both programs' profiles side by
+#           side by kind of work (tools/compare_profiles.py), about 8 minutes;
+#   PART=2: unmasked batch 64 and 256, about 2 minutes;
 #   PART=3: the compiled reference unmasked at batch 64, about 3 minutes;
 #   PART=4: sampling (goal 5), about 1.5 minutes.
 # PART takes a comma list ("2,3": the usual second call); without PART, all four.
@@ -25,8 +25,7 @@ MT=${3:-$ROOT/build/microdit_tests}
 # keeps only the last 12,000 characters, and the profile tables at the end are longer.
 # (The tool brings back no file with a comma in its name: "2,3" is written as 2-3.)
 if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then exec > >(tee "$OUT/bench_gpu_${PART//,/-}.txt") 2>&1; fi
-# Profiles as JSON for tools/compare_profiles.py: into $OUT (they come back) and /tmp (a later
-# part on the same warm machine finds the reference's there).
+# Profiles as JSON for tools/compare_profiles.py: into $OUT on a lent machine (they come back).
 PJ=${OUT:-/tmp}
 T0=$(date +%s)
 el() { echo "=== [$(( $(date +%s) - T0 ))s] $*"; }
@@ -53,7 +52,6 @@ done
 f=$(ls "$ROOT"/tests/data/parity_*.safetensors | head -1)
 "$M" parity --vectors "$f" --device cuda --cuda-graph 2>&1 | grep -E "sampler|rows:|FAIL|error"
 wait $RP; grep -E "reference bench|compile:" /tmp/ref_compiled.txt
-[ "$PJ" = /tmp ] || cp "$PJ/ref_b256.json" /tmp/ 2>/dev/null
 el "training steps, MicroDiT_XL_2, bf16"
 # The fused CUDA kernels are on by default, with a warp per row where the shapes allow (session
 # 14); "--fused-kernels block" takes the block-per-row kernels, "--fused-kernels off" LibTorch's
@@ -72,10 +70,22 @@ done
 # The attention backends (--sdpa flash, efficient, math) were timed in session 14: ATen's choice
 # (cuDNN) was the fastest, so they are no longer rerun here; nor are "--fused-kernels block" and
 # "--moe-dispatch index" at b256 (session 14: both slower than the defaults).
+# Where the time goes, against the compiled reference's profile above (the same setting; a
+# CUDA graph hides its kernels from the profiler, so this step runs without one): ms per step
+# by kind of work (products, attention, norms, copies, ...), then microdit's kernels and the
+# call sites that launched them. Its JSON and the reference's come back in $OUT.
+el "where the GPU time goes (b256, mask 0.75, no graph): by kind against the compiled reference, by kernel, by call site"
+"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --profile 2 \
+  --profile-rows 90 --profile-json "$PJ/microdit_b256.json" > /tmp/microdit_profile.txt 2>&1
+[ -f "$PJ/ref_b256.json" ] && python3 "$ROOT/tools/compare_profiles.py" "$PJ/microdit_b256.json" "$PJ/ref_b256.json" --top 4
 el "memory of one step: recomputation off, the defaults, bf16 weight copies off"
 for r in "--recompute-ffn off" "" "--bf16-weights off"; do
   "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 2 --warmup 1 $r --memory 2>&1 | tail -n 2
 done
+# Last, as they are the longest output: the compiled reference's kernels, then microdit's kernel
+# and call-site tables.
+sed -n '/^GPU activity over/,$p' /tmp/ref_compiled.txt
+sed -n '/^GPU activity over/,$p' /tmp/microdit_profile.txt
 fi
 if part 2; then
 el "unmasked, batch 64"
@@ -88,16 +98,6 @@ done
 el "memory: unmasked batch 256 with activation checkpointing (must fit 80 GB)"
 "$M" bench "${XL[@]}" --batch 256 --mask-ratio 0 --steps 3 --warmup 1 --checkpoint-activations \
   --low-precision-layernorm 2>&1 | tail -n 1
-# Last, as it is the longest output: where the time goes.
-el "where the GPU time goes (b256, mask 0.75): by kernel, then by the call site that launched it"
-"$M" bench "${XL[@]}" --batch 256 --mask-ratio 0.75 --steps 3 --profile 2 \
-  --profile-rows 90 --profile-json "$PJ/microdit_b256.json" 2>&1 | sed -n '/^GPU activity over/,$p'
-# Against the compiled reference's profile of part 1 (the same setting): which kinds of work
-# (products, attention, norms, copies, ...) take microdit longer per step.
-if [ -f /tmp/ref_b256.json ]; then
-  el "by kind of work, microdit (no graph) against the compiled reference, ms per step"
-  python3 "$ROOT/tools/compare_profiles.py" "$PJ/microdit_b256.json" /tmp/ref_b256.json --top 4
-fi
 fi
 if part 3; then
 # Goal 1's second half, never run yet: the compiled reference without mask at batch 64 (about

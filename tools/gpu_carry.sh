@@ -7,8 +7,9 @@
 # under it.
 #   tools/gpu_carry.sh REFERENCE_CHECKOUT
 # Then, as one device call (carry [".gpu"]; tools/gpu_run.sh unpacks and runs):
-#   bash tools/gpu_run.sh 1      # tests, parity, b256 training rows and memory (~7.7 min on an H200)
-#   bash tools/gpu_run.sh 2,3    # unmasked rows, profile, the compiled reference unmasked (~6.5 min),
+#   bash tools/gpu_run.sh 1      # tests, parity, b256 training rows, memory, both programs' profiles
+#                                # by kind of work (~8 min on an H200)
+#   bash tools/gpu_run.sh 2,3    # unmasked rows, the compiled reference unmasked (~6 min),
 #                                # right after, while the machine is still warm (it idles out in 30 s)
 #   bash tools/gpu_run.sh 4      # sampling (~1.5 min), if device time is left
 # Session 16 (900 s of device time): call 1 took 462 s, "2,3" had 370 s left and needed a little more.
