@@ -287,13 +287,16 @@ TEST(Bf16Weights, SumsInFloat32WithAccumulation) {
 }
 
 TEST(Bf16Weights, AdamWKernelMatchesATen) {
-  // One tensor, bf16 gradients: the kernel against ATen's fused AdamW on their float32 values.
-  // Offset 1 puts every tensor one element past an aligned address: the CUDA kernel's 4-wide
-  // loads must then fall back to its scalar loop (n is not a multiple of 4 either: the tail).
+  // One tensor, bf16 gradients (the copies' own) or float32 ones (their sums with gradient
+  // accumulation or data parallelism): the kernel against ATen's fused AdamW on their float32
+  // values. Offset 1 puts every tensor one element past an aligned address: the CUDA kernel's
+  // 4-wide loads must then fall back to its scalar loop (n is not a multiple of 4 either: the tail).
   for (const auto& device : test_devices())
+  for (const auto gdt : {at::kBFloat16, at::kFloat})
   for (const int64_t offset : {0, 1}) {
     if (!cuda_usable(device)) continue;
-    SCOPED_TRACE(device.str() + " offset " + std::to_string(offset));
+    SCOPED_TRACE(device.str() + " offset " + std::to_string(offset) + " gradients " + c10::toString(gdt));
+    const auto gt = gdt == at::kBFloat16 ? kernels::DType::bf16 : kernels::DType::f32;
     torch::manual_seed(1);
     auto opts = torch::TensorOptions().device(device);
     const int64_t n = 100003;  // not a multiple of any block
@@ -303,7 +306,7 @@ TEST(Bf16Weights, AdamWKernelMatchesATen) {
       return buffer.narrow(0, offset, n);
     };
     auto p0 = torch::randn({n}, opts), m0 = torch::randn({n}, opts) * 0.1, v0 = torch::rand({n}, opts) * 0.01;
-    auto g = at_offset(torch::randn({n}, opts).to(at::kBFloat16));
+    auto g = at_offset(torch::randn({n}, opts).to(gdt));
     auto p = at_offset(p0), m = at_offset(m0), v = at_offset(v0);
     auto copy = at_offset(torch::empty({n}, opts.dtype(at::kBFloat16)));
     auto coef = torch::full({}, 0.5f, opts);
@@ -318,10 +321,10 @@ TEST(Bf16Weights, AdamWKernelMatchesATen) {
     h.step = 7;
     h.grad_coef = coef.data_ptr<float>();
     if (device.is_cuda()) {
-      kernels::adamw_step(&slot, 1, kernels::DType::bf16, kernels::DType::bf16, h, nullptr);
+      kernels::adamw_step(&slot, 1, gt, kernels::DType::bf16, h, nullptr);
       torch::cuda::synchronize();
     } else {
-      kernels::cpu::adamw_step(&slot, 1, kernels::DType::bf16, kernels::DType::bf16, h);
+      kernels::cpu::adamw_step(&slot, 1, gt, kernels::DType::bf16, h);
     }
     auto rp = p0.clone(), rm = m0.clone(), rv = v0.clone();
     auto rg = g.to(at::kFloat) * coef;

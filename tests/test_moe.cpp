@@ -239,6 +239,36 @@ TEST(ExpertChoiceMoE, DispatchModes) {
   EXPECT_THROW(parse_moe_dispatch("scatter"), std::exception);
 }
 
+TEST(ExpertChoiceMoE, AutomaticDispatchLeavesGathersWhereTheyDoNotApply) {
+  // The gathers' per-token sum takes at most 64 experts and the fused kernels' dtypes: beyond
+  // them the automatic choice (here the CPU's without autograd, which is the gathers) takes the
+  // index dispatch and gives its values, where it used to stop with the expert sum's error.
+  const test_util::ScopedSetting keep(moe_dispatch, set_moe_dispatch, MoeDispatch::automatic);
+  const test_util::ScopedSetting fused(fused_kernels_enabled, set_fused_kernels, true);
+  torch::NoGradGuard ng;
+  struct Case { int64_t experts, T; torch::ScalarType dtype; };
+  for (const Case c : {Case{4, 10, torch::kDouble}, Case{65, 40, torch::kFloat}}) {
+    SCOPED_TRACE(std::to_string(c.experts) + " experts, " + c10::toString(c.dtype));
+    torch::manual_seed(5);
+    FeedForwardECMoE moe(/*d=*/16, /*n=*/32, c.experts, /*capacity=*/2.0);
+    moe->w1.normal_(0, 0.2);
+    moe->w2.normal_(0, 0.2);
+    moe->to(c.dtype);
+    const auto x = torch::randn({2, c.T, 16}).to(c.dtype);
+    torch::Tensor automatic;
+    ASSERT_NO_THROW(automatic = moe(x));
+    set_moe_dispatch(MoeDispatch::index);
+    const auto index = moe(x);
+    set_moe_dispatch(MoeDispatch::automatic);
+    EXPECT_GT(index.abs().max().item<double>(), 1e-3);
+    EXPECT_TRUE(torch::equal(automatic, index));
+    // Asked for by name, the gathers still refuse with their one-line error.
+    set_moe_dispatch(MoeDispatch::gather);
+    EXPECT_THROW(moe(x), std::exception);
+    set_moe_dispatch(MoeDispatch::automatic);
+  }
+}
+
 TEST(ExpertChoiceMoE, CombineEqualsItsExpression) {
   // moe_combine against P^T (g * h^T) under LibTorch's autograd: the same values and gradients, in
   // float32 and under bf16 autocast (h in bf16 as the expert products give it there, g float32

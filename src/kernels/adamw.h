@@ -26,7 +26,8 @@ struct AdamWSlot {
 struct AdamWHyper {
   double lr = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0;
   double step = 1;                 // the step count after this step's increment (1 for the first)
-  const float* lr_dev = nullptr;    // when set, lr is read from this device (or host) float
+  const float* lr_dev = nullptr;    // when set, lr is read from this float in the slots' memory (device
+                                    // memory for the CUDA kernel, host memory for the CPU one)
   const float* step_dev = nullptr;  // likewise the step count
   const float* grad_coef = nullptr;  // when set, every gradient is multiplied by *grad_coef first
 };

@@ -334,7 +334,14 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   // CPU at the emoji sampler's shapes.
   auto probs = torch::softmax(gate(x).transpose(1, 2).contiguous(), 1);  // (B, E, T)
   auto [g, idx] = probs.topk(k, -1);                                     // (B, E, k) each
-  const auto dispatch = moe_dispatch_on(x.device().type(), at::GradMode::is_enabled());
+  auto dispatch = moe_dispatch_on(x.device().type(), at::GradMode::is_enabled());
+  // The automatic choice leaves the gathers where their per-token sum does not apply (over 64
+  // experts, or a dtype the fused kernels lack, such as float64); --moe-dispatch gather asks
+  // for them and gets moe_expert_sum's one-line error instead.
+  if (dispatch == MoeDispatch::gather && moe_dispatch() == MoeDispatch::automatic &&
+      !(E <= 64 && fused_kernels_apply(x) &&
+        (x.is_cuda() || compute_dtype(x) == at::kFloat || compute_dtype(x) == at::kBFloat16)))
+    dispatch = x.is_cuda() ? MoeDispatch::gemm : MoeDispatch::index;
   if (dispatch == MoeDispatch::gather) {
     auto inv = expert_slots(idx, T);                                                       // (B, T, E)
     auto flat = (idx.transpose(0, 1) + torch::arange(B, idx.options()).view({1, B, 1}) * T).reshape(-1);  // (E*B*k)

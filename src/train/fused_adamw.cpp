@@ -101,6 +101,13 @@ void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev, Bf16Wei
                  "fused AdamW: a weight with a bf16 copy needs a contiguous float32 weight and a contiguous bf16 or "
                  "float32 gradient of its size on its device");
         auto* s = &state_of(opt, p);
+        // The kernel takes all five as flat arrays of p's size.
+        MD_CHECK(s->exp_avg().is_contiguous() && s->exp_avg_sq().is_contiguous() && copy->is_contiguous() &&
+                     s->exp_avg().scalar_type() == at::kFloat && s->exp_avg_sq().scalar_type() == at::kFloat &&
+                     s->exp_avg().numel() == p.numel() && s->exp_avg_sq().numel() == p.numel() &&
+                     copy->numel() == p.numel(),
+                 "fused AdamW: a weight with a bf16 copy needs contiguous float32 moments and a contiguous copy of "
+                 "its size");
         s->step(s->step() + 1);
         const int gt = static_cast<int>(g.scalar_type() == at::kBFloat16 ? kernels::DType::bf16 : kernels::DType::f32);
         mixed.slots[{gt, s->step()}].push_back({p.data_ptr<float>(), g.data_ptr(), s->exp_avg().data_ptr<float>(),

@@ -598,7 +598,9 @@ std::pair<Tensor, Tensor> Trainer::graph_step(const Batch& b, double lr) {
            "train.cuda_graph: every batch must have the first one's shapes and dtypes");
   // This step's inputs into the buffers: asynchronous copies from pinned memory, ordered before
   // the replay on the current stream (the pinned blocks stay reserved until the copies are done).
-  auto put = [](Tensor& dst, const Tensor& src) { dst.copy_(src.pin_memory(), /*non_blocking=*/true); };
+  auto put = [](Tensor& dst, const Tensor& src) {
+    dst.copy_(src.is_cpu() ? src.pin_memory() : src, /*non_blocking=*/true);
+  };
   const auto r = draw_samples(cfg_.seed, state_.step, /*first=*/0, B, b.images.sizes().slice(1), T, masked,
                               cfg_.caption_dropout);
   put(g.images, b.images);
