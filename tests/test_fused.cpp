@@ -65,6 +65,7 @@ struct LnCase {
   const char* name;
   at::ScalarType x, out, save;
   bool weight, mod, strided;  // strided: x is a column slice, as q is of the qkv product
+  bool odd = false;            // the slice starts one column in: rows off the vector loads' alignment
 };
 
 }  // namespace
@@ -79,6 +80,11 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
       {"no weight, no modulation, strided (q/k norm)", f32, f32, f32, false, false, true},
       {"no weight, bf16, strided", bf16, bf16, bf16, false, false, true},
       {"weight, no modulation, bf16 out", f32, bf16, bf16, true, false, false},
+      // Column sums (weight and modulation gradients) of a strided x: their vector kernels on
+      // CUDA need aligned rows, and the slice one column in must take the scalar ones.
+      {"weight, modulation, strided", f32, f32, f32, true, true, true},
+      {"weight, modulation, strided one column in", f32, f32, f32, true, true, true, true},
+      {"bf16, weight, modulation, strided one column in", bf16, bf16, bf16, true, true, true, true},
   };
   for (const auto& target : targets()) {
   const IsaCap cap(target);
@@ -89,7 +95,7 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
       torch::manual_seed(1);
       const int64_t B = 3, T = 37;
       auto base = (torch::randn({B, T, c.strided ? 3 * d : d}) * 2 + 0.5).to(cuda, c.x);
-      auto x = (c.strided ? base.narrow(2, d, d) : base).detach().requires_grad_(true);
+      auto x = (c.strided ? base.narrow(2, c.odd ? 1 : d, d) : base).detach().requires_grad_(true);
       auto w = c.weight ? (1 + 0.3 * torch::randn({d})).to(cuda).requires_grad_(true) : torch::Tensor();
       auto shift = c.mod ? (0.2 * torch::randn({B, d})).to(cuda, c.out).requires_grad_(true) : torch::Tensor();
       auto scale = c.mod ? (0.2 * torch::randn({B, d})).to(cuda, c.out).requires_grad_(true) : torch::Tensor();
@@ -102,7 +108,8 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
       // Rows of 8 elements a vector and at most 1,024 wide fit the warp kernels whatever the
       // dtypes: the forward and dx kernels must have taken them, and the column sums (for the
       // weight's or the modulation's gradient) their 4-column version.
-      if (target.warp && d % 8 == 0 && d <= 1024) {
+      // (Rows one column in are off the vector loads' alignment: some kernels take other paths.)
+      if (target.warp && d % 8 == 0 && d <= 1024 && !c.odd) {
         EXPECT_EQ(kernels::warp_row_launches() - launches, c.weight || c.mod ? 3 : 2)
             << "the warp-per-row kernels did not run";
       }
