@@ -158,8 +158,10 @@ def profile_runs(args, device, fn, what):
     the most time (on CUDA each kernel's device time, on the CPU each operator's self time)
     and writes every name to --profile-json in `microdit bench --profile-json`'s format, for
     tools/compare_profiles.py."""
+    import warnings
     from torch.profiler import ProfilerActivity, profile
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # no "no GPU" error line on the CPU
+    warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
     cuda = device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
@@ -208,6 +210,15 @@ def profile_runs(args, device, fn, what):
         with open(tmp, "w") as f:
             json.dump(out, f, indent=1)
         os.replace(tmp, args.profile_json)
+
+
+def profile_or_warn(*a):
+    """profile_runs, whose failure costs one line, not the figures printed before it."""
+    try:
+        profile_runs(*a)
+    except Exception as e:  # noqa: BLE001
+        print(f"bench_reference: --profile failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+              file=sys.stderr)
 
 
 def run_train(args, device, ref, EasyDict):
@@ -273,7 +284,7 @@ def run_train(args, device, ref, EasyDict):
         print(f"compile: first warm-up step {first_s:.1f} s (compile + one step), "
               f"all {args.warmup} warm-up steps {warm_s:.1f} s")
     if args.profile:
-        profile_runs(args, device, step, "steps")
+        profile_or_warn(args, device, step, "steps")
     return dict(ms_per_step=ms, images_per_s=ips, peak_mib=mem, peak_kind=mem_kind,
                 first_step_s=first_s, warmup_s=warm_s, timed_s=s,
                 params=sum(p.numel() for p in model.parameters()), model=c)
@@ -324,7 +335,7 @@ def run_sample(args, device, ref, EasyDict):
         print(f"compile: {args.warmup} warm-up call(s) of a 2-step sampler {warm_s:.1f} s (compile included)")
     if args.profile:
         # One profiled run samples all --n images, as one of `microdit bench --sample --profile`.
-        profile_runs(args, device, lambda: [sample(min(args.batch, args.n - i), args.steps)
+        profile_or_warn(args, device, lambda: [sample(min(args.batch, args.n - i), args.steps)
                                             for i in range(0, args.n, args.batch)], "sampling runs")
     return dict(seconds=s, images_per_s=ips, ms_per_call=1e3 * s / (nfe * batches),
                 network_calls=nfe * batches, warmup_s=warm_s, peak_mib=mem, peak_kind=mem_kind,
