@@ -39,6 +39,14 @@ inline std::string what_of(const std::function<void()>& f) {
   return "";
 }
 
+// f throws one line that starts with the kernel's name (`prefix`) and names the problem (`what`).
+inline void expect_one_line_error(const std::function<void()>& f, const std::string& prefix, const std::string& what) {
+  const auto e = what_of(f);
+  EXPECT_NE(e.find(prefix), std::string::npos) << e;
+  EXPECT_NE(e.find(what), std::string::npos) << e;
+  EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+}
+
 // Attention written out in float64 on the same values: the output, the log-sum-exp of each row
 // of scale q k^T, and the gradients of q, k, v for the output gradient g.
 struct Float64Attention {

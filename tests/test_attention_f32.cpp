@@ -52,10 +52,7 @@ TEST(CpuAttentionF32, OneLineErrors) {
     GTEST_SKIP() << "no AVX-512 on this CPU";
   }
   auto expect = [](const std::function<void()>& f, const std::string& what) {
-    const auto e = what_of(f);
-    EXPECT_NE(e.find("CPU float32 attention: "), std::string::npos) << e;
-    EXPECT_NE(e.find(what), std::string::npos) << e;
-    EXPECT_EQ(e.find('\n'), std::string::npos) << e;
+    expect_one_line_error(f, "CPU float32 attention: ", what);
   };
   const auto d = q.to(torch::kDouble);
   expect([&] { kernels::cpu::attention_forward_f32(d, k, k, 0.25); }, "float32 CPU tensors");

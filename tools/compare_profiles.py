@@ -75,11 +75,11 @@ def by_kind(p):
     out = {}
     for row in p["by_name"]:
         ms = row["ms"] / p["runs"]
-        total, names = out.setdefault(kind_of(row["name"]), [0.0, []])
-        out[kind_of(row["name"])][0] = total + ms
-        names.append((ms, row["name"]))
-    for v in out.values():
-        v[1].sort(reverse=True)
+        kind = out.setdefault(kind_of(row["name"]), [0.0, []])
+        kind[0] += ms
+        kind[1].append((ms, row["name"]))
+    for _, names in out.values():
+        names.sort(reverse=True)
     return out
 
 

@@ -45,11 +45,6 @@ void make_dirs(const std::string& path) {
   MD_CHECK(::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode), "{}: not a directory", path);
 }
 
-void write_text(const std::string& path, const std::string& text) {
-  AtomicFile f(path);
-  f.write(text.data(), text.size());
-  f.commit();
-}
 
 void run_emoji_dataset(const EmojiDatasetOptions& o) {
   MD_CHECK(!o.out.empty(), "--out is required");
@@ -103,7 +98,7 @@ void run_emoji_dataset(const EmojiDatasetOptions& o) {
   const int rendered = train + val;
   MD_CHECK(rendered > 0, "no emoji rendered from {} (first failure: {}: {})", o.font,
            failures.empty() ? "-" : failures[0].first, failures.empty() ? "-" : failures[0].second);
-  write_text(out + "/captions.jsonl", jsonl);
+  write_file_atomic(out + "/captions.jsonl", jsonl);
   write_png(out + "/preview.png", make_grid(preview, 16, 2));
   const nlohmann::ordered_json meta = {{"dataset", "emoji"},
                                {"version", 2},
@@ -116,7 +111,7 @@ void run_emoji_dataset(const EmojiDatasetOptions& o) {
                                {"failed", failures.size()},
                                {"emoji_test", o.emoji_test},
                                {"font", o.font}};
-  write_text(out + "/dataset.json", meta.dump(2) + "\n");
+  write_file_atomic(out + "/dataset.json", meta.dump(2) + "\n");
 
   fmt::print("rendered {} of {} emoji at {}x{} ({} train, {} held out for validation{}) in {:.1f} s\n",
              rendered, entries.size(), o.size, o.size, train, val,

@@ -210,10 +210,7 @@ void run_coco(const CocoOptions& o) {
                       {"stats", o.stats}, {"inception", o.inception}, {"clip", o.clip}, {"steps", o.steps},
                       {"cfg", o.cfg}, {"seed", o.seed}, {"generated", made}, {"kept", kept},
                       {"generate_seconds", gen_s}, {"ema", sm.ema}};
-  const std::string text = j.dump(1) + "\n";
-  AtomicFile f(o.out + "/eval.json");
-  f.write(text.data(), text.size());
-  f.commit();
+  write_file_atomic(o.out + "/eval.json", j.dump(1) + "\n");
   fmt::print("FID: {:.4f}\nCLIP score: {:.4f}\nwrote {}/eval.json and {}/grid.png\n", fid, cs, o.out, o.out);
 }
 

@@ -25,10 +25,16 @@ struct Sum {
   int64_t count = 0;
 };
 
-// The `top` rows of by_name, most time first: total ms, share of total_ns, count, mean us.
-std::string table(const std::map<std::string, Sum>& by_name, double total_ns, int top, const char* what) {
+// The rows of by_name, most time first.
+std::vector<std::pair<std::string, Sum>> sorted_rows(const std::map<std::string, Sum>& by_name) {
   std::vector<std::pair<std::string, Sum>> rows(by_name.begin(), by_name.end());
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
+  return rows;
+}
+
+// The `top` rows of by_name, most time first: total ms, share of total_ns, count, mean us.
+std::string table(const std::map<std::string, Sum>& by_name, double total_ns, int top, const char* what) {
+  const auto rows = sorted_rows(by_name);
   std::string out = fmt::format("{:>9} {:>6} {:>7} {:>9}  {}\n", "ms", "share", "count", "mean us", what);
   for (size_t i = 0; i < rows.size() && static_cast<int>(i) < top; ++i) {
     const auto& [name, s] = rows[i];
@@ -40,10 +46,8 @@ std::string table(const std::map<std::string, Sum>& by_name, double total_ns, in
 
 // Every row of by_name, most time first, as [{"name", "count", "ms"}].
 nlohmann::json rows_json(const std::map<std::string, Sum>& by_name) {
-  std::vector<std::pair<std::string, Sum>> rows(by_name.begin(), by_name.end());
-  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.ns > b.second.ns; });
   nlohmann::json out = nlohmann::json::array();
-  for (const auto& [name, s] : rows) out.push_back({{"name", name}, {"count", s.count}, {"ms", s.ns / 1e6}});
+  for (const auto& [name, s] : sorted_rows(by_name)) out.push_back({{"name", name}, {"count", s.count}, {"ms", s.ns / 1e6}});
   return out;
 }
 
@@ -56,10 +60,7 @@ void write_profile_json(const std::string& path, c10::Device device, const char*
                             {"unit", unit},           {"runs", runs}, {"threads", threads},
                             {"wall_ms", wall_ms},     {"busy_ms", busy_ns / 1e6},
                             {"by_name", rows_json(by_name)}, {"by_site", rows_json(by_site)}};
-  const std::string text = j.dump(1) + "\n";
-  AtomicFile f(path);
-  f.write(text.data(), text.size());
-  f.commit();
+  write_file_atomic(path, j.dump(1) + "\n");
 }
 
 // "bf16[256,64,1024], f32[1024]": the tensor inputs of a profiled operator.

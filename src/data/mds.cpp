@@ -530,11 +530,6 @@ std::string read_file(const std::string& path) {
   return bytes;
 }
 
-void write_atomic(const std::string& path, const std::string& data) {
-  AtomicFile f(path);
-  f.write(data.data(), data.size());
-  f.commit();
-}
 
 std::string join_path(const std::string& dir, const std::string& name) {
   if (dir.empty()) return name;
@@ -733,10 +728,10 @@ void MDSWriter::flush_shard() {
     const std::string zip = zstd_compress(raw, zstd_level(*options_.compression));
     const std::string zip_name = raw_name + ".zstd";
     entry["zip_data"] = info(zip_name, zip);
-    write_atomic(join_path(dir_, zip_name), zip);
+    write_file_atomic(join_path(dir_, zip_name), zip);
   } else {
     entry["zip_data"] = nullptr;
-    write_atomic(join_path(dir_, raw_name), raw);
+    write_file_atomic(join_path(dir_, raw_name), raw);
   }
   shards_.push_back(std::move(entry));
   pending_.clear();
@@ -749,7 +744,7 @@ void MDSWriter::flush() {
 
 void MDSWriter::write_index() const {
   const json index = {{"shards", shards_}, {"version", 2}};
-  write_atomic(join_path(dir_, "index.json"), mds::python_json_dumps(index));
+  write_file_atomic(join_path(dir_, "index.json"), mds::python_json_dumps(index));
 }
 
 void MDSWriter::finish() {
@@ -791,7 +786,7 @@ void mds_merge_index(const std::string& root, const std::vector<std::string>& su
     }
   }
   out += "]}";
-  write_atomic(join_path(root, "index.json"), out);
+  write_file_atomic(join_path(root, "index.json"), out);
 }
 
 bool is_mds_dir(const std::string& dir) {
@@ -997,7 +992,7 @@ std::vector<std::string> MDSDataset::read(int64_t i, const std::vector<int>& wan
         MD_CHECK(static_cast<int64_t>(raw.size()) == sh.raw_bytes,
                  "corrupt MDS shard {}: decompresses to {} bytes, index.json says {}", sh.zip_path, raw.size(),
                  sh.raw_bytes);
-        write_atomic(path, raw);
+        write_file_atomic(path, raw);
         if (im.own_decompress_dir) im.made.push_back(path);
       }
     }

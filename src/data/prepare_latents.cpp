@@ -105,17 +105,12 @@ std::vector<json> take_json_lines(const std::string& path, int64_t n) {
   MD_CHECK(static_cast<int64_t>(out.size()) == n,
            "{}: holds {} complete lines, the resume state expects {}; delete the output folder and "
            "start again", path, out.size(), n);
-  AtomicFile f(path);
-  f.write(text.data(), text.size());
-  f.commit();
+  write_file_atomic(path, text);
   return out;
 }
 
 void write_json_atomic(const std::string& path, const json& j) {
-  const std::string text = j.dump(2) + "\n";
-  AtomicFile f(path);
-  f.write(text.data(), text.size());
-  f.commit();
+  write_file_atomic(path, j.dump(2) + "\n");
 }
 
 // Caption checks shared by the sources: "" when fine, else the reason to skip.

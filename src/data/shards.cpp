@@ -67,10 +67,7 @@ ShardIndex ShardWriter::finish() {
   for (const auto& [split, files] : index_.shards)
     j["splits"][split] = {
         {"shards", files}, {"count", index_.counts[split]}, {"shard_counts", index_.shard_counts[split]}};
-  const std::string text = j.dump(2) + "\n";
-  AtomicFile f(dir_ + "/index.json");
-  f.write(text.data(), text.size());
-  f.commit();
+  write_file_atomic(dir_ + "/index.json", j.dump(2) + "\n");
   return index_;
 }
 

@@ -235,9 +235,7 @@ void write_npz(const std::string& path, const NpzArrays& arrays) {
   put32(zip, 0x06054b50), put16(zip, 0), put16(zip, 0);
   put16(zip, uint16_t(arrays.size())), put16(zip, uint16_t(arrays.size()));
   put32(zip, uint32_t(cd.size())), put32(zip, cd_off), put16(zip, 0);
-  AtomicFile f(path);
-  f.write(zip.data(), zip.size());
-  f.commit();
+  write_file_atomic(path, zip);
 }
 
 }  // namespace microdit

@@ -19,10 +19,7 @@ void update_summary(const std::string& path, const std::string& key, const nlohm
     MD_CHECK(!all.is_discarded() && all.is_object(), "{}: not a JSON object (not a run summary?)", path);
   }
   all[key] = value;
-  const std::string text = all.dump(2) + "\n";
-  AtomicFile f(path);
-  f.write(text.data(), text.size());
-  f.commit();
+  write_file_atomic(path, all.dump(2) + "\n");
 }
 
 }  // namespace microdit

@@ -40,4 +40,10 @@ void AtomicFile::commit() {
   }
 }
 
+void write_file_atomic(const std::string& path, const std::string& bytes) {
+  AtomicFile f(path);
+  f.write(bytes.data(), bytes.size());
+  f.commit();
+}
+
 }  // namespace microdit

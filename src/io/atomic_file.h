@@ -21,4 +21,7 @@ class AtomicFile {
   std::FILE* f_ = nullptr;
 };
 
+// The whole file at once: AtomicFile's write and commit.
+void write_file_atomic(const std::string& path, const std::string& bytes);
+
 }  // namespace microdit

@@ -339,8 +339,7 @@ Tensor FeedForwardECMoEImpl::forward(const Tensor& x) {
   // experts, or a dtype the fused kernels lack, such as float64); --moe-dispatch gather asks
   // for them and gets moe_expert_sum's one-line error instead.
   if (dispatch == MoeDispatch::gather && moe_dispatch() == MoeDispatch::automatic &&
-      !(E <= 64 && fused_kernels_apply(x) &&
-        (x.is_cuda() || compute_dtype(x) == at::kFloat || compute_dtype(x) == at::kBFloat16)))
+      !moe_expert_sum_applies(x, E, compute_dtype(x)))
     dispatch = x.is_cuda() ? MoeDispatch::gemm : MoeDispatch::index;
   if (dispatch == MoeDispatch::gather) {
     auto inv = expert_slots(idx, T);                                                       // (B, T, E)

@@ -493,15 +493,20 @@ std::pair<Tensor, Tensor> fused_residual_norm(const Tensor& x, const Tensor& gat
   return {sum, y};
 }
 
+bool moe_expert_sum_applies(const Tensor& x, int64_t experts, at::ScalarType dt) {
+  return experts <= 64 && fused_kernels_apply(x) && (!x.is_cpu() || dt == at::kFloat || dt == at::kBFloat16) &&
+         kernel_dtype(dt);
+}
+
 Tensor moe_expert_sum(const Tensor& src_in, const Tensor& w_in, const Tensor& inv_in, at::ScalarType dt) {
-  MD_CHECK(fused_kernels_apply(src_in) && (!src_in.is_cpu() || dt == at::kFloat || dt == at::kBFloat16) &&
-               kernel_dtype(dt),
-           "expert sum: needs a float32 or bf16 CPU tensor, or a CUDA tensor and the fused CUDA kernels");
   MD_CHECK(src_in.dim() == 4 && inv_in.dim() == 3 && inv_in.size(0) == src_in.size(1) &&
                inv_in.size(2) == src_in.size(0) && inv_in.scalar_type() == at::kInt &&
-               inv_in.device() == src_in.device() && src_in.size(0) <= 64,
-           "expert sum: src (E, B, k, d) with E <= 64 and inv (B, T, E) int32 on its device, got {} and {}",
+               inv_in.device() == src_in.device(),
+           "expert sum: src (E, B, k, d) and inv (B, T, E) int32 on its device, got {} and {}",
            c10::str(src_in.sizes()), c10::str(inv_in.sizes()));
+  MD_CHECK(moe_expert_sum_applies(src_in, src_in.size(0), dt),
+           "expert sum: needs at most 64 experts (got {}) and a float32 or bf16 CPU tensor, or a CUDA tensor and "
+           "the fused CUDA kernels", src_in.size(0));
   const int64_t E = src_in.size(0), B = src_in.size(1), k = src_in.size(2), d = src_in.size(3), T = inv_in.size(1);
   MD_CHECK(!w_in.defined() || (w_in.sizes() == at::IntArrayRef{B, E, k} && w_in.device() == src_in.device()),
            "expert sum: weights (B, E, k) = ({}, {}, {}) on the experts' device, got {}", B, E, k,

@@ -92,5 +92,8 @@ std::pair<Tensor, Tensor> swiglu_grads(const Tensor& dp, const Tensor& u, const 
 // e that picked it of round_dt(w[b, e, s] src[e, b, s]) in float32 (s = inv[b, t, e]), in
 // expert order; zero for a token no expert picked.
 Tensor moe_expert_sum(const Tensor& src, const Tensor& w, const Tensor& inv, at::ScalarType dt);
+// Whether moe_expert_sum takes `experts` experts' rows like `x` (its device and dtype) summed in dt:
+// at most 64 experts, and the fused kernels' dtypes (float32 or bf16 on the CPU).
+bool moe_expert_sum_applies(const Tensor& x, int64_t experts, at::ScalarType dt);
 
 }  // namespace microdit
