@@ -82,8 +82,61 @@ void GemmGelu(benchmark::State& state, bool fused) {
   at::set_num_threads(threads);
 }
 
+// bf16 products at the main job's shapes (Pico, one worker's 16 images: 128 rows in the backbone,
+// 256 in the mixer, 336 caption rows): microdit's AVX512-BF16 kernels against oneDNN (at::mm on
+// bf16 tensors), operands and result in bf16 as under autocast.
+void GemmBf16(benchmark::State& state, bool own) {
+  if (own && !kc::gemm_bf16_available()) {
+    state.SkipWithError("no AVX512-BF16 on this CPU");
+    return;
+  }
+  const auto layout = static_cast<Layout>(state.range(0));
+  const int64_t rows = state.range(1), in = state.range(2), out = state.range(3);
+  const int threads = at::get_num_threads();
+  at::set_num_threads(1);
+  torch::manual_seed(0);
+  const auto x = torch::randn({rows, in}).to(torch::kBFloat16), w = torch::randn({out, in}).to(torch::kBFloat16);
+  const auto dy = torch::randn({rows, out}).to(torch::kBFloat16);
+  const auto A = layout == kForward ? x : layout == kInputGrad ? dy : dy.t();
+  const auto B = layout == kForward ? w.t() : layout == kInputGrad ? w : x;
+  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  // The weight gradient in float32 (the parameter's dtype: a bf16 product cast back), the others in bf16.
+  auto C = torch::empty({M, N}, layout == kWeightGrad ? torch::kFloat : torch::kBFloat16);
+  for (auto _ : state) {
+    if (own) {
+      kc::gemm_bf16(M, N, K, {A.data_ptr(), A.stride(0), A.stride(1), true}, {B.data_ptr(), B.stride(0), B.stride(1), true},
+                    C.data_ptr(),
+                    C.scalar_type() == torch::kBFloat16 ? kc::Bf16Out::kBf16 : kc::Bf16Out::kFloatOfBf16, N, false, nullptr);
+    } else if (layout == kWeightGrad) {
+      C.copy_(at::mm(A, B));  // autocast's way: a bf16 product, cast to float32
+    } else {
+      at::mm_out(C, A, B);
+    }
+    benchmark::DoNotOptimize(C.data_ptr());
+  }
+  at::set_num_threads(threads);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * static_cast<double>(M * N * K) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+
+void SmallShapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"layout", "rows", "in", "out"})->Unit(benchmark::kMicrosecond);
+  for (int layout : {kForward, kInputGrad, kWeightGrad}) {
+    b->Args({layout, 128, 128, 128});   // a backbone block's projection
+    b->Args({layout, 128, 128, 384});   // its qkv
+    b->Args({layout, 128, 128, 512});   // an FFN's first layer
+    b->Args({layout, 256, 128, 128});   // the mixer's projection
+    b->Args({layout, 336, 128, 1536});  // every block's caption keys and values
+    b->Args({layout, 4096, 256, 768});  // Nano's mixer qkv (one worker, 16 images)
+    b->Args({layout, 1024, 1024, 256}); // an expert's second layer
+  }
+}
+
 }  // namespace
 
+BENCHMARK_CAPTURE(GemmBf16, microdit, true)->Apply(SmallShapes);
+BENCHMARK_CAPTURE(GemmBf16, onednn, false)->Apply(SmallShapes);
 BENCHMARK_CAPTURE(Gemm, microdit, true)->Apply(Shapes);
 BENCHMARK_CAPTURE(Gemm, mkl, false)->Apply(Shapes);
 BENCHMARK_CAPTURE(GemmGelu, fused, true)->Unit(benchmark::kMicrosecond);

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <functional>
+#include <utility>
 #include <string>
 #include <torch/torch.h>
 
@@ -279,6 +281,194 @@ TEST(GemmF32, EqualsFloat64Products) {
     }
     at::set_num_threads(was);
   }
+}
+
+// kernels/gemm_cpu.h's bf16 products alone against float64 products of the operands rounded to
+// bf16: float32 and bf16 operands in both layouts (and one with neither stride 1), tails of
+// rows (14), columns (32 and 1024) and an odd K, a bf16 or float32 C, accumulation and a bias
+// (rounded to bf16 like the operands), on one thread and on two.
+TEST(GemmBf16, EqualsFloat64ProductsOfRoundedOperands) {
+  if (!kernels::cpu::gemm_bf16_available()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  torch::manual_seed(12);
+  struct Shape {
+    int64_t M, N, K;
+  };
+  const std::vector<Shape> shapes{{1, 1, 1}, {14, 32, 32}, {15, 33, 33}, {13, 31, 5}, {29, 1030, 70}, {100, 64, 301},
+                                  {60, 17, 0}};
+  const auto r = [](const torch::Tensor& t) { return t.to(torch::kBFloat16).to(torch::kDouble); };
+  for (const int threads : {1, 2}) {
+    const int was = at::get_num_threads();
+    at::set_num_threads(threads);
+    for (const auto& s : shapes) {
+      for (const int layout : {0, 1, 2, 3, 4}) {  // bit 0: A transposed, bit 1: B transposed; 4: strided A
+        for (const auto dtype : {torch::kFloat, torch::kBFloat16}) {
+          SCOPED_TRACE(::testing::Message() << s.M << "x" << s.N << "x" << s.K << " layout " << layout << " threads "
+                                            << threads << " " << dtype);
+          auto A = layout & 1 ? torch::randn({s.K, s.M}).t() : torch::randn({s.M, s.K});
+          if (layout == 4) A = torch::randn({s.M, s.K, 2}).select(2, 1);  // strides (2K, 2)
+          auto B = layout & 2 ? torch::randn({s.N, s.K}).t() : torch::randn({s.K, s.N});
+          A = A.to(dtype);
+          B = B.to(dtype);
+          const auto bias = torch::randn({s.N});
+          const auto ref = r(A).mm(r(B));
+          const auto scale = r(A).abs().mm(r(B).abs());  // what float32 sums are rounded against
+          const bool bf16 = dtype == torch::kBFloat16;
+          const kernels::cpu::AnyMatrix a{A.data_ptr(), A.stride(0), A.stride(1), bf16};
+          const kernels::cpu::AnyMatrix b{B.data_ptr(), B.stride(0), B.stride(1), bf16};
+          for (const bool accumulate : {false, true}) {
+            for (const bool with_bias : {false, true}) {
+              auto want = ref.clone();
+              if (with_bias) want += r(bias);
+              {  // float32 C, row stride N + 3
+                auto C = torch::randn({s.M, s.N + 3}).narrow(1, 0, s.N);
+                const auto before = C.clone();
+                kernels::cpu::gemm_bf16(s.M, s.N, s.K, a, b, C.data_ptr(), kernels::cpu::Bf16Out::kFloat, C.stride(0), accumulate,
+                                        with_bias ? bias.data_ptr<float>() : nullptr);
+                auto w = want + (accumulate ? before.to(torch::kDouble) : torch::zeros_like(want));
+                EXPECT_LE(((C.to(torch::kDouble) - w).abs() - 1e-6 * (scale + w.abs())).max().item<double>(), 0.0)
+                    << "float32 C, accumulate " << accumulate << " bias " << with_bias;
+              }
+              if (!accumulate) {  // bf16 C: the float32 result rounded once
+                auto C = torch::empty({s.M, s.N + 5}, torch::kBFloat16).narrow(1, 0, s.N);
+                kernels::cpu::gemm_bf16(s.M, s.N, s.K, a, b, C.data_ptr(), kernels::cpu::Bf16Out::kBf16, C.stride(0),
+                                        false, with_bias ? bias.data_ptr<float>() : nullptr);
+                EXPECT_LE(((C.to(torch::kDouble) - want).abs() - (1.0 / 256) * want.abs() - 1e-6 * scale)
+                              .max()
+                              .item<double>(),
+                          0.0)
+                    << "bf16 C, bias " << with_bias;
+                // float32 C holding the bf16 values: the same bits as the bf16 C, widened.
+                auto F = torch::empty({s.M, s.N});
+                kernels::cpu::gemm_bf16(s.M, s.N, s.K, a, b, F.data_ptr(), kernels::cpu::Bf16Out::kFloatOfBf16, s.N,
+                                        true, with_bias ? bias.data_ptr<float>() : nullptr);
+                EXPECT_TRUE(torch::equal(F, C.to(torch::kFloat)));
+              }
+            }
+          }
+        }
+      }
+    }
+    at::set_num_threads(was);
+  }
+}
+
+// Rounding as a cast rounds: to nearest, ties to even, in every packing path (vector and
+// scalar) and for the bias. 1 + 2^-8 lies halfway between bf16's 1 and 1 + 2^-7 (goes down, to
+// the even one), 1 + 3 * 2^-8 halfway between 1 + 2^-7 and 1 + 2^-6 (goes up).
+TEST(GemmBf16, RoundsTiesToEvenLikeACast) {
+  if (!kernels::cpu::gemm_bf16_available()) GTEST_SKIP() << "no AVX512-BF16 on this CPU";
+  const float down = 1.0f + 1.0f / 256, up = 1.0f + 3.0f / 256;
+  const auto values = torch::tensor({{down, up}, {-up, -down}});  // A (2, 2)
+  const auto eye = torch::eye(2);
+  const auto want = values.to(torch::kBFloat16).to(torch::kFloat);
+  ASSERT_EQ(want[0][0].item<float>(), 1.0f);
+  ASSERT_EQ(want[0][1].item<float>(), 1.0f + 1.0f / 64);
+  for (const int layout : {0, 1, 2}) {  // rows contiguous in K, columns contiguous, neither
+    SCOPED_TRACE(layout);
+    auto A = layout == 1 ? values.t().contiguous().t() : values.contiguous();
+    if (layout == 2) A = torch::stack({values, values}, 2).select(2, 0);
+    auto C = torch::empty({2, 2});
+    kernels::cpu::gemm_bf16(2, 2, 2, {A.data_ptr(), A.stride(0), A.stride(1), false},
+                            {eye.data_ptr(), eye.stride(0), eye.stride(1), false}, C.data_ptr(), kernels::cpu::Bf16Out::kFloat, 2, false, nullptr);
+    EXPECT_TRUE(torch::equal(C, want)) << C;
+    // B likewise (A the identity), and the bias: C = I I + bias.
+    C = torch::empty({2, 2});
+    kernels::cpu::gemm_bf16(2, 2, 2, {eye.data_ptr(), 2, 1, false}, {A.data_ptr(), A.stride(0), A.stride(1), false},
+                            C.data_ptr(), kernels::cpu::Bf16Out::kFloat, 2, false, nullptr);
+    EXPECT_TRUE(torch::equal(C, want)) << C;
+  }
+  const auto bias = torch::tensor({down, up});
+  auto C = torch::empty({1, 2});
+  const auto zero = torch::zeros({1, 1});
+  kernels::cpu::gemm_bf16(1, 2, 1, {zero.data_ptr(), 1, 1, false}, {eye.data_ptr(), 2, 1, false}, C.data_ptr(),
+                          kernels::cpu::Bf16Out::kFloat, 2, false, bias.data_ptr<float>());
+  EXPECT_TRUE(torch::equal(C[0], want[0])) << C;
+}
+
+namespace {
+
+// f(x, w, b) under CPU bf16 autocast with float32 leaves, loss = sum(y * r), on the own bf16
+// products (kOwn) or autocast's casts and oneDNN (kOneDnn).
+Grads run_autocast(const std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>& f,
+                   const torch::Tensor& x0, const torch::Tensor& w0, const torch::Tensor& b0, CpuMatmul mode) {
+  MatmulMode m(mode);
+  auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
+  auto b = b0.defined() ? b0.clone().requires_grad_() : torch::Tensor();
+  torch::Tensor y;
+  {
+    AutocastGuard ac(c10::kCPU, true);
+    y = f(x, w, b);
+  }
+  EXPECT_EQ(y.scalar_type(), torch::kBFloat16);
+  EXPECT_TRUE(y.grad_fn());  // which path ran: the own products' Functions, or ATen's backward nodes
+  if (y.grad_fn()) EXPECT_EQ(y.grad_fn()->name().find("Bf16Fn") != std::string::npos, mode == CpuMatmul::kOwn) << y.grad_fn()->name();
+  torch::manual_seed(7);
+  (y.to(torch::kFloat) * torch::randn(y.sizes())).sum().backward();
+  return {y.detach(), x.grad(), w.grad(), b.defined() ? b.grad() : torch::Tensor()};
+}
+
+void expect_autocast_matches(const Grads& own, const Grads& ref) {
+  ASSERT_EQ(own.y.sizes(), ref.y.sizes());
+  // Both round the same float32 sums to bf16 (summed in another order): at most a unit apart.
+  EXPECT_LT(rel_diff(own.y.to(torch::kFloat), ref.y.to(torch::kFloat)), 1.0 / 128);
+  // The gradients: bf16 products cast back on both paths (summed in another order).
+  for (const auto& [mine, theirs] : {std::pair{own.gx, ref.gx}, std::pair{own.gw, ref.gw}, std::pair{own.gb, ref.gb}}) {
+    if (!theirs.defined()) continue;
+    ASSERT_TRUE(mine.defined());
+    EXPECT_EQ(mine.scalar_type(), theirs.scalar_type());
+    EXPECT_LT(rel_diff(mine, theirs), 1.0 / 64);
+  }
+}
+
+}  // namespace
+
+// Under CPU bf16 autocast on AVX512-BF16 CPUs without AMX, microdit::linear and microdit::bmm
+// multiply through gemm_bf16 (no casts, no oneDNN): autocast's bf16 result, and the gradients of
+// the float32 leaves in float32 (the result's autograd node tells which path ran).
+TEST(CpuMatmul, Bf16ProductsUnderAutocastMatchAutocast) {
+  if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
+  torch::manual_seed(13);
+  const auto lin = [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+    return microdit::linear(x, w, b);
+  };
+  const auto w = torch::randn({48, 40}) * 0.2, b = torch::randn({48});
+  for (const auto& x : {torch::randn({3, 17, 40}), torch::randn({40, 5, 9}).permute({1, 2, 0})}) {
+    for (const bool with_bias : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << x.sizes() << " bias " << with_bias);
+      const auto bb = with_bias ? b : torch::Tensor();
+      expect_autocast_matches(run_autocast(lin, x, w, bb, CpuMatmul::kOwn), run_autocast(lin, x, w, bb, CpuMatmul::kOneDnn));
+    }
+  }
+  // A transposed weight (as the model passes W^T views) and an odd depth.
+  const auto xo = torch::randn({30, 33}), wt = torch::randn({33, 20}).t(), bo = b.narrow(0, 0, 20);
+  expect_autocast_matches(run_autocast(lin, xo, wt, bo, CpuMatmul::kOwn), run_autocast(lin, xo, wt, bo, CpuMatmul::kOneDnn));
+  const auto bmm = [](const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor&) { return microdit::bmm(a, w); };
+  const auto a = torch::randn({4, 29, 24}), we = torch::randn({4, 24, 40});
+  expect_autocast_matches(run_autocast(bmm, a, we, {}, CpuMatmul::kOwn), run_autocast(bmm, a, we, {}, CpuMatmul::kOneDnn));
+  expect_autocast_matches(run_autocast(bmm, a, we.transpose(1, 2).contiguous().transpose(1, 2), {}, CpuMatmul::kOwn),
+                          run_autocast(bmm, a, we, {}, CpuMatmul::kOneDnn));
+  // bf16 operands (the weight copies of --bf16-weights): bf16 gradients, as autocast gives them.
+  const auto xb = torch::randn({7, 40}).to(torch::kBFloat16), wb = w.to(torch::kBFloat16);
+  expect_autocast_matches(run_autocast(lin, xb, wb, b.to(torch::kBFloat16), CpuMatmul::kOwn),
+                          run_autocast(lin, xb, wb, b.to(torch::kBFloat16), CpuMatmul::kOneDnn));
+}
+
+TEST(CpuMatmul, Bf16TrainingStepMatchesAutocast) {
+  // A whole tiny MicroDiT step under bf16 autocast on the own bf16 products and on autocast's
+  // oneDNN path: the same loss and gradients up to bf16 rounding.
+  if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
+  TinyStepOptions o;
+  o.bf16 = true;
+  TinyStep ref;
+  {
+    MatmulMode m(CpuMatmul::kOneDnn);
+    ref = tiny_step(o);
+  }
+  ASSERT_GT(largest_gradient(ref), 1e-4);
+  MatmulMode m(CpuMatmul::kOwn);
+  const auto own = tiny_step(o);
+  EXPECT_NEAR(own.loss, ref.loss, 1e-2 * std::abs(ref.loss));
+  EXPECT_LT(worst_relative(own, ref), 5e-2);
 }
 
 TEST(CpuAttention, Float32UnderAutocast) {

@@ -269,6 +269,124 @@ struct GeluBmmOwnFn : torch::autograd::Function<GeluBmmOwnFn> {
   }
 };
 
+// ---- bf16 products under CPU autocast (kernels/gemm_cpu_bf16.cpp) -----------------------
+
+bool float_or_bf16_cpu(const Tensor& t) {
+  return t.defined() && t.device().is_cpu() && t.layout() == at::kStrided &&
+         (t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16);
+}
+
+// A 2-D float32 or bf16 tensor as gemm_bf16 reads it (copied first where neither stride is 1),
+// or its transpose.
+cpu::AnyMatrix any_matrix(Tensor& t, bool transposed = false) {
+  if (t.size(0) > 1 && t.size(1) > 1 && t.stride(0) != 1 && t.stride(1) != 1) t = t.contiguous();
+  const bool bf16 = t.scalar_type() == at::kBFloat16;
+  return transposed ? cpu::AnyMatrix{t.const_data_ptr(), t.stride(1), t.stride(0), bf16}
+                    : cpu::AnyMatrix{t.const_data_ptr(), t.stride(0), t.stride(1), bf16};
+}
+
+// C (M, N) = A @ B through gemm_bf16, bias (float32, rounded to bf16 there) or none: a bf16
+// product, in `dtype`: bf16, or float32 holding the bf16 values (autocast's cast back of a
+// float32 input's gradient).
+Tensor bf16_product(cpu::AnyMatrix a, cpu::AnyMatrix b, int64_t M, int64_t N, int64_t K, at::ScalarType dtype,
+                    const Tensor& like, const float* bias = nullptr) {
+  auto out = at::empty({M, N}, like.options().dtype(dtype));
+  if (M > 0 && N > 0)
+    cpu::gemm_bf16(M, N, K, a, b, out.data_ptr(), dtype == at::kBFloat16 ? cpu::Bf16Out::kBf16 : cpu::Bf16Out::kFloatOfBf16,
+                   N, false, bias);
+  return out;
+}
+
+Tensor linear_bf16_forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b) {
+  RECORD_FUNCTION("microdit::gemm_bf16", std::vector<c10::IValue>({x, w}));
+  ctx->save_for_backward({x, w});
+  const auto N = w.size(0), K = w.size(1);
+  Tensor x2 = x.reshape({-1, K}), w2 = w, bias;
+  if (b.defined()) {
+    ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b.scalar_type());
+    bias = b.to(at::kFloat).contiguous();
+  }
+  auto out = bf16_product(any_matrix(x2), any_matrix(w2, true), x2.size(0), N, K, at::kBFloat16, x,
+                          bias.defined() ? bias.const_data_ptr<float>() : nullptr);  // (M, N)
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return out.view(sizes);
+}
+
+torch::autograd::tensor_list linear_bf16_backward(torch::autograd::AutogradContext* ctx, const Tensor& grad,
+                                                  bool with_bias) {
+  RECORD_FUNCTION("microdit::gemm_bf16_backward", std::vector<c10::IValue>());
+  const auto saved = ctx->get_saved_variables();
+  const Tensor &x = saved[0], &w = saved[1];
+  const auto N = w.size(0), K = w.size(1);
+  Tensor g = grad.reshape({-1, N}), x2 = x.reshape({-1, K}), w2 = w;  // g: (M, N)
+  const auto M = g.size(0);
+  Tensor gx, gw, gb;
+  if (ctx->needs_input_grad(0))  // (M, N) @ (N, K)
+    gx = bf16_product(any_matrix(g), any_matrix(w2), M, K, N, x.scalar_type(), x).view(x.sizes());
+  if (ctx->needs_input_grad(1))  // (N, M) @ (M, K)
+    gw = bf16_product(any_matrix(g, true), any_matrix(x2), N, K, M, w.scalar_type(), w);
+  if (!with_bias) return {gx, gw};
+  if (ctx->needs_input_grad(2))  // summed in g's dtype (bf16) as autocast's bf16 bias gets it, then cast back
+    gb = g.sum(0).to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+  return {gx, gw, gb};
+}
+
+// y = x w^T (+ b) as CPU autocast computes it (operands rounded to bf16, float32 sums, y in bf16)
+// without its casts: the kernels round float32 operands as they pack them. Each gradient is a
+// bf16 product too, widened to its input's dtype as the product is stored (autocast's cast
+// back). Two Functions, as their inputs must all be defined.
+struct LinearBf16Fn : torch::autograd::Function<LinearBf16Fn> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w, const Tensor& b) {
+    return linear_bf16_forward(ctx, x, w, b);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    return linear_bf16_backward(ctx, grads[0], true);
+  }
+};
+
+struct LinearNoBiasBf16Fn : torch::autograd::Function<LinearNoBiasBf16Fn> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const Tensor& w) {
+    return linear_bf16_forward(ctx, x, w, Tensor());
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    return linear_bf16_backward(ctx, grads[0], false);
+  }
+};
+
+// a (E, M, K) @ b (E, K, N) in bf16 likewise, one product per leading index.
+struct BmmBf16Fn : torch::autograd::Function<BmmBf16Fn> {
+  // out (E, M, N) in dtype = a (E, M, K) @ b (E, K, N), either operand strided.
+  static Tensor product(const Tensor& a, const Tensor& b, at::ScalarType dtype) {
+    const auto E = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
+    auto out = at::empty({E, M, N}, a.options().dtype(dtype));
+    const auto type = dtype == at::kBFloat16 ? cpu::Bf16Out::kBf16 : cpu::Bf16Out::kFloatOfBf16;
+    for (int64_t e = 0; e < E; ++e) {
+      Tensor ae = a[e], be = b[e];
+      if (M > 0 && N > 0) cpu::gemm_bf16(M, N, K, any_matrix(ae), any_matrix(be), out[e].data_ptr(), type, N, false, nullptr);
+    }
+    return out;
+  }
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& a, const Tensor& b) {
+    RECORD_FUNCTION("microdit::gemm_bf16", std::vector<c10::IValue>({a, b}));
+    ctx->save_for_backward({a, b});
+    return product(a, b, at::kBFloat16);
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    RECORD_FUNCTION("microdit::gemm_bf16_backward", std::vector<c10::IValue>());
+    const auto saved = ctx->get_saved_variables();
+    const auto &a = saved[0], &b = saved[1];
+    const auto& g = grads[0];  // (E, M, N)
+    Tensor ga, gb;
+    if (ctx->needs_input_grad(0)) ga = product(g, b.transpose(1, 2), a.scalar_type());  // (E, M, N) @ (E, N, K)
+    if (ctx->needs_input_grad(1)) gb = product(a.transpose(1, 2), g, b.scalar_type());  // (E, K, M) @ (E, M, N)
+    return {ga, gb};
+  }
+};
+
 }  // namespace
 
 namespace {
@@ -335,7 +453,34 @@ bool uses_onednn_fp32(const Tensor& a, const Tensor& b) {
   return mode == CpuMatmul::kOwn ? kernels::cpu::gemm_f32_available() : linear_pointwise().has_value();
 }
 
+bool own_bf16_products() {
+  static const bool cpu_takes_them = [] {
+    __builtin_cpu_init();
+    return kernels::cpu::gemm_bf16_available() && __builtin_cpu_supports("amx-bf16") == 0;
+  }();
+  return cpu_takes_them && g_mode == CpuMatmul::kOwn;
+}
+
+namespace {
+
+bool bf16_cpu(const Tensor& t) { return float_or_bf16_cpu(t) && t.scalar_type() == at::kBFloat16; }
+
+// With own_bf16_products(): float32 or bf16 CPU operands under CPU bf16 autocast, or bf16 ones
+// outside it (the products in custom backward passes, which autocast does not reach, take the
+// same kernels as the forward pass and its gradients, so recomputing paths agree to the bit).
+bool own_bf16_product(const Tensor& a, const Tensor& b) {
+  if (!own_bf16_products() || !float_or_bf16_cpu(a) || !float_or_bf16_cpu(b)) return false;
+  if (at::autocast::is_autocast_enabled(at::kCPU)) return at::autocast::get_autocast_dtype(at::kCPU) == at::kBFloat16;
+  return a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16;
+}
+
+}  // namespace
+
 Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
+  if (own_bf16_product(x, w) && w.dim() == 2 && x.dim() >= 1 && x.size(-1) == w.size(1) &&
+      (!b.defined() || (float_or_bf16_cpu(b) && b.dim() == 1 && b.size(0) == w.size(0) &&
+                        (at::autocast::is_autocast_enabled(at::kCPU) || bf16_cpu(b)))))
+    return b.defined() ? LinearBf16Fn::apply(x, w, b) : LinearNoBiasBf16Fn::apply(x, w);
   // Anything unusual (shape mismatch included) goes to ATen, which also words the error.
   if (!uses_onednn_fp32(x, w) || w.dim() != 2 || x.size(-1) != w.size(1) ||
       (b.defined() && (!fp32_cpu(b) || b.dim() != 1 || b.size(0) != w.size(0))))
@@ -344,6 +489,8 @@ Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
 }
 
 Tensor bmm(const Tensor& a, const Tensor& b) {
+  if (own_bf16_product(a, b) && a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1))
+    return BmmBf16Fn::apply(a, b);
   if (!uses_onednn_fp32(a, b) || a.dim() != 3 || b.dim() != 3 || a.size(0) != b.size(0) ||
       a.size(2) != b.size(1))
     return at::bmm(a, b);

@@ -46,6 +46,13 @@ CpuMatmul default_cpu_fp32_matmul();
 CpuMatmul parse_cpu_matmul(const std::string& name);
 const char* cpu_matmul_name(CpuMatmul m);
 
+// Under CPU bf16 autocast (and for bf16 operands outside it), `linear` and `bmm` below multiply
+// through microdit's AVX512-BF16 kernels (kernels/gemm_cpu.h: gemm_bf16) instead of autocast's
+// casts and oneDNN: on CPUs with AVX512-BF16 and without AMX (where oneDNN's AMX kernels are
+// faster), under kOwn. The arithmetic is autocast's: operands rounded to bf16, float32 sums, a
+// bf16 result, and each gradient a bf16 product cast back to its input's dtype.
+bool own_bf16_products();
+
 // True when a product of these operands takes the oneDNN path (or microdit's own) now.
 bool uses_onednn_fp32(const at::Tensor& a, const at::Tensor& b);
 

@@ -39,4 +39,28 @@ bool gemm_f32_available();
 void gemm_f32(int64_t M, int64_t N, int64_t K, StridedMatrix a, StridedMatrix b, float* C, int64_t ldc,
               bool accumulate, const float* bias, const GemmExtras& extras = {});
 
+// An operand in float32 or bf16 (its 16-bit patterns), read in place: element (r, c) at
+// p[r * rs + c * cs] of its type.
+struct AnyMatrix {
+  const void* p;
+  int64_t rs, cs;
+  bool bf16;
+};
+
+// True on CPUs with AVX512-BF16 (vdpbf16ps), the one instruction gemm_bf16 multiplies with.
+bool gemm_bf16_available();
+
+// What gemm_bf16 writes: float32 sums, those sums rounded to bf16, or the rounded values widened
+// back to float32 (what a bf16 product cast to float32 holds: autocast's gradients of float32
+// inputs).
+enum class Bf16Out { kFloat, kBf16, kFloatOfBf16 };
+
+// C[m, n] = sum_k A(m, k) B(k, n) (+ bias[n] when bias != nullptr) (+ C[m, n] when accumulate
+// and `out` is kFloat), each operand (and the bias) rounded to bf16 (nearest even) as it is
+// packed, the products summed in float32 (kernels/gemm_cpu_bf16.cpp), C written as `out` says,
+// its rows ldc elements apart. Runs on the intra-op threads unless called inside a parallel
+// region or on one thread. M, N >= 1, K >= 0.
+void gemm_bf16(int64_t M, int64_t N, int64_t K, const AnyMatrix& a, const AnyMatrix& b, void* C, Bf16Out out,
+               int64_t ldc, bool accumulate, const float* bias);
+
 }  // namespace microdit::kernels::cpu
