@@ -7,7 +7,8 @@
 // pair 32 columns of words (B(k, n), B(k+1, n)). Packing rounds float32 operands to bf16
 // (nearest even, as a cast does) on the way, so neither operand is cast in a pass of its own.
 // A 14 x 32 tile is 28 accumulators, as in the float32 kernels; K is not blocked (the shapes
-// this serves are at most a few thousand deep), an odd K pads its last pair with zero.
+// this serves are at most a few thousand deep), an odd K pads its last pair with zero. A bf16 A
+// whose rows run along K needs no packing: its rows are read in place.
 #include "kernels/gemm_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -190,10 +191,13 @@ struct Out {
   const float* bias;
 };
 
-// C's rows [0, R) x columns [0, nc) = Ap (R rows) @ Bp, one 32-column tile after the other.
-template <int R>
-MD_BF16_TARGET void kernel(int64_t pairs, int64_t nc, const u32* __restrict Ap, const u32* __restrict Bp, int64_t row0,
-                           int64_t col0, const Out& o) {
+// C's rows [0, R) x columns [0, nc) = A (R rows) @ Bp, one 32-column tile after the other. A's
+// word for row i and pair q: Ap[q * kMr + i] as pack_a lays it out, or with kDirect
+// Ap[i * a_row + q], the rows of a bf16 A read in place (a row's consecutive values are already
+// its pairs).
+template <int R, bool kDirect>
+MD_BF16_TARGET void kernel(int64_t pairs, int64_t nc, const u32* __restrict Ap, int64_t a_row, const u32* __restrict Bp,
+                           int64_t row0, int64_t col0, const Out& o) {
   for (int64_t j = 0; j < nc; j += kNr, Bp += pairs * kNr) {
     __m512 acc[R][2];
 #pragma GCC unroll 14
@@ -202,7 +206,8 @@ MD_BF16_TARGET void kernel(int64_t pairs, int64_t nc, const u32* __restrict Ap, 
       const __m512bh b0 = (__m512bh)_mm512_load_si512(Bp + q * kNr), b1 = (__m512bh)_mm512_load_si512(Bp + q * kNr + 16);
 #pragma GCC unroll 14
       for (int i = 0; i < R; ++i) {
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(Ap[q * kMr + i]));
+        const u32 word = kDirect ? Ap[i * a_row + q] : Ap[q * kMr + i];
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
       }
@@ -238,10 +243,12 @@ MD_BF16_TARGET void kernel(int64_t pairs, int64_t nc, const u32* __restrict Ap, 
   }
 }
 
-using KernelFn = void (*)(int64_t, int64_t, const u32*, const u32*, int64_t, int64_t, const Out&);
-constexpr KernelFn kKernels[kMr + 1] = {nullptr,    kernel<1>,  kernel<2>,  kernel<3>,  kernel<4>,
-                                        kernel<5>,  kernel<6>,  kernel<7>,  kernel<8>,  kernel<9>,
-                                        kernel<10>, kernel<11>, kernel<12>, kernel<13>, kernel<14>};
+using KernelFn = void (*)(int64_t, int64_t, const u32*, int64_t, const u32*, int64_t, int64_t, const Out&);
+template <bool kDirect>
+constexpr KernelFn kKernels[kMr + 1] = {
+    nullptr,                kernel<1, kDirect>,  kernel<2, kDirect>,  kernel<3, kDirect>,  kernel<4, kDirect>,
+    kernel<5, kDirect>,     kernel<6, kDirect>,  kernel<7, kDirect>,  kernel<8, kDirect>,  kernel<9, kDirect>,
+    kernel<10, kDirect>,    kernel<11, kDirect>, kernel<12, kDirect>, kernel<13, kDirect>, kernel<14, kDirect>};
 
 }  // namespace
 
@@ -257,6 +264,10 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const AnyMatrix& a, const AnyMat
                int64_t ldc, bool accumulate, const float* bias) {
   if (M <= 0 || N <= 0) return;
   const int64_t pairs = (K + 1) / 2, panels = (M + kMr - 1) / kMr;
+  // A bf16 A with rows contiguous in k is read in place: its rows' values are already the pairs
+  // (an even K, so no pair runs past a row's end, and 32-bit words at 4-byte boundaries).
+  const bool direct = a.bf16 && a.cs == 1 && a.rs % 2 == 0 && K % 2 == 0 &&
+                      reinterpret_cast<uintptr_t>(a.p) % 4 == 0;
   thread_local Buffer b_buffer;
   thread_local std::vector<float> rounded;  // the bias rounded to bf16, as the operands are
   if (bias) {
@@ -274,11 +285,16 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const AnyMatrix& a, const AnyMat
     const Out o{C, ldc, out, accumulate && out == Bf16Out::kFloat, bias};
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       thread_local Buffer a_buffer;
-      u32* Ap = a_buffer.get(std::max<int64_t>(pairs, 1) * kMr);
+      u32* Ap = direct ? nullptr : a_buffer.get(std::max<int64_t>(pairs, 1) * kMr);
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t i = p * kMr, r = std::min(kMr, M - i);
-        pack_a(r, K, {static_cast<const char*>(a.p) + i * a.rs * (a.bf16 ? 2 : 4), a.rs, a.cs, a.bf16}, Ap);
-        kKernels[r](pairs, nc, Ap, Bp, i, n0, o);
+        const char* rows = static_cast<const char*>(a.p) + i * a.rs * (a.bf16 ? 2 : 4);
+        if (direct) {
+          kKernels<true>[r](pairs, nc, reinterpret_cast<const u32*>(rows), a.rs / 2, Bp, i, n0, o);
+        } else {
+          pack_a(r, K, {rows, a.rs, a.cs, a.bf16}, Ap);
+          kKernels<false>[r](pairs, nc, Ap, 0, Bp, i, n0, o);
+        }
       }
     });
   }
