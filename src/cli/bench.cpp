@@ -42,10 +42,13 @@ static std::string fused_kernels_text(const c10::Device& device) {
 }
 
 // ", bf16 AMX attention" / ", float32 attention" ... for a CPU line (model/attention.h).
+// Also who multiplies under bf16 autocast: microdit's AVX512-BF16 products (core/cpu_matmul.h)
+// or autocast's casts and oneDNN.
 static std::string cpu_attention_text(const c10::Device& device, bool bf16, int head_dim) {
   if (device.is_cuda()) return "";
   AutocastGuard autocast(c10::kCPU, bf16);
-  return fmt::format(", {} attention", cpu_attention_kernel_name(cpu_attention_kernel(head_dim)));
+  const char* products = !bf16 ? "" : own_bf16_products() ? ", AVX512-BF16 products" : ", oneDNN bf16 products";
+  return fmt::format("{}, {} attention", products, cpu_attention_kernel_name(cpu_attention_kernel(head_dim)));
 }
 
 // How the expert layers move tokens on this device (model/ffn.h) when training (grad) or

@@ -16,10 +16,11 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
       ->capture_default_str();
   cmd.add_option_function<std::string>(
          "--cpu-matmul", [](const std::string& name) { set_cpu_fp32_matmul(parse_cpu_matmul(name)); },
-         "float32 matrix products on the CPU: auto (microdit on CPUs with AVX-512, else mkl on "
+         "matrix products on the CPU: auto (microdit on CPUs with AVX-512, else mkl on "
          "Intel CPUs and onednn on others), onednn, mkl (LibTorch's own choice) or microdit "
-         "(its own AVX-512 kernels for products of 256 columns or more, MKL on Intel CPUs and "
-         "oneDNN on others for the rest)")
+         "(its own AVX-512 kernels for float32 products of 256 columns or more, MKL on Intel CPUs and "
+         "oneDNN on others for the rest; under bf16 autocast its own AVX512-BF16 kernels for every "
+         "product on CPUs without AMX). With onednn or mkl bf16 products are autocast's (oneDNN)")
       ->default_str("auto");
   cmd.add_option_function<std::string>(
          "--cpu-attention", [](const std::string& v) { set_cpu_attention(parse_cpu_attention(v)); },
