@@ -16,6 +16,13 @@ namespace {
 
 namespace kc = microdit::kernels::cpu;
 
+// The rate of `state`'s iterations of one (M x K) @ (K x N) product.
+void count_flops(benchmark::State& state, int64_t M, int64_t N, int64_t K) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * static_cast<double>(M * N * K) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+}
+
 enum Layout { kForward, kInputGrad, kWeightGrad };
 
 // rows x in -> out: the operands of one of the layer's products, as the model lays them out.
@@ -45,9 +52,7 @@ void Gemm(benchmark::State& state, bool own) {
     benchmark::DoNotOptimize(C.data_ptr());
   }
   at::set_num_threads(threads);
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(2.0 * static_cast<double>(M * N * K) * static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  count_flops(state, M, N, K);
 }
 
 void Shapes(benchmark::internal::Benchmark* b) {
@@ -115,9 +120,7 @@ void GemmBf16(benchmark::State& state, bool own) {
     benchmark::DoNotOptimize(C.data_ptr());
   }
   at::set_num_threads(threads);
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(2.0 * static_cast<double>(M * N * K) * static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate, benchmark::Counter::kIs1000);
+  count_flops(state, M, N, K);
 }
 
 void SmallShapes(benchmark::internal::Benchmark* b) {

@@ -10,6 +10,7 @@
 // Packing transposes where an operand's rows are contiguous in K (x and dY in a linear layer's
 // product and input gradient), 16 x 16 floats at a time in registers, and copies otherwise.
 #include "kernels/gemm_cpu.h"
+#include "kernels/gemm_cpu_util.h"
 
 #include <ATen/Parallel.h>
 
@@ -19,8 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <memory>
 
 namespace microdit::kernels::cpu {
 
@@ -39,24 +38,8 @@ constexpr int64_t kKc = 256;   // rows of K per block: A's panel 14 KB, B's pane
 constexpr int64_t kKcT = 768;  // the same where A is transposed into its panels: fewer passes over C
 constexpr int64_t kNc = 1024;  // columns per packed block of B: at most 1 MB
 
-// A float buffer of 64-byte alignment that grows as needed; one per thread.
-struct Buffer {
-  std::unique_ptr<float, decltype(&std::free)> data{nullptr, &std::free};
-  int64_t size = 0;
-  float* get(int64_t n) {
-    if (n > size) {
-      const auto bytes = static_cast<size_t>((n * 4 + 63) / 64 * 64);
-      data.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-      if (!data) throw std::bad_alloc();
-      size = n;
-    }
-    return data.get();
-  }
-};
-
-MD_GEMM_INLINE __mmask16 low_lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
-}
+using Buffer = gemm_detail::AlignedBuffer<float>;
+using gemm_detail::low_lanes;
 
 // Where the kernels prefetch the next panel's (or block's) source of A while they run, one
 // cache line per k: `rows` rows of `lines` lines each, `stride` bytes apart, in order. The
@@ -149,31 +132,10 @@ constexpr KernelFn kKernels[kMr + 1] = {nullptr,           kernel<1, AS>,  kerne
 
 // 16 x 16 floats transposed in registers: r[i] lane j <- r[j] lane i.
 MD_GEMM_TARGET MD_GEMM_INLINE void transpose16(__m512 (&r)[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved by 32 bits
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // then by 64 bits: each 128-bit lane holds a 4 x 4 block
-    const auto a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
-    const auto c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int i = 0; i < 4; ++i) {  // then the 128-bit lanes
-    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-    r[i + 4] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_f32x4(t[i + 4], t[i + 12], 0xDD);
-  }
+  __m512i w[16];
+  for (int i = 0; i < 16; ++i) w[i] = _mm512_castps_si512(r[i]);
+  gemm_detail::transpose16(w);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_castsi512_ps(w[i]);
 }
 
 // Whether pack_a transposes A (its rows run along K), which also sets its panels' floats per k

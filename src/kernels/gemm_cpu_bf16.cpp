@@ -10,15 +10,14 @@
 // this serves are at most a few thousand deep), an odd K pads its last pair with zero. A bf16 A
 // whose rows run along K needs no packing: its rows are read in place.
 #include "kernels/gemm_cpu.h"
+#include "kernels/gemm_cpu_util.h"
 
 #include <ATen/Parallel.h>
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <vector>
 
 namespace microdit::kernels::cpu {
@@ -35,23 +34,9 @@ constexpr int64_t kMr = 14;    // rows of A per panel
 constexpr int64_t kNr = 32;    // columns of B per panel (two vectors of 16 pairs)
 constexpr int64_t kNc = 1024;  // columns per packed block of B
 
-struct Buffer {
-  std::unique_ptr<u32, decltype(&std::free)> data{nullptr, &std::free};
-  int64_t size = 0;
-  u32* get(int64_t n) {
-    if (n > size) {
-      const auto bytes = static_cast<size_t>((n * 4 + 63) / 64 * 64);
-      data.reset(static_cast<u32*>(std::aligned_alloc(64, bytes)));
-      if (!data) throw std::bad_alloc();
-      size = n;
-    }
-    return data.get();
-  }
-};
-
-MD_BF16_INLINE __mmask16 low_lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
-}
+using Buffer = gemm_detail::AlignedBuffer<u32>;
+using gemm_detail::low_lanes;
+using gemm_detail::transpose16;
 
 // One float rounded to bf16 (nearest even; a NaN stays a NaN), as c10::BFloat16 rounds.
 MD_BF16_INLINE u16 round_bf16(float f) {
@@ -84,33 +69,6 @@ MD_BF16_TARGET MD_BF16_INLINE __m512i load_pairs(const void* p, int64_t offset, 
 // Word c = (a[c], b[c]): two runs of 16 values interleaved into pairs.
 MD_BF16_TARGET MD_BF16_INLINE __m512i interleave(__m256i a, __m256i b) {
   return _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
-}
-
-// 16 x 16 words transposed in registers: r[i] lane j <- r[j] lane i.
-MD_BF16_TARGET MD_BF16_INLINE void transpose16(__m512i (&r)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88);
-    t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xDD);
-    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88);
-    t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xDD);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
-    r[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0x88);
-    r[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], 0xDD);
-  }
 }
 
 // Ap[q * kMr + i] = (A(i, 2q), A(i, 2q+1)) for i < r (r <= kMr; zeros up to kMr), q < (K + 1) / 2.
