@@ -70,6 +70,43 @@ struct LnCase {
 
 }  // namespace
 
+// Under bf16 autocast the norm's output and modulation are bf16 (its input float32, or bf16 in
+// the bf16 passes): the AVX-512 rows (rows of whole vectors) against the generic loops (AVX2):
+// the same formula summed in another order, so the same bf16 values but for a last-unit
+// rounding here and there.
+TEST(Fused, Bf16NormRowsAgreeAcrossInstructionSets) {
+  if (kernels::cpu::limit_instruction_set(2), !kernels::cpu::float32_rows_apply(64))
+    GTEST_SKIP() << "no AVX-512 on this CPU";
+  const auto f32 = at::kFloat, bf16 = at::kBFloat16;
+  const LnCase cases[] = {
+      {"fp32 x, bf16 out and modulation", f32, bf16, f32, true, true, false},
+      {"fp32 x, bf16 out, no weight or modulation, strided", f32, bf16, f32, false, false, true},
+      {"bf16 everywhere, weight", bf16, bf16, bf16, true, false, false},
+      {"bf16 everywhere, modulation, strided", bf16, bf16, bf16, false, true, true},
+  };
+  for (const int64_t d : {64, 128, 1152}) {
+    for (const auto& c : cases) {
+      SCOPED_TRACE(std::string(c.name) + ", d " + std::to_string(d));
+      torch::manual_seed(2);
+      const int64_t B = 3, T = 37;
+      const auto base = (torch::randn({B, T, c.strided ? 3 * d : d}) * 2 + 0.5).to(c.x);
+      const auto x = c.strided ? base.narrow(2, d, d) : base;
+      const auto w = c.weight ? 1 + 0.3 * torch::randn({d}) : torch::Tensor();
+      const auto shift = c.mod ? (0.2 * torch::randn({B, d})).to(c.out) : torch::Tensor();
+      const auto scale = c.mod ? (0.2 * torch::randn({B, d})).to(c.out) : torch::Tensor();
+      torch::Tensor y[2];
+      for (const int isa : {2, 1}) {
+        const IsaCap cap({c10::Device(torch::kCPU), isa});
+        torch::NoGradGuard no_grad;
+        y[isa - 1] = fused_modulated_layer_norm(x, w, shift, scale, 1e-6, c.out, c.save).to(torch::kDouble);
+      }
+      // At most one bf16 unit (2^-8 of the value, relative) apart, and mostly equal.
+      EXPECT_LE(((y[1] - y[0]).abs() - std::ldexp(1.0, -7) * y[0].abs()).max().item<double>(), 1e-30);
+      EXPECT_GT((y[1] == y[0]).to(torch::kDouble).mean().item<double>(), 0.95);
+    }
+  }
+}
+
 TEST(Fused, ModulatedLayerNormMatchesFloat64) {
   const auto f32 = at::kFloat, bf16 = at::kBFloat16;
   const LnCase cases[] = {

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace microdit::kernels::cpu {
@@ -354,11 +355,28 @@ MD_AVX512 MD_INLINE __m512 residual_sum(const float* x, const float* g, const fl
   return s;
 }
 
+// 16 float32 or bf16 values widened to float32, and 16 float32 values stored as float32 or
+// rounded to bf16 (nearest even, NaN a quiet NaN: float_to_bf16_bits in vector form).
+MD_AVX512 MD_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+MD_AVX512 MD_INLINE __m512 load16(const bf16* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+MD_AVX512 MD_INLINE void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+MD_AVX512 MD_INLINE void store16(bf16* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
+
 // m[0, d) = w (1 + scale_b), w (scale_b null) or 1 (both null): the per-sample row factor.
-MD_AVX512 MD_INLINE void row_factor(float* m, const float* w, const float* scale_b, int64_t d) {
+template <typename Y = float>
+MD_AVX512 MD_INLINE void row_factor(float* m, const float* w, const Y* scale_b, int64_t d) {
   const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t k = 0; k < d; k += 16) {
-    const __m512 sc = scale_b ? _mm512_add_ps(one, _mm512_loadu_ps(scale_b + k)) : one;
+    const __m512 sc = scale_b ? _mm512_add_ps(one, load16(scale_b + k)) : one;
     _mm512_storeu_ps(m + k, w ? _mm512_mul_ps(_mm512_loadu_ps(w + k), sc) : sc);
   }
 }
@@ -368,23 +386,40 @@ MD_AVX512 MD_INLINE void row_factor(float* m, const float* w, const float* scale
 // adds each, its accumulators spilled to the stack); here each sum runs in two vector
 // accumulators and ends in one horizontal reduction. Same formula; the sums' order differs, so
 // results differ from the generic body by float rounding only.
-MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
+// The forward pass for rows of whole vectors: x and the kept copy of type X (float32, or bf16
+// in the bf16 passes), y, shift and scale of type Y (float32, or bf16 under autocast).
+template <typename X, typename Y>
+MD_AVX512 void modln_fwd_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
   const int64_t d = a.d;
-  const float* __restrict shift = static_cast<const float*>(a.shift);
-  const float* __restrict scale = static_cast<const float*>(a.scale);
+  const Y* __restrict shift = static_cast<const Y*>(a.shift);
+  const Y* __restrict scale = static_cast<const Y*>(a.scale);
   const float* __restrict w = a.w;
   std::vector<float> buf(static_cast<size_t>(2 * d));
   float* __restrict v = buf.data();  // the row, centred
   float* __restrict m = v + d;       // w * (1 + scale[b]), or w, or 1
   int64_t b_loaded = -1;
-  if (!scale) row_factor(m, w, nullptr, d);
+  if (!scale) row_factor<Y>(m, w, nullptr, d);
   for (int64_t r = r0; r < r1; ++r) {
-    const float* xr = static_cast<const float*>(a.x) + r * a.ldx;  // not restrict: y may be x
+    const X* xr = static_cast<const X*>(a.x) + r * a.ldx;  // not restrict: y may be x
     prefetch_row(xr + kPrefetchRows * a.ldx, d, r + kPrefetchRows < r1);
-    float* __restrict xs = a.xs ? static_cast<float*>(a.xs) + r * d : nullptr;
+    X* __restrict xs = a.xs ? static_cast<X*>(a.xs) + r * d : nullptr;
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t j = 0;
-    if (a.res_h) {
+    if constexpr (!std::is_same_v<X, float>) {
+      for (; j + 32 <= d; j += 32) {
+        const __m512 x0 = load16(xr + j), x1 = load16(xr + j + 16);
+        s0 = _mm512_add_ps(s0, x0);
+        s1 = _mm512_add_ps(s1, x1);
+        _mm512_storeu_ps(v + j, x0);
+        _mm512_storeu_ps(v + j + 16, x1);
+      }
+      if (j < d) {
+        const __m512 x0 = load16(xr + j);
+        s0 = _mm512_add_ps(s0, x0);
+        _mm512_storeu_ps(v + j, x0);
+      }
+      if (xs) std::memcpy(xs, xr, static_cast<size_t>(d) * sizeof(X));
+    } else if (a.res_h) {
       // The residual sum first: x + g h, one fused multiply-add as gated_fwd_rows compiles to.
       const float* hr = a.res_h + r * d;  // out may be hr (sampling writes the sum over h)
       prefetch_row(hr + kPrefetchRows * d, d, r + kPrefetchRows < r1);
@@ -411,7 +446,8 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
         _mm512_storeu_ps(v + j, x0);
       }
     }
-    if (xs) std::memcpy(xs, v, static_cast<size_t>(d) * sizeof(float));
+    if constexpr (std::is_same_v<X, float>)
+      if (xs) std::memcpy(xs, v, static_cast<size_t>(d) * sizeof(float));
     const float mean = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(d);
     const __m512 mu = _mm512_set1_ps(mean);
     s0 = _mm512_setzero_ps();
@@ -432,25 +468,28 @@ MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
     const float q = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
     const float rstd = 1.f / std::sqrt(q / static_cast<float>(d) + a.eps);
     const __m512 rs = _mm512_set1_ps(rstd);
-    float* yr = static_cast<float*>(a.y) + r * (a.ldy ? a.ldy : d);  // may be xr (in place)
+    Y* yr = static_cast<Y*>(a.y) + r * (a.ldy ? a.ldy : d);  // may be xr (in place)
     if (scale) {
       const int64_t b = r / a.T;
       if (b != b_loaded) {
-        row_factor(m, w, scale + b * d, d);
+        row_factor<Y>(m, w, scale + b * d, d);
         b_loaded = b;
       }
-      const float* __restrict sh = shift + b * d;
+      const Y* __restrict sh = shift + b * d;
       for (int64_t k = 0; k < d; k += 16)
-        _mm512_storeu_ps(yr + k, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(v + k), rs),
-                                                 _mm512_loadu_ps(m + k), _mm512_loadu_ps(sh + k)));
+        store16(yr + k, _mm512_fmadd_ps(_mm512_mul_ps(_mm512_loadu_ps(v + k), rs), _mm512_loadu_ps(m + k),
+                                        load16(sh + k)));
     } else {
       for (int64_t k = 0; k < d; k += 16)
-        _mm512_storeu_ps(yr + k, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(v + k), rs), _mm512_loadu_ps(m + k)));
+        store16(yr + k, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(v + k), rs), _mm512_loadu_ps(m + k)));
     }
     a.mean[r] = mean;
     a.rstd[r] = rstd;
   }
 }
+
+// The float32 forward pass (training and sampling in float32), also the residual sum's.
+MD_AVX512 void modln_fwd_f32_avx512(const LnFwd& a, int64_t r0, int64_t r1) { modln_fwd_avx512<float, float>(a, r0, r1); }
 
 // s0 += dy, s1 += dy xhat over 16 columns.
 MD_AVX512 inline __attribute__((always_inline)) void add_sums(float* s0, float* s1, __m512 dy, __m512 xh) {
@@ -472,7 +511,7 @@ MD_AVX512 void modln_dx_f32_avx512_rows(const LnDx& a, int64_t r0, int64_t r1) {
   std::vector<float> buf(static_cast<size_t>(3 * d));
   float *__restrict g = buf.data(), *__restrict xh = g + d, *__restrict m = xh + d;  // m: w (1 + scale[b])
   int64_t b_loaded = -1;
-  if (!scale) row_factor(m, w, nullptr, d);
+  if (!scale) row_factor<float>(m, w, nullptr, d);
   const float inv_d = 1.f / static_cast<float>(d);
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t b = r / a.T;
@@ -614,6 +653,11 @@ void modln_forward(const void* x, int64_t ldx, DType xt, void* xs, DType st, con
   const LnFwd a{x, ldx, xs, w, shift, scale, y, mean, rstd, T, d, eps};
   if (float32_rows_apply(d) && xt == DType::f32 && st == DType::f32 && yt == DType::f32) {
     run(&modln_fwd_f32_avx512, a, rows, d);
+    return;
+  }
+  // Under bf16 autocast: a float32 (or bf16) x kept as it is, y and the modulation in bf16.
+  if (float32_rows_apply(d) && st == xt && yt == DType::bf16 && (xt == DType::f32 || xt == DType::bf16)) {
+    run(xt == DType::f32 ? &modln_fwd_avx512<float, bf16> : &modln_fwd_avx512<bf16, bf16>, a, rows, d);
     return;
   }
   with_types(xt, st, yt, [&](auto* xp, auto* sp, auto* yp) {
