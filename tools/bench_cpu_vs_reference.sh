@@ -3,6 +3,8 @@
 # back to back in one go on an otherwise idle machine (docs/performance.md):
 #   training steps: MicroDiT_Nano_2, batch 32, latent 4x32x32, captions 77x1024, mask 0.75,
 #                   fp32 and bf16 autocast (microdit bench vs tools/bench_reference.py train)
+#   the main job:   its stage-1 shape (Pico at 16x16 px, 21 caption tokens, mask 0.5), bf16 where
+#                   the CPU multiplies bf16 (as train.bf16: auto)
 #   sampling:       the emoji model's shape (32x32 RGB, patch 4, MiniLM 384-wide captions),
 #                   Heun 30 steps, guidance 4 (random weights on both sides)
 #   tools/bench_cpu_vs_reference.sh REFERENCE_CHECKOUT [STEPS]
@@ -10,7 +12,8 @@
 # tcmalloc: on the CPU, torch 2.11's Inductor fails on its training step (the row says so in one
 # line), and compiles its sampler (the DiT's forward).
 # microdit's float32 rows also run with each library for the products (--cpu-matmul onednn and
-# mkl; the default, auto, takes microdit's own kernels on AVX-512 CPUs), with ATen's float32
+# mkl; the default, auto, takes microdit's own kernels on AVX-512 CPUs), its bf16 rows with
+# autocast's casts and oneDNN's products (--cpu-matmul onednn), with ATen's float32
 # attention (--cpu-attention aten-float32; the default takes microdit's kernels: bf16 on AMX tiles
 # under bf16 autocast on CPUs with AMX, else float32 on AVX-512 CPUs), its bf16 rows also with
 # microdit's float32 attention, and all with the fused kernels off, to show what each gives.
@@ -29,7 +32,7 @@ for prec in fp32 bf16; do
   flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
   runs=("--workers 0" "--workers 1")  # 0: side-by-side workers, one per thread (the default); 1: one stream
   [ "$prec" = fp32 ] && runs+=("--workers 0 --cpu-matmul onednn" "--workers 0 --cpu-matmul mkl")
-  [ "$prec" = bf16 ] && runs+=("--workers 0 --cpu-attention float32")
+  [ "$prec" = bf16 ] && runs+=("--workers 0 --cpu-attention float32" "--workers 0 --cpu-matmul onednn")
   runs+=("--workers 0 --cpu-attention aten-float32")
   runs+=("--workers 0 --fused-kernels off")
   for r in "${runs[@]}"; do
@@ -50,12 +53,24 @@ for prec in fp32 bf16; do
     grep -E "^(reference bench|compile:|bench_reference:)" | tr '\n' ' ' || true
   echo
 done
+# Training at the main job's stage-1 shape (configs/emoji_cpu_16px.yaml: Pico, 16x16 RGB in 4x4
+# patches, 21 MiniLM caption tokens of 384, mask 0.5, 32 images a step), bf16 autocast where the
+# CPU multiplies bf16 as the main job trains (train.bf16: auto), float32 elsewhere.
+main=(--preset MicroDiT_Pico_2 --latent-size 16 --in-channels 3 --patch-size 4 --caption-channels 384 --caption-len 21
+  --mask-ratio 0.5 --batch 32 --steps $((STEPS * 10)) --warmup 10 --threads "$T")
+mflag=(); grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo && mflag=(--bf16)
+for r in "" "--cpu-matmul onednn"; do
+  # shellcheck disable=SC2086  # $r is a list of options
+  "$BIN" bench "${main[@]}" --device cpu $r "${mflag[@]}" | tail -n 1
+done
+echo -n "reference${TCMALLOC:+ with LD_PRELOAD=tcmalloc}: "
+LD_PRELOAD="$TCMALLOC" "$PY" "$ROOT/tools/bench_reference.py" train --reference "$REF" "${main[@]}" "${mflag[@]}" | tail -n 1
 # Sampling: the emoji model's shape, 32 images, 16 per batch, Heun 30 steps, guidance 4, random
 # weights on both sides; both rates are of the sampler loop only.
 for prec in fp32 bf16; do
   flag=(); [ "$prec" = bf16 ] && flag=(--bf16)
   runs=("--fused-kernels on" "--fused-kernels off" "--cpu-attention aten-float32")
-  [ "$prec" = bf16 ] && runs+=("--cpu-attention float32")
+  [ "$prec" = bf16 ] && runs+=("--cpu-attention float32" "--cpu-matmul onednn")
   for r in "${runs[@]}"; do
     # shellcheck disable=SC2086  # $r is a list of options
     "$BIN" bench --sample --preset MicroDiT_Pico_2 --latent-size 32 --in-channels 3 --patch-size 4 \
