@@ -164,7 +164,9 @@ MD_BF16_TARGET void kernel(int64_t pairs, int64_t nc, const u32* __restrict Ap, 
       const __m512bh b0 = (__m512bh)_mm512_load_si512(Bp + q * kNr), b1 = (__m512bh)_mm512_load_si512(Bp + q * kNr + 16);
 #pragma GCC unroll 14
       for (int i = 0; i < R; ++i) {
-        const u32 word = kDirect ? Ap[i * a_row + q] : Ap[q * kMr + i];
+        u32 word;  // a bf16 A's pair read as bytes (its storage is 16-bit values)
+        if constexpr (kDirect) std::memcpy(&word, reinterpret_cast<const char*>(Ap) + (i * a_row + q) * 4, 4);
+        else word = Ap[q * kMr + i];
         const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
         acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
         acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
