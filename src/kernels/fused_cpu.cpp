@@ -405,7 +405,25 @@ MD_AVX512 void modln_fwd_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
     X* __restrict xs = a.xs ? static_cast<X*>(a.xs) + r * d : nullptr;
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t j = 0;
-    if constexpr (!std::is_same_v<X, float>) {
+    bool summed = false;  // the float32 residual variant: the norm's input is x + g h
+    if constexpr (std::is_same_v<X, float>) {
+      if (a.res_h) {
+        // The residual sum first: x + g h, one fused multiply-add as gated_fwd_rows compiles to.
+        const float* hr = a.res_h + r * d;  // out may be hr (sampling writes the sum over h)
+        prefetch_row(hr + kPrefetchRows * d, d, r + kPrefetchRows < r1);
+        const float* __restrict g = a.res_gate ? a.res_gate + (r / a.T) * d : nullptr;
+        float* out = a.res_out + r * d;
+        for (; j + 32 <= d; j += 32) {
+          const __m512 x0 = residual_sum(xr + j, g ? g + j : nullptr, hr + j, out + j, v + j);
+          const __m512 x1 = residual_sum(xr + j + 16, g ? g + j + 16 : nullptr, hr + j + 16, out + j + 16, v + j + 16);
+          s0 = _mm512_add_ps(s0, x0);
+          s1 = _mm512_add_ps(s1, x1);
+        }
+        if (j < d) s0 = _mm512_add_ps(s0, residual_sum(xr + j, g ? g + j : nullptr, hr + j, out + j, v + j));
+        summed = true;
+      }
+    }
+    if (!summed) {
       for (; j + 32 <= d; j += 32) {
         const __m512 x0 = load16(xr + j), x1 = load16(xr + j + 16);
         s0 = _mm512_add_ps(s0, x0);
@@ -418,36 +436,9 @@ MD_AVX512 void modln_fwd_avx512(const LnFwd& a, int64_t r0, int64_t r1) {
         s0 = _mm512_add_ps(s0, x0);
         _mm512_storeu_ps(v + j, x0);
       }
-      if (xs) std::memcpy(xs, xr, static_cast<size_t>(d) * sizeof(X));
-    } else if (a.res_h) {
-      // The residual sum first: x + g h, one fused multiply-add as gated_fwd_rows compiles to.
-      const float* hr = a.res_h + r * d;  // out may be hr (sampling writes the sum over h)
-      prefetch_row(hr + kPrefetchRows * d, d, r + kPrefetchRows < r1);
-      const float* __restrict g = a.res_gate ? a.res_gate + (r / a.T) * d : nullptr;
-      float* out = a.res_out + r * d;
-      for (; j + 32 <= d; j += 32) {
-        const __m512 x0 = residual_sum(xr + j, g ? g + j : nullptr, hr + j, out + j, v + j);
-        const __m512 x1 = residual_sum(xr + j + 16, g ? g + j + 16 : nullptr, hr + j + 16, out + j + 16, v + j + 16);
-        s0 = _mm512_add_ps(s0, x0);
-        s1 = _mm512_add_ps(s1, x1);
-      }
-      if (j < d) s0 = _mm512_add_ps(s0, residual_sum(xr + j, g ? g + j : nullptr, hr + j, out + j, v + j));
-    } else {
-      for (; j + 32 <= d; j += 32) {
-        const __m512 x0 = _mm512_loadu_ps(xr + j), x1 = _mm512_loadu_ps(xr + j + 16);
-        s0 = _mm512_add_ps(s0, x0);
-        s1 = _mm512_add_ps(s1, x1);
-        _mm512_storeu_ps(v + j, x0);
-        _mm512_storeu_ps(v + j + 16, x1);
-      }
-      if (j < d) {
-        const __m512 x0 = _mm512_loadu_ps(xr + j);
-        s0 = _mm512_add_ps(s0, x0);
-        _mm512_storeu_ps(v + j, x0);
-      }
     }
-    if constexpr (std::is_same_v<X, float>)
-      if (xs) std::memcpy(xs, v, static_cast<size_t>(d) * sizeof(float));
+    // The kept input: the residual sum where there is one, else x as it came.
+    if (xs) std::memcpy(xs, summed ? static_cast<const void*>(v) : static_cast<const void*>(xr), static_cast<size_t>(d) * sizeof(X));
     const float mean = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1)) / static_cast<float>(d);
     const __m512 mu = _mm512_set1_ps(mean);
     s0 = _mm512_setzero_ps();
