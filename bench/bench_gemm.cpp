@@ -25,22 +25,39 @@ void count_flops(benchmark::State& state, int64_t M, int64_t N, int64_t K) {
 
 enum Layout { kForward, kInputGrad, kWeightGrad };
 
+// One thread for a benchmark's scope, as a CPU worker runs.
+struct OneThread {
+  int was = at::get_num_threads();
+  OneThread() { at::set_num_threads(1); }
+  ~OneThread() { at::set_num_threads(was); }
+};
+
+// C (M, N) = A (M, K) B (K, N): one of a linear layer's products (state's layout, rows, in, out)
+// on random operands of `dtype`, as the model lays them out (y = x W^T, dx = dy W, dW = dy^T x).
+struct LayerProduct {
+  torch::Tensor A, B;
+  int64_t M, N, K;
+  Layout layout;
+};
+LayerProduct layer_product(const benchmark::State& state, torch::ScalarType dtype) {
+  const auto layout = static_cast<Layout>(state.range(0));
+  const int64_t rows = state.range(1), in = state.range(2), out = state.range(3);
+  torch::manual_seed(0);
+  const auto x = torch::randn({rows, in}).to(dtype), w = torch::randn({out, in}).to(dtype);
+  const auto dy = torch::randn({rows, out}).to(dtype);
+  auto A = layout == kForward ? x : layout == kInputGrad ? dy : dy.t();
+  auto B = layout == kForward ? w.t() : layout == kInputGrad ? w : x;
+  return {A, B, A.size(0), B.size(1), A.size(1), layout};
+}
+
 // rows x in -> out: the operands of one of the layer's products, as the model lays them out.
 void Gemm(benchmark::State& state, bool own) {
   if (own && !kc::gemm_f32_available()) {
     state.SkipWithError("no AVX-512 on this CPU");
     return;
   }
-  const auto layout = static_cast<Layout>(state.range(0));
-  const int64_t rows = state.range(1), in = state.range(2), out = state.range(3);
-  const int threads = at::get_num_threads();
-  at::set_num_threads(1);
-  torch::manual_seed(0);
-  const auto x = torch::randn({rows, in}), w = torch::randn({out, in}), dy = torch::randn({rows, out});
-  // C (M, N) = A (M, K) B (K, N) for the layout.
-  const auto A = layout == kForward ? x : layout == kInputGrad ? dy : dy.t();
-  const auto B = layout == kForward ? w.t() : layout == kInputGrad ? w : x;
-  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  const OneThread one;
+  const auto [A, B, M, N, K, layout] = layer_product(state, torch::kFloat);
   auto C = torch::empty({M, N});
   for (auto _ : state) {
     if (own) {
@@ -51,7 +68,6 @@ void Gemm(benchmark::State& state, bool own) {
     }
     benchmark::DoNotOptimize(C.data_ptr());
   }
-  at::set_num_threads(threads);
   count_flops(state, M, N, K);
 }
 
@@ -71,8 +87,7 @@ void GemmGelu(benchmark::State& state, bool fused) {
     state.SkipWithError("no AVX-512 on this CPU");
     return;
   }
-  const int threads = at::get_num_threads();
-  at::set_num_threads(1);
+  const OneThread one;
   torch::manual_seed(0);
   const auto a = torch::randn({1024, 1024}), w = torch::randn({1024, 256});
   auto C = torch::empty({1024, 256});
@@ -84,7 +99,6 @@ void GemmGelu(benchmark::State& state, bool fused) {
                  256, false, nullptr, extras);
     benchmark::DoNotOptimize(C.data_ptr());
   }
-  at::set_num_threads(threads);
 }
 
 // bf16 products at the main job's shapes (Pico, one worker's 16 images: 128 rows in the backbone,
@@ -95,16 +109,8 @@ void GemmBf16(benchmark::State& state, bool own) {
     state.SkipWithError("no AVX512-BF16 on this CPU");
     return;
   }
-  const auto layout = static_cast<Layout>(state.range(0));
-  const int64_t rows = state.range(1), in = state.range(2), out = state.range(3);
-  const int threads = at::get_num_threads();
-  at::set_num_threads(1);
-  torch::manual_seed(0);
-  const auto x = torch::randn({rows, in}).to(torch::kBFloat16), w = torch::randn({out, in}).to(torch::kBFloat16);
-  const auto dy = torch::randn({rows, out}).to(torch::kBFloat16);
-  const auto A = layout == kForward ? x : layout == kInputGrad ? dy : dy.t();
-  const auto B = layout == kForward ? w.t() : layout == kInputGrad ? w : x;
-  const int64_t M = A.size(0), K = A.size(1), N = B.size(1);
+  const OneThread one;
+  const auto [A, B, M, N, K, layout] = layer_product(state, torch::kBFloat16);
   // The weight gradient in float32 (the parameter's dtype: a bf16 product cast back), the others in bf16.
   auto C = torch::empty({M, N}, layout == kWeightGrad ? torch::kFloat : torch::kBFloat16);
   for (auto _ : state) {
@@ -119,7 +125,6 @@ void GemmBf16(benchmark::State& state, bool own) {
     }
     benchmark::DoNotOptimize(C.data_ptr());
   }
-  at::set_num_threads(threads);
   count_flops(state, M, N, K);
 }
 

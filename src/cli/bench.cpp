@@ -41,10 +41,10 @@ static std::string fused_kernels_text(const c10::Device& device) {
   return fmt::format(", fused kernels ({})", kernels::cpu::instruction_set());
 }
 
-// ", bf16 AMX attention" / ", float32 attention" ... for a CPU line (model/attention.h).
-// Also who multiplies under bf16 autocast: microdit's AVX512-BF16 products (core/cpu_matmul.h)
+// ", bf16 AMX attention" / ", float32 attention" ... for a CPU line (model/attention.h), and
+// under bf16 autocast who multiplies under bf16 autocast: microdit's AVX512-BF16 products (core/cpu_matmul.h)
 // or autocast's casts and oneDNN.
-static std::string cpu_attention_text(const c10::Device& device, bool bf16, int head_dim) {
+static std::string cpu_kernels_text(const c10::Device& device, bool bf16, int head_dim) {
   if (device.is_cuda()) return "";
   AutocastGuard autocast(c10::kCPU, bf16);
   const char* products = !bf16 ? "" : own_bf16_products() ? ", AVX512-BF16 products" : ", oneDNN bf16 products";
@@ -141,7 +141,7 @@ void run_sample(const BenchOptions& o, const c10::Device& device) {
              o.cfg, o.bf16 ? bf16_autocast_text(device.is_cuda()) : "fp32", o.cuda_graph ? ", CUDA graph" : "",
              !device.is_cuda() && !o.bf16 ? fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul())) : "",
              std::string(o.low_precision_layernorm ? ", low-precision LayerNorm" : "") +
-                 cpu_attention_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) +
+                 cpu_kernels_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) +
                  moe_text(device, /*grad=*/false),
              o.n / s, s,
              peak_memory_text(device));
@@ -255,7 +255,7 @@ void run_train(const BenchOptions& o, const c10::Device& device) {
   if (copies) split += ", bf16 weight copies";
   if (!o.sdpa.empty()) split += ", SDPA " + o.sdpa;
   if (!device.is_cuda() && !o.bf16) split += fmt::format(", {} matmuls", cpu_matmul_name(cpu_fp32_matmul()));
-  split += cpu_attention_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) + moe_text(device, /*grad=*/true);
+  split += cpu_kernels_text(device, o.bf16, c.head_dim) + fused_kernels_text(device) + moe_text(device, /*grad=*/true);
   if (recompute_ffn() == RecomputeFfn::always || (recompute_ffn() == RecomputeFfn::cuda && device.is_cuda()))
     split += ", FFN activations recomputed";
   fmt::print("bench {} latent {} batch {} mask {} {}{}{}: {:.1f} ms/step, {:.1f} images/s, {} (model FLOPs), "

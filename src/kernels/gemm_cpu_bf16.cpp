@@ -10,6 +10,7 @@
 // this serves are at most a few thousand deep), an odd K pads its last pair with zero. A bf16 A
 // whose rows run along K needs no packing: its rows are read in place.
 #include "kernels/gemm_cpu.h"
+#include "kernels/cpu_math.h"
 #include "kernels/gemm_cpu_util.h"
 
 #include <ATen/Parallel.h>
@@ -38,19 +39,10 @@ using Buffer = gemm_detail::AlignedBuffer<u32>;
 using gemm_detail::low_lanes;
 using gemm_detail::transpose16;
 
-// One float rounded to bf16 (nearest even; a NaN stays a NaN), as c10::BFloat16 rounds.
-MD_BF16_INLINE u16 round_bf16(float f) {
-  u32 bits;
-  std::memcpy(&bits, &f, 4);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<u16>(bits >> 16);
-}
-
 // Element (r, c) of an operand as bf16 bits.
 MD_BF16_INLINE u16 element(const AnyMatrix& m, int64_t r, int64_t c) {
   const int64_t at = r * m.rs + c * m.cs;
-  return m.bf16 ? static_cast<const u16*>(m.p)[at] : round_bf16(static_cast<const float*>(m.p)[at]);
+  return m.bf16 ? static_cast<const u16*>(m.p)[at] : float_to_bf16_bits(static_cast<const float*>(m.p)[at]);
 }
 
 // n <= 16 consecutive elements from p (float32 rounded, or bf16 bits), zeros after them.
@@ -233,7 +225,7 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const AnyMatrix& a, const AnyMat
   if (bias) {
     rounded.resize(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) {
-      const u32 bits = static_cast<u32>(round_bf16(bias[n])) << 16;
+      const u32 bits = static_cast<u32>(float_to_bf16_bits(bias[n])) << 16;
       std::memcpy(&rounded[static_cast<size_t>(n)], &bits, 4);
     }
     bias = rounded.data();
