@@ -7,12 +7,14 @@
 
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <utility>
 #include <string>
 #include <torch/torch.h>
 
 #include "core/autocast.h"
 #include "core/cpu_matmul.h"
+#include "core/cpu_workers.h"
 #include "kernels/gemm_cpu.h"
 #include "model/attention.h"
 #include "model/layers.h"
@@ -469,6 +471,100 @@ TEST(CpuMatmul, Bf16TrainingStepMatchesAutocast) {
   const auto own = tiny_step(o);
   EXPECT_NEAR(own.loss, ref.loss, 1e-2 * std::abs(ref.loss));
   EXPECT_LT(worst_relative(own, ref), 5e-2);
+}
+
+namespace {
+
+// f's result and the gradients of x, w and b under bf16 autocast on the own bf16 products, the
+// weight w (and b) registered with a PackedWeights scope when `packed`.
+Grads run_packed(const std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>& f,
+                 const torch::Tensor& x0, const torch::Tensor& w0, const torch::Tensor& b0, bool packed) {
+  MatmulMode m(CpuMatmul::kOwn);
+  auto x = x0.clone().requires_grad_(), w = w0.detach().requires_grad_();
+  auto b = b0.defined() ? b0.clone().requires_grad_() : torch::Tensor();
+  std::optional<PackedWeights> scope;
+  if (packed) scope.emplace(std::vector<torch::Tensor>{w, b});
+  torch::Tensor y;
+  {
+    AutocastGuard ac(c10::kCPU, true);
+    y = f(x, w, b);
+  }
+  torch::manual_seed(7);
+  (y.to(torch::kFloat) * torch::randn(y.sizes())).sum().backward();
+  return {y.detach(), x.grad(), w.grad(), b.defined() ? b.grad() : torch::Tensor()};
+}
+
+void expect_same_bits(const Grads& a, const Grads& b) {
+  for (const auto& [x, y] : {std::pair{a.y, b.y}, std::pair{a.gx, b.gx}, std::pair{a.gw, b.gw}, std::pair{a.gb, b.gb}}) {
+    ASSERT_EQ(x.defined(), y.defined());
+    if (x.defined()) EXPECT_TRUE(torch::equal(x, y)) << (x.to(torch::kFloat) - y.to(torch::kFloat)).abs().max();
+  }
+}
+
+}  // namespace
+
+// Weights packed once for many products (PackedWeights): the forward product (x W^T), the
+// input's gradient (dY W) and the expert products (a @ W, dY @ W^T) read the packs, and give
+// the values of packing at every product, bit for bit.
+TEST(CpuMatmul, PackedWeightsGiveTheSameBits) {
+  if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
+  torch::manual_seed(17);
+  const auto lin = [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+    return microdit::linear(x, w, b);
+  };
+  // 1,100 columns: more than one of the kernels' column blocks of 1,024; an odd depth.
+  for (const auto& [x, w] : {std::pair{torch::randn({3, 17, 40}), torch::randn({48, 40}) * 0.2},
+                             std::pair{torch::randn({30, 33}), torch::randn({1100, 33}) * 0.2},
+                             std::pair{torch::randn({9, 64}), torch::randn({33, 64}).t().contiguous().t() * 1.0}}) {
+    for (const bool with_bias : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << x.sizes() << " " << w.sizes() << " bias " << with_bias);
+      const auto b = with_bias ? torch::randn({w.size(0)}) : torch::Tensor();
+      const auto before = packed_weight_stats();
+      const auto packed = run_packed(lin, x, w, b, true);
+      const auto after = packed_weight_stats();
+      expect_same_bits(packed, run_packed(lin, x, w, b, false));
+      // Two layouts packed (W^T for y, W for x's gradient), none held once the scope ended.
+      EXPECT_EQ(after.packs - before.packs, 2);
+      EXPECT_EQ(after.lookups - before.lookups, 2);
+      EXPECT_EQ(packed_weight_stats().bytes, 0);
+    }
+  }
+  const auto bmm = [](const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor&) { return microdit::bmm(a, w); };
+  const auto a = torch::randn({4, 29, 24}), we = torch::randn({4, 24, 40});
+  const auto before = packed_weight_stats();
+  expect_same_bits(run_packed(bmm, a, we, {}, true), run_packed(bmm, a, we, {}, false));
+  EXPECT_EQ(packed_weight_stats().packs - before.packs, 2);  // W for the product, W^T for a's gradient
+}
+
+// Within one scope a pack is made once and read by every product with that weight (the CPU
+// workers of a training step), and a weight changed in place meanwhile is packed again.
+TEST(CpuMatmul, PackedWeightsAreReusedAndFollowInPlaceChanges) {
+  if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
+  MatmulMode m(CpuMatmul::kOwn);
+  torch::manual_seed(3);
+  auto w = torch::randn({64, 32}).requires_grad_();
+  const auto x = torch::randn({2, 16, 32});
+  torch::NoGradGuard no_grad;
+  AutocastGuard ac(c10::kCPU, true);
+  const auto plain = microdit::linear(x, w);
+  torch::Tensor changed;
+  {
+    const PackedWeights scope({w});
+    const auto before = packed_weight_stats();
+    std::vector<torch::Tensor> y(4);
+    run_cpu_workers(2, 4, [&](int64_t k) { y[k] = microdit::linear(x, w); });
+    for (const auto& t : y) EXPECT_TRUE(torch::equal(t, plain));
+    EXPECT_EQ(packed_weight_stats().packs - before.packs, 1);
+    EXPECT_EQ(packed_weight_stats().lookups - before.lookups, 4);
+    EXPECT_GT(packed_weight_stats().bytes, 0);
+    w.add_(0.5);  // an in-place change: the version counter moves
+    changed = microdit::linear(x, w);
+    EXPECT_EQ(packed_weight_stats().packs - before.packs, 2);
+  }
+  EXPECT_EQ(packed_weight_stats().bytes, 0);
+  const auto unpacked = microdit::linear(x, w);  // no scope: packed by the product
+  EXPECT_FALSE(torch::equal(changed, plain));
+  EXPECT_TRUE(torch::equal(changed, unpacked));
 }
 
 TEST(CpuAttention, Float32UnderAutocast) {

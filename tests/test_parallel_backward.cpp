@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "core/cpu_matmul.h"
 #include "tiny_step.h"
 
 using namespace microdit;
@@ -47,6 +48,25 @@ TEST(ParallelBackward, AddsToExistingGradientsAndKeepsAutocast) {
 TEST(ParallelBackward, IsDeterministic) {
   const auto a = step(3, false), b = step(3, false);
   for (size_t i = 0; i < a.grads.size(); ++i) ASSERT_TRUE(torch::equal(a.grads[i], b.grads[i]));
+}
+
+// The workers of a step share one pack of each weight for their bf16 products (core/cpu_matmul.h:
+// PackedWeights): the loss and gradients are those of packing at every product, bit for bit.
+TEST(ParallelBackward, PackedWeightsGiveTheSameGradients) {
+  if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
+  const auto before = packed_weight_stats();
+  const auto packed = step(2, true);
+  const auto after = packed_weight_stats();
+  EXPECT_GT(after.packs, before.packs);
+  EXPECT_GT(after.lookups - before.lookups, after.packs - before.packs) << "no pack was read twice";
+  TinyStep each;
+  {
+    const ScopedSetting<bool> off(pack_weights, set_pack_weights, false);
+    each = step(2, true);
+    EXPECT_EQ(packed_weight_stats().lookups, after.lookups);
+  }
+  EXPECT_EQ(packed.loss, each.loss);
+  for (size_t i = 0; i < packed.grads.size(); ++i) ASSERT_TRUE(torch::equal(packed.grads[i], each.grads[i])) << "parameter " << i;
 }
 
 TEST(ParallelBackward, WorkerCounts) {

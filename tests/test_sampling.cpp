@@ -5,6 +5,8 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "core/autocast.h"
+#include "core/cpu_matmul.h"
 #include "diffusion/edm.h"
 #include "eval/sampling.h"
 #include "model/microdit.h"
@@ -39,6 +41,32 @@ TEST(Sampling, ParallelChunksEqualOneImageAtATime) {
   EXPECT_GT((together[0] - together[1]).abs().max().item<double>(), 1e-3);  // images differ
   ASSERT_FALSE(seen.empty());
   EXPECT_EQ(seen.back(), 5);  // progress reaches N
+}
+
+// The sampler packs the weights once for its bf16 products on the CPU (core/cpu_matmul.h:
+// PackedWeights): the same images as packing them at every product.
+TEST(Sampling, PackedWeightsGiveTheSameImages) {
+  if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
+  const test_util::ScopedSetting<CpuMatmul> own(cpu_fp32_matmul, set_cpu_fp32_matmul, CpuMatmul::kOwn);
+  torch::manual_seed(0);
+  MicroDiT model(tiny_config());
+  model->eval();
+  torch::NoGradGuard ng;
+  for (auto& p : model->parameters()) p.normal_(0, 0.05);
+  const auto& c = tiny_config();
+  auto z = torch::randn({3, c.in_channels, c.input_size, c.input_size});
+  auto y = torch::randn({3, 1, 4, c.caption_channels});
+  EDMConfig edm;
+  SamplerOptions so;
+  so.steps = 3;
+  so.cfg = 3.0;
+  AutocastGuard ac(c10::kCPU, true);
+  const auto before = packed_weight_stats();
+  const auto packed = edm_sample(*model, z, y, edm, so);
+  const auto after = packed_weight_stats();
+  EXPECT_GT(after.lookups - before.lookups, 4 * (after.packs - before.packs)) << "packs not reused across evaluations";
+  const test_util::ScopedSetting<bool> off(pack_weights, set_pack_weights, false);
+  EXPECT_TRUE(torch::equal(packed, edm_sample(*model, z, y, edm, so)));
 }
 
 TEST(Sampling, CaptionEncodedOnceEqualsEncodedEveryStep) {

@@ -23,6 +23,13 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
          "product on CPUs without AMX). With onednn or mkl bf16 products are autocast's (oneDNN)")
       ->default_str("auto");
   cmd.add_option_function<std::string>(
+         "--pack-weights",
+         [](const std::string& v) { set_pack_weights(parse_choice<bool>("--pack-weights", v, {{"on", true}, {"off", false}})); },
+         "microdit's bf16 products on the CPU: on (each weight rounded and laid out for the kernels once "
+         "per training step, for all CPU workers, and once per sampling run) or off (at every product, "
+         "for comparison); the same values either way")
+      ->default_str("on");
+  cmd.add_option_function<std::string>(
          "--cpu-attention", [](const std::string& v) { set_cpu_attention(parse_cpu_attention(v)); },
          "attention on the CPU: auto (under bf16 autocast bf16 on AMX tiles where the CPU has AMX, "
          "in AVX512-BF16 where it has that, else float32), float32 (microdit's kernels on AVX-512 "

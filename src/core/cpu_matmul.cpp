@@ -18,7 +18,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <optional>
+#include <vector>
 
 namespace microdit {
 
@@ -285,15 +289,94 @@ cpu::AnyMatrix any_matrix(Tensor& t, bool transposed = false) {
                     : cpu::AnyMatrix{t.const_data_ptr(), t.stride(0), t.stride(1), bf16};
 }
 
+// ---- weights packed once (PackedWeights) -------------------------------------------------
+
+// The tensors of the live PackedWeights scopes, by data pointer, with the packs made of them: one
+// per layout a product reads a weight in (its sizes and strides), each holding one pack per
+// matrix (E for a bmm operand). Entries are filled once and never changed, so a thread that
+// holds one may read it while others look up or add theirs.
+struct PackEntry {
+  std::once_flag filled;
+  int64_t version = 0;  // the weight's version counter when the entry was made
+  int64_t bytes = 0;    // the packs' size, counted against kPackedWeightBudget from the start
+  std::vector<cpu::PackedBf16> packs;
+};
+struct Registered {
+  Tensor weight;
+  int scopes = 0;
+  std::map<std::vector<int64_t>, std::shared_ptr<PackEntry>> packs;
+};
+struct PackRegistry {
+  std::mutex mu;
+  std::map<const void*, Registered> weights;
+  int64_t bytes = 0;  // of the packs held
+  PackedWeightStats stats;
+};
+PackRegistry& registry() {
+  static auto* r = new PackRegistry();  // never destroyed: scopes may end during static destruction
+  return *r;
+}
+std::atomic<int> g_scopes{0};  // live PackedWeights scopes: none, and a product looks nothing up
+
+// The packs of B as a product reads it, (K, N) or (E, K, N) (a view of a registered weight: the
+// weight itself, or its transpose), or null where B is no registered weight, the cache is full,
+// or no scope is live. The caller's B must hold the weight's values (the same elements).
+std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
+  if (g_scopes.load(std::memory_order_acquire) == 0) return nullptr;
+  auto& r = registry();
+  std::shared_ptr<PackEntry> entry;
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    const auto it = r.weights.find(b.const_data_ptr());
+    if (it == r.weights.end()) return nullptr;
+    const Tensor& w = it->second.weight;
+    if (b.numel() != w.numel() || b.scalar_type() != w.scalar_type() || b.device() != w.device()) return nullptr;
+    std::vector<int64_t> key(b.sizes().begin(), b.sizes().end());
+    key.insert(key.end(), b.strides().begin(), b.strides().end());
+    auto& slot = it->second.packs[key];
+    if (slot && slot->version != static_cast<int64_t>(w._version())) {  // changed in place: packed again
+      r.bytes -= slot->bytes;
+      slot.reset();
+    }
+    if (!slot) {
+      const int64_t K = b.size(-2), N = b.size(-1), E = b.dim() == 3 ? b.size(0) : 1;
+      const int64_t bytes = E * std::max<int64_t>((K + 1) / 2, 1) * ((N + 31) / 32) * 32 * 4;  // pack_bf16's
+      if (r.bytes + bytes > kPackedWeightBudget) {
+        r.stats.over_budget++;
+        return nullptr;
+      }
+      slot = std::make_shared<PackEntry>();
+      slot->version = static_cast<int64_t>(w._version());
+      slot->bytes = bytes;
+      r.bytes += bytes;
+    }
+    entry = slot;
+    r.stats.lookups++;
+  }
+  std::call_once(entry->filled, [&] {
+    const auto E = b.dim() == 3 ? b.size(0) : 1;
+    for (int64_t e = 0; e < E; ++e) {
+      Tensor m = b.dim() == 3 ? b[e] : b;
+      entry->packs.push_back(cpu::pack_bf16(m.size(0), m.size(1), any_matrix(m)));
+    }
+    std::lock_guard<std::mutex> lock(r.mu);
+    r.stats.packs++;
+  });
+  return entry;
+}
+
 // C (M, N) = A @ B through gemm_bf16, bias (float32, rounded to bf16 there) or none: a bf16
 // product, in `dtype`: bf16, or float32 holding the bf16 values (autocast's cast back of a
-// float32 input's gradient).
-Tensor bf16_product(cpu::AnyMatrix a, cpu::AnyMatrix b, int64_t M, int64_t N, int64_t K, at::ScalarType dtype,
+// float32 input's gradient). B (K, N) as the product reads it, packed once where it is a weight
+// of a live PackedWeights scope.
+Tensor bf16_product(cpu::AnyMatrix a, Tensor b, int64_t M, int64_t N, int64_t K, at::ScalarType dtype,
                     const Tensor& like, const float* bias = nullptr) {
   auto out = at::empty({M, N}, like.options().dtype(dtype));
-  if (M > 0 && N > 0)
-    cpu::gemm_bf16(M, N, K, a, b, out.data_ptr(), dtype == at::kBFloat16 ? cpu::Bf16Out::kBf16 : cpu::Bf16Out::kFloatOfBf16,
-                   N, false, bias);
+  const auto type = dtype == at::kBFloat16 ? cpu::Bf16Out::kBf16 : cpu::Bf16Out::kFloatOfBf16;
+  if (M > 0 && N > 0) {
+    if (const auto packed = packed_weight(b)) cpu::gemm_bf16(M, a, packed->packs[0], out.data_ptr(), type, N, false, bias);
+    else cpu::gemm_bf16(M, N, K, a, any_matrix(b), out.data_ptr(), type, N, false, bias);
+  }
   return out;
 }
 
@@ -306,7 +389,7 @@ Tensor linear_bf16_forward(torch::autograd::AutogradContext* ctx, const Tensor& 
     ctx->saved_data["bias_dtype"] = static_cast<int64_t>(b.scalar_type());
     bias = b.to(at::kFloat).contiguous();
   }
-  auto out = bf16_product(any_matrix(x2), any_matrix(w2, true), x2.size(0), N, K, at::kBFloat16, x,
+  auto out = bf16_product(any_matrix(x2), w2.t(), x2.size(0), N, K, at::kBFloat16, x,
                           bias.defined() ? bias.const_data_ptr<float>() : nullptr);  // (M, N)
   auto sizes = x.sizes().vec();
   sizes.back() = N;
@@ -323,9 +406,9 @@ torch::autograd::tensor_list linear_bf16_backward(torch::autograd::AutogradConte
   const auto M = g.size(0);
   Tensor gx, gw, gb;
   if (ctx->needs_input_grad(0))  // (M, N) @ (N, K)
-    gx = bf16_product(any_matrix(g), any_matrix(w2), M, K, N, x.scalar_type(), x).view(x.sizes());
+    gx = bf16_product(any_matrix(g), w2, M, K, N, x.scalar_type(), x).view(x.sizes());
   if (ctx->needs_input_grad(1))  // (N, M) @ (M, K)
-    gw = bf16_product(any_matrix(g, true), any_matrix(x2), N, K, M, w.scalar_type(), w);
+    gw = bf16_product(any_matrix(g, true), x2, N, K, M, w.scalar_type(), w);
   if (!with_bias) return {gx, gw};
   if (ctx->needs_input_grad(2))  // summed in g's dtype (bf16) as autocast's bf16 bias gets it, then cast back
     gb = g.sum(0).to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
@@ -363,9 +446,12 @@ struct BmmBf16Fn : torch::autograd::Function<BmmBf16Fn> {
     const auto E = a.size(0), M = a.size(1), K = a.size(2), N = b.size(2);
     auto out = at::empty({E, M, N}, a.options().dtype(dtype));
     const auto type = dtype == at::kBFloat16 ? cpu::Bf16Out::kBf16 : cpu::Bf16Out::kFloatOfBf16;
+    if (M == 0 || N == 0) return out;
+    const auto packed = packed_weight(b);  // b's E matrices packed once, where it is a weight
     for (int64_t e = 0; e < E; ++e) {
       Tensor ae = a[e], be = b[e];
-      if (M > 0 && N > 0) cpu::gemm_bf16(M, N, K, any_matrix(ae), any_matrix(be), out[e].data_ptr(), type, N, false, nullptr);
+      if (packed) cpu::gemm_bf16(M, any_matrix(ae), packed->packs[static_cast<size_t>(e)], out[e].data_ptr(), type, N, false, nullptr);
+      else cpu::gemm_bf16(M, N, K, any_matrix(ae), any_matrix(be), out[e].data_ptr(), type, N, false, nullptr);
     }
     return out;
   }
@@ -495,6 +581,50 @@ Tensor bmm(const Tensor& a, const Tensor& b) {
       a.size(2) != b.size(1))
     return at::bmm(a, b);
   return BmmFn::apply(a, b);
+}
+
+namespace {
+std::atomic<bool> g_pack_weights{true};
+}  // namespace
+
+void set_pack_weights(bool on) { g_pack_weights = on; }
+bool pack_weights() { return g_pack_weights; }
+
+PackedWeights::PackedWeights(const std::vector<Tensor>& weights) : active_(g_pack_weights) {
+  if (!active_) return;
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  for (const auto& w : weights) {
+    if (!w.defined() || !w.device().is_cpu() || w.layout() != at::kStrided || w.numel() == 0) continue;
+    auto& reg = r.weights[w.const_data_ptr()];
+    // Another tensor at a registered address (a view of a different size): left out.
+    if (reg.scopes > 0 && (reg.weight.numel() != w.numel() || reg.weight.scalar_type() != w.scalar_type())) continue;
+    if (reg.scopes == 0) reg.weight = w.detach();
+    reg.scopes++;
+    keys_.push_back(w.const_data_ptr());
+  }
+  g_scopes.fetch_add(1, std::memory_order_release);
+}
+
+PackedWeights::~PackedWeights() {
+  if (!active_) return;
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  for (const void* k : keys_) {
+    auto it = r.weights.find(k);
+    if (it == r.weights.end() || --it->second.scopes > 0) continue;
+    for (const auto& [key, entry] : it->second.packs) r.bytes -= entry->bytes;
+    r.weights.erase(it);  // a product still multiplying with a pack holds it until it ends
+  }
+  g_scopes.fetch_sub(1, std::memory_order_release);
+}
+
+PackedWeightStats packed_weight_stats() {
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto s = r.stats;
+  s.bytes = r.bytes;
+  return s;
 }
 
 }  // namespace microdit

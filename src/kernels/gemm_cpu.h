@@ -8,6 +8,8 @@
 // FMA rate when its panels are in cache. core/cpu_matmul.h decides when it is used.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 
 namespace microdit::kernels::cpu {
 
@@ -62,5 +64,19 @@ enum class Bf16Out { kFloat, kBf16, kFloatOfBf16 };
 // region or on one thread. M, N >= 1, K >= 0.
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const AnyMatrix& a, const AnyMatrix& b, void* C, Bf16Out out,
                int64_t ldc, bool accumulate, const float* bias);
+
+// B (K x N) as gemm_bf16 packs it (rounded to bf16, in its panels), kept for many products with
+// the same B: a weight through a training step or a sampling run (core/cpu_matmul.h,
+// PackedWeights). Read-only once made, so any number of threads may multiply with it at once.
+struct PackedBf16 {
+  int64_t K = 0, N = 0;
+  int64_t bytes = 0;
+  std::unique_ptr<uint32_t, decltype(&std::free)> words{nullptr, &std::free};
+};
+PackedBf16 pack_bf16(int64_t K, int64_t N, const AnyMatrix& b);
+
+// gemm_bf16 with B packed beforehand: the same values, bit for bit, as with B itself.
+void gemm_bf16(int64_t M, const AnyMatrix& a, const PackedBf16& b, void* C, Bf16Out out, int64_t ldc, bool accumulate,
+               const float* bias);
 
 }  // namespace microdit::kernels::cpu

@@ -212,44 +212,86 @@ bool gemm_bf16_available() {
   return ok;
 }
 
+namespace {
+
+// A bf16 A with rows contiguous in k is read in place: its rows' values are already the pairs
+// (an even K, so no pair runs past a row's end, and 32-bit words at 4-byte boundaries).
+bool reads_in_place(const AnyMatrix& a, int64_t K) {
+  return a.bf16 && a.cs == 1 && a.rs % 2 == 0 && K % 2 == 0 && reinterpret_cast<uintptr_t>(a.p) % 4 == 0;
+}
+
+// The bias rounded to bf16, as the operands are (a buffer of the calling thread's), or null.
+const float* rounded_bias(const float* bias, int64_t N) {
+  if (!bias) return nullptr;
+  thread_local std::vector<float> rounded;
+  rounded.resize(static_cast<size_t>(N));
+  for (int64_t n = 0; n < N; ++n) {
+    const u32 bits = static_cast<u32>(float_to_bf16_bits(bias[n])) << 16;
+    std::memcpy(&rounded[static_cast<size_t>(n)], &bits, 4);
+  }
+  return rounded.data();
+}
+
+// C's columns [n0, n0 + nc) = A (M x K) @ B's block Bp (pack_b's layout of those columns), A's
+// panels of 14 rows side by side on the intra-op threads.
+void product_block(int64_t M, int64_t K, int64_t n0, int64_t nc, const AnyMatrix& a, const u32* Bp, const Out& o) {
+  const int64_t pairs = (K + 1) / 2, panels = (M + kMr - 1) / kMr;
+  const bool direct = reads_in_place(a, K);
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    thread_local Buffer a_buffer;
+    u32* Ap = direct ? nullptr : a_buffer.get(std::max<int64_t>(pairs, 1) * kMr);
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t i = p * kMr, r = std::min(kMr, M - i);
+      const char* rows = static_cast<const char*>(a.p) + i * a.rs * (a.bf16 ? 2 : 4);
+      if (direct) {
+        kKernels<true>[r](pairs, nc, reinterpret_cast<const u32*>(rows), a.rs / 2, Bp, i, n0, o);
+      } else {
+        pack_a(r, K, {rows, a.rs, a.cs, a.bf16}, Ap);
+        kKernels<false>[r](pairs, nc, Ap, 0, Bp, i, n0, o);
+      }
+    }
+  });
+}
+
+// Words of B's packed panels for columns [0, nc): whole panels of kNr columns, each `pairs` deep.
+int64_t packed_words(int64_t K, int64_t nc) { return std::max<int64_t>((K + 1) / 2, 1) * ((nc + kNr - 1) / kNr) * kNr; }
+
+}  // namespace
+
 void gemm_bf16(int64_t M, int64_t N, int64_t K, const AnyMatrix& a, const AnyMatrix& b, void* C, Bf16Out out,
                int64_t ldc, bool accumulate, const float* bias) {
   if (M <= 0 || N <= 0) return;
-  const int64_t pairs = (K + 1) / 2, panels = (M + kMr - 1) / kMr;
-  // A bf16 A with rows contiguous in k is read in place: its rows' values are already the pairs
-  // (an even K, so no pair runs past a row's end, and 32-bit words at 4-byte boundaries).
-  const bool direct = a.bf16 && a.cs == 1 && a.rs % 2 == 0 && K % 2 == 0 &&
-                      reinterpret_cast<uintptr_t>(a.p) % 4 == 0;
   thread_local Buffer b_buffer;
-  thread_local std::vector<float> rounded;  // the bias rounded to bf16, as the operands are
-  if (bias) {
-    rounded.resize(static_cast<size_t>(N));
-    for (int64_t n = 0; n < N; ++n) {
-      const u32 bits = static_cast<u32>(float_to_bf16_bits(bias[n])) << 16;
-      std::memcpy(&rounded[static_cast<size_t>(n)], &bits, 4);
-    }
-    bias = rounded.data();
-  }
+  const Out o{C, ldc, out, accumulate && out == Bf16Out::kFloat, rounded_bias(bias, N)};
   for (int64_t n0 = 0; n0 < N; n0 += kNc) {
     const int64_t nc = std::min(kNc, N - n0);
-    u32* Bp = b_buffer.get(std::max<int64_t>(pairs, 1) * ((nc + kNr - 1) / kNr) * kNr);
+    u32* Bp = b_buffer.get(packed_words(K, nc));
     pack_b(K, nc, {static_cast<const char*>(b.p) + n0 * b.cs * (b.bf16 ? 2 : 4), b.rs, b.cs, b.bf16}, Bp);
-    const Out o{C, ldc, out, accumulate && out == Bf16Out::kFloat, bias};
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      thread_local Buffer a_buffer;
-      u32* Ap = direct ? nullptr : a_buffer.get(std::max<int64_t>(pairs, 1) * kMr);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t i = p * kMr, r = std::min(kMr, M - i);
-        const char* rows = static_cast<const char*>(a.p) + i * a.rs * (a.bf16 ? 2 : 4);
-        if (direct) {
-          kKernels<true>[r](pairs, nc, reinterpret_cast<const u32*>(rows), a.rs / 2, Bp, i, n0, o);
-        } else {
-          pack_a(r, K, {rows, a.rs, a.cs, a.bf16}, Ap);
-          kKernels<false>[r](pairs, nc, Ap, 0, Bp, i, n0, o);
-        }
-      }
-    });
+    product_block(M, K, n0, nc, a, Bp, o);
   }
+}
+
+PackedBf16 pack_bf16(int64_t K, int64_t N, const AnyMatrix& b) {
+  PackedBf16 p;
+  p.K = K;
+  p.N = N;
+  if (N <= 0) return p;
+  // Column block n0 of gemm_bf16 is panels n0 / kNr onwards: packing all N columns at once lays
+  // the blocks out one after the other, as gemm_bf16 would pack them one at a time.
+  p.bytes = packed_words(K, N) * static_cast<int64_t>(sizeof(u32));
+  p.words.reset(static_cast<uint32_t*>(std::aligned_alloc(64, static_cast<size_t>((p.bytes + 63) / 64 * 64))));
+  if (!p.words) throw std::bad_alloc();
+  pack_b(K, N, b, p.words.get());
+  return p;
+}
+
+void gemm_bf16(int64_t M, const AnyMatrix& a, const PackedBf16& b, void* C, Bf16Out out, int64_t ldc, bool accumulate,
+               const float* bias) {
+  if (M <= 0 || b.N <= 0) return;
+  const Out o{C, ldc, out, accumulate && out == Bf16Out::kFloat, rounded_bias(bias, b.N)};
+  const int64_t pairs = std::max<int64_t>((b.K + 1) / 2, 1);
+  for (int64_t n0 = 0; n0 < b.N; n0 += kNc)
+    product_block(M, b.K, n0, std::min(kNc, b.N - n0), a, b.words.get() + (n0 / kNr) * pairs * kNr, o);
 }
 
 }  // namespace microdit::kernels::cpu

@@ -3,9 +3,11 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
+#include <optional>
 
 #include <ATen/Parallel.h>
 
+#include "core/cpu_matmul.h"
 #include "core/cpu_workers.h"
 #include "core/error.h"
 
@@ -39,6 +41,10 @@ at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows
   }
   std::vector<std::vector<at::Tensor>> grads(parts);
   std::vector<double> losses(parts);
+  // The weights keep their values until the workers are done: their bf16 products on the CPU
+  // pack each weight once for all of them (core/cpu_matmul.h).
+  std::optional<PackedWeights> packed;
+  if (!params.empty() && params.front().device().is_cpu()) packed.emplace(params);
   run_cpu_workers(static_cast<int>(parts), parts, [&](int64_t k) {
     auto loss = loss_of_rows(first[k], size[k]);  // mean over this slice's rows
     const double weight = scale * static_cast<double>(size[k]) / static_cast<double>(rows);
