@@ -125,7 +125,7 @@ Run train(const c10::Device& device, bool copies_on, int steps, int workers = 1,
       }
     torch::Tensor coef;
     if (clip > 0) {
-      if (copies) clip_grad_norm(params, clip, *copies, &coef);
+      if (copies) clip_grad_norm(params, clip, copies.get(), &coef);
       else clip_grad_norm(params, clip);
     }
     if (optimizer == Optimizer::torch) opt.step();

@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <thread>
 #include <vector>
 
 namespace microdit {
@@ -294,9 +295,13 @@ cpu::AnyMatrix any_matrix(Tensor& t, bool transposed = false) {
 // The tensors of the live PackedWeights scopes, by data pointer, with the packs made of them: one
 // per layout a product reads a weight in (its sizes and strides), each holding one pack per
 // matrix (E for a bmm operand). Entries are filled once and never changed, so a thread that
-// holds one may read it while others look up or add theirs.
+// holds one may read it while others look up or add theirs. The threads that need an entry
+// while it is being filled fill it together, a panel of 32 columns at a time (the CPU workers of
+// a step reach each weight at about the same moment): packing takes the time of part of it.
 struct PackEntry {
-  std::once_flag filled;
+  std::once_flag allocated;
+  std::atomic<int64_t> next{0}, done{0};  // panels claimed, and packed, over all E matrices
+  int64_t panels = 0;                     // per matrix
   int64_t version = 0;  // the weight's version counter when the entry was made
   int64_t bytes = 0;    // the packs' size, counted against kPackedWeightBudget from the start
   std::vector<cpu::PackedBf16> packs;
@@ -353,15 +358,21 @@ std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
     entry = slot;
     r.stats.lookups++;
   }
-  std::call_once(entry->filled, [&] {
-    const auto E = b.dim() == 3 ? b.size(0) : 1;
-    for (int64_t e = 0; e < E; ++e) {
-      Tensor m = b.dim() == 3 ? b[e] : b;
-      entry->packs.push_back(cpu::pack_bf16(m.size(0), m.size(1), any_matrix(m)));
-    }
+  const auto E = b.dim() == 3 ? b.size(0) : 1;
+  std::call_once(entry->allocated, [&] {
+    for (int64_t e = 0; e < E; ++e) entry->packs.push_back(cpu::packed_bf16_storage(b.size(-2), b.size(-1)));
+    entry->panels = cpu::packed_bf16_panels(entry->packs.front());
     std::lock_guard<std::mutex> lock(r.mu);
     r.stats.packs++;
   });
+  const int64_t total = E * entry->panels;
+  for (int64_t c; (c = entry->next.fetch_add(1, std::memory_order_relaxed)) < total;) {
+    const int64_t e = c / entry->panels, p = c % entry->panels;
+    Tensor m = b.dim() == 3 ? b[e] : b;
+    cpu::pack_bf16_panels(any_matrix(m), entry->packs[static_cast<size_t>(e)], p, p + 1);
+    entry->done.fetch_add(1, std::memory_order_release);
+  }
+  while (entry->done.load(std::memory_order_acquire) < total) std::this_thread::yield();  // another thread's last panels
   return entry;
 }
 

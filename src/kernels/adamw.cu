@@ -120,6 +120,8 @@ template <typename F> void with_copy_type(DType t, F&& f) {
 
 void adamw_step(const AdamWSlot* slots, int64_t count, DType gt, DType ct, const AdamWHyper& h, void* stream) {
   constexpr int threads = 256;
+  for (int64_t j = 0; j < count; ++j)
+    if (slots[j].ema) throw std::runtime_error("AdamW on CUDA: the EMA takes a pass of its own (AdamWSlot::ema is CPU only)");
   with_grad_type(gt, [&](auto* gp) {
     with_copy_type(ct, [&](auto* cp) {
       using G = std::remove_pointer_t<decltype(gp)>;

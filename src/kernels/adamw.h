@@ -21,6 +21,9 @@ struct AdamWSlot {
   float* exp_avg_sq;
   void* copy;  // ct (bf16 or float16): receives param rounded to it after the update; may be null
   int64_t n;
+  // CPU only (the CUDA kernel refuses it): the weight's exponential moving average, moved
+  // towards the updated weight as at::lerp does: ema += ema_weight (param - ema); may be null.
+  float* ema = nullptr;
 };
 
 struct AdamWHyper {
@@ -30,14 +33,18 @@ struct AdamWHyper {
                                     // memory for the CUDA kernel, host memory for the CPU one)
   const float* step_dev = nullptr;  // likewise the step count
   const float* grad_coef = nullptr;  // when set, every gradient is multiplied by *grad_coef first
+  double ema_weight = 1;             // the slots' EMA step (1: the EMA becomes a copy of the weight)
 };
 
 // grad = grad * coef;  param -= lr * wd * param;  m = b1 m + (1 - b1) grad;
 // v = b2 v + (1 - b2) grad^2;  param -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps);
-// copy = param (rounded).  Every slot's grad has dtype gt and copy dtype ct.
+// copy = param (rounded);  ema = lerp(ema, param, ema_weight) (CPU).  Every slot's grad has dtype gt
+// and copy dtype ct.
 void adamw_step(const AdamWSlot* slots, int64_t count, DType gt, DType ct, const AdamWHyper& h, void* stream);
 
 namespace cpu {
+// All slots in one pass on LibTorch's intra-op threads; a slot's copy may be null (float32
+// weights without one), ct applies to those that have one.
 void adamw_step(const AdamWSlot* slots, int64_t count, DType gt, DType ct, const AdamWHyper& h);
 }  // namespace cpu
 

@@ -1,7 +1,9 @@
-// The mixed-precision AdamW step of kernels/adamw.h on the CPU, on LibTorch's intra-op
-// threads. The same update as the CUDA kernel, but in float32 arithmetic throughout (as ATen's
-// CPU fused AdamW), in blocks that GCC vectorizes: compiled for AVX-512 and for baseline
-// x86-64, the first taken where the CPU has it.
+// The AdamW step of kernels/adamw.h on the CPU, on LibTorch's intra-op threads: every weight of
+// the model in one pass (float32 weights with or without a bf16 copy), with the gradient
+// clipping's scale and the weights' EMA on the way, so that neither takes a pass of its own over
+// memory. The same update as the CUDA kernel, but in float32 arithmetic throughout (as ATen's
+// CPU fused AdamW), in blocks that GCC vectorizes: compiled for AVX-512, for AVX2 with FMA and
+// for baseline x86-64, the first the CPU has taken.
 #include "kernels/adamw.h"
 
 #include <ATen/Parallel.h>
@@ -10,13 +12,14 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 namespace microdit::kernels::cpu {
 
 namespace {
 
 struct Coefs {
-  float decay, b1, one_minus_b1, b2, one_minus_b2, eps, bc2_sqrt, step_size, coef;
+  float decay, b1, one_minus_b1, b2, one_minus_b2, eps, bc2_sqrt, step_size, coef, ema_weight;
 };
 
 inline float bf16_to_f(uint16_t b) {
@@ -37,7 +40,7 @@ constexpr int64_t kBlock = 512;
 
 // Elements [i0, i1) of one slot; G is float or uint16_t (bf16 bits); the copy is bf16.
 template <typename G>
-inline void update_range(const AdamWSlot& s, const Coefs& c, int64_t i0, int64_t i1) {
+inline __attribute__((always_inline)) void update_range(const AdamWSlot& s, const Coefs& c, int64_t i0, int64_t i1) {
   float g[kBlock], p[kBlock];
   const G* grad = static_cast<const G*>(s.grad);
   uint16_t* copy = static_cast<uint16_t*>(s.copy);
@@ -64,6 +67,14 @@ inline void update_range(const AdamWSlot& s, const Coefs& c, int64_t i0, int64_t
     }
     if (copy)
       for (int64_t j = 0; j < n; ++j) copy[b + j] = f_to_bf16(p[j]);
+    if (s.ema) {  // at::lerp's two forms (each one rounding, as its vector kernel's fused multiply-adds)
+      float* __restrict e = s.ema + b;
+      const float w = c.ema_weight;
+      if (w < 0.5f)
+        for (int64_t j = 0; j < n; ++j) e[j] = std::fma(w, p[j] - e[j], e[j]);
+      else
+        for (int64_t j = 0; j < n; ++j) e[j] = std::fma(-(1.f - w), p[j] - e[j], p[j]);
+    }
   }
 }
 
@@ -72,8 +83,20 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma"))) void upda
     const AdamWSlot& s, const Coefs& c, int64_t i0, int64_t i1) {
   update_range<G>(s, c, i0, i1);
 }
+template <typename G>
+__attribute__((target("avx2,fma"))) void update_avx2(const AdamWSlot& s, const Coefs& c, int64_t i0, int64_t i1) {
+  update_range<G>(s, c, i0, i1);
+}
 template <typename G> void update_base(const AdamWSlot& s, const Coefs& c, int64_t i0, int64_t i1) {
   update_range<G>(s, c, i0, i1);
+}
+
+bool has_avx2_fma() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return yes;
 }
 
 bool has_avx512() {
@@ -85,7 +108,7 @@ bool has_avx512() {
   return yes;
 }
 
-template <typename G> void update(const AdamWSlot& s, const AdamWHyper& h) {
+Coefs coefs(const AdamWHyper& h) {
   const double lr = h.lr_dev ? static_cast<double>(*h.lr_dev) : h.lr;
   const double step = h.step_dev ? static_cast<double>(*h.step_dev) : h.step;
   const float bc1 = static_cast<float>(1 - std::pow(h.beta1, step));
@@ -99,19 +122,36 @@ template <typename G> void update(const AdamWSlot& s, const AdamWHyper& h) {
   c.bc2_sqrt = std::sqrt(static_cast<float>(1 - std::pow(h.beta2, step)));
   c.step_size = static_cast<float>(lr / bc1);
   c.coef = h.grad_coef ? *h.grad_coef : 1.f;
-  auto* fn = has_avx512() ? &update_avx512<G> : &update_base<G>;
-  at::parallel_for(0, s.n, 16 * kBlock, [&](int64_t i0, int64_t i1) { fn(s, c, i0, i1); });
+  c.ema_weight = static_cast<float>(h.ema_weight);
+  return c;
 }
 
 }  // namespace
 
 void adamw_step(const AdamWSlot* slots, int64_t count, DType gt, DType ct, const AdamWHyper& h) {
-  if (ct != DType::bf16) throw std::runtime_error("AdamW on the CPU: weight copies must be bf16");
-  for (int64_t k = 0; k < count; ++k) {
-    if (gt == DType::bf16) update<uint16_t>(slots[k], h);
-    else if (gt == DType::f32) update<float>(slots[k], h);
-    else throw std::runtime_error("AdamW: gradients must be bf16 or float32");
-  }
+  if (gt != DType::bf16 && gt != DType::f32) throw std::runtime_error("AdamW: gradients must be bf16 or float32");
+  for (int64_t k = 0; k < count; ++k)
+    if (slots[k].copy && ct != DType::bf16) throw std::runtime_error("AdamW on the CPU: weight copies must be bf16");
+  if (count <= 0) return;
+  const Coefs c = coefs(h);
+  using Fn = void (*)(const AdamWSlot&, const Coefs&, int64_t, int64_t);
+  const Fn fn = gt == DType::bf16 ? (has_avx512()     ? &update_avx512<uint16_t>
+                                     : has_avx2_fma() ? &update_avx2<uint16_t>
+                                                      : &update_base<uint16_t>)
+                                  : (has_avx512()     ? &update_avx512<float>
+                                     : has_avx2_fma() ? &update_avx2<float>
+                                                      : &update_base<float>);
+  // All slots' elements as one range (slot k holds [first[k], first[k + 1])), split once over
+  // the threads: one parallel region for the whole model, not one per weight.
+  std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);
+  for (int64_t k = 0; k < count; ++k) first[k + 1] = first[k] + slots[k].n;
+  at::parallel_for(0, first.back(), 16 * kBlock, [&](int64_t i0, int64_t i1) {
+    auto k = static_cast<int64_t>(std::upper_bound(first.begin(), first.end(), i0) - first.begin()) - 1;
+    for (; k < count && first[k] < i1; ++k) {
+      const int64_t a = std::max(i0, first[k]) - first[k], b = std::min(i1, first[k + 1]) - first[k];
+      if (a < b) fn(slots[k], c, a, b);
+    }
+  });
 }
 
 }  // namespace microdit::kernels::cpu

@@ -271,17 +271,32 @@ void gemm_bf16(int64_t M, int64_t N, int64_t K, const AnyMatrix& a, const AnyMat
   }
 }
 
-PackedBf16 pack_bf16(int64_t K, int64_t N, const AnyMatrix& b) {
+PackedBf16 packed_bf16_storage(int64_t K, int64_t N) {
   PackedBf16 p;
   p.K = K;
-  p.N = N;
-  if (N <= 0) return p;
-  // Column block n0 of gemm_bf16 is panels n0 / kNr onwards: packing all N columns at once lays
-  // the blocks out one after the other, as gemm_bf16 would pack them one at a time.
-  p.bytes = packed_words(K, N) * static_cast<int64_t>(sizeof(u32));
+  p.N = std::max<int64_t>(N, 0);
+  if (p.N == 0) return p;
+  // Column block n0 of gemm_bf16 is panels n0 / kNr onwards: all N columns' panels one after the
+  // other lay the blocks out as gemm_bf16 would pack them one at a time.
+  p.bytes = packed_words(K, p.N) * static_cast<int64_t>(sizeof(u32));
   p.words.reset(static_cast<uint32_t*>(std::aligned_alloc(64, static_cast<size_t>((p.bytes + 63) / 64 * 64))));
   if (!p.words) throw std::bad_alloc();
-  pack_b(K, N, b, p.words.get());
+  return p;
+}
+
+int64_t packed_bf16_panels(const PackedBf16& p) { return (p.N + kNr - 1) / kNr; }
+
+void pack_bf16_panels(const AnyMatrix& b, PackedBf16& p, int64_t p0, int64_t p1) {
+  p1 = std::min(p1, packed_bf16_panels(p));
+  if (p0 >= p1) return;
+  const int64_t n0 = p0 * kNr, nc = std::min(p1 * kNr, p.N) - n0, pairs = std::max<int64_t>((p.K + 1) / 2, 1);
+  pack_b(p.K, nc, {static_cast<const char*>(b.p) + n0 * b.cs * (b.bf16 ? 2 : 4), b.rs, b.cs, b.bf16},
+         p.words.get() + p0 * pairs * kNr);
+}
+
+PackedBf16 pack_bf16(int64_t K, int64_t N, const AnyMatrix& b) {
+  auto p = packed_bf16_storage(K, N);
+  pack_bf16_panels(b, p, 0, packed_bf16_panels(p));
   return p;
 }
 

@@ -29,17 +29,17 @@ torch::optim::AdamWParamState& state_of(torch::optim::AdamW& opt, const at::Tens
   return static_cast<torch::optim::AdamWParamState&>(*slot);
 }
 
-// The parameters with bf16 copies, grouped by gradient dtype and step count: one call of the
-// mixed-precision kernel per group.
+// The parameters microdit's kernel updates (those with bf16 copies, and on the CPU all), grouped
+// by gradient dtype and step count: one call of the kernel per group.
 struct MixedGroups {
   std::map<std::pair<int, int64_t>, std::vector<kernels::AdamWSlot>> slots;
   std::vector<at::Tensor> keep;  // the gradients, alive until the kernels are queued
 };
 
 void run_mixed(MixedGroups& groups, const torch::optim::AdamWOptions& o, AdamWDeviceScalars* dev,
-               const at::Tensor& grad_coef, const at::Tensor& like) {
+               const at::Tensor& grad_coef, const at::Tensor& like, double ema_step) {
   if (groups.slots.empty()) return;
-  RECORD_FUNCTION("microdit::adamw_step_bf16_copies", std::vector<c10::IValue>());
+  RECORD_FUNCTION("microdit::adamw_step", std::vector<c10::IValue>());
   MD_CHECK(!grad_coef.defined() || (grad_coef.scalar_type() == at::kFloat && grad_coef.numel() == 1 &&
                                     grad_coef.device() == like.device()),
            "fused AdamW: the gradient scale must be one float32 value on the weights' device");
@@ -57,6 +57,7 @@ void run_mixed(MixedGroups& groups, const torch::optim::AdamWOptions& o, AdamWDe
       h.step_dev = dev->step.data_ptr<float>();
     }
     if (grad_coef.defined()) h.grad_coef = grad_coef.data_ptr<float>();
+    h.ema_weight = ema_step;
     const auto gt = static_cast<kernels::DType>(key.first);
     if (like.is_cuda()) {
       const c10::cuda::CUDAGuard guard(like.device());
@@ -76,7 +77,7 @@ void set_adamw_step_counts(torch::optim::AdamW& opt, int64_t step) {
 }
 
 void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev, Bf16Weights* copies,
-                      const at::Tensor& grad_coef) {
+                      const at::Tensor& grad_coef, const FusedEma* ema) {
   torch::NoGradGuard no_grad;
   if (dev) {
     MD_CHECK(dev->step.defined() && dev->lr.defined() && dev->step.numel() == 1 && dev->lr.numel() == 1,
@@ -92,26 +93,36 @@ void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev, Bf16Wei
     at::Tensor mixed_like;
     for (auto& p : group.params()) {
       const at::Tensor* copy = copies ? copies->copy_of(p) : nullptr;
-      if (copy) {
-        const at::Tensor g = copy->grad().defined() ? copy->grad() : p.grad();
+      if (copy || p.device().is_cpu()) {  // microdit's kernel
+        const at::Tensor g = copy && copy->grad().defined() ? copy->grad() : p.grad();
         if (!g.defined()) continue;
         MD_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous() && g.is_contiguous() &&
                      (g.scalar_type() == at::kBFloat16 || g.scalar_type() == at::kFloat) &&
                      g.device() == p.device() && g.numel() == p.numel(),
-                 "fused AdamW: a weight with a bf16 copy needs a contiguous float32 weight and a contiguous bf16 or "
+                 "fused AdamW: microdit's kernel needs a contiguous float32 weight and a contiguous bf16 or "
                  "float32 gradient of its size on its device");
         auto* s = &state_of(opt, p);
-        // The kernel takes all five as flat arrays of p's size.
-        MD_CHECK(s->exp_avg().is_contiguous() && s->exp_avg_sq().is_contiguous() && copy->is_contiguous() &&
+        // The kernel takes all of them as flat arrays of p's size.
+        MD_CHECK(s->exp_avg().is_contiguous() && s->exp_avg_sq().is_contiguous() &&
                      s->exp_avg().scalar_type() == at::kFloat && s->exp_avg_sq().scalar_type() == at::kFloat &&
                      s->exp_avg().numel() == p.numel() && s->exp_avg_sq().numel() == p.numel() &&
-                     copy->numel() == p.numel(),
-                 "fused AdamW: a weight with a bf16 copy needs contiguous float32 moments and a contiguous copy of "
-                 "its size");
+                     (!copy || (copy->is_contiguous() && copy->numel() == p.numel())),
+                 "fused AdamW: microdit's kernel needs contiguous float32 moments (and a contiguous copy) of the "
+                 "weight's size");
+        float* shadow = nullptr;
+        if (ema && p.device().is_cpu()) {
+          const auto it = ema->shadow.find(p.unsafeGetTensorImpl());
+          MD_CHECK(it != ema->shadow.end(), "fused AdamW: a weight has no EMA tensor");
+          const at::Tensor& e = it->second;
+          MD_CHECK(e.scalar_type() == at::kFloat && e.is_contiguous() && e.numel() == p.numel() && e.device() == p.device(),
+                   "fused AdamW: an EMA tensor must be contiguous float32 of its weight's size on its device");
+          shadow = e.data_ptr<float>();
+        }
         s->step(s->step() + 1);
         const int gt = static_cast<int>(g.scalar_type() == at::kBFloat16 ? kernels::DType::bf16 : kernels::DType::f32);
         mixed.slots[{gt, s->step()}].push_back({p.data_ptr<float>(), g.data_ptr(), s->exp_avg().data_ptr<float>(),
-                                                s->exp_avg_sq().data_ptr<float>(), copy->data_ptr(), p.numel()});
+                                                s->exp_avg_sq().data_ptr<float>(), copy ? copy->data_ptr() : nullptr,
+                                                p.numel(), shadow});
         mixed.keep.push_back(g);
         mixed_like = p;
         continue;
@@ -134,7 +145,7 @@ void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev, Bf16Wei
     }
     {
       torch::NoGradGuard ng;
-      run_mixed(mixed, o, dev, grad_coef, mixed_like);
+      run_mixed(mixed, o, dev, grad_coef, mixed_like, ema ? ema->weight_step : 1.0);
     }
     if (params.empty()) continue;
     const auto [beta1, beta2] = o.betas();

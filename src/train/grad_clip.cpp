@@ -47,16 +47,20 @@ at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm
   return clip(grads, {}, max_norm, nullptr);
 }
 
-at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, const Bf16Weights& copies,
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, const Bf16Weights* copies,
                           at::Tensor* coef) {
   std::vector<at::Tensor> scaled, deferred;
   std::vector<bool> deferred_at;
   for (const auto& p : params) {
     // A weight with a copy: its gradient (bf16 on the copy, or float32 on the weight when summed
-    // there) is scaled by the AdamW kernel, which applies *coef to every such weight.
-    const at::Tensor* c = copies.copy_of(p);
+    // there) is scaled by the AdamW kernel, which applies *coef to every such weight, as it does
+    // to every weight on the CPU.
+    const at::Tensor* c = copies ? copies->copy_of(p) : nullptr;
     if (c && (c->grad().defined() || p.grad().defined())) {
       deferred.push_back(c->grad().defined() ? c->grad() : p.grad());
+      deferred_at.push_back(true);
+    } else if (p.grad().defined() && p.device().is_cpu()) {
+      deferred.push_back(p.grad());
       deferred_at.push_back(true);
     } else if (p.grad().defined()) {
       scaled.push_back(p.grad());

@@ -16,13 +16,14 @@ class Bf16Weights;
 // tensor on the gradients' device, undefined when no parameter has a gradient.
 at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm);
 
-// The same with bf16 weight copies (train/bf16_weights.h): the gradients of the weights with a
-// copy (bf16 on the copy, or float32 on the weight where they were summed in float32) enter
-// the norm in float32 but are not scaled here; `*coef` receives the scale (0-dim float32 on the
-// device) for the AdamW step to apply to them as it reads them (fused_adamw_step's grad_coef),
-// which gives the values of scaling their float32 values in place. Gradients of weights
-// without a copy are scaled in place as above.
-at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, const Bf16Weights& copies,
+// The same for fused_adamw_step, which scales the gradients as it reads them: the gradients of
+// the weights with a bf16 copy (train/bf16_weights.h, when `copies` is given; bf16 on the copy,
+// or float32 on the weight where they were summed in float32), and on the CPU every gradient,
+// enter the norm in float32 but are not scaled here; `*coef` receives the scale (0-dim float32
+// on the device) for the AdamW step to apply to them (fused_adamw_step's grad_coef), which gives
+// the values of scaling their float32 values in place. Other gradients (those of weights
+// without a copy on CUDA) are scaled in place as above.
+at::Tensor clip_grad_norm(const std::vector<at::Tensor>& params, double max_norm, const Bf16Weights* copies,
                           at::Tensor* coef);
 
 }  // namespace microdit

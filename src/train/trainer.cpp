@@ -61,6 +61,14 @@ void EMA::update(torch::nn::Module& model, int64_t step) {
   else at::_foreach_lerp_(s_list, p_list, 1.0 - decay_);  // s = decay s + (1 - decay) p, fused
 }
 
+FusedEma EMA::fused(torch::nn::Module& model, int64_t step) const {
+  FusedEma f;
+  f.weight_step = step < start_ ? 1.0 : 1.0 - decay_;  // lerp by 1: a copy
+  auto params = model.named_parameters();
+  for (const auto& [name, s] : shadow_) f.shadow.emplace(params[name].unsafeGetTensorImpl(), s);
+  return f;
+}
+
 void EMA::load(const NamedTensors& t) {
   std::map<std::string, Tensor> by_name(t.begin(), t.end());
   torch::NoGradGuard ng;
@@ -519,13 +527,21 @@ Tensor Trainer::sample_loss(const Tensor& x, const Tensor& captions, const Tenso
   return edm_loss(*model_, x, y, d, cfg_.edm);
 }
 
-Tensor Trainer::clip_and_step(AdamWDeviceScalars* dev) {
-  Tensor gnorm, coef;  // coef, with bf16 weight copies: the clipping scale, applied as the AdamW step reads them
+Tensor Trainer::clip_and_step(AdamWDeviceScalars* dev, const EMA* ema, int64_t ema_step) {
+  // coef, with the fused optimizer and bf16 weight copies or on the CPU: the clipping scale,
+  // applied as the AdamW step reads the gradients
+  Tensor gnorm, coef;
+  const bool deferred = cfg_.fused_optimizer && (copies_ || device_.is_cpu());
   if (cfg_.grad_clip > 0)
-    gnorm = copies_ ? clip_grad_norm(model_->parameters(), cfg_.grad_clip, *copies_, &coef)
-                    : clip_grad_norm(model_->parameters(), cfg_.grad_clip);
-  if (cfg_.fused_optimizer) fused_adamw_step(*opt_, dev, copies_.get(), coef);
-  else opt_->step();
+    gnorm = deferred ? clip_grad_norm(model_->parameters(), cfg_.grad_clip, copies_.get(), &coef)
+                     : clip_grad_norm(model_->parameters(), cfg_.grad_clip);
+  if (cfg_.fused_optimizer) {
+    std::optional<FusedEma> fused_ema;
+    if (ema) fused_ema = ema->fused(*model_, ema_step);
+    fused_adamw_step(*opt_, dev, copies_.get(), coef, fused_ema ? &*fused_ema : nullptr);
+  } else {
+    opt_->step();
+  }
   return gnorm;
 }
 
@@ -676,6 +692,7 @@ void Trainer::run(int64_t stop_at) {
     Batch b = loader->next();
     b.images = downsampled(b.images);
     Tensor gnorm;  // global, before clipping; float32 () on the device
+    bool ema_in_step = false;
     if (cfg_.cuda_graph) {
       auto [loss, norm] = graph_step(b, lr);
       pending_loss.push_back(loss);
@@ -683,7 +700,9 @@ void Trainer::run(int64_t stop_at) {
     } else {
       pending_loss.push_back(train_step(b));
       if (opt_) {
-        gnorm = clip_and_step(nullptr);
+        // On the CPU the fused AdamW pass also moves the EMA (one pass over the weights less).
+        ema_in_step = ema_ && cfg_.fused_optimizer && device_.is_cpu();
+        gnorm = clip_and_step(nullptr, ema_in_step ? ema_.get() : nullptr, state_.step + 1);
       } else {
         const double n = sync_->sharded_grad_norm();
         gnorm = at::scalar_tensor(n);
@@ -694,7 +713,7 @@ void Trainer::run(int64_t stop_at) {
     ++state_.step;
     state_.epoch = b.epoch;
     state_.position = b.position;
-    if (ema_) ema_->update(*model_, state_.step);
+    if (ema_ && !ema_in_step) ema_->update(*model_, state_.step);
 
     const bool log_now = state_.step % cfg_.log_every == 0 || state_.step == cfg_.steps;
     const bool val_now = cfg_.val_every > 0 && state_.step % cfg_.val_every == 0;

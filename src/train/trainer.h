@@ -16,6 +16,7 @@
 #include "io/safetensors.h"
 #include "model/microdit.h"
 #include "train/config.h"
+#include "train/fused_adamw.h"
 
 namespace microdit {
 
@@ -29,12 +30,13 @@ double learning_rate(const TrainConfig& c, int64_t step);
 
 // Exponential moving average of the parameters (shadow copies, same names).
 class Bf16Weights;
-struct AdamWDeviceScalars;
 
 class EMA {
  public:
   EMA(torch::nn::Module& model, double decay, int64_t start);
   void update(torch::nn::Module& model, int64_t step);  // before `start`: copy
+  // The same update for fused_adamw_step to make in its pass over the weights (on the CPU).
+  FusedEma fused(torch::nn::Module& model, int64_t step) const;
   NamedTensors tensors() const { return shadow_; }
   void load(const NamedTensors& t);
   // Temporarily swaps EMA weights into the model (for validation samples).
@@ -114,8 +116,9 @@ class Trainer {
   Tensor sample_loss(const Tensor& x, const Tensor& captions, const Tensor& keep, const Tensor& rnd_normal,
                      const Tensor& noise, const Tensor& mask_noise);
   // Gradient clipping (train.grad_clip) and the AdamW step, with device scalars in a CUDA graph;
-  // returns the gradient norm before clipping (undefined without clipping).
-  Tensor clip_and_step(AdamWDeviceScalars* dev);
+  // returns the gradient norm before clipping (undefined without clipping). With `ema` (the fused
+  // optimizer on the CPU) the AdamW pass also makes the EMA's update for step `ema_step`.
+  Tensor clip_and_step(AdamWDeviceScalars* dev, const EMA* ema = nullptr, int64_t ema_step = 0);
   void log_metrics(const std::string& json_line);
   TrainConfig cfg_;
   c10::Device device_;
