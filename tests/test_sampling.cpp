@@ -43,19 +43,37 @@ TEST(Sampling, ParallelChunksEqualOneImageAtATime) {
   EXPECT_EQ(seen.back(), 5);  // progress reaches N
 }
 
+namespace {
+
+// A tiny model in eval mode with random weights (the zero-initialised final layer would make
+// every sample the same), initial noise z (3 images) and captions y (3, 1, 4, W).
+struct TinySampling {
+  MicroDiT model;
+  torch::Tensor z, y;
+};
+TinySampling tiny_sampling() {
+  torch::manual_seed(0);
+  const auto& c = tiny_config();
+  MicroDiT model(c);
+  model->eval();
+  {
+    torch::NoGradGuard ng;
+    for (auto& p : model->parameters()) p.normal_(0, 0.05);
+  }
+  auto z = torch::randn({3, c.in_channels, c.input_size, c.input_size});
+  auto y = torch::randn({3, 1, 4, c.caption_channels});
+  return {model, z, y};
+}
+
+}  // namespace
+
 // The sampler packs the weights once for its bf16 products on the CPU (core/cpu_matmul.h:
 // PackedWeights): the same images as packing them at every product.
 TEST(Sampling, PackedWeightsGiveTheSameImages) {
   if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
   const test_util::ScopedSetting<CpuMatmul> own(cpu_fp32_matmul, set_cpu_fp32_matmul, CpuMatmul::kOwn);
-  torch::manual_seed(0);
-  MicroDiT model(tiny_config());
-  model->eval();
+  auto [model, z, y] = tiny_sampling();
   torch::NoGradGuard ng;
-  for (auto& p : model->parameters()) p.normal_(0, 0.05);
-  const auto& c = tiny_config();
-  auto z = torch::randn({3, c.in_channels, c.input_size, c.input_size});
-  auto y = torch::randn({3, 1, 4, c.caption_channels});
   EDMConfig edm;
   SamplerOptions so;
   so.steps = 3;
@@ -70,14 +88,8 @@ TEST(Sampling, PackedWeightsGiveTheSameImages) {
 }
 
 TEST(Sampling, CaptionEncodedOnceEqualsEncodedEveryStep) {
-  torch::manual_seed(0);
-  MicroDiT model(tiny_config());
-  model->eval();
+  auto [model, z, y] = tiny_sampling();
   torch::NoGradGuard ng;
-  for (auto& p : model->parameters()) p.normal_(0, 0.05);
-  const auto& c = tiny_config();
-  auto z = torch::randn({3, c.in_channels, c.input_size, c.input_size});
-  auto y = torch::randn({3, 1, 4, c.caption_channels});
   EDMConfig edm;
   SamplerOptions so;
   so.steps = 4;
