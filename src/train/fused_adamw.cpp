@@ -92,6 +92,7 @@ void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev, Bf16Wei
     MixedGroups mixed;
     at::Tensor mixed_like;
     for (auto& p : group.params()) {
+      MD_CHECK(!ema || p.device().is_cpu(), "fused AdamW: the EMA moves in the AdamW pass on the CPU only");
       const at::Tensor* copy = copies ? copies->copy_of(p) : nullptr;
       if (copy || p.device().is_cpu()) {  // microdit's kernel
         const at::Tensor g = copy && copy->grad().defined() ? copy->grad() : p.grad();
@@ -110,7 +111,7 @@ void fused_adamw_step(torch::optim::AdamW& opt, AdamWDeviceScalars* dev, Bf16Wei
                  "fused AdamW: microdit's kernel needs contiguous float32 moments (and a contiguous copy) of the "
                  "weight's size");
         float* shadow = nullptr;
-        if (ema && p.device().is_cpu()) {
+        if (ema) {
           const auto it = ema->shadow.find(p.unsafeGetTensorImpl());
           MD_CHECK(it != ema->shadow.end(), "fused AdamW: a weight has no EMA tensor");
           const at::Tensor& e = it->second;
