@@ -8,6 +8,8 @@
 #include "test_util.h"
 #include "train/fused_adamw.h"
 #include "train/grad_clip.h"
+#include "kernels/adamw.h"
+#include "kernels/fused.h"
 #include "train/trainer.h"
 
 using namespace microdit;
@@ -135,4 +137,47 @@ TEST(FusedAdamW, ClipScaleAndEmaInTheSamePass) {
     EXPECT_TRUE(torch::equal(separate.ema[i], fused.ema[i])) << "EMA " << i;
   }
   EXPECT_FALSE(torch::equal(fused.ema[0], fused.params[0]));  // past the start: an average, not a copy
+}
+
+// The CPU AdamW kernel's AVX-512, AVX2 and baseline builds give the same update (the baseline
+// one without fused multiply-adds but in its EMA, so up to float rounding), float32 and bf16
+// gradients, with a bf16 copy, the clipping's scale and the EMA.
+TEST(FusedAdamW, CpuKernelAgreesAcrossInstructionSets) {
+  struct Reset {
+    ~Reset() { kernels::cpu::limit_instruction_set(2); }
+  } reset;
+  torch::manual_seed(4);
+  const int64_t n = 3 * 512 + 77;  // whole blocks and a tail
+  const auto p0 = torch::randn({n}), m0 = torch::randn({n}) * 0.01, v0 = torch::rand({n}) * 1e-4;
+  const auto e0 = torch::randn({n}), g32 = torch::randn({n}) * 0.1;
+  const auto g16 = g32.to(torch::kBFloat16);
+  const float coef = 0.7f;
+  kernels::AdamWHyper h;
+  h.lr = 1e-3;
+  h.weight_decay = 0.1;
+  h.step = 3;
+  h.grad_coef = &coef;
+  h.ema_weight = 0.01;
+  std::vector<std::vector<torch::Tensor>> out;  // per level: param, m, v, ema, copy
+  for (const int level : {2, 1, 0}) {
+    kernels::cpu::limit_instruction_set(level);
+    for (const auto& g : {g32, g16}) {
+      auto p = p0.clone(), m = m0.clone(), v = v0.clone(), e = e0.clone();
+      auto copy = torch::empty({n}, torch::kBFloat16);
+      const kernels::AdamWSlot slot{p.data_ptr<float>(), g.data_ptr(), m.data_ptr<float>(), v.data_ptr<float>(),
+                                    copy.data_ptr(), n, e.data_ptr<float>()};
+      const auto gt = g.scalar_type() == torch::kBFloat16 ? kernels::DType::bf16 : kernels::DType::f32;
+      kernels::cpu::adamw_step(&slot, 1, gt, kernels::DType::bf16, h);
+      out.push_back({p, m, v, e, copy.to(torch::kFloat)});
+    }
+  }
+  ASSERT_EQ(out.size(), 6u);
+  EXPECT_GT((out[0][0] - p0).abs().max().item<double>(), 1e-4);  // the weights moved
+  for (size_t k = 2; k < out.size(); ++k)
+    for (size_t t = 0; t < out[k].size(); ++t) {
+      const auto& want = out[k % 2][t];  // the AVX-512 result for the same gradient dtype
+      const double tol = t == 4 ? 1.0 / 128 : 1e-6;  // the copy: at most one bf16 unit apart
+      EXPECT_LT(((out[k][t] - want).abs() / (want.abs() + 1e-3)).max().item<double>(), tol)
+          << "level " << 2 - static_cast<int>(k / 2) << ", tensor " << t << ", gradient " << (k % 2 ? "bf16" : "float32");
+    }
 }

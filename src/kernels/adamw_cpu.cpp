@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace microdit::kernels::cpu {
@@ -91,23 +92,6 @@ template <typename G> void update_base(const AdamWSlot& s, const Coefs& c, int64
   update_range<G>(s, c, i0, i1);
 }
 
-bool has_avx2_fma() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return yes;
-}
-
-bool has_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  }();
-  return yes;
-}
-
 Coefs coefs(const AdamWHyper& h) {
   const double lr = h.lr_dev ? static_cast<double>(*h.lr_dev) : h.lr;
   const double step = h.step_dev ? static_cast<double>(*h.step_dev) : h.step;
@@ -135,12 +119,14 @@ void adamw_step(const AdamWSlot* slots, int64_t count, DType gt, DType ct, const
   if (count <= 0) return;
   const Coefs c = coefs(h);
   using Fn = void (*)(const AdamWSlot&, const Coefs&, int64_t, int64_t);
-  const Fn fn = gt == DType::bf16 ? (has_avx512()     ? &update_avx512<uint16_t>
-                                     : has_avx2_fma() ? &update_avx2<uint16_t>
-                                                      : &update_base<uint16_t>)
-                                  : (has_avx512()     ? &update_avx512<float>
-                                     : has_avx2_fma() ? &update_avx2<float>
-                                                      : &update_base<float>);
+  // The widest variant the CPU has (the fused kernels' choice, kernels/fused.h, which tests cap).
+  const std::string isa = instruction_set();
+  const Fn fn = gt == DType::bf16 ? (isa == "avx512" ? &update_avx512<uint16_t>
+                                     : isa == "avx2" ? &update_avx2<uint16_t>
+                                                     : &update_base<uint16_t>)
+                                  : (isa == "avx512" ? &update_avx512<float>
+                                     : isa == "avx2" ? &update_avx2<float>
+                                                     : &update_base<float>);
   // All slots' elements as one range (slot k holds [first[k], first[k + 1])), split once over
   // the threads: one parallel region for the whole model, not one per weight.
   std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);
