@@ -390,12 +390,16 @@ TEST(GemmBf16, RoundsTiesToEvenLikeACast) {
 namespace {
 
 // f(x, w, b) under CPU bf16 autocast with float32 leaves, loss = sum(y * r), on the own bf16
-// products (kOwn) or autocast's casts and oneDNN (kOneDnn).
+// products (kOwn) or autocast's casts and oneDNN (kOneDnn); with `packed`, w and b registered
+// with a PackedWeights scope (core/cpu_matmul.h).
 Grads run_autocast(const std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>& f,
-                   const torch::Tensor& x0, const torch::Tensor& w0, const torch::Tensor& b0, CpuMatmul mode) {
+                   const torch::Tensor& x0, const torch::Tensor& w0, const torch::Tensor& b0, CpuMatmul mode,
+                   bool packed = false) {
   MatmulMode m(mode);
   auto x = x0.clone().requires_grad_(), w = w0.clone().requires_grad_();
   auto b = b0.defined() ? b0.clone().requires_grad_() : torch::Tensor();
+  std::optional<PackedWeights> scope;
+  if (packed) scope.emplace(std::vector<torch::Tensor>{w, b});
   torch::Tensor y;
   {
     AutocastGuard ac(c10::kCPU, true);
@@ -403,7 +407,9 @@ Grads run_autocast(const std::function<torch::Tensor(const torch::Tensor&, const
   }
   EXPECT_EQ(y.scalar_type(), torch::kBFloat16);
   EXPECT_TRUE(y.grad_fn());  // which path ran: the own products' Functions, or ATen's backward nodes
-  if (y.grad_fn()) EXPECT_EQ(y.grad_fn()->name().find("Bf16Fn") != std::string::npos, mode == CpuMatmul::kOwn) << y.grad_fn()->name();
+  if (y.grad_fn()) {
+    EXPECT_EQ(y.grad_fn()->name().find("Bf16Fn") != std::string::npos, mode == CpuMatmul::kOwn) << y.grad_fn()->name();
+  }
   torch::manual_seed(7);
   (y.to(torch::kFloat) * torch::randn(y.sizes())).sum().backward();
   return {y.detach(), x.grad(), w.grad(), b.defined() ? b.grad() : torch::Tensor()};
@@ -475,29 +481,12 @@ TEST(CpuMatmul, Bf16TrainingStepMatchesAutocast) {
 
 namespace {
 
-// f's result and the gradients of x, w and b under bf16 autocast on the own bf16 products, the
-// weight w (and b) registered with a PackedWeights scope when `packed`.
-Grads run_packed(const std::function<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&)>& f,
-                 const torch::Tensor& x0, const torch::Tensor& w0, const torch::Tensor& b0, bool packed) {
-  MatmulMode m(CpuMatmul::kOwn);
-  auto x = x0.clone().requires_grad_(), w = w0.detach().requires_grad_();
-  auto b = b0.defined() ? b0.clone().requires_grad_() : torch::Tensor();
-  std::optional<PackedWeights> scope;
-  if (packed) scope.emplace(std::vector<torch::Tensor>{w, b});
-  torch::Tensor y;
-  {
-    AutocastGuard ac(c10::kCPU, true);
-    y = f(x, w, b);
-  }
-  torch::manual_seed(7);
-  (y.to(torch::kFloat) * torch::randn(y.sizes())).sum().backward();
-  return {y.detach(), x.grad(), w.grad(), b.defined() ? b.grad() : torch::Tensor()};
-}
-
 void expect_same_bits(const Grads& a, const Grads& b) {
   for (const auto& [x, y] : {std::pair{a.y, b.y}, std::pair{a.gx, b.gx}, std::pair{a.gw, b.gw}, std::pair{a.gb, b.gb}}) {
     ASSERT_EQ(x.defined(), y.defined());
-    if (x.defined()) EXPECT_TRUE(torch::equal(x, y)) << (x.to(torch::kFloat) - y.to(torch::kFloat)).abs().max();
+    if (x.defined()) {
+      EXPECT_TRUE(torch::equal(x, y)) << (x.to(torch::kFloat) - y.to(torch::kFloat)).abs().max();
+    }
   }
 }
 
@@ -520,9 +509,9 @@ TEST(CpuMatmul, PackedWeightsGiveTheSameBits) {
       SCOPED_TRACE(::testing::Message() << x.sizes() << " " << w.sizes() << " bias " << with_bias);
       const auto b = with_bias ? torch::randn({w.size(0)}) : torch::Tensor();
       const auto before = packed_weight_stats();
-      const auto packed = run_packed(lin, x, w, b, true);
+      const auto packed = run_autocast(lin, x, w, b, CpuMatmul::kOwn, true);
       const auto after = packed_weight_stats();
-      expect_same_bits(packed, run_packed(lin, x, w, b, false));
+      expect_same_bits(packed, run_autocast(lin, x, w, b, CpuMatmul::kOwn));
       // Two layouts packed (W^T for y, W for x's gradient), none held once the scope ended.
       EXPECT_EQ(after.packs - before.packs, 2);
       EXPECT_EQ(after.lookups - before.lookups, 2);
@@ -532,7 +521,7 @@ TEST(CpuMatmul, PackedWeightsGiveTheSameBits) {
   const auto bmm = [](const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor&) { return microdit::bmm(a, w); };
   const auto a = torch::randn({4, 29, 24}), we = torch::randn({4, 24, 40});
   const auto before = packed_weight_stats();
-  expect_same_bits(run_packed(bmm, a, we, {}, true), run_packed(bmm, a, we, {}, false));
+  expect_same_bits(run_autocast(bmm, a, we, {}, CpuMatmul::kOwn, true), run_autocast(bmm, a, we, {}, CpuMatmul::kOwn));
   EXPECT_EQ(packed_weight_stats().packs - before.packs, 2);  // W for the product, W^T for a's gradient
 }
 

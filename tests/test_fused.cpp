@@ -68,6 +68,29 @@ struct LnCase {
   bool odd = false;            // the slice starts one column in: rows off the vector loads' alignment
 };
 
+// A case's inputs at width d on `device`, drawn after manual_seed(seed): x (3, 37, d) in the
+// case's dtype, the weight (d), and the modulation's shift and scale (3, d) in the output dtype,
+// undefined where the case has none.
+struct LnInputs {
+  torch::Tensor x, w, shift, scale;
+};
+LnInputs ln_inputs(const LnCase& c, int64_t d, const c10::Device& device, uint64_t seed) {
+  torch::manual_seed(seed);
+  const int64_t B = 3, T = 37;
+  const auto base = (torch::randn({B, T, c.strided ? 3 * d : d}) * 2 + 0.5).to(device, c.x);
+  LnInputs in;
+  in.x = c.strided ? base.narrow(2, c.odd ? 1 : d, d) : base;
+  if (c.weight) in.w = (1 + 0.3 * torch::randn({d})).to(device);
+  if (c.mod) {
+    in.shift = (0.2 * torch::randn({B, d})).to(device, c.out);
+    in.scale = (0.2 * torch::randn({B, d})).to(device, c.out);
+  }
+  return in;
+}
+
+// t as a leaf that records its gradient (undefined stays undefined).
+torch::Tensor leaf(const torch::Tensor& t) { return t.defined() ? t.detach().requires_grad_(true) : t; }
+
 }  // namespace
 
 // Under bf16 autocast the norm's output and modulation are bf16 (its input float32, or bf16 in
@@ -87,13 +110,7 @@ TEST(Fused, Bf16NormRowsAgreeAcrossInstructionSets) {
   for (const int64_t d : {64, 128, 1152}) {
     for (const auto& c : cases) {
       SCOPED_TRACE(std::string(c.name) + ", d " + std::to_string(d));
-      torch::manual_seed(2);
-      const int64_t B = 3, T = 37;
-      const auto base = (torch::randn({B, T, c.strided ? 3 * d : d}) * 2 + 0.5).to(c.x);
-      const auto x = c.strided ? base.narrow(2, d, d) : base;
-      const auto w = c.weight ? 1 + 0.3 * torch::randn({d}) : torch::Tensor();
-      const auto shift = c.mod ? (0.2 * torch::randn({B, d})).to(c.out) : torch::Tensor();
-      const auto scale = c.mod ? (0.2 * torch::randn({B, d})).to(c.out) : torch::Tensor();
+      const auto [x, w, shift, scale] = ln_inputs(c, d, torch::kCPU, 2);
       torch::Tensor y[2];
       for (const int isa : {2, 1}) {
         const IsaCap cap({c10::Device(torch::kCPU), isa});
@@ -129,13 +146,8 @@ TEST(Fused, ModulatedLayerNormMatchesFloat64) {
   for (const int64_t d : {64, 100, 200, 1024, 1152}) {
     for (const auto& c : cases) {
       SCOPED_TRACE(target.name() + ", " + c.name + ", d " + std::to_string(d));
-      torch::manual_seed(1);
-      const int64_t B = 3, T = 37;
-      auto base = (torch::randn({B, T, c.strided ? 3 * d : d}) * 2 + 0.5).to(cuda, c.x);
-      auto x = (c.strided ? base.narrow(2, c.odd ? 1 : d, d) : base).detach().requires_grad_(true);
-      auto w = c.weight ? (1 + 0.3 * torch::randn({d})).to(cuda).requires_grad_(true) : torch::Tensor();
-      auto shift = c.mod ? (0.2 * torch::randn({B, d})).to(cuda, c.out).requires_grad_(true) : torch::Tensor();
-      auto scale = c.mod ? (0.2 * torch::randn({B, d})).to(cuda, c.out).requires_grad_(true) : torch::Tensor();
+      const auto in = ln_inputs(c, d, cuda, 1);
+      auto x = leaf(in.x), w = leaf(in.w), shift = leaf(in.shift), scale = leaf(in.scale);
       const int64_t launches = kernels::warp_row_launches();
       auto y = fused_modulated_layer_norm(x, w, shift, scale, 1e-6, c.out, c.save);
       ASSERT_EQ(y.scalar_type(), c.out);

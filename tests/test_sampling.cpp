@@ -74,10 +74,8 @@ TEST(Sampling, PackedWeightsGiveTheSameImages) {
   const test_util::ScopedSetting<CpuMatmul> own(cpu_fp32_matmul, set_cpu_fp32_matmul, CpuMatmul::kOwn);
   auto [model, z, y] = tiny_sampling();
   torch::NoGradGuard ng;
-  EDMConfig edm;
-  SamplerOptions so;
-  so.steps = 3;
-  so.cfg = 3.0;
+  const EDMConfig edm;
+  const SamplerOptions so{/*steps=*/3, /*cfg=*/3.0};
   AutocastGuard ac(c10::kCPU, true);
   const auto before = packed_weight_stats();
   const auto packed = edm_sample(*model, z, y, edm, so);
@@ -90,10 +88,8 @@ TEST(Sampling, PackedWeightsGiveTheSameImages) {
 TEST(Sampling, CaptionEncodedOnceEqualsEncodedEveryStep) {
   auto [model, z, y] = tiny_sampling();
   torch::NoGradGuard ng;
-  EDMConfig edm;
-  SamplerOptions so;
-  so.steps = 4;
-  so.cfg = 3.0;
+  const EDMConfig edm;
+  const SamplerOptions so{/*steps=*/4, /*cfg=*/3.0};
   const auto once = edm_sample(*model, z, y, edm, so);
   // The sampler by hand, with the caption encoded inside every network evaluation.
   const auto t = sampler_sigmas(so.steps, edm);

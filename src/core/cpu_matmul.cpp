@@ -336,6 +336,7 @@ std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
     if (it == r.weights.end()) return nullptr;
     const Tensor& w = it->second.weight;
     if (b.numel() != w.numel() || b.scalar_type() != w.scalar_type() || b.device() != w.device()) return nullptr;
+    if (b.stride(-1) != 1 && b.stride(-2) != 1) return nullptr;  // read in place by the packs (any_matrix would copy)
     std::vector<int64_t> key(b.sizes().begin(), b.sizes().end());
     key.insert(key.end(), b.strides().begin(), b.strides().end());
     auto& slot = it->second.packs[key];
@@ -366,10 +367,13 @@ std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
     r.stats.packs++;
   });
   const int64_t total = E * entry->panels;
+  const auto bytes = static_cast<int64_t>(b.element_size());
+  const int64_t matrix_stride = b.dim() == 3 ? b.stride(0) : 0;
   for (int64_t c; (c = entry->next.fetch_add(1, std::memory_order_relaxed)) < total;) {
     const int64_t e = c / entry->panels, p = c % entry->panels;
-    Tensor m = b.dim() == 3 ? b[e] : b;
-    cpu::pack_bf16_panels(any_matrix(m), entry->packs[static_cast<size_t>(e)], p, p + 1);
+    const cpu::AnyMatrix m{static_cast<const char*>(b.const_data_ptr()) + e * matrix_stride * bytes, b.stride(-2),
+                           b.stride(-1), b.scalar_type() == at::kBFloat16};
+    cpu::pack_bf16_panels(m, entry->packs[static_cast<size_t>(e)], p, p + 1);
     entry->done.fetch_add(1, std::memory_order_release);
   }
   while (entry->done.load(std::memory_order_acquire) < total) std::this_thread::yield();  // another thread's last panels

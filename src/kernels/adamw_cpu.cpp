@@ -5,12 +5,12 @@
 // CPU fused AdamW), in blocks that GCC vectorizes: compiled for AVX-512, for AVX2 with FMA and
 // for baseline x86-64, the first the CPU has taken.
 #include "kernels/adamw.h"
+#include "kernels/cpu_math.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -22,20 +22,6 @@ namespace {
 struct Coefs {
   float decay, b1, one_minus_b1, b2, one_minus_b2, eps, bc2_sqrt, step_size, coef, ema_weight;
 };
-
-inline float bf16_to_f(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-// Round to nearest even, as c10::BFloat16; NaN stays NaN.
-inline uint16_t f_to_bf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
-}
 
 constexpr int64_t kBlock = 512;
 
@@ -49,7 +35,7 @@ inline __attribute__((always_inline)) void update_range(const AdamWSlot& s, cons
     const int64_t n = std::min(kBlock, i1 - b);
     for (int64_t j = 0; j < n; ++j) {
       if constexpr (std::is_same_v<G, float>) g[j] = grad[b + j] * c.coef;
-      else g[j] = bf16_to_f(grad[b + j]) * c.coef;
+      else g[j] = bf16_bits_to_float(grad[b + j]) * c.coef;
     }
     float* __restrict param = s.param + b;
     float* __restrict m = s.exp_avg + b;
@@ -67,7 +53,7 @@ inline __attribute__((always_inline)) void update_range(const AdamWSlot& s, cons
       p[j] = x;
     }
     if (copy)
-      for (int64_t j = 0; j < n; ++j) copy[b + j] = f_to_bf16(p[j]);
+      for (int64_t j = 0; j < n; ++j) copy[b + j] = float_to_bf16_bits(p[j]);
     if (s.ema) {  // at::lerp's two forms (each one rounding, as its vector kernel's fused multiply-adds)
       float* __restrict e = s.ema + b;
       const float w = c.ema_weight;
