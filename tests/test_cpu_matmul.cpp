@@ -415,6 +415,10 @@ Grads run_autocast(const std::function<torch::Tensor(const torch::Tensor&, const
   return {y.detach(), x.grad(), w.grad(), b.defined() ? b.grad() : torch::Tensor()};
 }
 
+// The two products as run_autocast calls them: f(x, w, b).
+torch::Tensor lin(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) { return microdit::linear(x, w, b); }
+torch::Tensor bmm_aw(const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor&) { return microdit::bmm(a, w); }
+
 void expect_autocast_matches(const Grads& own, const Grads& ref) {
   ASSERT_EQ(own.y.sizes(), ref.y.sizes());
   // Both round the same float32 sums to bf16 (summed in another order): at most a unit apart.
@@ -436,9 +440,6 @@ void expect_autocast_matches(const Grads& own, const Grads& ref) {
 TEST(CpuMatmul, Bf16ProductsUnderAutocastMatchAutocast) {
   if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
   torch::manual_seed(13);
-  const auto lin = [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
-    return microdit::linear(x, w, b);
-  };
   const auto w = torch::randn({48, 40}) * 0.2, b = torch::randn({48});
   for (const auto& x : {torch::randn({3, 17, 40}), torch::randn({40, 5, 9}).permute({1, 2, 0})}) {
     for (const bool with_bias : {true, false}) {
@@ -450,11 +451,10 @@ TEST(CpuMatmul, Bf16ProductsUnderAutocastMatchAutocast) {
   // A transposed weight (as the model passes W^T views) and an odd depth.
   const auto xo = torch::randn({30, 33}), wt = torch::randn({33, 20}).t(), bo = b.narrow(0, 0, 20);
   expect_autocast_matches(run_autocast(lin, xo, wt, bo, CpuMatmul::kOwn), run_autocast(lin, xo, wt, bo, CpuMatmul::kOneDnn));
-  const auto bmm = [](const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor&) { return microdit::bmm(a, w); };
   const auto a = torch::randn({4, 29, 24}), we = torch::randn({4, 24, 40});
-  expect_autocast_matches(run_autocast(bmm, a, we, {}, CpuMatmul::kOwn), run_autocast(bmm, a, we, {}, CpuMatmul::kOneDnn));
-  expect_autocast_matches(run_autocast(bmm, a, we.transpose(1, 2).contiguous().transpose(1, 2), {}, CpuMatmul::kOwn),
-                          run_autocast(bmm, a, we, {}, CpuMatmul::kOneDnn));
+  expect_autocast_matches(run_autocast(bmm_aw, a, we, {}, CpuMatmul::kOwn), run_autocast(bmm_aw, a, we, {}, CpuMatmul::kOneDnn));
+  expect_autocast_matches(run_autocast(bmm_aw, a, we.transpose(1, 2).contiguous().transpose(1, 2), {}, CpuMatmul::kOwn),
+                          run_autocast(bmm_aw, a, we, {}, CpuMatmul::kOneDnn));
   // bf16 operands (the weight copies of --bf16-weights): bf16 gradients, as autocast gives them.
   const auto xb = torch::randn({7, 40}).to(torch::kBFloat16), wb = w.to(torch::kBFloat16);
   expect_autocast_matches(run_autocast(lin, xb, wb, b.to(torch::kBFloat16), CpuMatmul::kOwn),
@@ -498,9 +498,6 @@ void expect_same_bits(const Grads& a, const Grads& b) {
 TEST(CpuMatmul, PackedWeightsGiveTheSameBits) {
   if (!own_bf16_products()) GTEST_SKIP() << "this CPU's bf16 products stay with oneDNN (no AVX512-BF16, or AMX)";
   torch::manual_seed(17);
-  const auto lin = [](const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
-    return microdit::linear(x, w, b);
-  };
   // 1,100 columns: more than one of the kernels' column blocks of 1,024; an odd depth.
   for (const auto& [x, w] : {std::pair{torch::randn({3, 17, 40}), torch::randn({48, 40}) * 0.2},
                              std::pair{torch::randn({30, 33}), torch::randn({1100, 33}) * 0.2},
@@ -518,10 +515,9 @@ TEST(CpuMatmul, PackedWeightsGiveTheSameBits) {
       EXPECT_EQ(packed_weight_stats().bytes, 0);
     }
   }
-  const auto bmm = [](const torch::Tensor& a, const torch::Tensor& w, const torch::Tensor&) { return microdit::bmm(a, w); };
   const auto a = torch::randn({4, 29, 24}), we = torch::randn({4, 24, 40});
   const auto before = packed_weight_stats();
-  expect_same_bits(run_autocast(bmm, a, we, {}, CpuMatmul::kOwn, true), run_autocast(bmm, a, we, {}, CpuMatmul::kOwn));
+  expect_same_bits(run_autocast(bmm_aw, a, we, {}, CpuMatmul::kOwn, true), run_autocast(bmm_aw, a, we, {}, CpuMatmul::kOwn));
   EXPECT_EQ(packed_weight_stats().packs - before.packs, 2);  // W for the product, W^T for a's gradient
 }
 
