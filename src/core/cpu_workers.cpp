@@ -5,36 +5,113 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <exception>
+#include <mutex>
 #include <thread>
 #include <vector>
 
 namespace microdit {
 
+namespace {
+
+// The process's workers: threads started on first use and kept, each with one intra-op
+// thread. A call hands them one job (a task function and a task count) and waits for it.
+// Keeping the threads keeps what each has built up: malloc's per-thread caches, the kernels'
+// thread-local buffers, the intra-op setting; a thread started per call (as until session 32)
+// paid for them again at every training step.
+struct Pool {
+  std::mutex call_mu;  // one job at a time (callers from several threads take turns)
+  std::mutex mu;       // guards the fields below
+  std::condition_variable wake, finished;
+  std::vector<std::thread> threads;
+  uint64_t generation = 0;  // bumped for each job
+  int taking_part = 0;      // workers [0, taking_part) run the current job
+  int running = 0;          // of those, not yet done
+  // The current job, valid while running > 0.
+  const std::function<void(int64_t)>* task = nullptr;
+  const at::ThreadLocalState* state = nullptr;
+  int64_t tasks = 0;
+  std::atomic<int64_t> next{0};
+  std::vector<std::exception_ptr> errors;
+};
+
+Pool& pool() {
+  static auto* p = new Pool();  // never destroyed: its threads wait in it until the process ends
+  return *p;
+}
+
+thread_local bool t_worker = false;  // this thread is one of the pool's
+
+void worker_loop(Pool& p, int index) {
+  t_worker = true;
+  // This worker's OpenMP / MKL threads: 1. get_num_threads first, as LibTorch sets a thread's
+  // count from the process default at its first call (which would undo the 1 later); the 1
+  // also becomes the process default, which run_cpu_workers puts back.
+  (void)at::get_num_threads();
+  at::set_num_threads(1);
+  uint64_t seen = 0;
+  for (;;) {
+    std::unique_lock<std::mutex> lock(p.mu);
+    p.wake.wait(lock, [&] { return p.generation != seen && index < p.taking_part; });
+    seen = p.generation;
+    const auto* task = p.task;
+    const auto* state = p.state;
+    const int64_t tasks = p.tasks;
+    lock.unlock();
+    std::exception_ptr error;
+    try {
+      at::ThreadLocalStateGuard same_state(*state);
+      for (int64_t k; (k = p.next.fetch_add(1)) < tasks;) (*task)(k);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    lock.lock();
+    p.errors[static_cast<size_t>(index)] = error;
+    if (--p.running == 0) p.finished.notify_all();
+  }
+}
+
+}  // namespace
+
 void run_cpu_workers(int workers, int64_t tasks, const std::function<void(int64_t)>& task) {
   const int n = static_cast<int>(std::min<int64_t>(std::max(workers, 1), tasks));
-  if (n <= 1) {
+  if (n <= 1 || t_worker) {  // one worker, or a worker's own call: in the calling thread
     for (int64_t k = 0; k < tasks; ++k) task(k);
     return;
   }
-  const int threads = at::get_num_threads();
-  std::atomic<int64_t> next{0};
-  std::vector<std::exception_ptr> errors(n);
-  std::vector<std::thread> pool;
+  auto& p = pool();
+  std::lock_guard<std::mutex> call(p.call_mu);
   const at::ThreadLocalState caller;  // grad mode, autocast, ... as on the calling thread
-  for (int w = 0; w < n; ++w)
-    pool.emplace_back([&, w] {
-      try {
-        at::ThreadLocalStateGuard same_state(caller);
-        at::set_num_threads(1);  // this worker's OpenMP / MKL threads
-        for (int64_t k; (k = next++) < tasks;) task(k);
-      } catch (...) {
-        errors[w] = std::current_exception();
-      }
-    });
-  for (auto& t : pool) t.join();
-  at::set_num_threads(threads);  // set_num_threads in a worker changes the process default
-  for (auto& e : errors)
+  const int threads = at::get_num_threads();
+  const bool started = static_cast<int>(p.threads.size()) < n;
+  {
+    std::unique_lock<std::mutex> lock(p.mu);
+    while (static_cast<int>(p.threads.size()) < n) {
+      const int index = static_cast<int>(p.threads.size());
+      p.threads.emplace_back(worker_loop, std::ref(p), index);
+      p.threads.back().detach();
+    }
+    p.errors.assign(p.threads.size(), nullptr);
+    p.task = &task;
+    p.state = &caller;
+    p.tasks = tasks;
+    p.next.store(0);
+    p.taking_part = n;
+    p.running = n;
+    ++p.generation;
+  }
+  p.wake.notify_all();
+  std::unique_lock<std::mutex> lock(p.mu);
+  p.finished.wait(lock, [&] { return p.running == 0; });
+  p.taking_part = 0;
+  p.task = nullptr;
+  p.state = nullptr;
+  lock.unlock();
+  // A new worker's set_num_threads(1) also changed the process default (LibTorch keeps one
+  // count for new threads, MKL and its thread pool): put the caller's back.
+  if (started) at::set_num_threads(threads);
+  for (auto& e : p.errors)
     if (e) std::rethrow_exception(e);
 }
 

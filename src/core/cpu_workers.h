@@ -12,8 +12,11 @@ namespace microdit {
 
 // Runs task(0) ... task(tasks - 1) on min(workers, tasks) threads, each with one intra-op
 // thread and the caller's thread-local state (grad mode, autocast, ...), taking tasks in
-// order from a shared counter. Rethrows the first task's exception after all threads end.
-// Restores the process's intra-op thread count afterwards. workers <= 1 runs in the caller.
+// order from a shared counter, and returns when all are done. Rethrows the first worker's
+// exception after all have ended. The threads are the process's own, started on first use
+// and kept for later calls (so their caches stay warm from one training step to the next);
+// callers on several threads take turns. workers <= 1, or a call from inside a task, runs the
+// tasks in the calling thread. The process's intra-op thread count is left as it was.
 void run_cpu_workers(int workers, int64_t tasks, const std::function<void(int64_t)>& task);
 
 }  // namespace microdit

@@ -1,0 +1,88 @@
+// The persistent CPU worker pool (core/cpu_workers.h).
+#include <ATen/Parallel.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <atomic>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "core/cpu_workers.h"
+
+using microdit::run_cpu_workers;
+
+TEST(CpuWorkers, EachTaskRunsOnceOnThreadsKeptAcrossCalls) {
+  // A thread's own count of the tasks it ran: it outlives a call only where the thread does
+  // (thread ids alone would not tell: the system reuses them for new threads).
+  static thread_local int64_t t_ran = 0;
+  std::atomic<int64_t> most{0};
+  for (int call = 0; call < 50; ++call) {
+    std::vector<std::atomic<int>> runs(37);
+    run_cpu_workers(3, 37, [&](int64_t k) {
+      runs[static_cast<size_t>(k)]++;
+      const int64_t ran = ++t_ran;
+      for (int64_t m = most.load(); ran > m && !most.compare_exchange_weak(m, ran);) {
+      }
+    });
+    for (auto& r : runs) ASSERT_EQ(r.load(), 1);
+  }
+  EXPECT_GT(most.load(), 37);  // a thread ran tasks of more than one call
+  EXPECT_EQ(t_ran, 0);         // none in the caller
+}
+
+TEST(CpuWorkers, TasksRunWithOneIntraOpThreadAndTheCallersState) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  torch::NoGradGuard no_grad;
+  std::atomic<int> wrong_threads{0}, grad_on{0};
+  for (int call = 0; call < 5; ++call)
+    run_cpu_workers(2, 8, [&](int64_t) {
+      if (at::get_num_threads() != 1) wrong_threads++;
+      if (torch::GradMode::is_enabled()) grad_on++;
+    });
+  EXPECT_EQ(wrong_threads.load(), 0);
+  EXPECT_EQ(grad_on.load(), 0);
+  EXPECT_EQ(at::get_num_threads(), 2);  // the caller's count as it was
+  {
+    torch::AutoGradMode enabled(true);
+    std::atomic<int> on{0};
+    run_cpu_workers(2, 4, [&](int64_t) { on += torch::GradMode::is_enabled() ? 1 : 0; });
+    EXPECT_EQ(on.load(), 4);  // the state of this call, not of an earlier one
+  }
+  at::set_num_threads(threads);
+}
+
+TEST(CpuWorkers, RethrowsATasksErrorAndStaysUsable) {
+  EXPECT_THROW(run_cpu_workers(2, 10,
+                               [](int64_t k) {
+                                 if (k == 3) throw std::runtime_error("task 3 failed");
+                               }),
+               std::runtime_error);
+  std::atomic<int64_t> sum{0};
+  run_cpu_workers(2, 10, [&](int64_t k) { sum += k; });
+  EXPECT_EQ(sum.load(), 45);
+}
+
+TEST(CpuWorkers, ACallFromInsideATaskRunsInThatTask) {
+  std::atomic<int> inner{0};
+  run_cpu_workers(2, 4, [&](int64_t) {
+    const auto id = std::this_thread::get_id();
+    run_cpu_workers(2, 3, [&](int64_t) {
+      if (std::this_thread::get_id() == id) inner++;
+    });
+  });
+  EXPECT_EQ(inner.load(), 12);
+}
+
+TEST(CpuWorkers, CallersOnSeveralThreadsTakeTurns) {
+  std::atomic<int64_t> sum{0};
+  std::vector<std::thread> callers;
+  for (int c = 0; c < 4; ++c)
+    callers.emplace_back([&] {
+      for (int call = 0; call < 20; ++call) run_cpu_workers(2, 5, [&](int64_t k) { sum += k; });
+    });
+  for (auto& t : callers) t.join();
+  EXPECT_EQ(sum.load(), 4 * 20 * 10);
+}
