@@ -52,11 +52,14 @@ at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows
                                      /*retain_graph=*/false, /*create_graph=*/false, /*allow_unused=*/true);
     losses[k] = loss.item<double>() * static_cast<double>(size[k]);
   });
-  at::NoGradGuard no_grad;
-  for (size_t i = 0; i < params.size(); ++i) {
+  // The slices' gradients summed on the same workers, a parameter per task (each sum in the
+  // slices' order: the same bits on any number of workers).
+  run_cpu_workers(static_cast<int>(parts), static_cast<int64_t>(params.size()), [&](int64_t t) {
+    const auto i = static_cast<size_t>(t);
+    at::NoGradGuard no_grad;
     const auto dt = sum_into ? (*sum_into)[i].scalar_type() : params[i].scalar_type();
     at::Tensor sum;
-    bool own = false;  // sum is a tensor of this loop's own, which later slices may add into
+    bool own = false;  // sum is a tensor of this task's own, which later slices may add into
     for (int64_t k = 0; k < parts; ++k) {
       auto g = grads[k][i].defined() ? grads[k][i].to(dt) : at::Tensor();
       if (!g.defined()) continue;
@@ -72,11 +75,11 @@ at::Tensor parallel_backward(const std::vector<at::Tensor>& params, int64_t rows
         own = true;
       }
     }
-    if (!sum.defined()) continue;
+    if (!sum.defined()) return;
     auto& p = const_cast<at::Tensor&>(sum_into ? (*sum_into)[i] : params[i]);
     if (p.mutable_grad().defined()) p.mutable_grad().add_(sum);
     else p.mutable_grad() = sum.contiguous();
-  }
+  });
   double total = 0;
   for (double l : losses) total += l;
   return at::scalar_tensor(total / static_cast<double>(rows), at::kDouble);
