@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <atomic>
+#include <chrono>
 #include <mutex>
 #include <stdexcept>
 #include <thread>
@@ -85,4 +86,36 @@ TEST(CpuWorkers, CallersOnSeveralThreadsTakeTurns) {
     });
   for (auto& t : callers) t.join();
   EXPECT_EQ(sum.load(), 4 * 20 * 10);
+}
+
+TEST(CpuWorkers, ParallelForCoversTheRangeOnSeveralThreads) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  std::vector<std::atomic<int>> seen(1000);
+  std::mutex mu;
+  std::vector<std::thread::id> ids;
+  microdit::parallel_for(0, 1000, 100, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) seen[static_cast<size_t>(i)]++;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // long enough for the other thread to take a chunk
+    std::lock_guard<std::mutex> lock(mu);
+    ids.push_back(std::this_thread::get_id());
+  });
+  for (auto& s : seen) ASSERT_EQ(s.load(), 1);
+  EXPECT_EQ(ids.size(), 2u);  // two chunks, one of them the caller's
+  EXPECT_NE(ids[0], ids[1]);
+  EXPECT_EQ(at::get_num_threads(), 2);
+  // One chunk where the range is one grain, and inside a worker's task.
+  int chunks = 0;
+  microdit::parallel_for(0, 100, 100, [&](int64_t, int64_t) { ++chunks; });
+  EXPECT_EQ(chunks, 1);
+  std::atomic<int> inner{0};
+  run_cpu_workers(2, 2, [&](int64_t) { microdit::parallel_for(0, 1000, 10, [&](int64_t, int64_t) { inner++; }); });
+  EXPECT_EQ(inner.load(), 2);
+  // An error in a chunk reaches the caller.
+  EXPECT_THROW(microdit::parallel_for(0, 1000, 100,
+                                      [](int64_t b, int64_t) {
+                                        if (b > 0) throw std::runtime_error("chunk failed");
+                                      }),
+               std::runtime_error);
+  at::set_num_threads(threads);
 }

@@ -74,20 +74,18 @@ void worker_loop(Pool& p, int index) {
 
 }  // namespace
 
-void run_cpu_workers(int workers, int64_t tasks, const std::function<void(int64_t)>& task) {
-  const int n = static_cast<int>(std::min<int64_t>(std::max(workers, 1), tasks));
-  if (n <= 1 || t_worker) {  // one worker, or a worker's own call: in the calling thread
-    for (int64_t k = 0; k < tasks; ++k) task(k);
-    return;
-  }
-  auto& p = pool();
-  std::lock_guard<std::mutex> call(p.call_mu);
+namespace {
+
+// Runs `tasks` tasks on `threads` of the pool's threads (started where missing), the caller
+// taking tasks too where `caller_helps`, and returns when all are done. The caller holds
+// p.call_mu.
+void run_job(Pool& p, int threads, int64_t tasks, const std::function<void(int64_t)>& task, bool caller_helps) {
   const at::ThreadLocalState caller;  // grad mode, autocast, ... as on the calling thread
-  const int threads = at::get_num_threads();
-  const bool started = static_cast<int>(p.threads.size()) < n;
+  const int intra_op = at::get_num_threads();
+  const bool started = static_cast<int>(p.threads.size()) < threads;
   {
     std::unique_lock<std::mutex> lock(p.mu);
-    while (static_cast<int>(p.threads.size()) < n) {
+    while (static_cast<int>(p.threads.size()) < threads) {
       const int index = static_cast<int>(p.threads.size());
       p.threads.emplace_back(worker_loop, std::ref(p), index);
       p.threads.back().detach();
@@ -97,11 +95,20 @@ void run_cpu_workers(int workers, int64_t tasks, const std::function<void(int64_
     p.state = &caller;
     p.tasks = tasks;
     p.next.store(0);
-    p.taking_part = n;
-    p.running = n;
+    p.taking_part = threads;
+    p.running = threads;
     ++p.generation;
   }
   p.wake.notify_all();
+  std::exception_ptr own_error;
+  if (caller_helps) {
+    try {
+      for (int64_t k; (k = p.next.fetch_add(1)) < tasks;) task(k);
+    } catch (...) {
+      own_error = std::current_exception();
+      p.next.store(tasks);  // the workers take no more
+    }
+  }
   std::unique_lock<std::mutex> lock(p.mu);
   p.finished.wait(lock, [&] { return p.running == 0; });
   p.taking_part = 0;
@@ -110,9 +117,42 @@ void run_cpu_workers(int workers, int64_t tasks, const std::function<void(int64_
   lock.unlock();
   // A new worker's set_num_threads(1) also changed the process default (LibTorch keeps one
   // count for new threads, MKL and its thread pool): put the caller's back.
-  if (started) at::set_num_threads(threads);
+  if (started) at::set_num_threads(intra_op);
+  if (own_error) std::rethrow_exception(own_error);
   for (auto& e : p.errors)
     if (e) std::rethrow_exception(e);
+}
+
+}  // namespace
+
+void run_cpu_workers(int workers, int64_t tasks, const std::function<void(int64_t)>& task) {
+  const int n = static_cast<int>(std::min<int64_t>(std::max(workers, 1), tasks));
+  if (n <= 1 || t_worker) {  // one worker, or a worker's own call: in the calling thread
+    for (int64_t k = 0; k < tasks; ++k) task(k);
+    return;
+  }
+  auto& p = pool();
+  std::lock_guard<std::mutex> call(p.call_mu);
+  run_job(p, n, tasks, task, /*caller_helps=*/false);
+}
+
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (begin >= end) return;
+  const int64_t n = std::min<int64_t>(at::get_num_threads(), (end - begin + std::max<int64_t>(grain, 1) - 1) /
+                                                                   std::max<int64_t>(grain, 1));
+  auto& p = pool();
+  std::unique_lock<std::mutex> call(p.call_mu, std::defer_lock);
+  if (n <= 1 || t_worker || !call.try_lock()) {  // too little work, inside a worker, or the workers busy
+    fn(begin, end);
+    return;
+  }
+  const int64_t chunk = (end - begin + n - 1) / n;
+  run_job(p, static_cast<int>(n - 1), n,
+          [&](int64_t k) {
+            const int64_t b = begin + k * chunk;
+            if (b < end) fn(b, std::min(end, b + chunk));
+          },
+          /*caller_helps=*/true);
 }
 
 }  // namespace microdit

@@ -1,4 +1,5 @@
-// The AdamW step of kernels/adamw.h on the CPU, on LibTorch's intra-op threads: every weight of
+// The AdamW step of kernels/adamw.h on the CPU, on the intra-op threads' count of the process's
+// CPU workers (core/cpu_workers.h): every weight of
 // the model in one pass (float32 weights with or without a bf16 copy), with the gradient
 // clipping's scale and the weights' EMA on the way, so that neither takes a pass of its own over
 // memory. The same update as the CUDA kernel, but in float32 arithmetic throughout (as ATen's
@@ -6,6 +7,8 @@
 // for baseline x86-64, the first the CPU has taken.
 #include "kernels/adamw.h"
 #include "kernels/cpu_math.h"
+
+#include "core/cpu_workers.h"
 
 #include <ATen/Parallel.h>
 
@@ -117,7 +120,8 @@ void adamw_step(const AdamWSlot* slots, int64_t count, DType gt, DType ct, const
   // the threads: one parallel region for the whole model, not one per weight.
   std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);
   for (int64_t k = 0; k < count; ++k) first[k + 1] = first[k] + slots[k].n;
-  at::parallel_for(0, first.back(), 16 * kBlock, [&](int64_t i0, int64_t i1) {
+  // On the process's CPU workers: at::parallel_for would run it on this thread alone (no OpenMP here).
+  microdit::parallel_for(0, first.back(), 16 * kBlock, [&](int64_t i0, int64_t i1) {
     auto k = static_cast<int64_t>(std::upper_bound(first.begin(), first.end(), i0) - first.begin()) - 1;
     for (; k < count && first[k] < i1; ++k) {
       const int64_t a = std::max(i0, first[k]) - first[k], b = std::min(i1, first[k + 1]) - first[k];
