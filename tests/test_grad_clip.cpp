@@ -41,3 +41,28 @@ TEST(GradClip, EqualsLibTorchsClipGradNormWithoutAHostRead) {
   std::vector<torch::Tensor> none{torch::zeros({2}).requires_grad_(true)};
   EXPECT_FALSE(clip_grad_norm(none, 1.0).defined());
 }
+
+// CPU gradients left for the AdamW kernel to scale: their norms are taken on the CPU workers,
+// a gradient each (large ones too), and must give LibTorch's norm and coefficient.
+TEST(GradClip, DeferredCpuNormsOnTheWorkersEqualLibTorchs) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  for (double g : {0.01, 30.0}) {
+    auto a = params_with_grads(g), b = params_with_grads(g);
+    for (auto* ps : {&a, &b}) {  // and one gradient large enough for several threads in LibTorch's norm
+      torch::manual_seed(5);
+      ps->push_back(torch::randn({300, 1000}).requires_grad_(true));
+      ps->back().mutable_grad() = torch::randn({300, 1000}) * g;
+    }
+    const double want = torch::nn::utils::clip_grad_norm_(a, 1.0);
+    std::vector<torch::Tensor> before;
+    for (const auto& p : b) before.push_back(p.grad().defined() ? p.grad().clone() : torch::Tensor());
+    torch::Tensor coef;
+    const auto got = clip_grad_norm(b, 1.0, nullptr, &coef);
+    EXPECT_NEAR(got.item<double>(), want, 1e-6 * want) << "g " << g;
+    EXPECT_NEAR(coef.item<double>(), std::min(1.0, 1.0 / (want + 1e-6)), 1e-6) << "g " << g;
+    for (size_t i = 0; i < b.size(); ++i)  // left unscaled: the AdamW kernel applies coef
+      if (before[i].defined()) EXPECT_TRUE(torch::equal(b[i].grad(), before[i])) << "param " << i;
+  }
+  at::set_num_threads(threads);
+}

@@ -3,13 +3,33 @@
 #include <ATen/ops/_foreach_mul.h>
 #include <ATen/ops/_foreach_norm.h>
 #include <ATen/ops/clamp_max.h>
+#include <ATen/ops/linalg_vector_norm.h>
 #include <ATen/ops/stack.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "core/cpu_workers.h"
 #include "train/bf16_weights.h"
 
 namespace microdit {
 
 namespace {
+
+// The float32 norm of each gradient, as _foreach_norm(g, 2, float32) gives it. CPU gradients on
+// the process's CPU workers, a gradient per task, so that the step's serial part (the workers
+// idle) holds no pass over all gradients; elsewhere, one _foreach_norm.
+std::vector<at::Tensor> norms(const std::vector<at::Tensor>& grads) {
+  const bool cpu = std::all_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return g.device().is_cpu(); });
+  if (!cpu || at::get_num_threads() <= 1) return at::_foreach_norm(grads, 2, at::kFloat);
+  std::vector<at::Tensor> out(grads.size());
+  run_cpu_workers(at::get_num_threads(), static_cast<int64_t>(grads.size()), [&](int64_t i) {
+    const auto k = static_cast<size_t>(i);
+    out[k] = at::linalg_vector_norm(grads[k], 2, std::nullopt, false, at::kFloat);
+  });
+  return out;
+}
 
 // The global norm of `scaled` and `deferred` together (deferred's bf16 gradients in float32),
 // `scaled` multiplied in place by min(1, max_norm / (norm + 1e-6)), that scale in *coef.
@@ -22,7 +42,7 @@ at::Tensor clip(const std::vector<at::Tensor>& scaled, const std::vector<at::Ten
   if (scaled.empty() && deferred.empty()) return {};
   std::vector<at::Tensor> ns, nd;  // float32, one per gradient
   if (!scaled.empty()) ns = at::_foreach_norm(scaled, 2);
-  if (!deferred.empty()) nd = at::_foreach_norm(deferred, 2, at::kFloat);
+  if (!deferred.empty()) nd = norms(deferred);
   std::vector<at::Tensor> norms;
   if (deferred_at) {
     size_t i = 0, j = 0;
