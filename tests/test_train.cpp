@@ -453,6 +453,25 @@ TEST(Train, DownsampledStageTrainsFromTheSameShards) {
   EXPECT_EQ(metric_losses(dir.path + "/d/metrics.jsonl").size(), 6u);
 }
 
+// The validation loss takes its (batch, sigma) pairs side by side on the CPU workers: the
+// same loss as one at a time, from the same weights.
+TEST(Train, ValidationOnWorkersEqualsOneAtATime) {
+  TinyRun r;
+  const std::string out = "run.out=" + r.dir.path + "/v";
+  const std::vector<std::string> val = {out, "run.val_batches=2", "run.val_sigmas=[0.3, 1.0, 3.0]"};
+  auto with = [&](const char* workers) {
+    auto o = val;
+    o.push_back(std::string("train.cpu_workers=") + workers);
+    return o;
+  };
+  torch::set_num_threads(2);
+  Trainer one(load_train_config(r.cfg_path, with("1")), torch::kCPU), two(load_train_config(r.cfg_path, with("2")), torch::kCPU);
+  const double a = one.validation_loss(), b = two.validation_loss();
+  torch::set_num_threads(1);
+  ASSERT_TRUE(std::isfinite(a));
+  EXPECT_NEAR(a, b, 1e-6 * std::abs(a));
+}
+
 INSTANTIATE_TEST_SUITE_P(Train, StoppedAndResumed, ::testing::Values("0", "1"),
                          [](const auto& info) { return info.param == "0" ? std::string("InMemory") : std::string("Streamed"); });
 

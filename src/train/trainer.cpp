@@ -13,6 +13,7 @@
 #include <thread>
 
 #include "core/autocast.h"
+#include "core/cpu_workers.h"
 #include "core/cuda_graph.h"
 #include "core/error.h"
 #include "core/fs.h"
@@ -637,23 +638,32 @@ double Trainer::validation_loss() {
   auto gen = at::make_generator<at::CPUGeneratorImpl>(12345);  // same noise every time
   const int64_t B = std::min<int64_t>(cfg_.batch_size, val_.size());
   const double sd = cfg_.edm.sigma_data;
+  // Every (batch, sigma) pair's noise drawn in order first; then the pairs side by side on the
+  // CPU workers (one at a time elsewhere), each loss kept in its slot and summed in order.
+  struct Pair {
+    int64_t batch;
+    double sigma;
+    Tensor eps;
+  };
+  std::vector<Pair> pairs;
+  for (int64_t i = 0; i < cfg_.val_batches && (i + 1) * B <= val_.size(); ++i)
+    for (double s : cfg_.val_sigmas) pairs.push_back({i, s, at::randn({B, val_.images.size(1), val_.images.size(2),
+                                                                        val_.images.size(3)}, gen)});
+  std::vector<double> losses(pairs.size());
+  run_cpu_workers(workers_, static_cast<int64_t>(pairs.size()), [&](int64_t k) {
+    const auto& [i, s, eps] = pairs[static_cast<size_t>(k)];
+    auto xd = val_.images.narrow(0, i * B, B).to(at::kFloat).to(device_);
+    auto yd = val_.captions.narrow(0, i * B, B).to(at::kFloat).unsqueeze(1).to(device_);
+    auto sigma = torch::full({B}, s, xd.options());
+    auto D = edm_denoise(*model_, xd + s * eps.to(device_), sigma, yd, cfg_.edm);
+    const double w = (s * s + sd * sd) / (s * sd * s * sd);
+    losses[static_cast<size_t>(k)] = w * (D - xd).pow(2).mean().item<double>();
+  });
   double sum = 0;
-  int count = 0;
-  for (int64_t i = 0; i < cfg_.val_batches && (i + 1) * B <= val_.size(); ++i) {
-    auto x = val_.images.narrow(0, i * B, B).to(at::kFloat);
-    auto y = val_.captions.narrow(0, i * B, B).to(at::kFloat).unsqueeze(1);
-    for (double s : cfg_.val_sigmas) {
-      auto eps = at::randn(x.sizes(), gen);
-      auto xd = x.to(device_), yd = y.to(device_);
-      auto sigma = torch::full({B}, s, xd.options());
-      auto D = edm_denoise(*model_, xd + s * eps.to(device_), sigma, yd, cfg_.edm);
-      const double w = (s * s + sd * sd) / (s * sd * s * sd);
-      sum += w * (D - xd).pow(2).mean().item<double>();
-      ++count;
-    }
-  }
+  const auto count = static_cast<int64_t>(losses.size());
+  for (double l : losses) sum += l;
   model_->train();
-  return count ? sum / count : NAN;
+  return count ? sum / static_cast<double>(count) : NAN;
 }
 
 void Trainer::run(int64_t stop_at) {
