@@ -607,8 +607,8 @@ template <typename F> void with_types(DType a, DType b, DType c, F&& f) {
 }
 template <typename P> using elem = std::remove_pointer_t<P>;
 
-// Work is split over LibTorch's intra-op threads (one thread inside the CPU workers) in
-// pieces of at least this many elements.
+// Pieces of at least this many elements for at::parallel_for, which runs on the calling thread
+// (microdit is built without OpenMP; the CPU workers run whole kernels side by side).
 constexpr int64_t kGrainElems = 32768;
 int64_t grain(int64_t per_item) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(per_item, 1)); }
 

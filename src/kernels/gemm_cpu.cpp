@@ -3,7 +3,7 @@
 // Loops, outermost first:
 //   K in blocks of kKc rows, N in blocks of kNc columns: B's block is packed into panels of
 //     kNr columns, each panel kc x 32 floats (32 KB, stays in L1 while A's panels pass by);
-//   A in panels of kMr rows (on the intra-op threads side by side): a panel is packed k-major
+//   A in panels of kMr rows (at::parallel_for: one thread, as microdit has no OpenMP): packed k-major
 //     (kMr floats per k, or 16 with padding, so the kernel broadcasts consecutive floats), and
 //     the rows of the next panel are prefetched during the first kernels that use this one;
 //   B's panels: one 14 x 32 kernel each, C's tile written (or added to) once per K block.

@@ -233,7 +233,8 @@ const float* rounded_bias(const float* bias, int64_t N) {
 }
 
 // C's columns [n0, n0 + nc) = A (M x K) @ B's block Bp (pack_b's layout of those columns), A's
-// panels of 14 rows side by side on the intra-op threads.
+// panels of 14 rows one after the other (at::parallel_for runs on the calling thread: microdit
+// is built without OpenMP; the CPU workers run whole products side by side).
 void product_block(int64_t M, int64_t K, int64_t n0, int64_t nc, const AnyMatrix& a, const u32* Bp, const Out& o) {
   const int64_t pairs = (K + 1) / 2, panels = (M + kMr - 1) / kMr;
   const bool direct = reads_in_place(a, K);
