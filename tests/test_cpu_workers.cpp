@@ -119,3 +119,14 @@ TEST(CpuWorkers, ParallelForCoversTheRangeOnSeveralThreads) {
                std::runtime_error);
   at::set_num_threads(threads);
 }
+
+TEST(CpuWorkers, CallsFromTheCallersChunkOfParallelForRunInIt) {
+  const int threads = at::get_num_threads();
+  at::set_num_threads(2);
+  std::atomic<int64_t> sum{0};
+  microdit::parallel_for(0, 2, 1, [&](int64_t b, int64_t) {
+    run_cpu_workers(2, 4, [&](int64_t k) { sum += k + b * 10; });  // would wait for the caller's own job
+  });
+  EXPECT_EQ(sum.load(), 6 + 6 + 40);
+  at::set_num_threads(threads);
+}

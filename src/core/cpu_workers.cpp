@@ -41,7 +41,7 @@ Pool& pool() {
   return *p;
 }
 
-thread_local bool t_worker = false;  // this thread is one of the pool's
+thread_local bool t_worker = false;  // this thread is one of the pool's, or helps in a job now
 
 void worker_loop(Pool& p, int index) {
   t_worker = true;
@@ -72,10 +72,6 @@ void worker_loop(Pool& p, int index) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 // Runs `tasks` tasks on `threads` of the pool's threads (started where missing), the caller
 // taking tasks too where `caller_helps`, and returns when all are done. The caller holds
 // p.call_mu.
@@ -102,6 +98,12 @@ void run_job(Pool& p, int threads, int64_t tasks, const std::function<void(int64
   p.wake.notify_all();
   std::exception_ptr own_error;
   if (caller_helps) {
+    // Calls from the caller's tasks run inside them, as from a worker's (this thread holds call_mu).
+    struct Helping {
+      bool was = t_worker;
+      Helping() { t_worker = true; }
+      ~Helping() { t_worker = was; }
+    } helping;
     try {
       for (int64_t k; (k = p.next.fetch_add(1)) < tasks;) task(k);
     } catch (...) {
