@@ -19,7 +19,9 @@ namespace {
 // thread. A call hands them one job (a task function and a task count) and waits for it.
 // Keeping the threads keeps what each has built up: malloc's per-thread caches, the kernels'
 // thread-local buffers, the intra-op setting; a thread started per call (as until session 32)
-// paid for them again at every training step.
+// paid for them again at every training step. Not c10::ThreadPool: it has a fixed size, waits
+// for all of its work rather than one job's, and logs a task's exception instead of handing it
+// back.
 struct Pool {
   std::mutex call_mu;  // one job at a time (callers from several threads take turns)
   std::mutex mu;       // guards the fields below

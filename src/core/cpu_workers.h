@@ -20,11 +20,12 @@ namespace microdit {
 void run_cpu_workers(int workers, int64_t tasks, const std::function<void(int64_t)>& task);
 
 // fn over [begin, end) in up to at::get_num_threads() contiguous chunks of at least `grain`
-// elements, one in the calling thread and the others on the pool's threads. For the work of
-// microdit's own kernels: microdit is built without OpenMP, so at::parallel_for in its sources
-// runs the whole range on the calling thread. Runs fn(begin, end) in
-// the calling thread when one chunk would do, inside a task of the pool, or while the pool
-// runs another caller's work (never waits for it).
+// elements, one in the calling thread and the others on the pool's threads: microdit is built
+// without OpenMP, so at::parallel_for in its sources runs the whole range on the calling thread.
+// Runs fn(begin, end) in the calling thread when one chunk would do, inside a task of the pool
+// (or of the caller's own chunk), or while the pool runs another caller's work (never waits for
+// it). Used by the CPU AdamW pass; the other kernels run inside the workers and keep
+// at::parallel_for (docs/performance.md, "Session 32": the pool next to ATen's OpenMP threads).
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace microdit

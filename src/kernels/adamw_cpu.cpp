@@ -1,6 +1,5 @@
-// The AdamW step of kernels/adamw.h on the CPU, on the intra-op threads' count of the process's
-// CPU workers (core/cpu_workers.h): every weight of
-// the model in one pass (float32 weights with or without a bf16 copy), with the gradient
+// The AdamW step of kernels/adamw.h on the CPU, on the process's CPU workers (core/cpu_workers.h):
+// every weight of the model in one pass (float32 weights with or without a bf16 copy), with the gradient
 // clipping's scale and the weights' EMA on the way, so that neither takes a pass of its own over
 // memory. The same update as the CUDA kernel, but in float32 arithmetic throughout (as ATen's
 // CPU fused AdamW), in blocks that GCC vectorizes: compiled for AVX-512, for AVX2 with FMA and
@@ -9,8 +8,6 @@
 #include "kernels/cpu_math.h"
 
 #include "core/cpu_workers.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -117,10 +114,10 @@ void adamw_step(const AdamWSlot* slots, int64_t count, DType gt, DType ct, const
                                      : isa == "avx2" ? &update_avx2<float>
                                                      : &update_base<float>);
   // All slots' elements as one range (slot k holds [first[k], first[k + 1])), split once over
-  // the threads: one parallel region for the whole model, not one per weight.
+  // the threads: one parallel region for the whole model, not one per weight. microdit's
+  // parallel_for, as at::parallel_for runs on this thread alone in sources built without OpenMP.
   std::vector<int64_t> first(static_cast<size_t>(count) + 1, 0);
   for (int64_t k = 0; k < count; ++k) first[k + 1] = first[k] + slots[k].n;
-  // On the process's CPU workers: at::parallel_for would run it on this thread alone (no OpenMP here).
   microdit::parallel_for(0, first.back(), 16 * kBlock, [&](int64_t i0, int64_t i1) {
     auto k = static_cast<int64_t>(std::upper_bound(first.begin(), first.end(), i0) - first.begin()) - 1;
     for (; k < count && first[k] < i1; ++k) {

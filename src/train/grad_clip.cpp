@@ -20,7 +20,7 @@ namespace {
 // The float32 norm of each gradient, as _foreach_norm(g, 2, float32) gives it. CPU gradients on
 // the process's CPU workers, a gradient per task, so that the step's serial part (the workers
 // idle) holds no pass over all gradients; elsewhere, one _foreach_norm.
-std::vector<at::Tensor> norms(const std::vector<at::Tensor>& grads) {
+std::vector<at::Tensor> gradient_norms(const std::vector<at::Tensor>& grads) {
   const bool cpu = std::all_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return g.device().is_cpu(); });
   if (!cpu || at::get_num_threads() <= 1) return at::_foreach_norm(grads, 2, at::kFloat);
   std::vector<at::Tensor> out(grads.size());
@@ -42,7 +42,7 @@ at::Tensor clip(const std::vector<at::Tensor>& scaled, const std::vector<at::Ten
   if (scaled.empty() && deferred.empty()) return {};
   std::vector<at::Tensor> ns, nd;  // float32, one per gradient
   if (!scaled.empty()) ns = at::_foreach_norm(scaled, 2);
-  if (!deferred.empty()) nd = norms(deferred);
+  if (!deferred.empty()) nd = gradient_norms(deferred);
   std::vector<at::Tensor> norms;
   if (deferred_at) {
     size_t i = 0, j = 0;

@@ -647,8 +647,7 @@ double Trainer::validation_loss() {
   };
   std::vector<Pair> pairs;
   for (int64_t i = 0; i < cfg_.val_batches && (i + 1) * B <= val_.size(); ++i)
-    for (double s : cfg_.val_sigmas) pairs.push_back({i, s, at::randn({B, val_.images.size(1), val_.images.size(2),
-                                                                        val_.images.size(3)}, gen)});
+    for (double s : cfg_.val_sigmas) pairs.push_back({i, s, at::randn(val_.images.narrow(0, i * B, B).sizes(), gen)});
   std::vector<double> losses(pairs.size());
   run_cpu_workers(workers_, static_cast<int64_t>(pairs.size()), [&](int64_t k) {
     const auto& [i, s, eps] = pairs[static_cast<size_t>(k)];
