@@ -47,7 +47,10 @@ double learning_rate(const TrainConfig& c, int64_t step) {
 // ---- EMA -------------------------------------------------------------------------------
 
 EMA::EMA(torch::nn::Module& model, double decay, int64_t start) : decay_(decay), start_(start) {
-  for (const auto& p : model.named_parameters()) shadow_.emplace_back(p.key(), p.value().detach().clone());
+  for (const auto& p : model.named_parameters()) {
+    shadow_.emplace_back(p.key(), p.value().detach().clone());
+    fused_.shadow.emplace(p.value().unsafeGetTensorImpl(), shadow_.back().second);
+  }
 }
 
 void EMA::update(torch::nn::Module& model, int64_t step) {
@@ -62,12 +65,9 @@ void EMA::update(torch::nn::Module& model, int64_t step) {
   else at::_foreach_lerp_(s_list, p_list, 1.0 - decay_);  // s = decay s + (1 - decay) p, fused
 }
 
-FusedEma EMA::fused(torch::nn::Module& model, int64_t step) const {
-  FusedEma f;
-  f.weight_step = step < start_ ? 1.0 : 1.0 - decay_;  // lerp by 1: a copy
-  auto params = model.named_parameters();
-  for (const auto& [name, s] : shadow_) f.shadow.emplace(params[name].unsafeGetTensorImpl(), s);
-  return f;
+const FusedEma& EMA::fused(int64_t step) {
+  fused_.weight_step = step < start_ ? 1.0 : 1.0 - decay_;  // lerp by 1: a copy
+  return fused_;
 }
 
 void EMA::load(const NamedTensors& t) {
@@ -298,7 +298,8 @@ Trainer::Trainer(TrainConfig cfg, c10::Device device, dist::Comm* comm)
     sync_->broadcast_params();
   }
   workers_ = resolve_cpu_workers(cfg_.cpu_workers, device_, comm_ != nullptr);
-  if (!sync_ || !cfg_.shard_optimizer) opt_ = std::make_unique<torch::optim::AdamW>(model_->parameters(), adamw);
+  params_ = model_->parameters();  // walked once: the modules' names are strings built per call
+  if (!sync_ || !cfg_.shard_optimizer) opt_ = std::make_unique<torch::optim::AdamW>(params_, adamw);
   if (use_bf16_weights(parse_bf16_weights("train.bf16_weights", cfg_.bf16_weights), device_, cfg_.bf16,
                        cfg_.fused_optimizer, sync_ && cfg_.shard_optimizer, "train.bf16_weights")) {
     copies_ = std::make_unique<Bf16Weights>(*model_);
@@ -483,7 +484,7 @@ Tensor Trainer::train_step(const Batch& b) {
   if (sync_) sync_->zero_grad();
   else opt_->zero_grad();
   Tensor total;  // float64 (), on the device: the step does not wait for it
-  const auto params = model_->parameters();
+  const auto& params = params_;
   // With bf16 weight copies the modules multiply the copies in this step's forward and backward
   // passes; their gradients stay on the copies, or (accumulation, data parallelism) are summed
   // into the float32 weights' .grad as each backward pass completes them.
@@ -495,7 +496,7 @@ Tensor Trainer::train_step(const Batch& b) {
     // sample's global index, so they do not depend on how the rows are sliced.
     auto loss_of_rows = [&](int64_t s, int64_t n) {
       const int64_t row = m * micro + s;
-      auto x = b.images.narrow(0, row, n);
+      auto x = downsampled(b.images.narrow(0, row, n));  // (n, C, H, W) as the model sees them
       auto r = draw_samples(cfg_.seed, state_.step, first + row, n, x.sizes().slice(1), T, masked,
                             cfg_.caption_dropout);
       auto dev = [&](const Tensor& t) { return t.defined() ? to_device(t, device_) : t; };
@@ -528,18 +529,16 @@ Tensor Trainer::sample_loss(const Tensor& x, const Tensor& captions, const Tenso
   return edm_loss(*model_, x, y, d, cfg_.edm);
 }
 
-Tensor Trainer::clip_and_step(AdamWDeviceScalars* dev, const EMA* ema, int64_t ema_step) {
+Tensor Trainer::clip_and_step(AdamWDeviceScalars* dev, EMA* ema, int64_t ema_step) {
   // coef, with the fused optimizer and bf16 weight copies or on the CPU: the clipping scale,
   // applied as the AdamW step reads the gradients
   Tensor gnorm, coef;
   const bool deferred = cfg_.fused_optimizer && (copies_ || device_.is_cpu());
   if (cfg_.grad_clip > 0)
-    gnorm = deferred ? clip_grad_norm(model_->parameters(), cfg_.grad_clip, copies_.get(), &coef)
-                     : clip_grad_norm(model_->parameters(), cfg_.grad_clip);
+    gnorm = deferred ? clip_grad_norm(params_, cfg_.grad_clip, copies_.get(), &coef)
+                     : clip_grad_norm(params_, cfg_.grad_clip);
   if (cfg_.fused_optimizer) {
-    std::optional<FusedEma> fused_ema;
-    if (ema) fused_ema = ema->fused(*model_, ema_step);
-    fused_adamw_step(*opt_, dev, copies_.get(), coef, fused_ema ? &*fused_ema : nullptr);
+    fused_adamw_step(*opt_, dev, copies_.get(), coef, ema ? &ema->fused(ema_step) : nullptr);
   } else {
     opt_->step();
   }
@@ -563,7 +562,7 @@ void Trainer::graph_body() {
   StepGraph& g = *graph_;
   const int64_t B = g.images.size(0), micro = B / cfg_.grad_accum;
   opt_->zero_grad();
-  const auto params = model_->parameters();
+  const auto& params = params_;
   const auto targets = copies_ ? copies_->grad_targets(params) : params;
   std::optional<Bf16Weights::Bound> bound;
   if (copies_) bound.emplace(*copies_);
@@ -699,7 +698,9 @@ void Trainer::run(int64_t stop_at) {
     if (opt_)
       for (auto& g : opt_->param_groups()) static_cast<torch::optim::AdamWOptions&>(g.options()).lr(lr);
     Batch b = loader->next();
-    b.images = downsampled(b.images);
+    // data.downsample: the recorded step reads whole batches; train_step downsamples each
+    // worker's slice on that worker (the main thread would do it while the workers wait).
+    if (cfg_.cuda_graph) b.images = downsampled(b.images);
     Tensor gnorm;  // global, before clipping; float32 () on the device
     bool ema_in_step = false;
     if (cfg_.cuda_graph) {

@@ -35,8 +35,9 @@ class EMA {
  public:
   EMA(torch::nn::Module& model, double decay, int64_t start);
   void update(torch::nn::Module& model, int64_t step);  // before `start`: copy
-  // The same update for fused_adamw_step to make in its pass over the weights (on the CPU).
-  FusedEma fused(torch::nn::Module& model, int64_t step) const;
+  // The same update for fused_adamw_step to make in its pass over the weights (on the CPU), for
+  // the weights of the model the EMA was made from (the map is built once, with the EMA).
+  const FusedEma& fused(int64_t step);
   NamedTensors tensors() const { return shadow_; }
   void load(const NamedTensors& t);
   // Temporarily swaps EMA weights into the model (for validation samples).
@@ -44,6 +45,7 @@ class EMA {
 
  private:
   NamedTensors shadow_;
+  FusedEma fused_;  // shadow_'s tensors by their weight's TensorImpl
   double decay_;
   int64_t start_;
 };
@@ -118,11 +120,12 @@ class Trainer {
   // Gradient clipping (train.grad_clip) and the AdamW step, with device scalars in a CUDA graph;
   // returns the gradient norm before clipping (undefined without clipping). With `ema` (the fused
   // optimizer on the CPU) the AdamW pass also makes the EMA's update for step `ema_step`.
-  Tensor clip_and_step(AdamWDeviceScalars* dev, const EMA* ema = nullptr, int64_t ema_step = 0);
+  Tensor clip_and_step(AdamWDeviceScalars* dev, EMA* ema = nullptr, int64_t ema_step = 0);
   void log_metrics(const std::string& json_line);
   TrainConfig cfg_;
   c10::Device device_;
   MicroDiT model_{nullptr};
+  std::vector<Tensor> params_;  // model_->parameters(), taken once (the same tensors all along)
   std::unique_ptr<torch::optim::AdamW> opt_;  // null with a sharded optimizer (in sync_)
   std::unique_ptr<Bf16Weights> copies_;       // bf16 weight copies (train.bf16_weights), or null
   dist::Comm* comm_ = nullptr;
