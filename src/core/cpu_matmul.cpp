@@ -16,6 +16,8 @@
 #include <ATen/record_function.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <atomic>
 #include <map>
@@ -294,12 +296,19 @@ cpu::AnyMatrix any_matrix(Tensor& t, bool transposed = false) {
 
 // The tensors of the live PackedWeights scopes, by data pointer, with the packs made of them: one
 // per layout a product reads a weight in (its sizes and strides), each holding one pack per
-// matrix (E for a bmm operand). Entries are filled once and never changed, so a thread that
-// holds one may read it while others look up or add theirs. The threads that need an entry
-// while it is being filled fill it together, a panel of 32 columns at a time (the CPU workers of
-// a step reach each weight at about the same moment): packing takes the time of part of it.
+// matrix (E for a bmm operand). Entries are made with their storage and never changed but for
+// their panels, so a thread that holds one may read it while others look up or add theirs. The
+// threads that need an entry while it is being filled fill it together, a panel of 32 columns at
+// a time (the CPU workers of a step reach each weight at about the same moment): packing takes
+// the time of part of it.
+//
+// The CPU workers look weights up about 300 times a step each, at about the same moments, so
+// the registry's lock is a spin lock: a std::mutex (and the std::call_once that allocated an
+// entry's storage until session 33) put the waiting worker to sleep, ~11 times a step, and
+// waking it cost more than the wait (perf's sched_switch events). Entries get their storage from
+// the spares of the previous scope's entries (the same sizes, step after step), so a step
+// neither allocates nor faults in pack memory.
 struct PackEntry {
-  std::once_flag allocated;
   std::atomic<int64_t> next{0}, done{0};  // panels claimed, and packed, over all E matrices
   int64_t panels = 0;                     // per matrix
   int64_t version = 0;  // the weight's version counter when the entry was made
@@ -311,17 +320,51 @@ struct Registered {
   int scopes = 0;
   std::map<std::vector<int64_t>, std::shared_ptr<PackEntry>> packs;
 };
+
+// A lock for short critical sections between a few busy threads: spins (with the CPU's pause
+// hint), yielding the core now and then should the holder have been preempted.
+class SpinLock {
+ public:
+  void lock() {
+    for (int spins = 0; held_.exchange(true, std::memory_order_acquire);) {
+      while (held_.load(std::memory_order_relaxed))
+        if (++spins % 1024 == 0) std::this_thread::yield();
+        else _mm_pause();
+    }
+  }
+  void unlock() { held_.store(false, std::memory_order_release); }
+
+ private:
+  std::atomic<bool> held_{false};
+};
+
 struct PackRegistry {
-  std::mutex mu;
+  SpinLock mu;
   std::map<const void*, Registered> weights;
   int64_t bytes = 0;  // of the packs held
   PackedWeightStats stats;
+  // Storage of packs no longer held, by size in bytes, for the next scope's entries.
+  std::multimap<int64_t, cpu::PackedBf16> spare;
+  int64_t spare_bytes = 0;
 };
 PackRegistry& registry() {
   static auto* r = new PackRegistry();  // never destroyed: scopes may end during static destruction
   return *r;
 }
 std::atomic<int> g_scopes{0};  // live PackedWeights scopes: none, and a product looks nothing up
+
+// Storage for a (K x N) pack: a spare one of its size, or new. The caller holds r.mu.
+cpu::PackedBf16 pack_storage(PackRegistry& r, int64_t K, int64_t N) {
+  const int64_t bytes = std::max<int64_t>((K + 1) / 2, 1) * ((N + 31) / 32) * 32 * 4;  // pack_bf16's
+  const auto it = r.spare.find(bytes);
+  if (it == r.spare.end()) return cpu::packed_bf16_storage(K, N);
+  cpu::PackedBf16 p = std::move(it->second);  // as many words: any shape's panels fit
+  r.spare.erase(it);
+  r.spare_bytes -= bytes;
+  p.K = K;
+  p.N = N;
+  return p;
+}
 
 // The packs of B as a product reads it, (K, N) or (E, K, N) (a view of a registered weight: the
 // weight itself, or its transpose), or null where B is no registered weight, the cache is full,
@@ -330,8 +373,9 @@ std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
   if (g_scopes.load(std::memory_order_acquire) == 0) return nullptr;
   auto& r = registry();
   std::shared_ptr<PackEntry> entry;
+  const int64_t K = b.size(-2), N = b.size(-1), E = b.dim() == 3 ? b.size(0) : 1;
   {
-    std::lock_guard<std::mutex> lock(r.mu);
+    std::lock_guard<SpinLock> lock(r.mu);
     const auto it = r.weights.find(b.const_data_ptr());
     if (it == r.weights.end()) return nullptr;
     const Tensor& w = it->second.weight;
@@ -345,27 +389,23 @@ std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
       slot.reset();
     }
     if (!slot) {
-      const int64_t K = b.size(-2), N = b.size(-1), E = b.dim() == 3 ? b.size(0) : 1;
       const int64_t bytes = E * std::max<int64_t>((K + 1) / 2, 1) * ((N + 31) / 32) * 32 * 4;  // pack_bf16's
       if (r.bytes + bytes > kPackedWeightBudget) {
         r.stats.over_budget++;
         return nullptr;
       }
-      slot = std::make_shared<PackEntry>();
-      slot->version = static_cast<int64_t>(w._version());
-      slot->bytes = bytes;
+      auto made = std::make_shared<PackEntry>();
+      made->version = static_cast<int64_t>(w._version());
+      made->bytes = bytes;
+      for (int64_t e = 0; e < E; ++e) made->packs.push_back(pack_storage(r, K, N));
+      made->panels = cpu::packed_bf16_panels(made->packs.front());
       r.bytes += bytes;
+      r.stats.packs++;
+      slot = std::move(made);
     }
     entry = slot;
     r.stats.lookups++;
   }
-  const auto E = b.dim() == 3 ? b.size(0) : 1;
-  std::call_once(entry->allocated, [&] {
-    for (int64_t e = 0; e < E; ++e) entry->packs.push_back(cpu::packed_bf16_storage(b.size(-2), b.size(-1)));
-    entry->panels = cpu::packed_bf16_panels(entry->packs.front());
-    std::lock_guard<std::mutex> lock(r.mu);
-    r.stats.packs++;
-  });
   const int64_t total = E * entry->panels;
   const auto bytes = static_cast<int64_t>(b.element_size());
   const int64_t matrix_stride = b.dim() == 3 ? b.stride(0) : 0;
@@ -376,7 +416,10 @@ std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
     cpu::pack_bf16_panels(m, entry->packs[static_cast<size_t>(e)], p, p + 1);
     entry->done.fetch_add(1, std::memory_order_release);
   }
-  while (entry->done.load(std::memory_order_acquire) < total) std::this_thread::yield();  // another thread's last panels
+  // Another thread's last panels (a few microseconds of packing at most).
+  for (int spins = 0; entry->done.load(std::memory_order_acquire) < total;)
+    if (++spins % 256 == 0) std::this_thread::yield();
+    else _mm_pause();
   return entry;
 }
 
@@ -608,7 +651,7 @@ bool pack_weights() { return g_pack_weights; }
 PackedWeights::PackedWeights(const std::vector<Tensor>& weights) : active_(g_pack_weights) {
   if (!active_) return;
   auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
+  std::lock_guard<SpinLock> lock(r.mu);
   for (const auto& w : weights) {
     if (!w.defined() || !w.device().is_cpu() || w.layout() != at::kStrided || w.numel() == 0) continue;
     auto& reg = r.weights[w.const_data_ptr()];
@@ -624,19 +667,29 @@ PackedWeights::PackedWeights(const std::vector<Tensor>& weights) : active_(g_pac
 PackedWeights::~PackedWeights() {
   if (!active_) return;
   auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
+  std::lock_guard<SpinLock> lock(r.mu);
   for (const void* k : keys_) {
     auto it = r.weights.find(k);
     if (it == r.weights.end() || --it->second.scopes > 0) continue;
-    for (const auto& [key, entry] : it->second.packs) r.bytes -= entry->bytes;
-    r.weights.erase(it);  // a product still multiplying with a pack holds it until it ends
+    for (const auto& [key, entry] : it->second.packs) {
+      r.bytes -= entry->bytes;
+      // The storage of packs no product holds any more, kept for the next scope's (up to the
+      // budget; a product still multiplying with a pack holds it until it ends).
+      if (entry.use_count() != 1) continue;
+      for (auto& p : entry->packs)
+        if (p.bytes > 0 && r.spare_bytes + p.bytes <= kPackedWeightBudget) {
+          r.spare_bytes += p.bytes;
+          r.spare.emplace(p.bytes, std::move(p));
+        }
+    }
+    r.weights.erase(it);
   }
   g_scopes.fetch_sub(1, std::memory_order_release);
 }
 
 PackedWeightStats packed_weight_stats() {
   auto& r = registry();
-  std::lock_guard<std::mutex> lock(r.mu);
+  std::lock_guard<SpinLock> lock(r.mu);
   auto s = r.stats;
   s.bytes = r.bytes;
   return s;
