@@ -550,6 +550,18 @@ TEST(CpuMatmul, PackedWeightsAreReusedAndFollowInPlaceChanges) {
   const auto unpacked = microdit::linear(x, w);  // no scope: packed by the product
   EXPECT_FALSE(torch::equal(changed, plain));
   EXPECT_TRUE(torch::equal(changed, unpacked));
+  // The ended scope's pack storage is kept, and the next scope's pack of the same size takes it
+  // (a training step reuses the previous step's) and fills it anew.
+  const auto spare = packed_weight_stats().spare_bytes;
+  EXPECT_GT(spare, 0);
+  w.add_(0.25);
+  torch::Tensor again;
+  {
+    const PackedWeights scope({w});
+    again = microdit::linear(x, w);
+    EXPECT_LT(packed_weight_stats().spare_bytes, spare);
+  }
+  EXPECT_TRUE(torch::equal(again, microdit::linear(x, w)));  // the new values, not the old pack's
 }
 
 TEST(CpuAttention, Float32UnderAutocast) {

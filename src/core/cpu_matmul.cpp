@@ -692,6 +692,7 @@ PackedWeightStats packed_weight_stats() {
   std::lock_guard<SpinLock> lock(r.mu);
   auto s = r.stats;
   s.bytes = r.bytes;
+  s.spare_bytes = r.spare_bytes;
   return s;
 }
 

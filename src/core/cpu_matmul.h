@@ -108,9 +108,10 @@ bool pack_weights();
 constexpr int64_t kPackedWeightBudget = int64_t{1} << 30;
 
 // Counts since the process started (packs: weights packed; lookups: products that took a pack,
-// each but the first of a pack a reuse), and the bytes held now.
+// each but the first of a pack a reuse), the bytes held now by live scopes' packs, and the
+// bytes of ended scopes' pack storage kept for the next scopes' packs (spare_bytes).
 struct PackedWeightStats {
-  int64_t packs = 0, lookups = 0, over_budget = 0, bytes = 0;
+  int64_t packs = 0, lookups = 0, over_budget = 0, bytes = 0, spare_bytes = 0;
 };
 PackedWeightStats packed_weight_stats();
 
