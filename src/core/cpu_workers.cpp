@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
@@ -29,6 +30,10 @@ struct Pool {
   std::vector<std::thread> threads;
   uint64_t generation = 0;  // bumped for each job
   int taking_part = 0;      // workers [0, taking_part) run the current job
+  // generation and taking_part as last published under mu, for workers that poll before they
+  // sleep (wait_for_job).
+  std::atomic<uint64_t> posted{0};
+  std::atomic<int> posted_taking_part{0};
   int running = 0;          // of those, not yet done
   // The current job, valid while running > 0.
   const std::function<void(int64_t)>* task = nullptr;
@@ -45,6 +50,26 @@ Pool& pool() {
 
 thread_local bool t_worker = false;  // this thread is one of the pool's, or helps in a job now
 
+// How long a worker that has finished a job polls for the next before it sleeps. A training
+// step hands the workers several jobs a few hundred microseconds apart (the slices' passes, the
+// gradient sums and norms, the AdamW pass); a worker asleep in a virtual machine took up to
+// milliseconds to wake (its virtual CPU halted), so that in session 32's build the caller had
+// often run a two-way parallel_for alone before the other thread woke. Polling keeps the core
+// awake between those jobs; it yields the core at every poll so that the caller's own work
+// between jobs is not delayed.
+constexpr auto kPollBeforeSleep = std::chrono::microseconds(2000);
+
+// Waits for a job after `seen` that this worker takes part in: polls for kPollBeforeSleep, then
+// sleeps on the pool's condition variable. Returns with `lock` held.
+void wait_for_job(Pool& p, int index, uint64_t seen, std::unique_lock<std::mutex>& lock) {
+  const auto ready = [&] { return p.posted.load(std::memory_order_acquire) != seen &&
+                                  index < p.posted_taking_part.load(std::memory_order_acquire); };
+  const auto until = std::chrono::steady_clock::now() + kPollBeforeSleep;
+  while (!ready() && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+  lock.lock();
+  p.wake.wait(lock, [&] { return p.generation != seen && index < p.taking_part; });
+}
+
 void worker_loop(Pool& p, int index) {
   t_worker = true;
   // This worker's OpenMP / MKL threads: 1. get_num_threads first, as LibTorch sets a thread's
@@ -54,8 +79,8 @@ void worker_loop(Pool& p, int index) {
   at::set_num_threads(1);
   uint64_t seen = 0;
   for (;;) {
-    std::unique_lock<std::mutex> lock(p.mu);
-    p.wake.wait(lock, [&] { return p.generation != seen && index < p.taking_part; });
+    std::unique_lock<std::mutex> lock(p.mu, std::defer_lock);
+    wait_for_job(p, index, seen, lock);
     seen = p.generation;
     const auto* task = p.task;
     const auto* state = p.state;
@@ -96,6 +121,8 @@ void run_job(Pool& p, int threads, int64_t tasks, const std::function<void(int64
     p.taking_part = threads;
     p.running = threads;
     ++p.generation;
+    p.posted_taking_part.store(threads, std::memory_order_release);
+    p.posted.store(p.generation, std::memory_order_release);
   }
   p.wake.notify_all();
   std::exception_ptr own_error;
@@ -116,6 +143,7 @@ void run_job(Pool& p, int threads, int64_t tasks, const std::function<void(int64
   std::unique_lock<std::mutex> lock(p.mu);
   p.finished.wait(lock, [&] { return p.running == 0; });
   p.taking_part = 0;
+  p.posted_taking_part.store(0, std::memory_order_release);
   p.task = nullptr;
   p.state = nullptr;
   lock.unlock();
