@@ -16,7 +16,10 @@ namespace microdit {
 // exception after all have ended. The threads are the process's own, started on first use
 // and kept for later calls (so their caches stay warm from one training step to the next);
 // callers on several threads take turns. workers <= 1, or a call from inside a task, runs the
-// tasks in the calling thread. The process's intra-op thread count is left as it was.
+// tasks in the calling thread. The process's intra-op thread count is left as it was. Between
+// jobs a thread polls for the next for 2 ms (yielding its core) before it sleeps: a training
+// step's jobs come a few hundred microseconds apart, and waking a sleeping thread took up to
+// milliseconds in a virtual machine (docs/performance.md, "Session 33").
 void run_cpu_workers(int workers, int64_t tasks, const std::function<void(int64_t)>& task);
 
 // fn over [begin, end) in up to at::get_num_threads() contiguous chunks of at least `grain`
