@@ -562,6 +562,14 @@ TEST(CpuMatmul, PackedWeightsAreReusedAndFollowInPlaceChanges) {
     EXPECT_LT(packed_weight_stats().spare_bytes, spare);
   }
   EXPECT_TRUE(torch::equal(again, microdit::linear(x, w)));  // the new values, not the old pack's
+  EXPECT_EQ(packed_weight_stats().spare_bytes, spare);        // taken and given back, not added to
+  // A scope of another shape: the spares it did not take are freed as it ends, not kept beside its own.
+  const auto w2 = torch::randn({100, 32});
+  {
+    const PackedWeights other({w2});
+    (void)microdit::linear(x, w2);
+  }
+  EXPECT_EQ(packed_weight_stats().spare_bytes, kernels::cpu::packed_bf16_bytes(32, 100));
 }
 
 TEST(CpuAttention, Float32UnderAutocast) {

@@ -307,7 +307,8 @@ cpu::AnyMatrix any_matrix(Tensor& t, bool transposed = false) {
 // entry's storage until session 33) put the waiting worker to sleep, ~11 times a step, and
 // waking it cost more than the wait (perf's sched_switch events). Entries get their storage from
 // the spares of the previous scope's entries (the same sizes, step after step), so a step
-// neither allocates nor faults in pack memory.
+// neither allocates nor faults in pack memory; the spares a scope does not take are freed as it
+// ends.
 struct PackEntry {
   std::atomic<int64_t> next{0}, done{0};  // panels claimed, and packed, over all E matrices
   int64_t panels = 0;                     // per matrix
@@ -355,7 +356,7 @@ std::atomic<int> g_scopes{0};  // live PackedWeights scopes: none, and a product
 
 // Storage for a (K x N) pack: a spare one of its size, or new. The caller holds r.mu.
 cpu::PackedBf16 pack_storage(PackRegistry& r, int64_t K, int64_t N) {
-  const int64_t bytes = std::max<int64_t>((K + 1) / 2, 1) * ((N + 31) / 32) * 32 * 4;  // pack_bf16's
+  const int64_t bytes = cpu::packed_bf16_bytes(K, N);
   const auto it = r.spare.find(bytes);
   if (it == r.spare.end()) return cpu::packed_bf16_storage(K, N);
   cpu::PackedBf16 p = std::move(it->second);  // as many words: any shape's panels fit
@@ -389,7 +390,7 @@ std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
       slot.reset();
     }
     if (!slot) {
-      const int64_t bytes = E * std::max<int64_t>((K + 1) / 2, 1) * ((N + 31) / 32) * 32 * 4;  // pack_bf16's
+      const int64_t bytes = E * cpu::packed_bf16_bytes(K, N);
       if (r.bytes + bytes > kPackedWeightBudget) {
         r.stats.over_budget++;
         return nullptr;
@@ -668,19 +669,23 @@ PackedWeights::~PackedWeights() {
   if (!active_) return;
   auto& r = registry();
   std::lock_guard<SpinLock> lock(r.mu);
+  // Spares this scope's packs did not take are of sizes no longer packed (another model, or
+  // other shapes): freed, so that the spares never exceed one scope's packs.
+  r.spare.clear();
+  r.spare_bytes = 0;
   for (const void* k : keys_) {
     auto it = r.weights.find(k);
     if (it == r.weights.end() || --it->second.scopes > 0) continue;
     for (const auto& [key, entry] : it->second.packs) {
       r.bytes -= entry->bytes;
-      // The storage of packs no product holds any more, kept for the next scope's (up to the
-      // budget; a product still multiplying with a pack holds it until it ends).
+      // The storage of packs no product holds any more, kept for the next scope's (a product
+      // still multiplying with a pack holds it until it ends). Live packs are within the budget,
+      // so the spares are too.
       if (entry.use_count() != 1) continue;
-      for (auto& p : entry->packs)
-        if (p.bytes > 0 && r.spare_bytes + p.bytes <= kPackedWeightBudget) {
-          r.spare_bytes += p.bytes;
-          r.spare.emplace(p.bytes, std::move(p));
-        }
+      for (auto& p : entry->packs) {
+        r.spare_bytes += p.bytes;
+        r.spare.emplace(p.bytes, std::move(p));
+      }
     }
     r.weights.erase(it);
   }

@@ -77,6 +77,7 @@ PackedBf16 pack_bf16(int64_t K, int64_t N, const AnyMatrix& b);
 // The same in pieces, so that several threads may fill one pack at once: its storage (not yet
 // filled), its number of panels (32 columns each), and panels [p0, p1) of B packed into it.
 PackedBf16 packed_bf16_storage(int64_t K, int64_t N);
+int64_t packed_bf16_bytes(int64_t K, int64_t N);  // the storage's size (its `bytes`), N > 0
 int64_t packed_bf16_panels(const PackedBf16& p);
 void pack_bf16_panels(const AnyMatrix& b, PackedBf16& p, int64_t p0, int64_t p1);
 

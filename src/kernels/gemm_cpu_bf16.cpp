@@ -279,11 +279,13 @@ PackedBf16 packed_bf16_storage(int64_t K, int64_t N) {
   if (p.N == 0) return p;
   // Column block n0 of gemm_bf16 is panels n0 / kNr onwards: all N columns' panels one after the
   // other lay the blocks out as gemm_bf16 would pack them one at a time.
-  p.bytes = packed_words(K, p.N) * static_cast<int64_t>(sizeof(u32));
+  p.bytes = packed_bf16_bytes(K, p.N);
   p.words.reset(static_cast<uint32_t*>(std::aligned_alloc(64, static_cast<size_t>((p.bytes + 63) / 64 * 64))));
   if (!p.words) throw std::bad_alloc();
   return p;
 }
+
+int64_t packed_bf16_bytes(int64_t K, int64_t N) { return packed_words(K, N) * static_cast<int64_t>(sizeof(u32)); }
 
 int64_t packed_bf16_panels(const PackedBf16& p) { return (p.N + kNr - 1) / kNr; }
 
