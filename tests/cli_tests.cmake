@@ -59,6 +59,15 @@ set_tests_properties(e2e.main_job_colour_check PROPERTIES TIMEOUT 3600 SKIP_REGU
                      LABELS e2e)
 md_error_test(cli.sample_bad_scale "--n, --steps and --scale must be >= 1"
               sample --ckpt /nonexistent.safetensors --prompt "red heart" --scale 0)
+# --precision (auto, bf16 or fp32) of the commands that sample, checked before anything loads.
+md_error_test(cli.sample_bad_precision "--precision: expected auto, bf16 or fp32, got 'half'"
+              sample --ckpt /nonexistent.safetensors --prompt "red heart" --precision half)
+md_error_test(cli.sample_bf16_and_fp32 "--bf16 and --precision fp32 disagree"
+              sample --ckpt /nonexistent.safetensors --prompt "red heart" --bf16 --precision fp32)
+md_error_test(cli.recall_bad_precision "--precision: expected auto, bf16 or fp32, got 'fp16'"
+              eval-recall --ckpt /nonexistent.safetensors --dataset /nonexistent --precision fp16)
+md_error_test(cli.colour_bad_precision "--precision: expected auto, bf16 or fp32, got 'x'"
+              eval-colour --ckpt /nonexistent.safetensors --precision x)
 
 # eval-recall (issue #10) and the skin-tone-free emoji set: one-line errors, and the option works.
 md_error_test(cli.recall_missing_dataset "/nonexistent/captions.jsonl: no such file"

@@ -16,5 +16,7 @@ md_error_test(cli.sample_cfg_nan "guidance \\(cfg\\) must be a number in \\[0, 1
 md_error_test(cli.sample_n_unbounded "images per prompt must be in \\[1, 64\\], got 100000000"
               sample --ckpt /nonexistent.safetensors --prompt x --n 100000000)
 md_error_test(cli.serve_missing_ckpt "/nonexistent.safetensors: no such file" serve --ckpt /nonexistent.safetensors)
+md_error_test(cli.serve_bad_precision "--precision: expected auto, bf16 or fp32, got 'half'"
+              serve --ckpt /nonexistent.safetensors --precision half)
 md_error_test(cli.serve_bad_port "--port must be in \\[0, 65535\\]"
               serve --ckpt /nonexistent.safetensors --port 70000)

@@ -7,6 +7,7 @@
 
 #include "core/autocast.h"
 #include "core/cpu_matmul.h"
+#include "core/precision.h"
 #include "diffusion/edm.h"
 #include "eval/sampling.h"
 #include "model/microdit.h"
@@ -138,4 +139,45 @@ TEST(Sampling, OneModulationProductEqualsEachBlocksOwn) {
   const auto [each2, one2] = both();
   EXPECT_TRUE(torch::allclose(one2, each2, 1e-5, 1e-6)) << (one2 - each2).abs().max().item<double>();
   EXPECT_GT((one2 - one).abs().max().item<double>(), 1e-3);  // the new weight was used
+}
+
+// SamplerOptions::bf16 (the commands' --precision) runs the network under bf16 autocast, on
+// every CPU worker, as a caller's own AutocastGuard does (which bf16 = false leaves in force),
+// and leaves the caller's state as it was; float32 images differ from it by rounding only.
+TEST(Sampling, Bf16OptionRunsTheNetworkUnderAutocast) {
+  auto [model, z, y] = tiny_sampling();
+  torch::NoGradGuard ng;
+  const auto captions = y.squeeze(1);  // (3, L, W)
+  const EDMConfig edm;
+  SamplerOptions so;
+  so.steps = 3;
+  so.cfg = 2.0;
+  const int saved = at::get_num_threads();
+  at::set_num_threads(2);  // two workers: the autocast state must reach the pool's thread too
+  const auto fp32 = generate_images(*model, captions, 3, edm, so, 16);
+  Tensor guarded;
+  {
+    AutocastGuard ac(c10::kCPU, true);
+    guarded = generate_images(*model, captions, 3, edm, so, 16);
+  }
+  so.bf16 = true;
+  const auto bf16 = generate_images(*model, captions, 3, edm, so, 16);
+  EXPECT_FALSE(at::autocast::is_autocast_enabled(c10::kCPU)) << "the caller's state is restored";
+  at::set_num_threads(saved);
+  const auto again = generate_images(*model, captions, 3, edm, so, 16);
+  EXPECT_TRUE(torch::equal(bf16, again)) << (bf16 - again).abs().max().item<double>();
+  EXPECT_TRUE(torch::equal(bf16, guarded)) << (bf16 - guarded).abs().max().item<double>();
+  const double diff = (bf16 - fp32).abs().max().item<double>();
+  EXPECT_GT(diff, 0) << "the option changed nothing";
+  EXPECT_LT(diff, 0.1);
+}
+
+// --precision: auto is bf16 where bf16_native says it pays (CUDA; CPUs with AVX512-BF16 or
+// AMX), as train.bf16: auto; anything but auto, bf16 or fp32 is a one-line error.
+TEST(Sampling, PrecisionChoice) {
+  EXPECT_TRUE(sampling_bf16("auto", /*cuda=*/true));
+  EXPECT_EQ(sampling_bf16("auto", false), bf16_native(false));
+  EXPECT_TRUE(sampling_bf16("bf16", false));
+  EXPECT_FALSE(sampling_bf16("fp32", true));
+  EXPECT_EQ(error_of([] { sampling_bf16("half", false); }), "--precision: expected auto, bf16 or fp32, got 'half'");
 }

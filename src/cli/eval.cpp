@@ -11,6 +11,7 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "core/fs.h"
+#include "core/precision.h"
 #include "core/progress.h"
 #include "data/image_io.h"
 #include "eval/clip_image.h"
@@ -130,7 +131,7 @@ void run_clip(const ClipOptions& o) {
 
 struct CocoOptions {
   RuntimeOptions rt;
-  std::string ckpt, vae, captions, stats, inception, clip, out;
+  std::string ckpt, vae, captions, stats, inception, clip, out, precision = "auto";
   int n = 30000, steps = 30, batch = 16, grid = 16;
   double cfg = 4.0;
   uint64_t seed = 0;
@@ -140,6 +141,7 @@ struct CocoOptions {
 void run_coco(const CocoOptions& o) {
   set_threads(o.rt.threads);
   const auto device = resolve_device(o.rt.device);
+  const bool bf16 = sampling_bf16(o.precision, device.is_cuda());
   MD_CHECK(o.n >= 2 && o.batch >= 1 && o.steps >= 1, "--n must be >= 2, --batch and --steps >= 1");
   // Check every input before the long generation.
   const auto caps_all = read_lines(o.captions);
@@ -163,8 +165,10 @@ void run_coco(const CocoOptions& o) {
   SamplerOptions so;
   so.steps = o.steps;
   so.cfg = o.cfg;
-  fmt::print("{}\ngenerating {} images into {} ({} steps, guidance {}, seed {}; existing images are kept)\n",
-             runtime_summary(device), o.n, dir, o.steps, o.cfg, o.seed);
+  so.bf16 = bf16;
+  fmt::print("{}\ngenerating {} images into {} ({} steps, guidance {}, seed {}, {}; existing images are kept)\n",
+             runtime_summary(device), o.n, dir, o.steps, o.cfg, o.seed,
+             bf16 ? bf16_autocast_text(device.is_cuda()) : "float32");
   int64_t kept = 0;
   for (int64_t i = 0; i < o.n; ++i) kept += is_regular_file(name(i));
   ProgressBar bar("generate", o.n - kept, "img");
@@ -209,7 +213,7 @@ void run_coco(const CocoOptions& o) {
   nlohmann::json j = {{"fid", fid}, {"clip_score", cs}, {"n", o.n}, {"ckpt", o.ckpt}, {"captions", o.captions},
                       {"stats", o.stats}, {"inception", o.inception}, {"clip", o.clip}, {"steps", o.steps},
                       {"cfg", o.cfg}, {"seed", o.seed}, {"generated", made}, {"kept", kept},
-                      {"generate_seconds", gen_s}, {"ema", sm.ema}};
+                      {"generate_seconds", gen_s}, {"ema", sm.ema}, {"precision", bf16 ? "bf16" : "fp32"}};
   write_file_atomic(o.out + "/eval.json", j.dump(1) + "\n");
   fmt::print("FID: {:.4f}\nCLIP score: {:.4f}\nwrote {}/eval.json and {}/grid.png\n", fid, cs, o.out, o.out);
 }
@@ -255,6 +259,7 @@ void register_eval(CLI::App& app) {
   coco->add_option("--seed", k->seed, "noise seed (image i uses seed + i)")->capture_default_str();
   coco->add_option("--batch", k->batch, "images per sampling batch")->capture_default_str();
   coco->add_flag("--quick-gelu", k->quick_gelu, "OpenAI-style QuickGELU CLIP");
+  add_precision_option(*coco, k->precision);
   add_runtime_options(*coco, k->rt);
   coco->callback([k] { run_coco(*k); });
 }

@@ -8,6 +8,7 @@
 #include "cli/commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/precision.h"
 #include "core/progress.h"
 #include "eval/colour.h"
 #include "eval/sampling.h"
@@ -20,7 +21,7 @@ namespace {
 
 struct EvalOptions {
   RuntimeOptions rt;
-  std::string ckpt, metrics, out, summary;
+  std::string ckpt, metrics, out, summary, precision = "auto";
   int n = 8, steps = 20;
   // Guidance: the sampler's default (microdit sample --cfg 4).
   double cfg = 4.0, min_accuracy = 0.8, max_val_ratio = 0.8;
@@ -50,6 +51,7 @@ void check_validation(const std::string& path, double max_ratio) {
 void run(const EvalOptions& o) {
   set_threads(o.rt.threads);
   const auto device = resolve_device(o.rt.device);
+  const bool bf16 = sampling_bf16(o.precision, device.is_cuda());
   auto sm = load_sampling_model(o.ckpt, device);
   const auto& probes = heart_probes();
   std::vector<std::string> rows;
@@ -60,6 +62,9 @@ void run(const EvalOptions& o) {
   SamplerOptions so;
   so.steps = o.steps;
   so.cfg = o.cfg;
+  so.bf16 = bf16;
+  fmt::print("sampling {} images: {} steps, guidance {}, {}\n", rows.size(), o.steps, o.cfg,
+             bf16 ? bf16_autocast_text(device.is_cuda()) : "float32");
   ProgressBar bar("eval-colour", static_cast<int64_t>(rows.size()), "img");
   // Sample j of every prompt shares its noise (seed + j): only the colour word differs.
   std::vector<Tensor> per_prompt;
@@ -96,7 +101,7 @@ void run(const EvalOptions& o) {
              100 * o.min_accuracy);
   if (!o.summary.empty()) {
     update_summary(o.summary, "colour", {{"checkpoint", o.ckpt}, {"steps", o.steps}, {"cfg", o.cfg},
-                                         {"correct", correct}, {"total", total}, {"accuracy", acc}});
+                                         {"precision", bf16 ? "bf16" : "fp32"}, {"correct", correct}, {"total", total}, {"accuracy", acc}});
     fmt::print("summary: {} (key \"colour\")\n", o.summary);
   }
   if (!o.metrics.empty()) check_validation(o.metrics, o.max_val_ratio);
@@ -122,6 +127,7 @@ void register_eval_colour(CLI::App& app) {
   cmd->add_option("--summary", o->summary, "JSON file to record the result in (key \"colour\")");
   cmd->add_flag("--plain-captions", o->plain_captions,
                 "prompts without the colour word suffix (for data made with dataset emoji --plain-captions)");
+  add_precision_option(*cmd, o->precision);
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

@@ -9,6 +9,7 @@
 #include "cli/commands.h"
 #include "core/device.h"
 #include "core/error.h"
+#include "core/precision.h"
 #include "core/progress.h"
 #include "data/image.h"
 #include "eval/recall.h"
@@ -23,7 +24,7 @@ namespace {
 
 struct RecallOptions {
   RuntimeOptions rt;
-  std::string ckpt, dataset, out, summary;
+  std::string ckpt, dataset, out, summary, precision = "auto";
   int n = 64, n_heldout = 64, steps = 30, batch = 32;
   double cfg = 4.0, min_top5 = 0, min_subgroup = 0;
   uint64_t seed = 0;
@@ -52,6 +53,7 @@ void run(const RecallOptions& o) {
   check_sampling_values(1, o.steps, o.cfg, o.seed);  // eval/sampling_limits.h
   set_threads(o.rt.threads);
   const auto device = resolve_device(o.rt.device);
+  const bool bf16 = sampling_bf16(o.precision, device.is_cuda());
   torch::NoGradGuard no_grad;
 
   const auto rows = read_emoji_rows(o.dataset);
@@ -81,6 +83,9 @@ void run(const RecallOptions& o) {
   SamplerOptions so;
   so.steps = o.steps;
   so.cfg = o.cfg;
+  so.bf16 = bf16;
+  fmt::print("sampling {} images: Heun {} steps, guidance {}, {}\n", picked.size(), o.steps, o.cfg,
+             bf16 ? bf16_autocast_text(device.is_cuda()) : "float32");
   ProgressBar bar("eval-recall", static_cast<int64_t>(picked.size()), "img");
   int64_t shown = 0;
   const Tensor samples = generate_images(*sm.model, emb, o.seed, sm.edm, so, o.batch, [&](int64_t done) {
@@ -126,7 +131,8 @@ void run(const RecallOptions& o) {
   if (!o.summary.empty()) {
     const nlohmann::ordered_json j = {{"checkpoint", o.ckpt},   {"dataset", o.dataset},
                                       {"steps", o.steps},       {"cfg", o.cfg},
-                                      {"seed", o.seed},         {"train", score_json(tr, true)},
+                                      {"seed", o.seed},         {"precision", bf16 ? "bf16" : "fp32"},
+                                      {"train", score_json(tr, true)},
                                       {"heldout", score_json(held, false)}};
     update_summary(o.summary, "recall", j);
     fmt::print("summary: {} (key \"recall\")\n", o.summary);
@@ -156,6 +162,7 @@ void register_eval_recall(CLI::App& app) {
   cmd->add_option("--summary", o->summary, "JSON file to record the figures in (key \"recall\")");
   cmd->add_option("--min-top5", o->min_top5, "fail below this top-5 fraction")->capture_default_str();
   cmd->add_option("--min-subgroup", o->min_subgroup, "fail below this subgroup fraction")->capture_default_str();
+  add_precision_option(*cmd, o->precision);
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

@@ -63,4 +63,12 @@ void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt) {
       ->default_str("cuda");
 }
 
+void add_precision_option(CLI::App& cmd, std::string& precision) {
+  cmd.add_option("--precision", precision,
+                 "the network's precision while sampling: auto (bf16 autocast on CUDA and on CPUs with "
+                 "AVX512-BF16 or AMX, where it is 1.5-2x faster; float32 elsewhere), bf16 or fp32. "
+                 "The sampler's own state stays float64")
+      ->capture_default_str();
+}
+
 }  // namespace microdit::cli

@@ -5,7 +5,6 @@
 #include <fstream>
 
 #include "cli/commands.h"
-#include "core/autocast.h"
 #include "core/device.h"
 #include "core/error.h"
 #include "core/precision.h"
@@ -23,7 +22,7 @@ namespace {
 
 struct SampleOptions {
   RuntimeOptions rt;
-  std::string ckpt, prompts_file, out = "samples.png", solver = "heun", encoder;
+  std::string ckpt, prompts_file, out = "samples.png", solver = "heun", encoder, precision = "auto";
   std::vector<std::string> prompts;
   int steps = 30, per_prompt = 4, batch = 16, scale = 4;
   double cfg = 4.0;
@@ -36,6 +35,9 @@ struct SampleOptions {
 void run(const SampleOptions& o) {
   set_threads(o.rt.threads);
   const auto device = resolve_device(o.rt.device);
+  MD_CHECK(!o.bf16 || o.precision == "auto" || o.precision == "bf16", "--bf16 and --precision {} disagree",
+           o.precision);
+  const bool bf16 = o.bf16 || sampling_bf16(o.precision, device.is_cuda());
   std::vector<std::string> prompts = o.prompts;
   if (!o.prompts_file.empty()) {
     std::ifstream in(o.prompts_file);
@@ -87,15 +89,12 @@ void run(const SampleOptions& o) {
   so.cfg = o.cfg;
   so.solver = parse_solver(o.solver);
   so.cuda_graph = o.cuda_graph;
+  so.bf16 = bf16;
   fmt::print("{}\nsampling {} image(s): {} steps ({}), guidance {}, seed {}, {} weights{}\n",
              runtime_summary(device), rows.size(), o.steps, o.solver, o.cfg, o.seed,
-             sm.ema ? "EMA" : "raw", o.bf16 ? std::string(", ") + bf16_autocast_text(device.is_cuda()) : "");
+             sm.ema ? "EMA" : "raw", bf16 ? std::string(", ") + bf16_autocast_text(device.is_cuda()) : ", float32");
   ProgressBar bar("sample", static_cast<int64_t>(rows.size()), "img");
-  Tensor images;
-  {
-    AutocastGuard autocast(device.type(), o.bf16);  // the sampler's state stays float64
-    images = generate_images(*model, emb, o.seed, edm, so, o.batch, [&](int64_t done) { bar.update(done); });
-  }
+  const Tensor images = generate_images(*model, emb, o.seed, edm, so, o.batch, [&](int64_t done) { bar.update(done); });
   bar.finish();
   std::vector<Image> pictures;
   if (sm.is_latent()) {  // as the reference's generate: z / scale -> decode -> clamp -> uint8
@@ -137,8 +136,8 @@ void register_sample(CLI::App& app) {
   cmd->add_flag("--no-ema", o->no_ema, "use the raw weights instead of the EMA");
   cmd->add_flag("--cuda-graph", o->cuda_graph,
                 "on a GPU: record one network evaluation into a CUDA graph and replay it (fewer launches)");
-  cmd->add_flag("--bf16", o->bf16,
-                "run the network under bf16 autocast (faster; how the reference samples during training)");
+  add_precision_option(*cmd, o->precision);
+  cmd->add_flag("--bf16", o->bf16, "the same as --precision bf16");
   cmd->add_option("--vae", o->vae,
                   "latent models: VAE (diffusers folder or .safetensors) that decodes the samples");
   cmd->add_option("--out", o->out, "output grid PNG")->capture_default_str();

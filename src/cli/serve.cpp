@@ -26,7 +26,7 @@ extern "C" void on_signal(int sig) {  // async-signal-safe: _exit and write only
 
 struct ServeCliOptions {
   RuntimeOptions rt;
-  std::string ckpt, vae;
+  std::string ckpt, vae, precision = "auto";
   serve::ServeOptions serve;
   int scale = 0;
 };
@@ -50,7 +50,7 @@ void run(const ServeCliOptions& o) {
   ::sigaction(SIGTERM, &sa, nullptr);
   fmt::print("loading {}\n", o.ckpt);
   std::fflush(stdout);
-  serve::Server server(o.serve, serve::load_checkpoint_generator(o.ckpt, o.vae, o.rt.device, o.scale));
+  serve::Server server(o.serve, serve::load_checkpoint_generator(o.ckpt, o.vae, o.rt.device, o.scale, o.precision));
   const int port = server.bind();
   std::thread watcher([&] {
     char sig = 0;
@@ -92,6 +92,7 @@ void register_serve(CLI::App& app) {
   cmd->add_option("--max-steps", o->serve.limits.max_steps, "sampler steps per request")->capture_default_str();
   cmd->add_option("--scale", o->scale, "enlarge each picture this many times (0: 4 for pixel models, 1 for latent)")
       ->capture_default_str();
+  add_precision_option(*cmd, o->precision);
   add_runtime_options(*cmd, o->rt);
   cmd->callback([o] { run(*o); });
 }

@@ -138,6 +138,7 @@ void run_rank(const TrainOptions& o, const dist::Env& env) {
     SamplerOptions so;
     so.steps = cfg.sample_steps;
     so.cfg = cfg.sample_cfg;
+    so.bf16 = cfg.bf16;  // the grids in the run's precision (train.bf16), as the reference's
     auto images = generate_images(model, prompt_emb, cfg.sample_seed, cfg.edm, so);
     std::vector<Image> cells;
     if (model.config().in_channels != 3) {  // a latent model: pictures need the VAE decoder

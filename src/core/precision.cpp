@@ -2,6 +2,8 @@
 
 #include <ATen/Context.h>
 
+#include "core/choice.h"
+
 namespace microdit {
 
 void set_tf32(bool on) {
@@ -22,6 +24,15 @@ bool bf16_native(bool cuda) {
 
 const char* bf16_autocast_text(bool cuda) {
   return bf16_native(cuda) ? "bf16 autocast" : "bf16 autocast (emulated: this CPU has no AVX-512 BF16 or AMX)";
+}
+
+bool sampling_bf16(std::string_view precision, bool cuda, std::string_view option) {
+  enum { automatic, bf16, fp32 };
+  switch (parse_choice<int>(option, precision, {{"auto", automatic}, {"bf16", bf16}, {"fp32", fp32}})) {
+    case automatic: return bf16_native(cuda);
+    case bf16: return true;
+    default: return false;
+  }
 }
 
 bool tf32_enabled() {

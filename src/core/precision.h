@@ -3,6 +3,7 @@
 // PyTorch; the parity check always runs with it off. It only touches float32 work, so under
 // bf16 autocast it speeds up what autocast keeps in float32. No effect on the CPU.
 #pragma once
+#include <string_view>
 
 namespace microdit {
 
@@ -17,5 +18,10 @@ bool bf16_native(bool cuda);
 // "bf16 autocast", with "(emulated: ...)" where bf16_native(cuda) is false, for the lines that
 // say how a command runs.
 const char* bf16_autocast_text(bool cuda);
+
+// The --precision of the commands that sample (auto, bf16 or fp32): whether the network runs
+// under bf16 autocast on a CUDA (cuda) or CPU device; auto is bf16_native(cuda), as train.bf16:
+// auto. Anything else is a one-line error naming `option`.
+bool sampling_bf16(std::string_view precision, bool cuda, std::string_view option = "--precision");
 
 }  // namespace microdit

@@ -52,6 +52,10 @@ struct SamplerOptions {
   // On a CUDA device: record one network evaluation into a CUDA graph and replay it for the
   // 2 x steps - 1 evaluations (core/cuda_graph.h); the same images up to float rounding.
   bool cuda_graph = false;
+  // true: generate_images runs the network under bf16 autocast (the sampler's state stays
+  // float64); false leaves the caller's autocast state. Commands set it from --precision
+  // (core/precision.h sampling_bf16).
+  bool bf16 = false;
 };
 
 // From initial unit noise z (B, C, H, W): x = z t_0 in float64, network in float32.

@@ -4,9 +4,11 @@
 #include <ATen/Parallel.h>
 
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <yaml-cpp/yaml.h>
 
+#include "core/autocast.h"
 #include "core/cpu_workers.h"
 #include "core/error.h"
 #include "io/checkpoint.h"
@@ -41,7 +43,13 @@ Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t see
     done += n;
     if (progress) progress(done);
   };
-  run_cpu_workers(threads, chunks, run_chunk);
+  {
+    // opt.bf16 turns bf16 autocast on; otherwise the caller's autocast state holds. The
+    // workers take the caller's thread-local state.
+    std::optional<AutocastGuard> autocast;
+    if (opt.bf16) autocast.emplace(device.type(), true);
+    run_cpu_workers(threads, chunks, run_chunk);
+  }
   return at::cat(out);
 }
 

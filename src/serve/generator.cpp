@@ -7,6 +7,7 @@
 
 #include "core/device.h"
 #include "core/error.h"
+#include "core/precision.h"
 #include "eval/sampling.h"
 #include "serve/server.h"
 #include "text/encoder.h"
@@ -26,8 +27,9 @@ std::string shell_quote(const std::string& s) {
 class CheckpointGenerator : public ImageGenerator {
  public:
   CheckpointGenerator(const std::string& ckpt, const std::string& vae_path, const std::string& device_name,
-                      int scale)
-      : ckpt_(ckpt), vae_path_(vae_path), device_(resolve_device(device_name)) {
+                      int scale, const std::string& precision)
+      : ckpt_(ckpt), vae_path_(vae_path), precision_(precision), device_(resolve_device(device_name)),
+        bf16_(sampling_bf16(precision, device_.is_cuda())) {
     sm_ = load_sampling_model(ckpt, device_, /*raw=*/false);
     const auto& cfg = sm_.model->config();
     MD_CHECK(!sm_.is_latent() || !vae_path.empty(),
@@ -46,9 +48,9 @@ class CheckpointGenerator : public ImageGenerator {
     MD_CHECK(encoder_->width() == cfg.caption_channels, "encoder '{}' gives {}-wide embeddings, the model takes {}",
              sm_.text_encoder, encoder_->width(), cfg.caption_channels);
     const int64_t side = cfg.input_size * (sm_.is_latent() ? 8 : 1);
-    describe_ = fmt::format("{} ({}x{} {}, {} weights, text encoder {}, {})", ckpt, side, side,
+    describe_ = fmt::format("{} ({}x{} {}, {} weights, text encoder {}, {}, {})", ckpt, side, side,
                             sm_.is_latent() ? "latent" : "pixels", sm_.ema ? "EMA" : "raw", sm_.text_encoder,
-                            runtime_summary(device_));
+                            bf16_ ? "bf16" : "float32", runtime_summary(device_));
   }
 
   std::string describe() const override { return describe_; }
@@ -59,6 +61,7 @@ class CheckpointGenerator : public ImageGenerator {
     cmd += fmt::format("--prompt {} --n {} --steps {} --cfg {} --seed {}", shell_quote(r.prompt), r.n, r.steps,
                        r.cfg, r.seed);
     if (scale_ != (sm_.is_latent() ? 1 : 4)) cmd += fmt::format(" --scale {}", scale_);
+    if (precision_ != "auto") cmd += " --precision " + precision_;
     return cmd + " --out samples.png";
   }
 
@@ -69,6 +72,7 @@ class CheckpointGenerator : public ImageGenerator {
     SamplerOptions so;
     so.steps = static_cast<int>(r.steps);
     so.cfg = r.cfg;
+    so.bf16 = bf16_;
     for (int64_t i = 0; i < r.n; ++i) {
       if (cancelled()) return;
       // Image i from seed + i alone: the same picture as `sample --seed S --n N`'s i-th.
@@ -86,8 +90,9 @@ class CheckpointGenerator : public ImageGenerator {
   }
 
  private:
-  std::string ckpt_, vae_path_, describe_;
+  std::string ckpt_, vae_path_, precision_, describe_;
   c10::Device device_;
+  bool bf16_ = false;  // the network under bf16 autocast
   SamplingModel sm_;
   AutoencoderKL vae_{nullptr};
   std::unique_ptr<text::TextEncoder> encoder_;
@@ -97,8 +102,9 @@ class CheckpointGenerator : public ImageGenerator {
 }  // namespace
 
 std::unique_ptr<ImageGenerator> load_checkpoint_generator(const std::string& ckpt, const std::string& vae,
-                                                          const std::string& device, int scale) {
-  return std::make_unique<CheckpointGenerator>(ckpt, vae, device, scale);
+                                                          const std::string& device, int scale,
+                                                          const std::string& precision) {
+  return std::make_unique<CheckpointGenerator>(ckpt, vae, device, scale, precision);
 }
 
 }  // namespace microdit::serve

@@ -47,9 +47,11 @@ class ImageGenerator {
                         const std::function<bool()>& cancelled) = 0;
 };
 
-// A training checkpoint (EMA weights), its text encoder and, for latent models, a VAE.
+// A training checkpoint (EMA weights), its text encoder and, for latent models, a VAE;
+// `precision` as the sample command's --precision (auto, bf16 or fp32).
 std::unique_ptr<ImageGenerator> load_checkpoint_generator(const std::string& ckpt, const std::string& vae,
-                                                          const std::string& device, int scale = 0);
+                                                          const std::string& device, int scale = 0,
+                                                          const std::string& precision = "auto");
 
 
 struct ServeOptions {
