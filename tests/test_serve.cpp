@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 #include <nlohmann/json.hpp>
+#include <ATen/Parallel.h>
 #include <torch/torch.h>
 
 #include <atomic>
@@ -310,25 +311,69 @@ TEST(ServeHttp, StopEndsRunAndCancelsWaitingWork) {
   EXPECT_EQ(again.bind(), port);
 }
 
-// The real generator: a tiny pixel MicroDiT written as a training checkpoint (random weights,
-// MiniLM captions), loaded by the server, two pictures over HTTP that decode.
-TEST(ServeHttp, TinyCheckpointMakesPngs) {
-  if (!is_directory(text::minilm_dir())) GTEST_SKIP() << "MiniLM assets missing (scripts/setup.sh)";
-  TempDir d;
+namespace {
+// A tiny pixel MicroDiT (8 x 8, random weights, MiniLM captions) written as a training
+// checkpoint DIR/tiny.safetensors; returns its path.
+std::string write_tiny_checkpoint(const std::string& dir) {
   auto cfg = test_util::tiny_config();
   cfg.caption_channels = 384;
   cfg.in_channels = 3;
   torch::manual_seed(0);
   MicroDiT model(cfg);
+  {  // a random final layer: the zero-initialised one would make every picture the same
+    torch::NoGradGuard ng;
+    for (auto& p : model->parameters()) p.normal_(0, 0.05);
+  }
   NamedTensors t;
   for (const auto& p : model->named_parameters()) t.emplace_back("model." + p.key(), p.value());
   for (const auto& b : model->named_buffers()) t.emplace_back("model." + b.key(), b.value());
-  const std::string ckpt = d.path + "/tiny.safetensors";
+  const std::string ckpt = dir + "/tiny.safetensors";
   write_safetensors(ckpt, t,
                     {{"microdit_config", config_to_yaml(cfg)},
                      {"caption_len", "16"},
                      {"sigma_data", "0.5"},
                      {"text_encoder", "minilm"}});
+  return ckpt;
+}
+}  // namespace
+
+// On the CPU the generator makes as many pictures at a time as there are threads, side by side:
+// the same pixels as one at a time from the same seeds, reported in order.
+TEST(ServeGenerator, PicturesSideBySideEqualOneAtATime) {
+  if (!is_directory(text::minilm_dir())) GTEST_SKIP() << "MiniLM assets missing (scripts/setup.sh)";
+  TempDir d;
+  auto gen = serve::load_checkpoint_generator(write_tiny_checkpoint(d.path), "", "cpu", 1, "fp32");
+  const int saved = at::get_num_threads();
+  at::set_num_threads(2);
+  serve::GenerateRequest r;
+  r.prompt = "red heart";
+  r.n = 3;  // a pair, then one
+  r.steps = 2;
+  r.cfg = 3;
+  r.seed = 7;
+  std::vector<int64_t> order;
+  std::vector<Image> together;
+  gen->generate(r, [&](int64_t i, const Image& im) { order.push_back(i), together.push_back(im); }, [] { return false; });
+  std::vector<Image> alone;
+  for (int64_t i = 0; i < r.n; ++i) {
+    serve::GenerateRequest one = r;
+    one.n = 1;
+    one.seed = r.seed + static_cast<uint64_t>(i);
+    gen->generate(one, [&](int64_t, const Image& im) { alone.push_back(im); }, [] { return false; });
+  }
+  at::set_num_threads(saved);
+  EXPECT_EQ(order, (std::vector<int64_t>{0, 1, 2}));
+  ASSERT_EQ(together.size(), 3u);
+  ASSERT_EQ(alone.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) EXPECT_EQ(together[i].pixels, alone[i].pixels) << "picture " << i;
+  EXPECT_NE(together[0].pixels, together[1].pixels);  // seeds differ
+}
+
+// The real generator: the tiny checkpoint loaded by the server, two pictures over HTTP that decode.
+TEST(ServeHttp, TinyCheckpointMakesPngs) {
+  if (!is_directory(text::minilm_dir())) GTEST_SKIP() << "MiniLM assets missing (scripts/setup.sh)";
+  TempDir d;
+  const std::string ckpt = write_tiny_checkpoint(d.path);
   Running s(serve::load_checkpoint_generator(ckpt, "", "cpu", 2), d.path);
   auto info = s.get("/api/info", 200);
   EXPECT_NE(info["model"].get<std::string>().find("8x8 pixels"), std::string::npos) << info.dump();
