@@ -181,3 +181,30 @@ TEST(Sampling, PrecisionChoice) {
   EXPECT_FALSE(sampling_bf16("fp32", true));
   EXPECT_EQ(error_of([] { sampling_bf16("half", false); }), "--precision: expected auto, bf16 or fp32, got 'half'");
 }
+
+// The chunks of generate_images: no more than `batch` images each, a multiple of the threads
+// in number (when there are enough images), sizes equal within one, every image in one chunk.
+TEST(Sampling, ChunksKeepEveryWorkerBusy) {
+  auto plan = [](int64_t n, int64_t b, int t) {
+    const auto c = sampling_chunks(n, b, t);
+    return std::vector<int64_t>{c.size, c.count};
+  };
+  EXPECT_EQ(plan(48, 16, 2), (std::vector<int64_t>{12, 4}));  // not 16 + 16 on one worker, 16 on the other
+  EXPECT_EQ(plan(40, 16, 2), (std::vector<int64_t>{10, 4}));
+  EXPECT_EQ(plan(128, 32, 2), (std::vector<int64_t>{32, 4}));
+  EXPECT_EQ(plan(5, 16, 2), (std::vector<int64_t>{3, 2}));
+  EXPECT_EQ(plan(1, 16, 2), (std::vector<int64_t>{1, 1}));
+  EXPECT_EQ(plan(48, 16, 1), (std::vector<int64_t>{16, 3}));  // one thread (and CUDA): chunks of batch
+  for (int t : {2, 3, 4})
+    for (int64_t b : {1, 3, 16})
+      for (int64_t n = 1; n <= 70; ++n) {
+        const auto c = sampling_chunks(n, b, t);
+        ASSERT_LE(c.size, b);
+        ASSERT_GE(c.size * c.count, n);
+        ASSERT_LT((c.count - 1) * c.size, n) << "an empty chunk";
+        if (n >= t) {  // each worker gets the same number of full chunks, or one less
+          const int64_t rounds = (c.count + t - 1) / t;
+          ASSERT_GE(n, (rounds - 1) * t * c.size) << n << " " << b << " " << t;
+        }
+      }
+}

@@ -15,6 +15,15 @@
 
 namespace microdit {
 
+SamplingChunks sampling_chunks(int64_t n, int64_t batch, int threads) {
+  int64_t size = batch;
+  if (threads > 1) {
+    const int64_t rounds = ((n + batch - 1) / batch + threads - 1) / threads;  // chunks per thread
+    size = (n + rounds * threads - 1) / (rounds * threads);
+  }
+  return {size, (n + size - 1) / size};
+}
+
 Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t seed,
                        const EDMConfig& edm, const SamplerOptions& opt, int64_t batch,
                        const std::function<void(int64_t)>& progress) {
@@ -30,8 +39,7 @@ Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t see
   // On the CPU, chunks run side by side on single-threaded workers, one per intra-op thread:
   // the small kernels of a sampling step scale poorly across threads, whole chunks do.
   const int threads = device.is_cpu() ? at::get_num_threads() : 1;
-  const int64_t chunk = threads > 1 ? std::min(batch, (N + threads - 1) / threads) : batch;
-  const int64_t chunks = (N + chunk - 1) / chunk;
+  const auto [chunk, chunks] = sampling_chunks(N, batch, threads);
   std::vector<Tensor> out(chunks);
   std::mutex mu;
   int64_t done = 0;

@@ -11,6 +11,15 @@ Tensor generate_images(MicroDiTImpl& model, const Tensor& captions, uint64_t see
                        const EDMConfig& edm, const SamplerOptions& opt, int64_t batch = 16,
                        const std::function<void(int64_t done)>& progress = nullptr);
 
+// How generate_images cuts N images into chunks of at most `batch` for `threads` CPU workers
+// side by side: a multiple of `threads` chunks whose sizes differ by at most one, so that no
+// worker has a chunk left when the others are done (48 in batches of 16 on 2 threads: 4 chunks
+// of 12, not 16 + 16 on one worker and 16 on the other). One thread: chunks of `batch`.
+struct SamplingChunks {
+  int64_t size, count;
+};
+SamplingChunks sampling_chunks(int64_t n, int64_t batch, int threads);
+
 // A training checkpoint made ready for sampling: the model (EMA weights unless `raw`), and
 // what encoding prompts needs (the text encoder's name and the caption length).
 struct SamplingModel {
