@@ -1,5 +1,5 @@
 // The server's image generator: a training checkpoint loaded once (EMA weights), as
-// `microdit sample` does, making one picture at a time so the page can show each as it comes.
+// `microdit sample` does, making a few pictures at a time so the page can show them as they come.
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/grad_mode.h>
 
@@ -77,14 +77,16 @@ class CheckpointGenerator : public ImageGenerator {
     so.bf16 = bf16_;
     // On the CPU, as many images at a time as there are threads: generate_images runs them side
     // by side, one per single-threaded worker (2.0x one at a time on 2 cores), each from its own
-    // seed, so the pictures are those of one at a time. On a GPU one at a time.
-    const int64_t group = device_.is_cpu() ? std::max(1, at::get_num_threads()) : 1;
+    // seed, so the pictures are those of one at a time. On a GPU all of them in one batch, as
+    // `sample` does (a batch of one leaves most of a GPU idle); they arrive together.
+    const bool cpu = device_.is_cpu();
+    const int64_t group = cpu ? std::max(1, at::get_num_threads()) : r.n;
     for (int64_t i = 0; i < r.n; i += group) {
       if (cancelled()) return;
       const int64_t k = std::min(group, r.n - i);
       // Image i from seed + i alone: the same picture as `sample --seed S --n N`'s i-th.
       auto x = generate_images(*sm_.model, emb.expand({k, -1, -1}).contiguous(), r.seed + static_cast<uint64_t>(i),
-                               sm_.edm, so, 1);  // (k, C, H, W)
+                               sm_.edm, so, cpu ? 1 : k);  // (k, C, H, W)
       std::vector<Image> pictures;
       if (sm_.is_latent()) {
         auto px = vae_->decode(x.to(device_) / sm_.latent_scale).to(at::kCPU, at::kFloat);

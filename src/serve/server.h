@@ -36,8 +36,9 @@ struct ServeLimits {
 // field (the server answers 400 with it). Missing fields take GenerateRequest's defaults.
 GenerateRequest parse_generate_request(const std::string& body, const ServeLimits& limits);
 
-// Makes the pictures of one request, one at a time; `on_image(i, picture)` is called as each
-// is ready. `cancelled()` is polled between images.
+// Makes the pictures of one request, in order; `on_image(i, picture)` is called as each is
+// ready (the checkpoint generator makes a few at a time: as many as CPU threads, or all of
+// them on a GPU). `cancelled()` is polled between those groups.
 class ImageGenerator {
  public:
   virtual ~ImageGenerator() = default;
