@@ -182,8 +182,9 @@ TEST(Sampling, PrecisionChoice) {
   EXPECT_EQ(error_of([] { sampling_bf16("half", false); }), "--precision: expected auto, bf16 or fp32, got 'half'");
 }
 
-// The chunks of generate_images: no more than `batch` images each, a multiple of the threads
-// in number (when there are enough images), sizes equal within one, every image in one chunk.
+// The chunks of generate_images: no more than `batch` images each, every image in one chunk, as
+// few rounds of chunks side by side as chunks of `batch` allow, and chunks as small as those
+// rounds allow (so the last round is not left to a few workers).
 TEST(Sampling, ChunksKeepEveryWorkerBusy) {
   auto plan = [](int64_t n, int64_t b, int t) {
     const auto c = sampling_chunks(n, b, t);
@@ -202,9 +203,8 @@ TEST(Sampling, ChunksKeepEveryWorkerBusy) {
         ASSERT_LE(c.size, b);
         ASSERT_GE(c.size * c.count, n);
         ASSERT_LT((c.count - 1) * c.size, n) << "an empty chunk";
-        if (n >= t) {  // each worker gets the same number of full chunks, or one less
-          const int64_t rounds = (c.count + t - 1) / t;
-          ASSERT_GE(n, (rounds - 1) * t * c.size) << n << " " << b << " " << t;
-        }
+        const int64_t rounds = (c.count + t - 1) / t;
+        ASSERT_EQ(rounds, ((n + b - 1) / b + t - 1) / t) << n << " " << b << " " << t << ": more rounds than needed";
+        ASSERT_LT((c.size - 1) * rounds * t, n) << n << " " << b << " " << t << ": smaller chunks would do";
       }
 }

@@ -6,10 +6,11 @@
 set -euo pipefail
 BIN=$1 CKPT=$2 N=${3:-8}
 shift $(( $# < 3 ? $# : 3 ))
-log=$(mktemp)
-"$BIN" serve --ckpt "$CKPT" --runs "$(dirname "$log")" --port 0 "$@" > "$log" 2>&1 &
+work=$(mktemp -d)  # the server's log, and an empty --runs folder for its dashboard
+log=$work/serve.log
+"$BIN" serve --ckpt "$CKPT" --runs "$work" --port 0 "$@" > "$log" 2>&1 &
 pid=$!
-trap 'kill "$pid" 2>/dev/null || true; rm -f "$log"' EXIT
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
 port=""
 for _ in $(seq 600); do
   port=$(sed -n 's#^serving on http://[^:]*:\([0-9]*\)/.*#\1#p' "$log")

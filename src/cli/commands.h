@@ -11,11 +11,8 @@ struct RuntimeOptions {
 };
 void add_runtime_options(CLI::App& cmd, RuntimeOptions& rt);
 
-// --precision of the commands that sample (sample, serve, eval-colour, eval-recall, eval coco):
-// the network's precision, the sampler's own state stays float64. auto (the default) is bf16
-// autocast where it pays (core/precision.h bf16_native: CUDA, and CPUs with AVX512-BF16 or AMX),
-// float32 elsewhere, as train.bf16: auto; then bf16 or fp32.
-// core/precision.h sampling_bf16 reads the value.
+// --precision auto|bf16|fp32 of the commands that sample (sample, serve, eval-colour,
+// eval-recall, eval coco); core/precision.h sampling_bf16 reads the value.
 void add_precision_option(CLI::App& cmd, std::string& precision);
 
 void register_info(CLI::App& app);

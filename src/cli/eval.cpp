@@ -168,7 +168,7 @@ void run_coco(const CocoOptions& o) {
   so.bf16 = bf16;
   fmt::print("{}\ngenerating {} images into {} ({} steps, guidance {}, seed {}, {}; existing images are kept)\n",
              runtime_summary(device), o.n, dir, o.steps, o.cfg, o.seed,
-             bf16 ? bf16_autocast_text(device.is_cuda()) : "float32");
+             sampling_precision_text(bf16, device.is_cuda()));
   int64_t kept = 0;
   for (int64_t i = 0; i < o.n; ++i) kept += is_regular_file(name(i));
   ProgressBar bar("generate", o.n - kept, "img");

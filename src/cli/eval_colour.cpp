@@ -64,7 +64,7 @@ void run(const EvalOptions& o) {
   so.cfg = o.cfg;
   so.bf16 = bf16;
   fmt::print("sampling {} images: {} steps, guidance {}, {}\n", rows.size(), o.steps, o.cfg,
-             bf16 ? bf16_autocast_text(device.is_cuda()) : "float32");
+             sampling_precision_text(bf16, device.is_cuda()));
   ProgressBar bar("eval-colour", static_cast<int64_t>(rows.size()), "img");
   // Sample j of every prompt shares its noise (seed + j): only the colour word differs.
   std::vector<Tensor> per_prompt;

@@ -85,7 +85,7 @@ void run(const RecallOptions& o) {
   so.cfg = o.cfg;
   so.bf16 = bf16;
   fmt::print("sampling {} images: Heun {} steps, guidance {}, {}\n", picked.size(), o.steps, o.cfg,
-             bf16 ? bf16_autocast_text(device.is_cuda()) : "float32");
+             sampling_precision_text(bf16, device.is_cuda()));
   ProgressBar bar("eval-recall", static_cast<int64_t>(picked.size()), "img");
   int64_t shown = 0;
   const Tensor samples = generate_images(*sm.model, emb, o.seed, sm.edm, so, o.batch, [&](int64_t done) {

@@ -90,9 +90,9 @@ void run(const SampleOptions& o) {
   so.solver = parse_solver(o.solver);
   so.cuda_graph = o.cuda_graph;
   so.bf16 = bf16;
-  fmt::print("{}\nsampling {} image(s): {} steps ({}), guidance {}, seed {}, {} weights{}\n",
+  fmt::print("{}\nsampling {} image(s): {} steps ({}), guidance {}, seed {}, {} weights, {}\n",
              runtime_summary(device), rows.size(), o.steps, o.solver, o.cfg, o.seed,
-             sm.ema ? "EMA" : "raw", bf16 ? std::string(", ") + bf16_autocast_text(device.is_cuda()) : ", float32");
+             sm.ema ? "EMA" : "raw", sampling_precision_text(bf16, device.is_cuda()));
   ProgressBar bar("sample", static_cast<int64_t>(rows.size()), "img");
   const Tensor images = generate_images(*model, emb, o.seed, edm, so, o.batch, [&](int64_t done) { bar.update(done); });
   bar.finish();

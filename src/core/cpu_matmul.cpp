@@ -322,16 +322,22 @@ struct Registered {
   std::map<std::vector<int64_t>, std::shared_ptr<PackEntry>> packs;
 };
 
-// A lock for short critical sections between a few busy threads: spins (with the CPU's pause
-// hint), yielding the core now and then should the holder have been preempted.
+// Spins until ready() (with the CPU's pause hint), yielding the core every `yield_every` spins
+// should the thread it waits for have been preempted. For waits of microseconds between busy
+// threads, where sleeping and waking would cost more than the wait.
+template <class Ready>
+void spin_until(const Ready& ready, int yield_every) {
+  for (int spins = 0; !ready();)
+    if (++spins % yield_every == 0) std::this_thread::yield();
+    else _mm_pause();
+}
+
+// A lock for short critical sections between a few busy threads.
 class SpinLock {
  public:
   void lock() {
-    for (int spins = 0; held_.exchange(true, std::memory_order_acquire);) {
-      while (held_.load(std::memory_order_relaxed))
-        if (++spins % 1024 == 0) std::this_thread::yield();
-        else _mm_pause();
-    }
+    while (held_.exchange(true, std::memory_order_acquire))
+      spin_until([&] { return !held_.load(std::memory_order_relaxed); }, 1024);
   }
   void unlock() { held_.store(false, std::memory_order_release); }
 
@@ -418,9 +424,7 @@ std::shared_ptr<const PackEntry> packed_weight(const Tensor& b) {
     entry->done.fetch_add(1, std::memory_order_release);
   }
   // Another thread's last panels (a few microseconds of packing at most).
-  for (int spins = 0; entry->done.load(std::memory_order_acquire) < total;)
-    if (++spins % 256 == 0) std::this_thread::yield();
-    else _mm_pause();
+  spin_until([&] { return entry->done.load(std::memory_order_acquire) >= total; }, 256);
   return entry;
 }
 

@@ -26,14 +26,16 @@ const char* bf16_autocast_text(bool cuda) {
   return bf16_native(cuda) ? "bf16 autocast" : "bf16 autocast (emulated: this CPU has no AVX-512 BF16 or AMX)";
 }
 
-bool sampling_bf16(std::string_view precision, bool cuda, std::string_view option) {
+bool sampling_bf16(std::string_view precision, bool cuda) {
   enum { automatic, bf16, fp32 };
-  switch (parse_choice<int>(option, precision, {{"auto", automatic}, {"bf16", bf16}, {"fp32", fp32}})) {
+  switch (parse_choice<int>("--precision", precision, {{"auto", automatic}, {"bf16", bf16}, {"fp32", fp32}})) {
     case automatic: return bf16_native(cuda);
     case bf16: return true;
     default: return false;
   }
 }
+
+const char* sampling_precision_text(bool bf16, bool cuda) { return bf16 ? bf16_autocast_text(cuda) : "float32"; }
 
 bool tf32_enabled() {
   return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==

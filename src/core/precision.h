@@ -21,7 +21,9 @@ const char* bf16_autocast_text(bool cuda);
 
 // The --precision of the commands that sample (auto, bf16 or fp32): whether the network runs
 // under bf16 autocast on a CUDA (cuda) or CPU device; auto is bf16_native(cuda), as train.bf16:
-// auto. Anything else is a one-line error naming `option`.
-bool sampling_bf16(std::string_view precision, bool cuda, std::string_view option = "--precision");
+// auto. Anything else is a one-line error.
+bool sampling_bf16(std::string_view precision, bool cuda);
+// bf16_autocast_text(cuda) or "float32", for the lines that say how a command samples.
+const char* sampling_precision_text(bool bf16, bool cuda);
 
 }  // namespace microdit

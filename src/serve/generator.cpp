@@ -52,7 +52,7 @@ class CheckpointGenerator : public ImageGenerator {
     const int64_t side = cfg.input_size * (sm_.is_latent() ? 8 : 1);
     describe_ = fmt::format("{} ({}x{} {}, {} weights, text encoder {}, {}, {})", ckpt, side, side,
                             sm_.is_latent() ? "latent" : "pixels", sm_.ema ? "EMA" : "raw", sm_.text_encoder,
-                            bf16_ ? "bf16" : "float32", runtime_summary(device_));
+                            sampling_precision_text(bf16_, device_.is_cuda()), runtime_summary(device_));
   }
 
   std::string describe() const override { return describe_; }
